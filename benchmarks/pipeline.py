@@ -1,0 +1,109 @@
+"""Benchmark: the DPBERT pipeline (stages 1-3 + evaluation) on RTE, MRPC, SST-2 and STS-B.
+
+Runs ``dpbert_rl.train.run_pipeline`` with the packaged MiniLM-L6 backbone on the local GLUE
+files, then writes ``benchmarks/results/pipeline.json`` (one object per task) and
+``pipeline.md``. Each task's runs live under ``runs/bench-pipeline/<task>`` and resume when the
+script is run again; the results files are rewritten after every task.
+
+    python benchmarks/pipeline.py --data-dir ../shared/data/glue            # all four tasks
+    python benchmarks/pipeline.py --data-dir ../shared/data/glue --tasks rte
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command, commit, markdown_table  # noqa: E402
+
+from dpbert_rl.latency import machine_info  # noqa: E402
+from dpbert_rl.train import PipelineConfig, run_pipeline  # noqa: E402
+
+# Per-task budget for a 2-core CPU. The paper runs 5 epochs per stage; we run fewer (see README).
+TASK_SETTINGS = {
+    "rte": dict(max_train_samples=None),
+    "mrpc": dict(max_train_samples=None),
+    "sst2": dict(max_train_samples=5000),
+    "stsb": dict(max_train_samples=None),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
+    ap.add_argument("--tasks", default="rte,mrpc,sst2,stsb", help="comma-separated GLUE tasks")
+    ap.add_argument("--backbone", default="minilm")
+    ap.add_argument("--output-dir", default="runs/bench-pipeline")
+    ap.add_argument("--stage1-epochs", type=float, default=3.0)
+    ap.add_argument("--stage2-epochs", type=float, default=1.0)
+    ap.add_argument("--stage3-epochs", type=float, default=2.0)
+    ap.add_argument("--target-rate", type=float, default=0.3)
+    ap.add_argument("--lam", type=float, default=5.0)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement")
+    ap.add_argument("--results", default=str(RESULTS / "pipeline.json"))
+    args = ap.parse_args()
+
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else []
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        cfg = PipelineConfig(
+            task=task, backbone=args.backbone, data_dir=args.data_dir, output_dir=f"{args.output_dir}/{task}",
+            stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs, stage3_epochs=args.stage3_epochs,
+            target_rate=args.target_rate, lam=args.lam, beta=args.beta, seed=args.seed, threads=args.threads,
+            **TASK_SETTINGS.get(task, {}),
+        )
+        report = run_pipeline(cfg)
+        row = {
+            "task": report["task"],
+            "backbone": args.backbone,
+            "backbone_score": report["backbone_score"],
+            "dpbert_score": report["dpbert_score"],
+            "metric": report["metric"],
+            "layers_executed_mean": report["layers_executed_mean"],
+            "num_layers": report["num_layers"],
+            "speedup_measured": report["speedup_measured"],
+            "speedup_ideal": report["speedup_ideal"],
+            "train_examples": report["train_examples"],
+            "seconds": report["seconds"],
+            "seed": args.seed,
+            "commit": commit(),
+            "command": command(),
+            # beyond the required keys
+            "score_retained": report["score_retained"],
+            "layer_frequency": report["layer_frequency"],
+            "latency_ms_full": report["latency_ms_full"],
+            "latency_ms_dpbert": report["latency_ms_dpbert"],
+            "throughput_speedup": report["throughput_speedup"],
+            "dev_examples": report["num_examples"],
+            "epochs": [args.stage1_epochs, args.stage2_epochs, args.stage3_epochs],
+            "target_rate": args.target_rate,
+            "machine": machine_info(),
+        }
+        results = [r for r in results if r["task"] != row["task"]] + [row]
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=2))
+        write_markdown(results, results_path.with_suffix(".md"))
+        print(json.dumps(row, indent=2))
+
+
+def write_markdown(results: list, path: Path) -> None:
+    cols = [("task", "task", ""), ("metric", "metric", ""), ("backbone", "backbone_score", ".2f"),
+            ("DPBERT", "dpbert_score", ".2f"), ("retained", "score_retained", ".3f"),
+            ("layers", "layers_executed_mean", ".2f"), ("of", "num_layers", ""),
+            ("speed-up measured", "speedup_measured", ".2f"), ("speed-up ideal", "speedup_ideal", ".2f"),
+            ("train ex.", "train_examples", ""), ("seconds", "seconds", ".0f"), ("commit", "commit", "")]
+    text = ("# DPBERT pipeline on MiniLM-L6 (batch-1 CPU latency)\n\n"
+            "Written by `benchmarks/pipeline.py`; do not edit by hand.\n\n" + markdown_table(results, cols) + "\n\n"
+            + "\n".join(f"- {r['task']}: `{r['command']}` on {r['machine']['processor']}, "
+                        f"{r['machine']['threads']} threads, torch {r['machine']['torch']}" for r in results) + "\n")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

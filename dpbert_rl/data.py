@@ -1,0 +1,288 @@
+"""GLUE tasks: the task table, loading from a local GLUE directory or the hub, tokenisation.
+
+A local GLUE directory has the standard layout written by GLUE's ``download_glue_data.py``::
+
+    <data_dir>/RTE/train.tsv, <data_dir>/RTE/dev.tsv, <data_dir>/MNLI/dev_matched.tsv, ...
+
+Files are read as TSV with quoting switched off (RTE has fields that begin with a stray ``"``,
+which the default CSV quoting merges into the next rows), with an optional UTF-8 BOM (MRPC),
+and CoLA without a header. The directory comes from ``--data-dir`` or ``$GLUE_DIR``; without
+either, the data is loaded from the Hugging Face hub (``nyu-mll/glue``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from datasets import Dataset
+
+GLUE_DIR_ENV = "GLUE_DIR"
+HUB_DATASET = "nyu-mll/glue"
+
+Column = Union[str, int]  # a header name, or a 0-based position for header-less files
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file, the line and what was expected."""
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """One GLUE task: where its columns are, its labels and its metric.
+
+    :param label_names: label strings in id order as the GLUE TSVs write them (the hub's order
+        too); None for regression.
+    :param splits: split name -> TSV file name in the task's folder.
+    :param hub_splits: split name -> the hub dataset's split name.
+    :param hub_columns: (text_a, text_b) column names in the hub dataset.
+    """
+
+    name: str
+    dir_name: str
+    text_a: Column
+    text_b: Optional[Column]
+    label: Column
+    label_names: Optional[tuple]
+    metric: str
+    hub_columns: tuple
+    splits: tuple = (("train", "train.tsv"), ("dev", "dev.tsv"))
+    hub_splits: tuple = (("train", "train"), ("dev", "validation"))
+    has_header: bool = True
+    num_fields: Optional[int] = None  # for header-less files
+    label_range: Optional[tuple] = None  # (low, high) for regression
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_names is None
+
+    @property
+    def split_names(self) -> list:
+        return [s for s, _ in self.splits]
+
+
+_BIN = ("0", "1")
+_ENT = ("entailment", "not_entailment")
+TASKS = {
+    t.name: t
+    for t in [
+        GlueTask("cola", "CoLA", 3, None, 1, _BIN, "matthews", ("sentence", None), has_header=False, num_fields=4),
+        GlueTask("sst2", "SST-2", "sentence", None, "label", _BIN, "accuracy", ("sentence", None)),
+        GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BIN, "acc_and_f1", ("sentence1", "sentence2")),
+        GlueTask("qqp", "QQP", "question1", "question2", "is_duplicate", _BIN, "acc_and_f1", ("question1", "question2")),
+        GlueTask(
+            "stsb", "STS-B", "sentence1", "sentence2", "score", None, "pearson_spearman",
+            ("sentence1", "sentence2"), label_range=(0.0, 5.0),
+        ),
+        GlueTask(
+            "mnli", "MNLI", "sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
+            "accuracy", ("premise", "hypothesis"),
+            splits=(("train", "train.tsv"), ("dev", "dev_matched.tsv"), ("dev_mismatched", "dev_mismatched.tsv")),
+            hub_splits=(("train", "train"), ("dev", "validation_matched"), ("dev_mismatched", "validation_mismatched")),
+        ),
+        GlueTask("qnli", "QNLI", "question", "sentence", "label", _ENT, "accuracy", ("question", "sentence")),
+        GlueTask("rte", "RTE", "sentence1", "sentence2", "label", _ENT, "accuracy", ("sentence1", "sentence2")),
+    ]
+}
+
+
+def get_task(name: str) -> GlueTask:
+    """Look a task up by name, case- and dash-insensitively (``SST-2``, ``sst2``, ``STS-B``)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key in ("mnlim", "mnlimm"):
+        key = "mnli"
+    if key not in TASKS:
+        raise DataError(f"unknown task {name!r}; expected one of {', '.join(TASKS)} (WNLI is excluded)")
+    return TASKS[key]
+
+
+def resolve_data_dir(data_dir: Optional[str] = None) -> Optional[Path]:
+    """``data_dir``, else ``$GLUE_DIR``, else None (the hub)."""
+    chosen = data_dir or os.environ.get(GLUE_DIR_ENV) or None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        source = "--data-dir" if data_dir else f"${GLUE_DIR_ENV}"
+        raise DataError(f"GLUE directory {str(path)!r} (from {source}) does not exist")
+    return path
+
+
+# ---------------------------------------------------------------------- local TSV files
+def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error") -> dict:
+    """Read one GLUE TSV into ``{"text_a": [...], "text_b": [...], "label": [...]}``.
+
+    :param bad_rows: ``"error"`` stops at the first malformed row with its file and line;
+        ``"skip"`` drops such rows and reports how many on stderr.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found: expected the GLUE layout <data_dir>/{task.dir_name}/<split>.tsv"
+        )
+    out = {"text_a": [], "text_b": [], "label": []}
+    skipped = 0
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if task.has_header:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: the file is empty; expected a header line")
+            cols = {}
+            for key in ("text_a", "text_b", "label"):
+                name = getattr(task, key)
+                if name is None:
+                    continue
+                if name not in header:
+                    raise DataError(f"{path}:1: header has no column {name!r}; found {header}")
+                cols[key] = header.index(name)
+            n_fields = len(header)
+            what = "header " + "\\t".join(header)
+        else:
+            cols = {k: getattr(task, k) for k in ("text_a", "text_b", "label") if getattr(task, k) is not None}
+            n_fields = task.num_fields
+            what = f"the {task.dir_name} layout"
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            try:
+                if len(row) != n_fields:
+                    raise DataError(
+                        f"{path}:{line}: expected {n_fields} tab-separated fields ({what}), found {len(row)}"
+                    )
+                label = parse_label(task, row[cols["label"]], where=f"{path}:{line}")
+                text_a = row[cols["text_a"]].strip()
+                text_b = row[cols["text_b"]].strip() if "text_b" in cols else None
+                for key, text in (("text_a", text_a), ("text_b", text_b)):
+                    if text is not None and not text:
+                        col = getattr(task, key)
+                        raise DataError(f"{path}:{line}: empty text in column {col!r}; expected a sentence")
+            except DataError:
+                if bad_rows == "skip":
+                    skipped += 1
+                    continue
+                raise
+            out["text_a"].append(text_a)
+            out["text_b"].append(text_b)
+            out["label"].append(label)
+    if skipped:
+        print(f"warning: skipped {skipped} malformed rows in {path}", file=sys.stderr)
+    if not out["label"]:
+        raise DataError(f"{path}: no data rows")
+    return out
+
+
+def parse_label(task: GlueTask, raw: str, where: str = "") -> Union[int, float]:
+    """A label string to its id (classification) or float (regression), or a clear error."""
+    raw = raw.strip()
+    prefix = f"{where}: " if where else ""
+    if task.is_regression:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise DataError(f"{prefix}label {raw!r} is not a number; {task.name} is a regression task") from None
+        lo, hi = task.label_range or (-math.inf, math.inf)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise DataError(f"{prefix}label {value} is outside [{lo}, {hi}]")
+        return value
+    if raw not in task.label_names:
+        raise DataError(f"{prefix}label {raw!r} is not one of {list(task.label_names)}")
+    return task.label_names.index(raw)
+
+
+# ---------------------------------------------------------------------- one entry point
+def load_split(
+    task: Union[str, GlueTask],
+    split: str = "train",
+    data_dir: Optional[str] = None,
+    max_samples: Optional[int] = None,
+    shuffle_seed: Optional[int] = None,
+    bad_rows: str = "error",
+) -> Dataset:
+    """Load one split as a ``datasets.Dataset`` with columns ``text_a``, ``text_b``, ``label``.
+
+    :param split: ``train``, ``dev`` (MNLI: matched) or ``dev_mismatched`` (MNLI only).
+    :param data_dir: a local GLUE directory; falls back to ``$GLUE_DIR``, then to the hub.
+    :param max_samples: keep this many examples (a seeded random subset when ``shuffle_seed``
+        is given, else the first ones).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    files = dict(task.splits)
+    if split not in files:
+        raise DataError(f"task {task.name} has no split {split!r}; expected one of {task.split_names}")
+    if max_samples is not None and max_samples <= 0:
+        raise DataError(f"max_samples must be positive; got {max_samples}")
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        ds = Dataset.from_dict(read_glue_tsv(root / task.dir_name / files[split], task, bad_rows))
+    else:
+        ds = _load_from_hub(task, split)
+    if max_samples is not None and max_samples < len(ds):
+        if shuffle_seed is not None:
+            ds = ds.shuffle(seed=shuffle_seed)
+        ds = ds.select(range(max_samples))
+    return ds
+
+
+def _load_from_hub(task: GlueTask, split: str) -> Dataset:
+    from datasets import load_dataset
+
+    hub_split = dict(task.hub_splits)[split]
+    try:
+        raw = load_dataset(HUB_DATASET, task.name, split=hub_split)
+    except Exception as err:  # ConnectionError, OfflineModeIsEnabled, ...
+        raise DataError(
+            f"could not load {HUB_DATASET}/{task.name} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            f"Offline, point --data-dir or ${GLUE_DIR_ENV} at a local GLUE directory "
+            f"(<dir>/{task.dir_name}/{dict(task.splits)[split]})."
+        ) from err
+    a, b = task.hub_columns
+    return Dataset.from_dict(
+        {"text_a": raw[a], "text_b": raw[b] if b else [None] * len(raw), "label": raw["label"]}
+    )
+
+
+# ---------------------------------------------------------------------- tokenisation
+def encode(tokenizer, text_a: Sequence[str], text_b: Optional[Sequence[Optional[str]]], max_seq_length: int) -> dict:
+    """Tokenise texts (pairs when ``text_b`` has strings), truncated to ``max_seq_length``."""
+    pairs = text_b is not None and any(t is not None for t in text_b)
+    return tokenizer(list(text_a), list(text_b) if pairs else None, truncation=True, max_length=max_seq_length)
+
+
+def tokenize(ds: Dataset, tokenizer, max_seq_length: int = 128) -> Dataset:
+    """Add ``input_ids``/``attention_mask``/(``token_type_ids``) and ``labels``; no padding
+    (batches are padded dynamically by :func:`collator`)."""
+    if max_seq_length < 8:
+        raise DataError(f"max_seq_length must be at least 8; got {max_seq_length}")
+
+    def fn(batch):
+        enc = encode(tokenizer, batch["text_a"], batch["text_b"], max_seq_length)
+        enc["labels"] = batch["label"]
+        return enc
+
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenising")
+
+
+def collator(tokenizer):
+    """Dynamic padding to the longest example of each batch."""
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+def encode_one(tokenizer, text_a: str, text_b: Optional[str] = None, max_seq_length: int = 128) -> dict:
+    """One raw input (``predict``), as a batch of 1; empty texts are refused."""
+    for name, text in (("text", text_a), ("second text", text_b)):
+        if text is not None and not text.strip():
+            raise DataError(f"the {name} is empty; expected a sentence")
+    return tokenizer(text_a, text_b, truncation=True, max_length=max_seq_length, return_tensors="pt")

@@ -1,0 +1,87 @@
+"""Scoring a model on a GLUE split: the dev score, the layers executed and how often each runs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data import GlueTask
+from .metrics import compute_metrics
+from .model import DPBert
+
+
+@torch.no_grad()
+def run_dataset(
+    model: DPBert,
+    dataset,
+    collate_fn,
+    batch_size: int = 64,
+    mode: str = "hard",
+    threshold: Optional[float] = None,
+    actions: Optional[torch.Tensor] = None,
+    progress: bool = False,
+) -> dict:
+    """Run ``model`` over a tokenised dataset; returns numpy ``predictions``, ``labels``,
+    ``actions`` ``(N, L)`` and ``probs`` ``(N, L)``."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=f"eval ({mode})", leave=False)
+    preds, labels, acts, probs = [], [], [], []
+    device = next(model.parameters()).device
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(
+            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+            mode=mode, threshold=threshold, actions=actions,
+        )
+        preds.append(model.predict(out.logits).float().cpu())
+        labels.append(batch["labels"].float().cpu())
+        acts.append(out.actions.cpu())
+        probs.append(out.probs.float().cpu())
+    model.train(was_training)
+    return {
+        "predictions": torch.cat(preds).numpy(),
+        "labels": torch.cat(labels).numpy(),
+        "actions": torch.cat(acts).numpy(),
+        "probs": torch.cat(probs).numpy(),
+    }
+
+
+def score_run(task: GlueTask, run: dict) -> dict:
+    """Metric, layers executed (mean) and per-layer execution frequency of a :func:`run_dataset`."""
+    preds, labels = run["predictions"], run["labels"]
+    if not task.is_regression:
+        preds, labels = preds.astype(int), labels.astype(int)
+    metrics = compute_metrics(task.metric, preds, labels)
+    actions = run["actions"]
+    return {
+        "score": metrics["score"],
+        "metrics": metrics,
+        "layers_executed_mean": float(actions.sum(1).mean()),
+        "layer_frequency": [float(x) for x in actions.mean(0)],
+        "skip_rate": float(1.0 - actions.mean()),
+        "num_examples": int(len(labels)),
+    }
+
+
+def evaluate_model(model: DPBert, task: GlueTask, dataset, collate_fn, batch_size: int = 64,
+                   mode: str = "hard", threshold: Optional[float] = None, progress: bool = False) -> dict:
+    """Dev score and layer statistics of ``model`` in ``mode`` (``full`` for the backbone alone)."""
+    return score_run(task, run_dataset(model, dataset, collate_fn, batch_size, mode, threshold, progress=progress))
+
+
+def speedup_ideal(layers_executed_mean: float, num_layers: int) -> float:
+    """The speed-up implied by the layer count alone: ``L / mean layers executed``."""
+    return float(num_layers / max(layers_executed_mean, 1e-9))
+
+
+def path_strings(actions: np.ndarray) -> list:
+    """``[[1,0,1]] -> ['101']``: a compact way to print which layers ran."""
+    return ["".join(str(int(a)) for a in row) for row in actions]

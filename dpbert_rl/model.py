@@ -1,0 +1,303 @@
+"""``DPBert``: the path executor. The only loop over layers, and the only reader of decisions.
+
+One loop serves every mode:
+
+========  =====================================================================================
+mode      what decides layer ``i``
+========  =====================================================================================
+full      always execute (the plain backbone; planners are not evaluated)
+hard      ``a_i = 1[p_i >= threshold]`` -- eq. (5), inference (threshold 0.5 in the paper)
+sample    ``a_i ~ Bernoulli(p_i)`` -- training with REINFORCE (stage 3)
+soft      no decision: ``h_i = p_i T_i(h_{i-1}) + (1 - p_i) h_{i-1}`` (stage 2, DPBERT-soft)
+path      the given ``actions`` (``(L,)`` or ``(batch, L)``), e.g. from an RL agent
+========  =====================================================================================
+
+A skipped layer is never computed: layer ``i`` runs only on the rows whose action is 1 (gather
+those rows, run the layer, scatter them back). The Gymnasium environment drives the same
+per-layer calls (:meth:`DPBert.embed`, :meth:`DPBert.plan`, :meth:`DPBert.execute`,
+:meth:`DPBert.classify`) one step at a time instead of re-implementing the forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import DEFAULT_BACKBONE, Backbone, Embedded
+from .planner import Planners, bernoulli_entropy, bernoulli_log_prob
+
+MODES = ("full", "hard", "sample", "soft", "path")
+PLANNERS_FILE = "planners.safetensors"
+META_FILE = "dpbert.json"
+
+
+@dataclass
+class DPBertOutput:
+    """What one pass over a batch produced.
+
+    :param logits: ``(batch, num_labels)``; ``num_labels`` is 1 for regression.
+    :param loss: scalar mean task loss, when labels were given.
+    :param per_example_loss: ``(batch,)`` task loss ``ell(f(h_L), y)`` per example.
+    :param actions: ``(batch, L)`` float, 1 = layer executed, 0 = skipped. In soft mode, the
+        hardened decisions ``1[p >= 0.5]`` (what inference would do), though every layer ran.
+    :param probs: ``(batch, L)``, ``p_i`` of eq. (4); ones in full mode.
+    :param log_probs: ``(batch, L)``, ``log pi(a_i | h_{i-1})`` of eq. (7); zeros in full mode.
+    :param entropy: ``(batch, L)``, entropy of each planner's Bernoulli policy.
+    :param layers_executed: ``(batch,)`` long, number of layers that ran for each example.
+    """
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]
+    per_example_loss: Optional[torch.Tensor]
+    actions: torch.Tensor
+    probs: torch.Tensor
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+    layers_executed: torch.Tensor
+
+
+@dataclass
+class TaskInfo:
+    """What a checkpoint needs to know about its task to predict on raw text."""
+
+    task: Optional[str] = None
+    label_names: Optional[list] = None  # None for regression
+    max_seq_length: int = 128
+    extra: dict = field(default_factory=dict)
+
+
+class DPBert(nn.Module):
+    """A backbone with a planner before every layer.
+
+    :param backbone: the encoder (:class:`~dpbert_rl.backbone.Backbone`).
+    :param planners: the ``L`` planners; created fresh when None.
+    :param threshold: execute layer ``i`` in hard mode when ``p_i >= threshold`` (eq. 5 uses
+        0.5). Raising it skips more; :mod:`dpbert_rl.latency` sweeps it for trade-off curves.
+    :param planner_init_bias: initial planner bias when ``planners`` is None.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        planners: Optional[Planners] = None,
+        threshold: float = 0.5,
+        planner_init_bias: float = 2.0,
+        tokenizer=None,
+        task_info: Optional[TaskInfo] = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.planners = planners or Planners(backbone.num_layers, backbone.hidden_size, planner_init_bias)
+        if self.planners.num_layers != backbone.num_layers:
+            raise ValueError(
+                f"{self.planners.num_layers} planners for a backbone of {backbone.num_layers} layers"
+            )
+        self.threshold = threshold
+        self.tokenizer = tokenizer
+        self.task_info = task_info or TaskInfo()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(
+        cls, name_or_path: str = DEFAULT_BACKBONE, num_labels: int = 2, **kwargs
+    ) -> "DPBert":
+        """A fresh DPBert on a pretrained backbone (hub name, local dir, or ``"minilm"``)."""
+        backbone, tokenizer = Backbone.from_pretrained(name_or_path, num_labels=num_labels)
+        return cls(backbone, tokenizer=tokenizer, **kwargs)
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.num_layers
+
+    @property
+    def is_regression(self) -> bool:
+        return self.backbone.num_labels == 1
+
+    # ------------------------------------------------------------------ per-layer calls
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> Embedded:
+        """Eq. (1): ``h_0`` ``(batch, seq, hidden)`` and the additive mask ``(batch, 1, 1, seq)``."""
+        return self.backbone.embed(input_ids, attention_mask, token_type_ids)
+
+    def plan(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Eq. (4): planner ``i``'s logit from ``h_{i-1}^cls``; ``(batch,)``."""
+        return self.planners(i, hidden[:, 0])
+
+    def execute(
+        self, i: int, hidden: torch.Tensor, mask: torch.Tensor, execute: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Eq. (6): run layer ``i`` on the rows where ``execute`` (bool ``(batch,)``) is true.
+
+        The other rows are returned unchanged and are never computed. ``execute=None`` runs all.
+        """
+        if execute is None:
+            return self.backbone.layer(i, hidden, mask)
+        n = int(execute.sum())
+        if n == hidden.shape[0]:
+            return self.backbone.layer(i, hidden, mask)
+        if n == 0:
+            return hidden
+        rows = execute.nonzero(as_tuple=True)[0]
+        out = self.backbone.layer(i, hidden.index_select(0, rows), mask.index_select(0, rows))
+        return hidden.index_copy(0, rows, out)  # out of place: autograd keeps both paths
+
+    def soft_execute(self, i: int, hidden: torch.Tensor, mask: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """Relaxed gate of stage 2 / DPBERT-soft: ``p T_i(h) + (1 - p) h``."""
+        p = prob[:, None, None].to(hidden.dtype)
+        return p * self.backbone.layer(i, hidden, mask) + (1.0 - p) * hidden
+
+    def classify(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``f(h_L)``: logits ``(batch, num_labels)``."""
+        return self.backbone.head(hidden)
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``ell(f(h_L), y)`` per example, ``(batch,)``: cross-entropy, or MSE for regression."""
+        if self.is_regression:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
+        return F.cross_entropy(logits, labels.long(), reduction="none")
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class ids ``(batch,)``, or the regression value for STS-B."""
+        return logits.squeeze(-1) if self.is_regression else logits.argmax(-1)
+
+    # ------------------------------------------------------------------ the loop
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        mode: str = "hard",
+        actions: Optional[torch.Tensor] = None,
+        threshold: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> DPBertOutput:
+        """Run one batch along the paths chosen by ``mode`` (see the module docstring).
+
+        :param input_ids: ``(batch, seq)``.
+        :param attention_mask: ``(batch, seq)``, 1 on real tokens.
+        :param labels: ``(batch,)`` class ids or float targets; gives ``loss``.
+        :param actions: ``(L,)`` or ``(batch, L)`` of 0/1 for ``mode="path"``.
+        :param threshold: overrides ``self.threshold`` in hard mode.
+        :param generator: random source for ``mode="sample"``.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        L = self.num_layers
+        state = self.embed(input_ids, attention_mask, token_type_ids)
+        h, mask = state.hidden, state.mask  # (B, T, d), (B, 1, 1, T)
+        B = h.shape[0]
+        if mode == "path":
+            if actions is None:
+                raise ValueError("mode='path' needs `actions` of shape (L,) or (batch, L)")
+            actions = torch.as_tensor(actions, device=h.device)
+            if actions.dim() == 1:
+                actions = actions.expand(B, -1)
+            if actions.shape != (B, L):
+                raise ValueError(f"actions must have shape ({L},) or ({B}, {L}); got {tuple(actions.shape)}")
+        thr = self.threshold if threshold is None else threshold
+
+        acts, logits_per_layer = [], []
+        logit_thr = math.log(thr / (1.0 - thr)) if 0.0 < thr < 1.0 else (-math.inf if thr <= 0 else math.inf)
+        for i in range(L):
+            if mode == "full":
+                a = torch.ones(B, dtype=torch.bool, device=h.device)
+                h = self.execute(i, h, mask, None)
+            else:
+                logit = self.plan(i, h)  # (B,)
+                if mode == "soft":
+                    p = torch.sigmoid(logit)
+                    a = p >= 0.5
+                    h = self.soft_execute(i, h, mask, p)
+                else:
+                    if mode == "hard":
+                        a = logit >= logit_thr  # p_i >= thr, eq. (5)
+                    elif mode == "sample":
+                        a = torch.bernoulli(torch.sigmoid(logit.detach()), generator=generator).bool()
+                    else:  # path
+                        a = actions[:, i].bool()
+                    h = self.execute(i, h, mask, a)
+                logits_per_layer.append(logit)
+            acts.append(a)
+
+        logits = self.classify(h)
+        act = torch.stack(acts, 1).to(h.dtype)  # (B, L)
+        if mode == "full":
+            probs_t = torch.ones_like(act)
+            logp_t = torch.zeros_like(act)
+            ent_t = torch.zeros_like(act)
+        else:  # computed once for all layers, off the per-layer path
+            planner_logits = torch.stack(logits_per_layer, 1)  # (B, L)
+            probs_t = torch.sigmoid(planner_logits)
+            logp_t = bernoulli_log_prob(planner_logits, act)
+            ent_t = bernoulli_entropy(planner_logits)
+        per_ex = loss = None
+        if labels is not None:
+            per_ex = self.task_loss(logits, labels)
+            loss = per_ex.mean()
+        return DPBertOutput(
+            logits=logits,
+            loss=loss,
+            per_example_loss=per_ex,
+            actions=act,
+            probs=probs_t,
+            log_probs=logp_t,
+            entropy=ent_t,
+            layers_executed=act.sum(1).long(),
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint directory.
+
+        It is a standard Hugging Face checkpoint of the backbone (``config.json``,
+        ``model.safetensors``, tokenizer files), loadable by ``AutoModelForSequenceClassification``,
+        plus ``planners.safetensors`` and ``dpbert.json`` (threshold and task).
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.planners.state_dict().items()}, path / PLANNERS_FILE)
+        meta = {"threshold": self.threshold, "num_layers": self.num_layers, "task_info": asdict(self.task_info)}
+        (path / META_FILE).write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, require_planners: bool = False) -> "DPBert":
+        """Load a checkpoint written by :meth:`save` (or any HF sequence-classification dir,
+        which then gets fresh planners unless ``require_planners``)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no checkpoint at {str(path)!r}: expected a directory with config.json "
+                "(written by `dpbert-rl finetune`/`pipeline`, or any HF checkpoint)"
+            )
+        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+        backbone, tokenizer = Backbone.from_pretrained(str(path), num_labels=_num_labels(path))
+        planners = None
+        if (path / PLANNERS_FILE).is_file():
+            state = load_file(str(path / PLANNERS_FILE))
+            planners = Planners(backbone.num_layers, backbone.hidden_size)
+            planners.load_state_dict(state)
+        elif require_planners:
+            raise FileNotFoundError(f"{str(path)!r} holds no {PLANNERS_FILE}: it is not a trained DPBERT")
+        info = TaskInfo(**meta.get("task_info", {}))
+        return cls(backbone, planners, threshold=meta.get("threshold", 0.5), tokenizer=tokenizer, task_info=info)
+
+
+def _num_labels(path: Path) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(path)).num_labels)

@@ -1,0 +1,442 @@
+"""The three training stages of DPBERT and the DPBERT-soft ablation, in one loop on Accelerate.
+
+============  ========  ==========================  ==========================================
+stage         mode      trained                     objective
+============  ========  ==========================  ==========================================
+finetune      full      backbone + head             ``ell``                     (stage 1)
+planner_init  soft      planners (backbone frozen)  ``ell`` [+ ``beta P``]      (stage 2)
+rl            sample    backbone + head + planners  eq. (12): ``ell - sum (R_i-b_i) log pi + beta P``
+soft          soft      backbone + head + planners  ``ell + beta P``            (DPBERT-soft)
+============  ========  ==========================  ==========================================
+
+Each stage reads the previous stage's checkpoint (``init``) and writes to its own directory::
+
+    <output_dir>/config.json       the resolved configuration
+    <output_dir>/metrics.jsonl     every logged scalar, one JSON object per line
+    <output_dir>/tb/               TensorBoard events
+    <output_dir>/checkpoint/       the latest resumable state (model, optimizer, scheduler, RNG)
+    <output_dir>/model/            the stage's result (best on dev by the stage's criterion)
+
+Re-running the same command resumes from ``checkpoint/``; a stage whose ``model/`` is complete
+is not run again. The same code runs on CPU, one GPU, or many with ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .backbone import DEFAULT_BACKBONE
+from .data import DataError, collator, get_task, load_split, tokenize
+from .evaluate import evaluate_model
+from .model import DPBert, TaskInfo
+from .objectives import BASELINES, check_rate, dpbert_objective, returns_to_go, skip_penalty, skip_rate
+
+STAGES = ("finetune", "planner_init", "rl", "soft")
+_STAGE_MODE = {"finetune": "full", "planner_init": "soft", "rl": "sample", "soft": "soft"}
+DONE_FILE = "DONE"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a mismatched checkpoint)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training stage needs. Defaults follow the paper unless marked [choice]."""
+
+    task: str = "rte"
+    """GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli or rte."""
+    backbone: str = DEFAULT_BACKBONE
+    """Starting point: 'minilm' (packaged all-MiniLM-L6-v2), a hub name, an HF checkpoint directory,
+    or the model/ directory of an earlier stage."""
+    data_dir: Optional[str] = None
+    """Local GLUE directory (<dir>/RTE/train.tsv ...); default $GLUE_DIR, else the HF hub."""
+    output_dir: str = "runs/dpbert"
+    """Where config, metrics, TensorBoard events and checkpoints go."""
+    max_seq_length: int = 128
+    """Inputs are truncated to this many tokens; batches are padded only to their longest input."""
+    max_train_samples: Optional[int] = None
+    """Train on a seeded random subset of this size (quick runs, SST-2 on a CPU)."""
+    max_eval_samples: Optional[int] = None
+    """Evaluate on the first N dev examples only."""
+    batch_size: int = 32
+    """Per-process training batch size (paper grid: 8, 16, 32)."""
+    eval_batch_size: int = 64
+    epochs: float = 5.0
+    """Passes over the training data (the paper: 5 per stage)."""
+    lr: float = 2e-5
+    """AdamW learning rate of backbone and head (paper: 2e-5)."""
+    planner_lr: float = 1e-3
+    """[choice] AdamW learning rate of the planners. The paper uses one rate of 2e-5; linear planners
+    trained from scratch need far more steps at that rate than a CPU budget allows."""
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    """Linear warm-up over this fraction of the steps, then linear decay."""
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    cost: float = 1.0
+    """c of eq. (9): the reward is -c for every executed layer."""
+    lam: float = 5.0
+    """lambda of eq. (9): weight of the task loss in the reward (paper grid: 5, 20, 35, 50)."""
+    beta: float = 0.5
+    """beta of eq. (12): weight of the skip-rate penalty (paper grid: 0.1, 0.5, 1, 1.5)."""
+    target_rate: Optional[float] = 0.3
+    """r of eq. (11): target fraction of layers skipped, in [0, 1]; None drops the penalty."""
+    baseline: str = "batch-mean"
+    """[choice] REINFORCE baseline b_i of eq. (12): none, batch-mean or self-critical."""
+    init_penalty: bool = True
+    """[choice] Add beta*P to the task loss in stage 2 as well, so that the planners start stage 3
+    near the target rate. The paper's stage 2 uses the task loss alone (set False)."""
+    planner_init_bias: float = 2.0
+    """[choice] Initial planner bias (p = 0.88): gates start nearly open."""
+    select_tolerance: float = 0.05
+    """Stages with planners keep the best dev score among evaluations whose skip rate is at least
+    target_rate - select_tolerance (else the last one)."""
+    eval_steps: Optional[int] = None
+    """Evaluate every N optimizer steps (default: at the end of every epoch)."""
+    save_steps: int = 50
+    """Write the resumable checkpoint every N steps (and at every evaluation)."""
+    logging_steps: int = 10
+    max_steps: Optional[int] = None
+    """Stop after this many steps in all (overrides epochs; for tests and smoke runs)."""
+    bad_rows: str = "error"
+    """What a malformed data row does: 'error' (stop, naming file and line) or 'skip'."""
+    cpu: bool = False
+    """Force the CPU even where a GPU is present."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def validate(self) -> None:
+        get_task(self.task)
+        if self.target_rate is not None:
+            check_rate(self.target_rate)
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
+        if self.bad_rows not in ("error", "skip"):
+            raise ValueError(f"bad_rows must be 'error' or 'skip'; got {self.bad_rows!r}")
+        for name in ("batch_size", "eval_batch_size", "save_steps", "logging_steps", "max_seq_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError(f"epochs must be positive; got {self.epochs}")
+
+
+def is_checkpoint(path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def stage_done(output_dir) -> bool:
+    return (Path(output_dir) / "model" / DONE_FILE).is_file()
+
+
+def build_model(cfg: TrainConfig, init: Optional[str] = None) -> DPBert:
+    """The model a stage starts from: an earlier checkpoint, or a fresh DPBert on a backbone."""
+    task = get_task(cfg.task)
+    source = init or cfg.backbone
+    if is_checkpoint(source) and (Path(source) / "dpbert.json").is_file():
+        model = DPBert.load(source)
+        if model.backbone.num_labels != task.num_labels:
+            raise TrainingError(
+                f"checkpoint {source} has {model.backbone.num_labels} labels; task {task.name} needs {task.num_labels}"
+            )
+    else:
+        model = DPBert.from_backbone(source, num_labels=task.num_labels, planner_init_bias=cfg.planner_init_bias)
+    model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, cfg.max_seq_length)
+    return model
+
+
+def load_data(cfg: TrainConfig, tokenizer, splits=("train", "dev")) -> dict:
+    """Tokenised train and dev sets of ``cfg.task``."""
+    task = get_task(cfg.task)
+    out = {}
+    for split in splits:
+        n = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+        ds = load_split(task, split, cfg.data_dir, max_samples=n,
+                        shuffle_seed=cfg.seed if split == "train" else None, bad_rows=cfg.bad_rows)
+        out[split] = tokenize(ds, tokenizer, cfg.max_seq_length)
+    return out
+
+
+def _flat_config(d: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
+
+
+def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: dict):
+    """One forward pass of ``stage`` on ``batch``; returns (loss, output, logs)."""
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  token_type_ids=batch.get("token_type_ids"), labels=batch["labels"])
+    out = model(**inputs, mode=_STAGE_MODE[stage])
+    logs = {"losses/task_loss": out.loss.item()}
+    if stage == "finetune":
+        return out.loss, out, logs
+    with_penalty = cfg.target_rate is not None and (stage != "planner_init" or cfg.init_penalty)
+    if stage in ("planner_init", "soft"):
+        loss = out.loss
+        if with_penalty:
+            penalty = skip_penalty(out.probs, cfg.target_rate)
+            loss = loss + cfg.beta * penalty
+            logs["losses/penalty"] = penalty.item()
+    else:  # rl: eq. (12)
+        greedy = None
+        if cfg.baseline == "self-critical":
+            with torch.no_grad():
+                g = raw_model(**inputs, mode="hard")
+            greedy = returns_to_go(g.actions, g.per_example_loss, cfg.cost, cfg.lam)
+        parts = dpbert_objective(out.loss, out.log_probs, out.probs, out.actions, out.per_example_loss,
+                                 cfg.cost, cfg.lam, cfg.beta, cfg.target_rate, cfg.baseline, greedy)
+        loss = parts["loss"]
+        logs.update({"losses/policy_loss": parts["policy_loss"].item(), "losses/penalty": parts["penalty"].item(),
+                     "charts/episodic_return": parts["returns"][:, 0].mean().item()})
+    logs.update({
+        "losses/entropy": out.entropy.mean().item(),
+        "charts/expected_skip_rate": skip_rate(out.probs).item(),
+        "charts/skip_rate": 1.0 - out.actions.mean().item(),
+        "charts/layers_executed": out.layers_executed.float().mean().item(),
+    })
+    return loss, out, logs
+
+
+def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Path:
+    """Run one stage and return the directory of its resulting model (``<output_dir>/model``).
+
+    :param stage: ``finetune``, ``planner_init``, ``rl`` or ``soft``.
+    :param init: checkpoint to start from (the previous stage's ``model/``); default ``cfg.backbone``.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    cfg.validate()
+    out_dir = Path(cfg.output_dir)
+    model_dir, ckpt_dir = out_dir / "model", out_dir / "checkpoint"
+    if stage_done(out_dir):
+        print(f"[{stage}] already complete: {model_dir}")
+        return model_dir
+    if init is not None and not is_checkpoint(init):
+        raise FileNotFoundError(f"no checkpoint at {init!r} to start stage {stage!r} from")
+
+    accelerator = Accelerator(
+        cpu=cfg.cpu, log_with="tensorboard", project_dir=str(out_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=stage != "finetune")],
+    )
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    task = get_task(cfg.task)
+    model = build_model(cfg, init)
+    data = load_data(cfg, model.tokenizer)
+    collate = collator(model.tokenizer)
+
+    # ---- what is trained
+    train_backbone = stage != "planner_init"
+    train_planners = stage != "finetune"
+    for p in model.backbone.parameters():
+        p.requires_grad_(train_backbone)
+    for p in model.planners.parameters():
+        p.requires_grad_(train_planners)
+    groups = []
+    if train_backbone:
+        decay = [p for n, p in model.backbone.named_parameters() if not any(k in n for k in ("bias", "LayerNorm", "layer_norm"))]
+        no_decay = [p for n, p in model.backbone.named_parameters() if any(k in n for k in ("bias", "LayerNorm", "layer_norm"))]
+        groups += [{"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                   {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0}]
+    if train_planners:
+        groups.append({"params": list(model.planners.parameters()), "lr": cfg.planner_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    world = accelerator.num_processes
+    steps_per_epoch = math.ceil(len(data["train"]) / (cfg.batch_size * world))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw: DPBert = accelerator.unwrap_model(model)
+
+    # ---- resume
+    state = {"global_step": 0, "best": None, "best_step": None}
+    if ckpt_dir.is_dir() and (ckpt_dir / "state.json").is_file():
+        state = _load_checkpoint(ckpt_dir, raw, optimizer, scheduler)
+        accelerator.print(f"[{stage}] resuming from {ckpt_dir} at step {state['global_step']}/{total_steps}")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"stage": stage, "init": init, **asdict(cfg), "num_processes": world,
+                    "train_examples": len(data["train"]), "eval_examples": len(data["dev"]),
+                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+        (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    accelerator.init_trackers("tb", config=_flat_config(asdict(cfg)))
+
+    eval_mode = "full" if stage == "finetune" else "hard"
+    eval_steps = cfg.eval_steps or steps_per_epoch
+    L = raw.num_layers
+
+    def evaluate_and_select(step: int) -> dict:
+        res = evaluate_model(raw, task, data["dev"], collate, cfg.eval_batch_size, eval_mode)
+        ok = stage in ("finetune", "planner_init") or cfg.target_rate is None or \
+            res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance
+        if ok and (state["best"] is None or res["score"] > state["best"]):
+            state["best"], state["best_step"] = res["score"], step
+            if main:
+                _save_atomic(raw, model_dir, extra={"step": step, "dev": res})
+        return res
+
+    # ---- the loop
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc=f"{stage} {task.name}",
+               disable=not (main and cfg.progress), dynamic_ncols=True)
+    step = state["global_step"]
+    t0 = time.time()
+    metrics_file = out_dir / "metrics.jsonl"
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        order = np.random.RandomState(cfg.seed + epoch).permutation(len(data["train"])).tolist()
+        loader = accelerator.prepare_data_loader(
+            DataLoader(data["train"], batch_size=cfg.batch_size, sampler=order, collate_fn=collate))
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+        model.train()
+        if not train_backbone:
+            raw.backbone.eval()  # frozen backbone: no dropout, so stage 2 sees fixed features
+        for batch in loader:
+            loss, out, logs = _stage_loss(stage, cfg, model, raw, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"[{stage}] loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
+                    f"is {ckpt_dir if ckpt_dir.exists() else '(none yet)'}; lower --lr or check the data."
+                )
+            accelerator.backward(loss)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                logs["charts/lr"] = scheduler.get_last_lr()[0]
+                logs["charts/epoch"] = step / steps_per_epoch
+                _log(accelerator, metrics_file, logs, step, main)
+                bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
+                                 if k in ("losses/task_loss", "charts/layers_executed")})
+            if step % eval_steps == 0 or step == total_steps:
+                res = evaluate_and_select(step)
+                _log(accelerator, metrics_file, {"eval/dev_score": res["score"],
+                                                 "eval/layers_executed": res["layers_executed_mean"],
+                                                 "eval/skip_rate": res["skip_rate"]}, step, main)
+                accelerator.print(f"[{stage}] step {step}: dev {task.metric} {res['score']:.2f}, "
+                                  f"layers {res['layers_executed_mean']:.2f}/{L}")
+            if (step % cfg.save_steps == 0 or step % eval_steps == 0) and step < total_steps and main:
+                _save_checkpoint(ckpt_dir, raw, optimizer, scheduler, {**state, "global_step": step})
+            if step >= total_steps:
+                break
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    if main:
+        if state["best"] is None:  # no evaluation met the selection rule: keep the last model
+            _save_atomic(raw, model_dir, extra={"step": step, "note": "last (no evaluation met the skip-rate rule)"})
+        (model_dir / DONE_FILE).write_text(json.dumps({"best_dev": state["best"], "best_step": state["best_step"],
+                                                       "steps": step, "seconds": time.time() - t0}))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return model_dir
+
+
+def _log(accelerator, path: Path, logs: dict, step: int, main: bool) -> None:
+    accelerator.log(logs, step=step)
+    if main:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def _save_atomic(model: DPBert, path: Path, extra: Optional[dict] = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    if extra:
+        (tmp / "selection.json").write_text(json.dumps(extra, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _save_checkpoint(path: Path, model: DPBert, optimizer, scheduler, state: dict) -> None:
+    """Write the resumable state; the old one is replaced only once the new one is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _load_checkpoint(path: Path, model: DPBert, optimizer, scheduler) -> dict:
+    saved = DPBert.load(path)
+    model.load_state_dict(saved.state_dict())
+    blob = torch.load(path / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    return json.loads((path / "state.json").read_text())
+
+
+# ---------------------------------------------------------------------- the pipeline
+@dataclass
+class PipelineConfig(TrainConfig):
+    """Stages 1-3 and the evaluation; ``epochs``/``lr`` are replaced by per-stage values."""
+
+    stage1_epochs: float = 5.0
+    """Stage 1, backbone fine-tuning (paper: 5)."""
+    stage2_epochs: float = 5.0
+    """Stage 2, planner initialisation with soft gates (paper: 5)."""
+    stage3_epochs: float = 5.0
+    """Stage 3, joint REINFORCE (paper: not given; 5)."""
+    stage3_lr: Optional[float] = None
+    """Backbone learning rate in stage 3 (default: lr)."""
+    latency_repeats: int = 3
+    """Batch-1 latency: passes over the dev set, full and DPBERT interleaved; the median is kept."""
+    latency_samples: Optional[int] = None
+    """Time only the first N dev examples (default: all)."""
+    threads: Optional[int] = None
+    """torch threads for the latency measurement (default: as set)."""
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Stage 1 -> 2 -> 3 -> evaluation; each finished stage is reused when re-run.
+
+    Returns the evaluation report (also written to ``<output_dir>/report.json``).
+    """
+    from .latency import evaluate_checkpoint
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    t0 = time.time()
+    base = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
+    stage_cfg = lambda sub, **kw: replace(TrainConfig(**base), output_dir=str(out / sub), **kw)  # noqa: E731
+    s1 = train_stage("finetune", stage_cfg("stage1_finetune", epochs=cfg.stage1_epochs))
+    s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(s1))
+    s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr), init=str(s2))
+    report = evaluate_checkpoint(
+        str(s3), baseline_checkpoint=str(s1), data_dir=cfg.data_dir, max_eval_samples=cfg.max_eval_samples,
+        repeats=cfg.latency_repeats, latency_samples=cfg.latency_samples, threads=cfg.threads,
+        batch_size=cfg.eval_batch_size, progress=cfg.progress,
+    )
+    report["train_examples"] = len(load_split(cfg.task, "train", cfg.data_dir, cfg.max_train_samples, cfg.seed,
+                                              bad_rows=cfg.bad_rows))
+    report["seconds"] = time.time() - t0
+    report["seed"] = cfg.seed
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+__all__ = ["TrainConfig", "PipelineConfig", "train_stage", "run_pipeline", "TrainingError", "DataError", "STAGES"]
