@@ -298,8 +298,11 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         order = np.random.RandomState(cfg.seed + epoch).permutation(len(data["train"])).tolist()
+        # the loader gets its own generator: iterating it must not draw from the global RNG (which
+        # drives dropout and action sampling), or a resumed run would diverge from an unbroken one
         loader = accelerator.prepare_data_loader(
-            DataLoader(data["train"], batch_size=cfg.batch_size, sampler=order, collate_fn=collate))
+            DataLoader(data["train"], batch_size=cfg.batch_size, sampler=order, collate_fn=collate,
+                       generator=torch.Generator().manual_seed(cfg.seed + epoch)))
         if skip:
             loader = accelerator.skip_first_batches(loader, skip)
         model.train()
@@ -340,14 +343,16 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
         accelerator.wait_for_everyone()
     bar.close()
 
+    accelerator.wait_for_everyone()
     if main:
         if state["best"] is None:  # no evaluation met the selection rule: keep the last model
             _save_atomic(raw, model_dir, extra={"step": step, "note": "last (no evaluation met the skip-rate rule)"})
         (model_dir / DONE_FILE).write_text(json.dumps({"best_dev": state["best"], "best_step": state["best_step"],
                                                        "steps": step, "seconds": time.time() - t0}))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:  # not end_training(): it would tear down the process group
+        tracker.finish()                  # that the pipeline's next stage still needs
     return model_dir
 
 

@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny random BERT checkpoint, a tiny GLUE directory, the shared GLUE data."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+WORDS = ("the a man woman dog cat is was plays runs sleeps eats good bad happy sad movie film great "
+         "terrible not very and or in on park house food music loud quiet").split()
+SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+def shared_glue_dir() -> Path:
+    return Path(os.environ.get("GLUE_DIR", SHARED_GLUE))
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+
+
+def make_tiny_checkpoint(path: Path, num_labels: int = 2, family: str = "bert", layers: int = 4) -> Path:
+    """A randomly initialised small encoder with a real WordPiece tokenizer, saved as an HF dir."""
+    from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, ElectraConfig,
+                              ElectraForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    common = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=48, max_position_embeddings=80, num_labels=num_labels,
+                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, pad_token_id=0)
+    torch.manual_seed(0)
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(**common))
+    elif family == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(**common, type_vocab_size=1))
+    elif family == "electra":
+        model = ElectraForSequenceClassification(ElectraConfig(**common, embedding_size=16))
+    else:
+        raise ValueError(family)
+    if num_labels == 1:
+        model.config.problem_type = "regression"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_glue(root: Path, n_train: int = 48, n_dev: int = 24) -> Path:
+    """RTE, SST-2, STS-B, MRPC (with BOM) and CoLA (no header) files in the GLUE layout."""
+    rng = random.Random(0)
+    for task in ("RTE", "SST-2", "STS-B", "MRPC", "CoLA"):
+        (root / task).mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", n_train), ("dev", n_dev)):
+            lines = []
+            for i in range(n):
+                a, b = _sentence(rng), _sentence(rng)
+                if task == "RTE":
+                    lines.append(f"{i}\t{a}\t{b}\t{rng.choice(['entailment', 'not_entailment'])}")
+                elif task == "SST-2":
+                    lines.append(f"{a} \t{rng.randint(0, 1)}")
+                elif task == "STS-B":
+                    lines.append(f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{a}\t{b}\t{rng.uniform(0, 5):.3f}")
+                elif task == "MRPC":
+                    lines.append(f"{rng.randint(0, 1)}\t{i}\t{i + 1000}\t{a}\t{b}")
+                else:
+                    lines.append(f"gj04\t{rng.randint(0, 1)}\t\t{a}")
+            header = {
+                "RTE": "index\tsentence1\tsentence2\tlabel",
+                "SST-2": "sentence\tlabel",
+                "STS-B": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+                "MRPC": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+                "CoLA": None,
+            }[task]
+            text = "\n".join(([header] if header else []) + lines) + "\n"
+            (root / task / f"{split}.tsv").write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_glue(tmp_path_factory) -> Path:
+    return make_tiny_glue(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture()
+def glue_dir() -> Path:
+    """The real GLUE files; integration tests skip, with the reason, where they are absent."""
+    d = shared_glue_dir()
+    if not (d / "RTE" / "dev.tsv").is_file():
+        pytest.skip(f"shared GLUE data not found at {d} (set GLUE_DIR)")
+    return d

@@ -1,0 +1,152 @@
+"""Training stages on a tiny model: resumption, NaN handling, determinism, two processes, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpbert_rl.train as train_mod
+from dpbert_rl.cli import main
+from dpbert_rl.model import DPBert
+from dpbert_rl.train import PipelineConfig, TrainConfig, TrainingError, train_stage
+
+
+def cfg(tiny_ckpt, tiny_glue, out, **kw):
+    base = dict(task="rte", backbone=str(tiny_ckpt), data_dir=str(tiny_glue), output_dir=str(out), batch_size=8,
+                eval_batch_size=16, progress=False, logging_steps=1, save_steps=2, eval_steps=1000, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(path):
+    return DPBert.load(path).state_dict()
+
+
+def assert_same_weights(a, b):
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_finetune_writes_config_metrics_tensorboard_and_model(tiny_ckpt, tiny_glue, tmp_path):
+    out = train_stage("finetune", cfg(tiny_ckpt, tiny_glue, tmp_path / "ft", epochs=1))
+    assert (out / "DONE").is_file() and (out / "model.safetensors").is_file()
+    conf = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert conf["stage"] == "finetune" and conf["steps_per_epoch"] == 6
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/dev_score" in r for r in rows) and any("losses/task_loss" in r for r in rows)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tmp_path / "ft" / "tb").rglob("events.out.tfevents*"))
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    assert "losses/task_loss" in acc.Tags()["scalars"] and "eval/dev_score" in acc.Tags()["scalars"]
+    # a finished stage is not run again
+    assert train_stage("finetune", cfg(tiny_ckpt, tiny_glue, tmp_path / "ft", epochs=1)) == out
+
+
+def test_crash_keeps_last_good_checkpoint_and_rerun_resumes_to_the_same_result(tiny_ckpt, tiny_glue, tmp_path,
+                                                                               monkeypatch):
+    kw = dict(max_steps=6, target_rate=None, baseline="batch-mean")
+    ref = train_stage("rl", cfg(tiny_ckpt, tiny_glue, tmp_path / "ref", **kw))
+    again = train_stage("rl", cfg(tiny_ckpt, tiny_glue, tmp_path / "again", **kw))
+    assert_same_weights(weights(ref), weights(again))  # same seed, same numbers
+
+    real = train_mod._stage_loss
+    calls = {"n": 0}
+
+    def nan_at_step_5(*args, **kwargs):
+        loss, out, logs = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 5 else loss), out, logs
+
+    monkeypatch.setattr(train_mod, "_stage_loss", nan_at_step_5)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5.*checkpoint"):
+        train_stage("rl", cfg(tiny_ckpt, tiny_glue, tmp_path / "crash", **kw))
+    state = json.loads((tmp_path / "crash" / "checkpoint" / "state.json").read_text())
+    assert state["global_step"] == 4
+    monkeypatch.setattr(train_mod, "_stage_loss", real)
+    resumed = train_stage("rl", cfg(tiny_ckpt, tiny_glue, tmp_path / "crash", **kw))
+    assert_same_weights(weights(ref), weights(resumed))
+    assert not (tmp_path / "crash" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("stage", ["planner_init", "soft"])
+def test_planner_stages_move_the_planners_and_respect_freezing(tiny_ckpt, tiny_glue, tmp_path, stage):
+    start = DPBert.from_backbone(str(tiny_ckpt))
+    start.save(tmp_path / "start")
+    out = train_stage(stage, cfg(tiny_ckpt, tiny_glue, tmp_path / stage, max_steps=4, target_rate=0.5, beta=5.0),
+                      init=str(tmp_path / "start"))
+    before, after = weights(tmp_path / "start"), weights(out)
+    assert not torch.equal(before["planners.weight"], after["planners.weight"])
+    layer_key = next(k for k in before if "encoder.layer.0" in k and k.endswith("weight"))
+    frozen = torch.equal(before[layer_key], after[layer_key])
+    assert frozen == (stage == "planner_init")
+
+
+def test_two_processes_with_accelerate_launch(tiny_ckpt, tiny_glue, tmp_path):
+    out = tmp_path / "ddp"
+    # torchrun starts the two CPU processes; Accelerate picks the gloo backend from their environment
+    # (`accelerate launch --multi_gpu` does the same on GPUs).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "dpbert_rl.cli", "rl", "--cpu",
+           "--task", "rte", "--backbone", str(tiny_ckpt), "--data-dir", str(tiny_glue), "--output-dir", str(out),
+           "--max-steps", "3", "--batch-size", "4", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model" / "DONE").is_file()
+    assert json.loads((out / "config.json").read_text())["num_processes"] == 2
+
+
+def test_pipeline_evaluate_and_predict_from_the_cli(tiny_ckpt, tiny_glue, tmp_path, capsys):
+    out = tmp_path / "pipe"
+    args = ["pipeline", "--task", "rte", "--backbone", str(tiny_ckpt), "--data-dir", str(tiny_glue),
+            "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8", "--no-progress",
+            "--latency-samples", "4", "--latency-repeats", "1"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("backbone_score", "dpbert_score", "layers_executed_mean", "num_layers", "speedup_measured",
+                "speedup_ideal", "layer_frequency", "throughput_speedup", "train_examples", "seconds", "seed"):
+        assert key in report, key
+    assert len(report["layer_frequency"]) == 4 and report["num_examples"] == 24
+    assert "speed-up measured" in capsys.readouterr().out
+    model_dir = out / "stage3_rl" / "model"
+    assert main(["evaluate", str(model_dir), "--data-dir", str(tiny_glue), "--repeats", "1",
+                 "--latency-samples", "3", "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["task"] == "rte"
+    capsys.readouterr()
+    assert main(["predict", str(model_dir), "the man plays", "a dog sleeps", "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["label"] in ("entailment", "not_entailment") and len(pred["probs"]) == 4
+    assert all(1 <= i <= 4 for i in pred["layers_executed"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["finetune", "--task", "wnli"], "unknown task 'wnli'"),
+    (["rl", "--target-rate", "1.5"], r"target skip rate must lie in \[0, 1\]"),
+    (["rl", "--baseline", "avg"], "unknown baseline"),
+    (["evaluate", "/nonexistent/ckpt"], "no checkpoint at"),
+    (["rl", "--init", "/nonexistent/ckpt"], "no checkpoint at"),
+])
+def test_cli_errors_are_clear(argv, message, capsys, tmp_path, tiny_glue):
+    argv = argv + (["--output-dir", str(tmp_path / "x"), "--data-dir", str(tiny_glue)] if argv[0] != "evaluate" else [])
+    assert main(argv) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_predict_refuses_empty_text(tiny_ckpt, tmp_path, capsys):
+    DPBert.from_backbone(str(tiny_ckpt)).save(tmp_path / "m")
+    assert main(["predict", str(tmp_path / "m"), "  "]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--help"])
+    text = capsys.readouterr().out
+    assert "--target-rate" in text and "r of eq. (11)" in text and "--stage3-epochs" in text
