@@ -1,0 +1,65 @@
+"""The real backbone (packaged all-MiniLM-L6-v2) on slices of the real GLUE files."""
+
+import json
+
+import pytest
+import torch
+
+from dpbert_rl.data import collator, load_split, tokenize
+from dpbert_rl.model import DPBert
+from dpbert_rl.train import PipelineConfig, run_pipeline
+from tests.test_model import split_planners
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    torch.manual_seed(0)
+    return DPBert.from_backbone("minilm", num_labels=2).eval()
+
+
+def real_batch(model, glue_dir, task, n):
+    ds = tokenize(load_split(task, "dev", str(glue_dir), max_samples=n), model.tokenizer, 128)
+    return collator(model.tokenizer)([ds[i] for i in range(n)])
+
+
+def test_minilm_is_the_real_six_layer_model(minilm):
+    assert minilm.num_layers == 6 and minilm.backbone.hidden_size == 384
+    assert sum(p.numel() for p in minilm.backbone.parameters()) > 22_000_000
+
+
+def test_per_layer_calls_reproduce_the_hf_forward_on_rte(minilm, glue_dir):
+    b = real_batch(minilm, glue_dir, "rte", 8)
+    with torch.no_grad():
+        ref = minilm.backbone.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                    token_type_ids=b["token_type_ids"]).logits
+        out = minilm(b["input_ids"], b["attention_mask"], b["token_type_ids"], mode="full")
+    assert torch.allclose(ref, out.logits, atol=1e-5)
+
+
+def test_batched_paths_equal_batch_of_one_on_sst2(minilm, glue_dir):
+    b = real_batch(minilm, glue_dir, "sst2", 16)
+    with torch.no_grad():
+        minilm.planners.weight.normal_(0, 1.0)
+    split_planners(minilm, b)
+    with torch.no_grad():
+        out = minilm(b["input_ids"], b["attention_mask"], b["token_type_ids"], mode="hard")
+        assert len({tuple(r) for r in out.actions.tolist()}) > 1
+        for j in range(16):
+            n = int(b["attention_mask"][j].sum())
+            one = minilm(b["input_ids"][j:j + 1, :n], b["attention_mask"][j:j + 1, :n],
+                         b["token_type_ids"][j:j + 1, :n], mode="hard")
+            assert torch.equal(one.actions[0], out.actions[j])
+            assert torch.allclose(one.logits[0], out.logits[j], atol=1e-4)
+
+
+def test_short_pipeline_on_real_rte(glue_dir, tmp_path):
+    cfg = PipelineConfig(task="rte", data_dir=str(glue_dir), output_dir=str(tmp_path / "rte"), max_train_samples=32,
+                         max_eval_samples=24, batch_size=16, max_steps=2, progress=False, latency_samples=8,
+                         latency_repeats=1)
+    report = run_pipeline(cfg)
+    assert report["num_layers"] == 6 and report["num_examples"] == 24
+    assert 0 <= report["dpbert_score"] <= 100 and report["speedup_measured"] > 0
+    saved = json.loads((tmp_path / "rte" / "report.json").read_text())
+    assert saved["layers_executed_mean"] == pytest.approx(report["layers_executed_mean"])
