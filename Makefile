@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 # The main job on the offline defaults: the full DPBERT pipeline on RTE with the packaged MiniLM.
 demo: install
 	$(BIN)/dpbert-rl pipeline --task rte --data-dir $(GLUE_DIR) --output-dir runs/demo-rte \
-		--stage1-epochs 3 --stage2-epochs 1 --stage3-epochs 2
+		--stage1-epochs 3 --stage2-epochs 1 --stage3-epochs 2 --lr 1e-4 --stage3-lr 2e-5 --lam 10 \
+		--evals-per-epoch 3
 
 test: install
 	GLUE_DIR=$(GLUE_DIR) $(BIN)/python -m pytest -q

@@ -41,9 +41,13 @@ def main() -> None:
     ap.add_argument("--stage1-epochs", type=float, default=3.0)
     ap.add_argument("--stage2-epochs", type=float, default=1.0)
     ap.add_argument("--stage3-epochs", type=float, default=2.0)
+    ap.add_argument("--lr", type=float, default=1e-4, help="stages 1-2 (MiniLM needs more than BERT-base's 2e-5)")
+    ap.add_argument("--stage3-lr", type=float, default=2e-5, help="backbone learning rate in stage 3")
+    ap.add_argument("--planner-lr", type=float, default=5e-4)
     ap.add_argument("--target-rate", type=float, default=0.3)
-    ap.add_argument("--lam", type=float, default=5.0)
-    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--lam", type=float, default=10.0)
+    ap.add_argument("--beta", type=float, default=20.0)
+    ap.add_argument("--evals-per-epoch", type=int, default=3)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement")
     ap.add_argument("--results", default=str(RESULTS / "pipeline.json"))
@@ -56,6 +60,8 @@ def main() -> None:
             task=task, backbone=args.backbone, data_dir=args.data_dir, output_dir=f"{args.output_dir}/{task}",
             stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs, stage3_epochs=args.stage3_epochs,
             target_rate=args.target_rate, lam=args.lam, beta=args.beta, seed=args.seed, threads=args.threads,
+            lr=args.lr, stage3_lr=args.stage3_lr, planner_lr=args.planner_lr, evals_per_epoch=args.evals_per_epoch,
+            progress=False,
             **TASK_SETTINGS.get(task, {}),
         )
         report = run_pipeline(cfg)
@@ -83,6 +89,8 @@ def main() -> None:
             "dev_examples": report["num_examples"],
             "epochs": [args.stage1_epochs, args.stage2_epochs, args.stage3_epochs],
             "target_rate": args.target_rate,
+            "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
+                                                              "target_rate", "evals_per_epoch")},
             "machine": machine_info(),
         }
         results = [r for r in results if r["task"] != row["task"]] + [row]

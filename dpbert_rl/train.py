@@ -76,7 +76,7 @@ class TrainConfig:
     """Passes over the training data (the paper: 5 per stage)."""
     lr: float = 2e-5
     """AdamW learning rate of backbone and head (paper: 2e-5)."""
-    planner_lr: float = 1e-3
+    planner_lr: float = 5e-4
     """[choice] AdamW learning rate of the planners. The paper uses one rate of 2e-5; linear planners
     trained from scratch need far more steps at that rate than a CPU budget allows."""
     weight_decay: float = 0.01
@@ -88,8 +88,10 @@ class TrainConfig:
     """c of eq. (9): the reward is -c for every executed layer."""
     lam: float = 5.0
     """lambda of eq. (9): weight of the task loss in the reward (paper grid: 5, 20, 35, 50)."""
-    beta: float = 0.5
-    """beta of eq. (12): weight of the skip-rate penalty (paper grid: 0.1, 0.5, 1, 1.5)."""
+    beta: float = 20.0
+    """[choice] beta of eq. (12): weight of the skip-rate penalty. The paper's grid is 0.1-1.5, but
+    with S of eq. (10) a mean over layers and examples, P is tiny (0.2^2 = 0.04) and at those
+    weights it does not move the planners here (see the README)."""
     target_rate: Optional[float] = 0.3
     """r of eq. (11): target fraction of layers skipped, in [0, 1]; None drops the penalty."""
     baseline: str = "batch-mean"
@@ -103,7 +105,9 @@ class TrainConfig:
     """Stages with planners keep the best dev score among evaluations whose skip rate is at least
     target_rate - select_tolerance (else the last one)."""
     eval_steps: Optional[int] = None
-    """Evaluate every N optimizer steps (default: at the end of every epoch)."""
+    """Evaluate every N optimizer steps (default: evals_per_epoch times per epoch)."""
+    evals_per_epoch: int = 1
+    """Dev evaluations per epoch when eval_steps is not given."""
     save_steps: int = 50
     """Write the resumable checkpoint every N steps (and at every evaluation)."""
     logging_steps: int = 10
@@ -276,7 +280,7 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     accelerator.init_trackers("tb", config=_flat_config(asdict(cfg)))
 
     eval_mode = "full" if stage == "finetune" else "hard"
-    eval_steps = cfg.eval_steps or steps_per_epoch
+    eval_steps = cfg.eval_steps or max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     L = raw.num_layers
 
     def evaluate_and_select(step: int) -> dict:
