@@ -1,4 +1,22 @@
-"""Gymnasium environments over a ``dpbert_rl`` model (layer skipping as sequential decisions).
+"""Gymnasium environments over a ``dpbert_rl`` model: layer skipping as sequential decisions.
 
-Importing this package must not load BERT: environments are registered with string entry points.
+Importing this package registers the environments with string entry points and loads no model::
+
+    import gymnasium as gym
+    import envs  # noqa: F401  (registers dpbert_rl/LayerSkip-v0)
+    env = gym.make("dpbert_rl/LayerSkip-v0", task="sst2", data_dir="../shared/data/glue", model="runs/x/model")
+    vec = gym.make_vec("dpbert_rl/LayerSkip-v0", num_envs=64, task="sst2", ...)  # BatchedLayerSkipEnv
 """
+
+import gymnasium as gym
+
+ENV_ID = "dpbert_rl/LayerSkip-v0"
+
+if ENV_ID not in gym.registry:
+    gym.register(
+        id=ENV_ID,
+        entry_point="envs.layer_skip:LayerSkipEnv",
+        vector_entry_point="envs.layer_skip:BatchedLayerSkipEnv",
+    )
+
+__all__ = ["ENV_ID"]
