@@ -170,7 +170,21 @@ class _Episodes:
             self._pending = 0
 
 
-class LayerSkipEnv(gym.Env):
+class _ModelAccess:
+    core: _Episodes
+
+    @property
+    def model(self):
+        """The :class:`~dpbert_rl.model.DPBert` this environment drives."""
+        return self.core.model
+
+    @property
+    def num_layers(self) -> int:
+        """``L``: the episode length."""
+        return self.core.L
+
+
+class LayerSkipEnv(_ModelAccess, gym.Env):
     """
     ## Description
     DPBERT's planning problem (Dynamic Planning in BERT): a transformer of ``L`` layers reads one GLUE
@@ -236,14 +250,6 @@ class LayerSkipEnv(gym.Env):
         self.action_space = spaces.Discrete(2)
         self.render_mode = render_mode
 
-    @property
-    def model(self):
-        return self.core.model
-
-    @property
-    def num_layers(self) -> int:
-        return self.core.L
-
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
         index = _index_from_options(options, len(self.core.data))
@@ -260,7 +266,7 @@ class LayerSkipEnv(gym.Env):
         return _row(obs, 0), float(rewards[0]), done, False, (infos[0] if done else {})
 
 
-class BatchedLayerSkipEnv(VectorEnv):
+class BatchedLayerSkipEnv(_ModelAccess, VectorEnv):
     """N :class:`LayerSkipEnv` episodes in one batched forward per step (same arguments, plus ``num_envs``).
 
     Every episode lasts ``L`` steps, so the batch stays in lock-step: at the last step all N episodes
@@ -281,14 +287,6 @@ class BatchedLayerSkipEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._np_random = None
-
-    @property
-    def model(self):
-        return self.core.model
-
-    @property
-    def num_layers(self) -> int:
-        return self.core.L
 
     def _draw(self) -> np.ndarray:
         return self.np_random.integers(len(self.core.data), size=self.num_envs)
@@ -322,9 +320,11 @@ class BatchedLayerSkipEnv(VectorEnv):
 
 
 def _core_kwargs(kwargs: dict) -> dict:
-    defaults = dict(task="sst2", data_dir=None, split="train", model="minilm", c=1.0, lambda_=5.0,
-                    max_seq_length=128, max_samples=None, observation="box", backbone_mode="frozen", joint_lr=2e-5,
-                    joint_update_every=32, target_rate=None, rate_coef=0.0, device="cpu")
+    """The vector env's keyword arguments, checked against (and defaulted from) LayerSkipEnv's."""
+    import inspect
+
+    params = inspect.signature(LayerSkipEnv.__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if k not in ("self", "render_mode")}
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"unknown arguments {sorted(unknown)}; expected some of {sorted(defaults)}")

@@ -33,27 +33,26 @@ def make_vec(tiny_model_dir, tiny_glue, n=4, **kw):
     return BatchedLayerSkipEnv(num_envs=n, task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, **kw)
 
 
+def assert_checker_is_quiet(check, env, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check(env, **kw)
+    noisy = [str(w.message) for w in caught if "dtype" in str(w.message) or "space" in str(w.message)
+             or "bound" in str(w.message) or "infinity" in str(w.message)]
+    assert not noisy, noisy
+
+
 def test_gymnasium_checker_passes_without_warnings(tiny_model_dir, tiny_glue):
     from gymnasium.utils.env_checker import check_env
 
     for obs in ("box", "dict"):
-        env = make(tiny_model_dir, tiny_glue, observation=obs)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            check_env(env, skip_render_check=True)
-        assert not [w for w in caught if "dtype" in str(w.message) or "space" in str(w.message)], \
-            [str(w.message) for w in caught]
+        assert_checker_is_quiet(check_env, make(tiny_model_dir, tiny_glue, observation=obs), skip_render_check=True)
 
 
 def test_sb3_checker_passes_without_warnings(tiny_model_dir, tiny_glue):
     from stable_baselines3.common.env_checker import check_env
 
-    env = make(tiny_model_dir, tiny_glue)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env, warn=True)
-    assert not [w for w in caught if "dtype" in str(w.message) or "space" in str(w.message)], \
-        [str(w.message) for w in caught]
+    assert_checker_is_quiet(check_env, make(tiny_model_dir, tiny_glue), warn=True)
 
 
 def test_return_to_go_equals_eq9_from_the_model(tiny_model_dir, tiny_glue):
@@ -196,3 +195,20 @@ def test_sb3_adapter_protocol_and_ppo_under_vecmonitor(tiny_model_dir, tiny_glue
     model.learn(total_timesteps=64)
     assert len(monitored.episode_returns) == 0 or True
     assert model.num_timesteps >= 64
+
+
+@pytest.mark.integration
+def test_readme_environment_example_runs_as_written(glue_dir, monkeypatch):
+    """The README's gymnasium + PPO example, verbatim, from the repository root."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    example = next(b for b in blocks if "PPO(" in b)
+    if Path(glue_dir).resolve() != (root / "../shared/data/glue").resolve():
+        example = example.replace("../shared/data/glue", str(glue_dir))
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["model"].num_timesteps >= 1024
