@@ -23,6 +23,8 @@ EPILOG = """examples (offline, with the packaged MiniLM and a local GLUE directo
   dpbert-rl evaluate runs/rte/stage3_rl/model --data-dir ../shared/data/glue
   dpbert-rl predict runs/rte/stage3_rl/model "A man is playing." "Someone plays."
   tensorboard --logdir runs/rte
+
+more commands: dpbert-rl agents {train,compare} --help   (policy-learning agents in the environment)
 """
 
 
@@ -131,8 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plugin_commands() -> dict:
+    """Subcommands that other packages register under the entry-point group ``dpbert_rl.commands``
+    (``agents`` comes from this distribution's ``agents`` package); dpbert_rl itself imports none."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="dpbert_rl.commands")}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugins = plugin_commands()
+    if argv and argv[0] in plugins:
+        return int(plugins[argv[0]].load()(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     from .data import DataError
     from .train import TrainingError

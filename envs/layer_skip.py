@@ -21,6 +21,18 @@ OBS_MODES = ("box", "dict")
 BACKBONE_MODES = ("frozen", "joint")
 
 
+def observe(hidden: torch.Tensor, i: int, num_layers: int, observation: str = "box") -> Any:
+    """The observation before layer ``i`` (0-based; ``i = L`` after the last): ``[CLS]`` of ``hidden``
+    ``(N, seq, d)`` and the layer's one-hot, as ``(N, d + L)`` float32 or a dict of the two parts."""
+    cls = hidden[:, 0].detach().float().cpu().numpy().copy()  # (N, d); never a view of hidden
+    layer = np.zeros((hidden.shape[0], num_layers), dtype=np.float32)
+    if i < num_layers:
+        layer[:, i] = 1.0
+    if observation == "dict":
+        return {"cls": cls, "layer": layer}
+    return np.concatenate([cls, layer], axis=1)
+
+
 class _Episodes:
     """N episodes in lock-step over one model: the engine shared by the single and vector envs.
 
@@ -112,13 +124,7 @@ class _Episodes:
         return self.obs()
 
     def obs(self) -> Any:
-        cls = self.h[:, 0].detach().float().cpu().numpy().copy()  # (N, d); never a view of h
-        layer = np.zeros((self.n, self.L), dtype=np.float32)
-        if self.i < self.L:
-            layer[:, self.i] = 1.0
-        if self.observation == "dict":
-            return {"cls": cls, "layer": layer}
-        return np.concatenate([cls, layer], axis=1)
+        return observe(self.h, self.i, self.L, self.observation)
 
     def step(self, actions: np.ndarray):
         """Advance every episode by one layer; returns (obs, rewards (N,), done, final infos or None)."""

@@ -1,0 +1,101 @@
+"""The agent protocol, the registry, and the TensorBoard names every agent shares.
+
+An agent learns in an ``envs`` environment and then acts on observations:
+
+    agent.learn(env, total_steps, callback=None) -> agent
+    agent.act(obs, deterministic=True) -> actions (np.ndarray of 0/1, one per row of obs)
+    agent.save(path);  Agent.load(path)
+
+A new algorithm is one file with a class that subclasses :class:`Agent`, plus one line in
+:data:`REGISTRY` (or pass ``module:Class`` wherever an agent name is taken).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+# name -> "module:Class"; string entry points, so importing agents loads no algorithm
+REGISTRY = {
+    "reinforce": "agents.reinforce:ReinforceAgent",
+    "ppo": "agents.sb3:PPOAgent",
+    "a2c": "agents.sb3:A2CAgent",
+    "dqn": "agents.sb3:DQNAgent",
+    "recurrent-ppo": "agents.sb3:RecurrentPPOAgent",
+    "always": "agents.references:AlwaysExecute",
+    "random": "agents.references:RandomSkip",
+    "first-k": "agents.references:FirstK",
+    "every-other": "agents.references:EveryOther",
+}
+
+#: Scalars every agent logs, against the number of environment steps.
+SCALARS = ("charts/episodic_return", "charts/skip_rate", "charts/layers_executed", "eval/dev_score",
+           "losses/task_loss", "losses/policy_loss", "losses/entropy")
+
+Callback = Callable[[dict], Optional[bool]]
+"""Called after every batch of finished episodes with the logged scalars; return False to stop."""
+
+
+class Agent:
+    """Base class: subclasses implement :meth:`learn` and :meth:`act`; stateless ones need no more."""
+
+    name = "agent"
+
+    def learn(self, env, total_steps: int, callback: Optional[Callback] = None, log_dir: Optional[str] = None) -> "Agent":
+        """Interact with ``env`` (a :class:`~envs.layer_skip.BatchedLayerSkipEnv`) for ``total_steps`` steps."""
+        return self
+
+    def act(self, obs, deterministic: bool = True) -> np.ndarray:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """JSON-serialisable constructor arguments (enough to rebuild a stateless agent)."""
+        return {}
+
+    def save(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "agent.json").write_text(json.dumps({"class": f"{type(self).__module__}:{type(self).__name__}",
+                                                     "state": self.state()}))
+
+    @classmethod
+    def load(cls, path) -> "Agent":
+        meta = json.loads((Path(path) / "agent.json").read_text())
+        klass = resolve(meta["class"])
+        return klass._restore(Path(path), meta["state"])
+
+    @classmethod
+    def _restore(cls, path: Path, state: dict) -> "Agent":
+        return cls(**state)
+
+
+def resolve(name: str):
+    """An agent class from a registry name or a ``module:Class`` path."""
+    target = REGISTRY.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"unknown agent {name!r}; expected one of {sorted(REGISTRY)} or 'module:Class'")
+    module, _, attr = target.partition(":")
+    try:
+        klass = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load agent {name!r} ({target}): {err}") from err
+    if not (isinstance(klass, type) and issubclass(klass, Agent)):
+        raise ValueError(f"{target} is not an agents.base.Agent subclass")
+    return klass
+
+
+def make_agent(name: str, **kwargs) -> Agent:
+    """Instantiate a registered agent (or ``module:Class``) with keyword arguments."""
+    return resolve(name)(**kwargs)
+
+
+def split_obs(obs, hidden_size: int):
+    """A Box observation ``(N, d + L)`` (or the Dict form) into ``cls (N, d)`` and layer ids ``(N,)``."""
+    if isinstance(obs, dict):
+        return np.asarray(obs["cls"]), np.asarray(obs["layer"]).argmax(-1)
+    obs = np.asarray(obs)
+    return obs[..., :hidden_size], obs[..., hidden_size:].argmax(-1)

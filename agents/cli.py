@@ -1,0 +1,150 @@
+"""``dpbert-rl agents``: train one agent, or train and compare several on one backbone checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpbert-rl agents",
+                                     description="Policy-learning agents in the layer-skipping environment.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (("train", "train one agent, evaluate it on dev, save it"),
+                       ("compare", "train and evaluate several agents on the same backbone; table + plot")):
+        p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == "train":
+            p.add_argument("--agent", default="ppo", help="registry name (reinforce, ppo, a2c, dqn, recurrent-ppo, "
+                                                          "always, random, first-k, every-other) or module:Class")
+        else:
+            p.add_argument("--agents", default="reinforce,ppo,a2c,random", help="comma-separated agent names")
+        p.add_argument("--model", required=True, help="a dpbert_rl checkpoint (e.g. runs/x/stage1_finetune/model)")
+        p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
+        p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
+        p.add_argument("--backbone-mode", default="frozen", choices=("frozen", "joint"))
+        p.add_argument("--total-steps", type=int, default=20_000, help="environment steps per agent")
+        p.add_argument("--num-envs", type=int, default=32, help="inputs per batched step")
+        p.add_argument("--max-train-samples", type=int, help="cap on the training split")
+        p.add_argument("--max-eval-samples", type=int, help="first N dev examples")
+        p.add_argument("--lam", type=float, default=5.0, help="lambda of the reward (eq. 9)")
+        p.add_argument("--cost", type=float, default=1.0, help="c of the reward (eq. 9)")
+        p.add_argument("--target-rate", type=float, help="REINFORCE's skip-rate penalty target r")
+        p.add_argument("--latency-samples", type=int, default=200, help="dev inputs timed at batch 1")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--output-dir", default="runs/agents", help="one TensorBoard run per agent, results, plot")
+    return parser
+
+
+def run_agent(name: str, args, progress=None) -> dict:
+    """Train one agent in a fresh environment on a fresh copy of the checkpoint, then evaluate it."""
+    from dpbert_rl.data import get_task, load_split, tokenize
+    from dpbert_rl.model import DPBert
+    from envs.layer_skip import BatchedLayerSkipEnv
+
+    from .base import make_agent
+    from .evaluate import evaluate_agent, score_agent
+    from .references import RandomSkip
+
+    model = DPBert.load(args.model)
+    if not (args.task or model.task_info.task):
+        raise ValueError(f"{args.model} does not name its task; pass --task")
+    task = get_task(args.task or model.task_info.task)
+    env = BatchedLayerSkipEnv(num_envs=args.num_envs, task=task.name, data_dir=args.data_dir, split="train",
+                              model=model, c=args.cost, lambda_=args.lam, max_samples=args.max_train_samples,
+                              backbone_mode=args.backbone_mode)
+    kwargs = {"seed": args.seed}
+    if name == "reinforce" and args.target_rate is not None:
+        kwargs["target_rate"] = args.target_rate
+    if name in ("ppo", "a2c", "dqn", "recurrent-ppo"):
+        kwargs = {"seed": args.seed}
+    if name in ("always", "first-k", "every-other"):
+        kwargs = {"num_layers": env.num_layers}
+    if name == "random":
+        kwargs = {"num_layers": env.num_layers, "seed": args.seed}
+    agent = make_agent(name, **kwargs)
+    out = Path(args.output_dir)
+    t = time.time()
+    agent.learn(env, args.total_steps, callback=progress, log_dir=str(out / "tb" / name))
+    train_seconds = time.time() - t
+    agent.save(out / "agents" / name)
+    dev = tokenize(load_split(task, "dev", args.data_dir, args.max_eval_samples), model.tokenizer,
+                   model.task_info.max_seq_length)
+    res = evaluate_agent(agent, model, task, dev, env.core.collate, latency_samples=args.latency_samples)
+    # the floor at the same budget: random skipping at this agent's skip rate, on the same backbone
+    reference = RandomSkip(rate=res["skip_rate"], num_layers=model.num_layers, seed=args.seed)
+    random_score = score_agent(reference, model, task, dev, env.core.collate)["score"]
+    return {"task": task.name, "agent": name, "backbone_mode": args.backbone_mode, "dev_score": res["score"],
+            "layers_executed_mean": res["layers_executed_mean"], "skip_rate": res["skip_rate"],
+            "layer_frequency": res["layer_frequency"], "speedup_measured": res["speedup_measured"],
+            "speedup_ideal": res["speedup_ideal"], "random_same_rate_score": random_score,
+            "env_steps": args.total_steps, "train_seconds": train_seconds,
+            "model": args.model}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dpbert-rl agents: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from tqdm.auto import tqdm
+
+    names = [args.agent] if args.command == "train" else [a.strip() for a in args.agents.split(",") if a.strip()]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    bar = tqdm(total=args.total_steps * len(names), desc="agents", unit="step")
+    for name in names:
+        bar.set_postfix_str(name)
+        done = {"n": 0}
+
+        def progress(scalars, done=done):
+            bar.update(scalars["steps"] - done["n"])
+            done["n"] = scalars["steps"]
+
+        rows.append(run_agent(name, args, progress))
+        bar.update(max(0, args.total_steps - done["n"]))
+    bar.close()
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(format_table(rows))
+    if len(rows) > 1:
+        plot(rows, out / "score_vs_layers.png")
+        print(f"plot written to {out / 'score_vs_layers.png'}")
+    return 0
+
+
+def format_table(rows: list) -> str:
+    head = f"{'agent':<14}{'mode':<8}{'dev':>8}{'random@rate':>13}{'layers':>8}{'speed-up':>10}"
+    lines = [head] + [f"{r['agent']:<14}{r['backbone_mode']:<8}{r['dev_score']:>8.2f}"
+                      f"{r.get('random_same_rate_score', float('nan')):>13.2f}{r['layers_executed_mean']:>8.2f}"
+                      f"{r['speedup_measured']:>9.2f}x" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["layers_executed_mean"], r["dev_score"], label=f"{r['agent']} ({r['backbone_mode']})")
+    ax.set_xlabel("layers executed (mean)")
+    ax.set_ylabel("dev score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

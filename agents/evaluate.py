@@ -1,0 +1,69 @@
+"""A trained agent's greedy policy driving the model on a dev set, with real skipping.
+
+The agent acts between layers exactly as in the environment (the observation comes from
+:func:`envs.layer_skip.observe`), and layer ``i`` runs only for the rows whose action is 1. Batch-1
+latency uses the same interleaved measurement as the model (:mod:`dpbert_rl.latency`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dpbert_rl.evaluate import score_run, speedup_ideal
+from dpbert_rl.latency import encode_examples, interleaved_latency
+from dpbert_rl.model import DPBert
+from envs.layer_skip import observe
+
+from .base import Agent
+
+
+@torch.inference_mode()
+def agent_forward(model: DPBert, agent: Agent, input_ids, attention_mask, token_type_ids=None):
+    """Logits ``(N, C)`` and actions ``(N, L)`` of the path the agent (greedy) chooses per input."""
+    state = model.embed(input_ids, attention_mask, token_type_ids)
+    h, L = state.hidden, model.num_layers
+    actions = []
+    for i in range(L):
+        a = np.asarray(agent.act(observe(h, i, L), deterministic=True)).reshape(-1)
+        actions.append(a)
+        h = model.execute(i, h, state.mask, torch.from_numpy(a.astype(bool)))
+    return model.classify(h), np.stack(actions, 1)
+
+
+def score_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch_size: int = 64) -> dict:
+    """Dev score and layer statistics of the paths ``agent`` chooses (no timing)."""
+    model.eval()
+    preds, labels, acts = [], [], []
+    for b in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn):
+        logits, a = agent_forward(model, agent, b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+        preds.append(model.predict(logits).float().numpy())
+        labels.append(b["labels"].float().numpy())
+        acts.append(a)
+    return score_run(task, {"predictions": np.concatenate(preds), "labels": np.concatenate(labels),
+                            "actions": np.concatenate(acts)})
+
+
+def evaluate_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch_size: int = 64,
+                   latency_samples: Optional[int] = 200, repeats: int = 3, threads: Optional[int] = None) -> dict:
+    """Dev score, layers executed, and measured batch-1 speed-up of ``agent`` driving ``model``."""
+    result = score_agent(agent, model, task, dataset, collate_fn, batch_size)
+    examples = encode_examples(dataset, latency_samples)
+
+    def full(ex):
+        return model(ex["input_ids"], ex["attention_mask"], ex.get("token_type_ids"), mode="full")
+
+    def driven(ex):
+        return agent_forward(model, agent, ex["input_ids"], ex["attention_mask"], ex.get("token_type_ids"))
+
+    lat = interleaved_latency({"full": full, "agent": driven}, examples, repeats, threads=threads)
+    result.update({
+        "speedup_measured": lat["agent"]["speedup"],
+        "speedup_ideal": speedup_ideal(result["layers_executed_mean"], model.num_layers),
+        "latency_ms_full": lat["full"]["latency_ms"],
+        "latency_ms_agent": lat["agent"]["latency_ms"],
+    })
+    return result

@@ -1,0 +1,166 @@
+"""REINFORCE with L separate linear planners: the paper's algorithm (eq. 4, 7, 9-12) as an agent.
+
+It trains on the natively batched environment. With ``backbone_mode="joint"`` in the environment
+(which then updates backbone and head on the task loss of the chosen paths) this is the paper's
+stage 3. Relation to ``dpbert_rl``'s own stage-3 trainer (``dpbert-rl rl``): that trainer computes
+eq. (12) in one differentiable pass over a batch; this agent sees only observations and rewards,
+and builds the same REINFORCE term from the environment's rewards, whose returns-to-go are eq. (9).
+On the same batch and the same sampled actions the two give the same planner gradient (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from dpbert_rl.objectives import advantages, reinforce_loss, skip_penalty
+from dpbert_rl.planner import Planners, bernoulli_entropy, bernoulli_log_prob
+
+from .base import Agent, Callback, split_obs
+
+
+@dataclass
+class ReinforceConfig:
+    lr: float = 5e-4
+    """Adam learning rate of the planners."""
+    baseline: str = "batch-mean"
+    """b_i of eq. (12): none, batch-mean, or self-critical (the greedy path's return on the same inputs)."""
+    target_rate: Optional[float] = None
+    """r of eq. (11); None leaves the skip-rate penalty out."""
+    beta: float = 20.0
+    """Weight of the penalty (S - r)^2."""
+    init_bias: float = 2.0
+    """Initial planner bias: gates start nearly open (p = 0.88)."""
+    seed: int = 0
+
+
+class ReinforceAgent(Agent):
+    """:param config: :class:`ReinforceConfig`; keyword arguments override its fields."""
+
+    name = "reinforce"
+
+    def __init__(self, config: Optional[ReinforceConfig] = None, **overrides):
+        self.config = config or ReinforceConfig()
+        for k, v in overrides.items():
+            if not hasattr(self.config, k):
+                raise TypeError(f"unknown REINFORCE option {k!r}")
+            setattr(self.config, k, v)
+        self.planners: Optional[Planners] = None
+        self.hidden_size = None
+
+    # -------------------------------------------------------------- the policy, eq. (4) and (7)
+    def _build(self, num_layers: int, hidden_size: int) -> None:
+        if self.planners is None:
+            torch.manual_seed(self.config.seed)
+            self.planners = Planners(num_layers, hidden_size, self.config.init_bias)
+            self.hidden_size = hidden_size
+
+    def logits(self, obs) -> torch.Tensor:
+        """Planner logits ``(N,)``: each row is scored by the planner of the layer it is about."""
+        cls, layer = split_obs(obs, self.hidden_size)
+        cls = torch.as_tensor(cls, dtype=torch.float32)
+        layer = torch.as_tensor(layer, dtype=torch.long)
+        return (cls * self.planners.weight[layer]).sum(-1) + self.planners.bias[layer]
+
+    def act(self, obs, deterministic: bool = True) -> np.ndarray:
+        with torch.no_grad():
+            logit = self.logits(obs)
+            a = (logit >= 0) if deterministic else torch.bernoulli(torch.sigmoid(logit)).bool()
+        return a.long().numpy()
+
+    # -------------------------------------------------------------- the loss, eq. (9)-(12)
+    def loss(self, observations: list, actions: np.ndarray, rewards: np.ndarray,
+             greedy_returns: Optional[np.ndarray] = None) -> dict:
+        """REINFORCE loss of one batch of complete episodes.
+
+        :param observations: L observations, each ``(N, ...)``: the states the actions were taken in.
+        :param actions: ``(N, L)`` 0/1; :param rewards: ``(N, L)`` as the environment paid them.
+        """
+        logits = torch.stack([self.logits(o) for o in observations], 1)  # (N, L)
+        act = torch.as_tensor(actions, dtype=torch.float32)
+        returns = torch.as_tensor(np.flip(np.cumsum(np.flip(rewards, 1), 1), 1).copy(), dtype=torch.float32)
+        greedy = torch.as_tensor(greedy_returns, dtype=torch.float32) if greedy_returns is not None else None
+        pg = reinforce_loss(bernoulli_log_prob(logits, act), advantages(returns, self.config.baseline, greedy))
+        probs = torch.sigmoid(logits)
+        penalty = skip_penalty(probs, self.config.target_rate) if self.config.target_rate is not None else pg.new_zeros(())
+        return {"loss": pg + self.config.beta * penalty, "policy_loss": pg, "penalty": penalty,
+                "entropy": bernoulli_entropy(logits).mean(), "returns": returns}
+
+    def _rollout(self, env, obs, deterministic: bool):
+        """Play the N lock-step episodes to their end; returns trajectories and the next observation."""
+        observations, actions, rewards = [], [], []
+        for _ in range(env.num_layers):
+            a = self.act(obs, deterministic)
+            observations.append(obs)
+            obs, r, terminated, truncated, infos = env.step(a)
+            actions.append(a)
+            rewards.append(r)
+        return observations, np.stack(actions, 1), np.stack(rewards, 1), infos, obs
+
+    # -------------------------------------------------------------- training
+    def learn(self, env, total_steps: int, callback: Optional[Callback] = None, log_dir: Optional[str] = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg = self.config
+        self._build(env.num_layers, env.model.backbone.hidden_size)
+        optimizer = torch.optim.Adam(self.planners.parameters(), lr=cfg.lr)
+        writer = SummaryWriter(log_dir) if log_dir else None
+        obs, _ = env.reset(seed=cfg.seed)
+        steps = 0
+        while steps < total_steps:
+            # rollout: one batch of N complete episodes with sampled actions
+            observations, actions, rewards, infos, obs = self._rollout(env, obs, deterministic=False)
+            steps += actions.size
+            final = infos["final_info"]
+            greedy = None
+            if cfg.baseline == "self-critical":  # replay the same inputs greedily
+                g_obs, _ = env.reset(options={"indices": final["index"]})
+                _, _, g_rewards, _, _ = self._rollout(env, g_obs, deterministic=True)
+                greedy = np.flip(np.cumsum(np.flip(g_rewards, 1), 1), 1).copy()
+                obs, _ = env.reset()
+            # update
+            out = self.loss(observations, actions, rewards, greedy)
+            optimizer.zero_grad()
+            out["loss"].backward()
+            optimizer.step()
+            # logging
+            scalars = {
+                "charts/episodic_return": float(out["returns"][:, 0].mean()),
+                "charts/skip_rate": float(1.0 - actions.mean()),
+                "charts/layers_executed": float(actions.sum(1).mean()),
+                "losses/task_loss": float(np.mean(final["loss"])),
+                "losses/policy_loss": float(out["policy_loss"]),
+                "losses/entropy": float(out["entropy"]),
+            }
+            if writer:
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, steps)
+            if callback is not None and callback({"steps": steps, **scalars}) is False:
+                break
+        if writer:
+            writer.close()
+        return self
+
+    # -------------------------------------------------------------- persistence
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        super().save(path)
+        save_file({k: v.detach().contiguous() for k, v in self.planners.state_dict().items()},
+                  str(Path(path) / "planners.safetensors"))
+
+    def state(self) -> dict:
+        return {"config": asdict(self.config), "hidden_size": self.hidden_size, "num_layers": self.planners.num_layers}
+
+    @classmethod
+    def _restore(cls, path: Path, state: dict) -> "ReinforceAgent":
+        from safetensors.torch import load_file
+
+        agent = cls(ReinforceConfig(**state["config"]))
+        agent._build(state["num_layers"], state["hidden_size"])
+        agent.planners.load_state_dict(load_file(str(path / "planners.safetensors")))
+        return agent

@@ -1,0 +1,170 @@
+"""Agents: the protocol for every algorithm, REINFORCE == the stage-3 trainer, TensorBoard, CLI."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents.base import REGISTRY, Agent, make_agent, resolve
+from agents.reinforce import ReinforceAgent
+from dpbert_rl.data import collator, load_split, tokenize
+from dpbert_rl.model import DPBert
+from dpbert_rl.objectives import dpbert_objective
+from envs.layer_skip import BatchedLayerSkipEnv
+
+AGENTS = {
+    "reinforce": {"seed": 0},
+    "ppo": {"seed": 0, "n_steps": 8, "batch_size": 16, "n_epochs": 1},
+    "a2c": {"seed": 0, "n_steps": 4},
+    "dqn": {"seed": 0, "learning_starts": 8, "buffer_size": 500, "train_freq": 1},
+    "recurrent-ppo": {"seed": 0, "n_steps": 8, "batch_size": 16, "n_epochs": 1},
+    "always": {"num_layers": 4},
+    "random": {"rate": 0.5, "num_layers": 4},
+    "first-k": {"k": 2, "num_layers": 4},
+    "every-other": {"num_layers": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_ckpt, tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_dpbert_agents")
+    DPBert.from_backbone(str(tiny_ckpt)).save(path)
+    return str(path)
+
+
+def vec(tiny_model_dir, tiny_glue, n=4, **kw):
+    return BatchedLayerSkipEnv(num_envs=n, task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, **kw)
+
+
+@pytest.mark.parametrize("name", list(AGENTS))
+def test_every_agent_learns_acts_and_round_trips(name, tiny_model_dir, tiny_glue, tmp_path):
+    env = vec(tiny_model_dir, tiny_glue)
+    agent = make_agent(name, **AGENTS[name])
+    seen = []
+    agent.learn(env, total_steps=64, callback=lambda s: seen.append(s))
+    obs, _ = env.reset(seed=1)
+    actions = agent.act(obs, deterministic=True)
+    assert actions.shape == (4,) and set(actions.tolist()) <= {0, 1}
+    agent.save(tmp_path / name)
+    back = Agent.load(tmp_path / name)
+    assert type(back) is type(agent)
+    if name != "random":
+        if name == "recurrent-ppo":
+            agent._state = back._state = None
+        assert np.array_equal(back.act(obs, deterministic=True), agent.act(obs, deterministic=True))
+    if name in ("reinforce", "ppo", "a2c"):
+        assert seen and {"charts/skip_rate", "charts/layers_executed"} <= set(seen[-1])
+
+
+def test_references_follow_their_paths(tiny_model_dir, tiny_glue):
+    env = vec(tiny_model_dir, tiny_glue)
+    obs, _ = env.reset(seed=0)
+    paths = {name: [] for name in ("always", "first-k", "every-other")}
+    agents = {name: make_agent(name, **AGENTS[name]) for name in paths}
+    for i in range(env.num_layers):
+        for name, agent in agents.items():
+            paths[name].append(agent.act(obs)[0])
+        obs, *_ = env.step(np.ones(4, dtype=int))
+    assert paths == {"always": [1, 1, 1, 1], "first-k": [1, 1, 0, 0], "every-other": [1, 0, 1, 0]}
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        make_agent("random", rate=1.5)
+
+
+def test_registry_and_plugin_errors():
+    assert resolve("reinforce") is ReinforceAgent
+    assert resolve("agents.reinforce:ReinforceAgent") is ReinforceAgent
+    with pytest.raises(ValueError, match="unknown agent 'sac'"):
+        resolve("sac")
+    with pytest.raises(ValueError, match="not an agents.base.Agent"):
+        resolve("numpy:ndarray")
+    assert set(AGENTS) <= set(REGISTRY)
+
+
+def test_reinforce_gradient_equals_the_stage3_trainer(tiny_model_dir, tiny_glue):
+    """Same batch, same sampled actions: the agent's planner gradient is that of eq. (12)."""
+    n, c, lam, beta, rate = 6, 1.0, 5.0, 3.0, 0.4
+    env = vec(tiny_model_dir, tiny_glue, n=n, c=c, lambda_=lam)
+    agent = ReinforceAgent(baseline="batch-mean", target_rate=rate, beta=beta)
+    agent._build(env.num_layers, env.model.backbone.hidden_size)
+    with torch.no_grad():
+        agent.planners.weight.normal_(0, 0.5)
+    model = DPBert.load(tiny_model_dir).eval()
+    model.planners.load_state_dict(agent.planners.state_dict())
+    indices = np.arange(n)
+    actions = np.random.default_rng(0).integers(0, 2, size=(n, env.num_layers))
+    obs, _ = env.reset(options={"indices": indices})
+    observations, rewards = [], []
+    for i in range(env.num_layers):
+        observations.append(obs)
+        obs, r, *_ = env.step(actions[:, i])
+        rewards.append(r)
+    loss = agent.loss(observations, actions, np.stack(rewards, 1))["loss"]
+    loss.backward()
+    # the trainer's objective on the same inputs and actions
+    ds = tokenize(load_split("rte", "train", str(tiny_glue)), model.tokenizer, 128)
+    b = collator(model.tokenizer)([ds[int(k)] for k in indices])
+    out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], labels=b["labels"], mode="path",
+                actions=torch.as_tensor(actions))
+    J = dpbert_objective(out.loss, out.log_probs, out.probs, out.actions, out.per_example_loss, c, lam, beta, rate,
+                         "batch-mean")["loss"]
+    J.backward()
+    assert torch.allclose(agent.planners.weight.grad, model.planners.weight.grad, atol=1e-4)
+    assert torch.allclose(agent.planners.bias.grad, model.planners.bias.grad, atol=1e-5)
+
+
+def test_self_critical_baseline_replays_the_same_inputs(tiny_model_dir, tiny_glue):
+    env = vec(tiny_model_dir, tiny_glue)
+    agent = ReinforceAgent(baseline="self-critical")
+    agent.learn(env, total_steps=48)
+    assert agent.planners is not None
+
+
+def test_agents_log_the_same_scalars_to_tensorboard(tiny_model_dir, tiny_glue, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("reinforce", "ppo"):
+        make_agent(name, **AGENTS[name]).learn(vec(tiny_model_dir, tiny_glue), total_steps=64,
+                                               log_dir=str(tmp_path / "tb" / name))
+    for name in ("reinforce", "ppo"):
+        events = list((tmp_path / "tb").glob(f"{name}*/events.out.tfevents*"))
+        assert events, list((tmp_path / "tb").rglob("*"))
+        tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+        assert {"charts/episodic_return", "charts/skip_rate", "charts/layers_executed"} <= set(tags), tags
+
+
+def test_agents_compare_cli_writes_table_json_and_plot(tiny_model_dir, tiny_glue, tmp_path, capsys):
+    from dpbert_rl.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["agents", "compare", "--agents", "reinforce,random,always", "--model", tiny_model_dir,
+                 "--task", "rte", "--data-dir", str(tiny_glue), "--total-steps", "48", "--num-envs", "4", "--latency-samples", "3",
+                 "--output-dir", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["agent"] for r in rows] == ["reinforce", "random", "always"]
+    for r in rows:
+        for key in ("task", "agent", "backbone_mode", "dev_score", "layers_executed_mean", "speedup_measured",
+                    "random_same_rate_score", "env_steps", "train_seconds"):
+            assert key in r
+    assert rows[2]["layers_executed_mean"] == 4.0
+    assert (out / "score_vs_layers.png").stat().st_size > 1000
+    assert "random@rate" in capsys.readouterr().out
+    assert main(["agents", "train", "--agent", "sac", "--model", tiny_model_dir, "--task", "rte",
+                 "--data-dir", str(tiny_glue), "--output-dir", str(out)]) == 2
+    assert "unknown agent 'sac'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_readme_plugin_example_runs_as_written(glue_dir, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    example = next(b for b in blocks if "class LayerBandit(Agent)" in b)
+    if Path(glue_dir).resolve() != (root / "../shared/data/glue").resolve():
+        example = example.replace("../shared/data/glue", str(glue_dir))
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["agent"].value.shape == (2, 6)
