@@ -226,6 +226,8 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     cfg.validate()
     out_dir = Path(cfg.output_dir)
     model_dir, ckpt_dir = out_dir / "model", out_dir / "checkpoint"
+    if stage_done(out_dir) or (ckpt_dir / "state.json").is_file():
+        _check_same_run(stage, cfg, init, out_dir)
     if stage_done(out_dir):
         print(f"[{stage}] already complete: {model_dir}")
         return model_dir
@@ -360,6 +362,31 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     return model_dir
 
 
+# fields that do not change what a stage computes (bookkeeping), and those a stage does not read
+_BOOKKEEPING = {"output_dir", "progress", "eval_steps", "evals_per_epoch", "save_steps", "logging_steps", "cpu",
+                "eval_batch_size", "select_tolerance"}
+_UNUSED = {"finetune": {"cost", "lam", "beta", "target_rate", "baseline", "init_penalty", "planner_lr",
+                        "planner_init_bias"},
+           "planner_init": {"cost", "lam", "baseline", "lr"},
+           "soft": {"cost", "lam", "baseline", "init_penalty"},
+           "rl": {"init_penalty"}}
+
+
+def _check_same_run(stage: str, cfg: TrainConfig, init: Optional[str], out_dir: Path) -> None:
+    """Refuse to resume or reuse a stage that was started with different settings."""
+    saved_path = out_dir / "config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    ignore = _BOOKKEEPING | _UNUSED.get(stage, set())
+    current = {"init": init, **asdict(cfg)}
+    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and k in saved and saved[k] != v}
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise TrainingError(f"[{stage}] {out_dir} holds a run with other settings ({detail}); "
+                            "use another --output-dir, or delete that directory to start over")
+
+
 def _log(accelerator, path: Path, logs: dict, step: int, main: bool) -> None:
     accelerator.log(logs, step=step)
     if main:
@@ -412,6 +439,13 @@ class PipelineConfig(TrainConfig):
     """Stage 3, joint REINFORCE (paper: not given; 5)."""
     stage3_lr: Optional[float] = None
     """Backbone learning rate in stage 3 (default: lr)."""
+    calibrate_threshold: bool = True
+    """[choice] After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy
+    skip rate on training inputs matches target_rate. On a CPU budget the planners learn which layers
+    to skip for which input, but their probabilities stay near 1 - r rather than polarising to 0/1, so
+    at 0.5 every gate is open. The threshold is chosen on training data, never on dev."""
+    calibration_samples: int = 1000
+    """Training inputs used to calibrate the threshold."""
     latency_repeats: int = 3
     """Batch-1 latency: passes over the dev set, full and DPBERT interleaved; the median is kept."""
     latency_samples: Optional[int] = None
@@ -434,6 +468,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     s1 = train_stage("finetune", stage_cfg("stage1_finetune", epochs=cfg.stage1_epochs))
     s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(s1))
     s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr), init=str(s2))
+    calibration = None
+    if cfg.calibrate_threshold and cfg.target_rate is not None:
+        calibration = calibrate_checkpoint(s3, cfg)
     t_eval = time.time()
     report = evaluate_checkpoint(
         str(s3), baseline_checkpoint=str(s1), data_dir=cfg.data_dir, max_eval_samples=cfg.max_eval_samples,
@@ -446,8 +483,52 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     report["seconds"] = sum(json.loads((Path(s) / DONE_FILE).read_text())["seconds"] for s in (s1, s2, s3)) \
         + (time.time() - t_eval)
     report["seed"] = cfg.seed
+    report["calibration"] = calibration
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+@torch.no_grad()
+def calibrate_threshold(model: DPBert, dataset, collate_fn, target_rate: float, batch_size: int = 64,
+                        iterations: int = 14) -> tuple:
+    """Bisection for the hard-mode threshold whose skip rate on ``dataset`` is ``target_rate``.
+
+    Returns ``(threshold, skip_rate reached)``. Raising the threshold skips more at every layer."""
+    from .evaluate import run_dataset
+
+    check_rate(target_rate)
+
+    def rate(t: float) -> float:
+        return float(1.0 - run_dataset(model, dataset, collate_fn, batch_size, "hard", threshold=t)["actions"].mean())
+
+    lo, hi = 0.0, 1.0
+    best = (0.5, rate(0.5))
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        r = rate(mid)
+        if abs(r - target_rate) < abs(best[1] - target_rate):
+            best = (mid, r)
+        if r < target_rate:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = None) -> dict:
+    """Calibrate the threshold of a trained checkpoint on training inputs and save it in place."""
+    model = DPBert.load(model_dir).eval()
+    n = samples or getattr(cfg, "calibration_samples", 1000)
+    ds = tokenize(load_split(cfg.task, "train", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
+                  model.tokenizer, cfg.max_seq_length)
+    threshold, reached = calibrate_threshold(model, ds, collator(model.tokenizer), cfg.target_rate,
+                                             cfg.eval_batch_size)
+    model.threshold = threshold
+    model.save(model_dir)
+    info = {"threshold": threshold, "train_skip_rate": reached, "target_rate": cfg.target_rate, "examples": len(ds)}
+    (Path(model_dir) / "calibration.json").write_text(json.dumps(info, indent=2))
+    print(f"[calibration] threshold {threshold:.4f}: skip rate {reached:.3f} on {len(ds)} training inputs")
+    return info
 
 
 __all__ = ["TrainConfig", "PipelineConfig", "train_stage", "run_pipeline", "TrainingError", "DataError", "STAGES"]

@@ -43,8 +43,11 @@ def test_finetune_writes_config_metrics_tensorboard_and_model(tiny_ckpt, tiny_gl
     events = list((tmp_path / "ft" / "tb").rglob("events.out.tfevents*"))
     acc = EventAccumulator(str(events[0].parent)).Reload()
     assert "losses/task_loss" in acc.Tags()["scalars"] and "eval/dev_score" in acc.Tags()["scalars"]
-    # a finished stage is not run again
-    assert train_stage("finetune", cfg(tiny_ckpt, tiny_glue, tmp_path / "ft", epochs=1)) == out
+    # a finished stage is not run again; settings it does not read may change
+    assert train_stage("finetune", cfg(tiny_ckpt, tiny_glue, tmp_path / "ft", epochs=1, lam=50.0)) == out
+    # but one started with other settings is neither reused nor resumed
+    with pytest.raises(TrainingError, match=r"other settings \(lr: 0.001 -> 0.002\)"):
+        train_stage("finetune", cfg(tiny_ckpt, tiny_glue, tmp_path / "ft", epochs=1, lr=2e-3))
 
 
 def test_crash_keeps_last_good_checkpoint_and_rerun_resumes_to_the_same_result(tiny_ckpt, tiny_glue, tmp_path,
@@ -150,3 +153,23 @@ def test_help_explains_every_flag(capsys):
         main(["pipeline", "--help"])
     text = capsys.readouterr().out
     assert "--target-rate" in text and "r of eq. (11)" in text and "--stage3-epochs" in text
+
+
+def test_threshold_calibration_reaches_the_target_rate(tiny_ckpt, tiny_glue):
+    from dpbert_rl.data import collator, load_split, tokenize
+    from dpbert_rl.evaluate import run_dataset
+    from dpbert_rl.train import calibrate_threshold
+
+    torch.manual_seed(0)
+    model = DPBert.from_backbone(str(tiny_ckpt)).eval()
+    with torch.no_grad():
+        model.planners.weight.normal_(0, 1.0)
+        model.planners.bias.fill_(1.0)
+    ds = tokenize(load_split("rte", "train", str(tiny_glue)), model.tokenizer, 128)
+    collate = collator(model.tokenizer)
+    threshold, reached = calibrate_threshold(model, ds, collate, 0.4)
+    assert abs(reached - 0.4) < 0.08
+    actions = run_dataset(model, ds, collate, mode="hard", threshold=threshold)["actions"]
+    assert 1 - actions.mean() == pytest.approx(reached)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        calibrate_threshold(model, ds, collate, 1.2)
