@@ -10,8 +10,21 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+_STARTED_AT = None
+
+
 def commit() -> str:
-    """The commit the benchmark ran on (with ``+dirty`` when the tree had changes)."""
+    """The commit the benchmark started on (with ``+dirty`` when the tree had changes then).
+
+    Read once, when first asked (scripts ask at start), so later commits made while a long run goes
+    on do not relabel its results."""
+    global _STARTED_AT
+    if _STARTED_AT is None:
+        _STARTED_AT = _read_commit()
+    return _STARTED_AT
+
+
+def _read_commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()

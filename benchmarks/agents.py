@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default="runs/bench-agents")
     args = ap.parse_args()
+    commit()  # pin the commit this run starts from
 
     rows, curves = [], {}
     for task in args.tasks.split(","):

@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="median over this many measurements")
     ap.add_argument("--output", default=str(RESULTS / "env_throughput.json"))
     args = ap.parse_args()
+    commit()  # pin the commit this run starts from
     torch.set_num_threads(args.threads)
 
     model = DPBert.load(args.model) if Path(args.model, "dpbert.json").is_file() else \

@@ -43,15 +43,16 @@ def main() -> None:
     ap.add_argument("--stage3-epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=1e-4, help="stages 1-2 (MiniLM needs more than BERT-base's 2e-5)")
     ap.add_argument("--stage3-lr", type=float, default=2e-5, help="backbone learning rate in stage 3")
-    ap.add_argument("--planner-lr", type=float, default=5e-4)
+    ap.add_argument("--planner-lr", type=float, default=1e-3)
     ap.add_argument("--target-rate", type=float, default=0.3)
     ap.add_argument("--lam", type=float, default=10.0)
-    ap.add_argument("--beta", type=float, default=20.0)
+    ap.add_argument("--beta", type=float, default=200.0)
     ap.add_argument("--evals-per-epoch", type=int, default=3)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement")
     ap.add_argument("--results", default=str(RESULTS / "pipeline.json"))
     args = ap.parse_args()
+    commit()  # pin the commit this run starts from
 
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
