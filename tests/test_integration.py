@@ -57,7 +57,7 @@ def test_batched_paths_equal_batch_of_one_on_sst2(minilm, glue_dir):
 def test_short_pipeline_on_real_rte(glue_dir, tmp_path):
     cfg = PipelineConfig(task="rte", data_dir=str(glue_dir), output_dir=str(tmp_path / "rte"), max_train_samples=32,
                          max_eval_samples=24, batch_size=16, max_steps=2, progress=False, latency_samples=8,
-                         latency_repeats=1)
+                         latency_repeats=1, calibration_samples=32)
     report = run_pipeline(cfg)
     assert report["num_layers"] == 6 and report["num_examples"] == 24
     assert 0 <= report["dpbert_score"] <= 100 and report["speedup_measured"] > 0
