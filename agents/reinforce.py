@@ -25,14 +25,14 @@ from .base import Agent, Callback, split_obs
 
 @dataclass
 class ReinforceConfig:
-    lr: float = 5e-4
-    """Adam learning rate of the planners."""
+    lr: float = 1e-3
+    """Adam learning rate of the planners (as in dpbert_rl's TrainConfig.planner_lr)."""
     baseline: str = "batch-mean"
     """b_i of eq. (12): none, batch-mean, or self-critical (the greedy path's return on the same inputs)."""
     target_rate: Optional[float] = None
     """r of eq. (11); None leaves the skip-rate penalty out."""
-    beta: float = 20.0
-    """Weight of the penalty (S - r)^2."""
+    beta: float = 200.0
+    """Weight of the penalty (S - r)^2 (as in dpbert_rl's TrainConfig)."""
     init_bias: float = 2.0
     """Initial planner bias: gates start nearly open (p = 0.88)."""
     seed: int = 0
