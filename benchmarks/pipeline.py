@@ -51,11 +51,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement")
     ap.add_argument("--results", default=str(RESULTS / "pipeline.json"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rewrite pipeline.md and the layer plot from the existing pipeline.json")
     args = ap.parse_args()
     commit()  # pin the commit this run starts from
 
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
+    if args.report_only:
+        write_markdown(results, results_path.with_suffix(".md"))
+        plot_layers(results, results_path.with_name("pipeline_layers.png"))
+        return
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         cfg = PipelineConfig(
             task=task, backbone=args.backbone, data_dir=args.data_dir, output_dir=f"{args.output_dir}/{task}",
@@ -98,6 +104,7 @@ def main() -> None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2))
         write_markdown(results, results_path.with_suffix(".md"))
+        plot_layers(results, results_path.with_name("pipeline_layers.png"))
         print(json.dumps(row, indent=2))
 
 
@@ -112,6 +119,29 @@ def write_markdown(results: list, path: Path) -> None:
             + "\n".join(f"- {r['task']}: `{r['command']}` on {r['machine']['processor']}, "
                         f"{r['machine']['threads']} threads, torch {r['machine']['torch']}" for r in results) + "\n")
     path.write_text(text)
+
+
+def plot_layers(results: list, path: Path) -> None:
+    """How often DPBERT executes each layer on each task's dev set (the paper's Fig. 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    freq = np.array([r["layer_frequency"] for r in results])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * freq.shape[1], 0.8 + 0.55 * len(results)))
+    im = ax.imshow(freq, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(freq.shape[1]), [str(i + 1) for i in range(freq.shape[1])])
+    ax.set_yticks(range(len(results)), [f"{r['task']} ({r['speedup_measured']:.2f}x)" for r in results])
+    for (i, j), v in np.ndenumerate(freq):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_title("fraction of dev inputs that execute each layer")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
