@@ -18,10 +18,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this file is named like the `agents` package: import the package before the script's folder is on the path
+_HERE = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+from agents.cli import run_agent  # noqa: E402
+
+sys.path.insert(0, _HERE)
 from _common import RESULTS, command, commit, markdown_table  # noqa: E402
 
-from agents.cli import run_agent  # noqa: E402
 from agents.evaluate import score_agent  # noqa: E402
 from agents.references import FirstK, RandomSkip  # noqa: E402
 from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
