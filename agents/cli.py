@@ -129,18 +129,27 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list, path: Path) -> None:
+def plot(rows: list, path: Path, curves: Optional[dict] = None) -> None:
+    """Dev score against layers executed, one panel per task; ``curves[task][name]`` holds reference
+    curves as ``[(layers, score), ...]`` (e.g. first-k and random skipping)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["layers_executed_mean"], r["dev_score"], label=f"{r['agent']} ({r['backbone_mode']})")
-    ax.set_xlabel("layers executed (mean)")
-    ax.set_ylabel("dev score")
-    ax.legend(fontsize=8)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, pts in ((curves or {}).get(task) or {}).items():
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", label=f"{name} (reference)")
+        for r in [r for r in rows if r["task"] == task]:
+            ax.scatter(r["layers_executed_mean"], r["dev_score"], marker="o" if r["backbone_mode"] == "frozen" else "^",
+                       label=f"{r['agent']} ({r['backbone_mode']})")
+        ax.set_title(task)
+        ax.set_xlabel("layers executed (mean)")
+        ax.set_ylabel("dev score")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

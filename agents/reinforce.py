@@ -133,8 +133,8 @@ class ReinforceAgent(Agent):
                 "charts/skip_rate": float(1.0 - actions.mean()),
                 "charts/layers_executed": float(actions.sum(1).mean()),
                 "losses/task_loss": float(np.mean(final["loss"])),
-                "losses/policy_loss": float(out["policy_loss"]),
-                "losses/entropy": float(out["entropy"]),
+                "losses/policy_loss": out["policy_loss"].item(),
+                "losses/entropy": out["entropy"].item(),
             }
             if writer:
                 for k, v in scalars.items():

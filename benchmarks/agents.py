@@ -21,7 +21,7 @@ from types import SimpleNamespace
 # this file is named like the `agents` package: import the package before the script's folder is on the path
 _HERE = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-from agents.cli import run_agent  # noqa: E402
+from agents.cli import plot, run_agent  # noqa: E402
 
 sys.path.insert(0, _HERE)
 from _common import RESULTS, command, commit, markdown_table  # noqa: E402
@@ -41,7 +41,7 @@ def reference_curves(model_dir: str, task: str, data_dir: str, seed: int) -> dic
     L = model.num_layers
     first_k = [score_agent(FirstK(k, L), model, t, dev, collate) for k in range(1, L + 1)]
     rand = [score_agent(RandomSkip(r, L, seed), model, t, dev, collate) for r in (0.1, 0.2, 0.3, 0.4, 0.5)]
-    return {"first_k": [(r["layers_executed_mean"], r["score"]) for r in first_k],
+    return {"first-k": [(r["layers_executed_mean"], r["score"]) for r in first_k],
             "random": [(r["layers_executed_mean"], r["score"]) for r in rand]}
 
 
@@ -89,31 +89,7 @@ def main() -> None:
             ("env steps", "env_steps", ""), ("train s", "train_seconds", ".0f")]
     (RESULTS / "agents.md").write_text("# Agents on fine-tuned MiniLM-L6 (dev sets)\n\nWritten by "
                                        "`benchmarks/agents.py`.\n\n" + markdown_table(rows, cols) + "\n")
-    plot(rows, curves, RESULTS / "agents.png")
-
-
-def plot(rows: list, curves: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(curves)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for name, style in (("first_k", "k--"), ("random", "c:")):
-            pts = sorted(curves[task][name])
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name.replace("_", "-"))
-        for r in [r for r in rows if r["task"] == task]:
-            ax.scatter(r["layers_executed_mean"], r["dev_score"], marker="o" if r["backbone_mode"] == "frozen" else "^",
-                       label=f"{r['agent']} ({r['backbone_mode']})")
-        ax.set_title(task)
-        ax.set_xlabel("layers executed (mean)")
-        ax.set_ylabel("dev score")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot(rows, RESULTS / "agents.png", curves)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,17 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tiny_ckpt, tmp_path_factory) -> str:
+    """A dpbert_rl checkpoint (planners included) of the tiny random BERT."""
+    from dpbert_rl.model import DPBert
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_dpbert")
+    DPBert.from_backbone(str(tiny_ckpt)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_glue(tmp_path_factory) -> Path:
     return make_tiny_glue(tmp_path_factory.mktemp("glue"))
 
@@ -102,3 +113,19 @@ def glue_dir() -> Path:
     if not (d / "RTE" / "dev.tsv").is_file():
         pytest.skip(f"shared GLUE data not found at {d} (set GLUE_DIR)")
     return d
+
+
+def run_readme_example(marker: str, glue_dir: Path, monkeypatch) -> dict:
+    """Execute, verbatim, the README's python block that contains ``marker``, from the repository root;
+    returns its namespace. Only the GLUE path is swapped when the data lie elsewhere."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    example = next(b for b in blocks if marker in b)
+    if Path(glue_dir).resolve() != (root / "../shared/data/glue").resolve():
+        example = example.replace("../shared/data/glue", str(glue_dir))
+    monkeypatch.chdir(root)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    return scope

@@ -15,14 +15,7 @@ from dpbert_rl.model import DPBert
 from dpbert_rl.objectives import returns_to_go
 from envs.layer_skip import BatchedLayerSkipEnv, LayerSkipEnv
 from envs.sb3 import SB3VecEnv
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_ckpt, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_dpbert")
-    DPBert.from_backbone(str(tiny_ckpt)).save(path)
-    return str(path)
+from tests.conftest import run_readme_example
 
 
 def make(tiny_model_dir, tiny_glue, **kw):
@@ -193,22 +186,12 @@ def test_sb3_adapter_protocol_and_ppo_under_vecmonitor(tiny_model_dir, tiny_glue
     monitored = VecMonitor(venv)
     model = PPO("MlpPolicy", monitored, n_steps=8, batch_size=16, n_epochs=1, seed=0, device="cpu")
     model.learn(total_timesteps=64)
-    assert len(monitored.episode_returns) == 0 or True
     assert model.num_timesteps >= 64
+    assert monitored.episode_count >= 64 // venv.venv.num_layers  # every episode ended and was counted
 
 
 @pytest.mark.integration
 def test_readme_environment_example_runs_as_written(glue_dir, monkeypatch):
     """The README's gymnasium + PPO example, verbatim, from the repository root."""
-    import re
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
-    example = next(b for b in blocks if "PPO(" in b)
-    if Path(glue_dir).resolve() != (root / "../shared/data/glue").resolve():
-        example = example.replace("../shared/data/glue", str(glue_dir))
-    monkeypatch.chdir(root)
-    scope: dict = {}
-    exec(compile(example, "README.md", "exec"), scope)
+    scope = run_readme_example("PPO(", glue_dir, monkeypatch)
     assert scope["model"].num_timesteps >= 1024
