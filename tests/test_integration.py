@@ -63,3 +63,10 @@ def test_short_pipeline_on_real_rte(glue_dir, tmp_path):
     assert 0 <= report["dpbert_score"] <= 100 and report["speedup_measured"] > 0
     saved = json.loads((tmp_path / "rte" / "report.json").read_text())
     assert saved["layers_executed_mean"] == pytest.approx(report["layers_executed_mean"])
+
+
+def test_readme_python_api_example_runs_as_written(glue_dir, monkeypatch):
+    from tests.conftest import run_readme_example
+
+    scope = run_readme_example("drive the layers yourself", glue_dir, monkeypatch)
+    assert scope["logits"].shape == (2, 2) and scope["out"].actions.shape == (2, 6)
