@@ -3,6 +3,7 @@
     finetune | init-planners | rl | soft   one training stage         (train.train_stage)
     pipeline                               stages 1-3, then evaluate  (train.run_pipeline)
     evaluate                               score, layers, speed-up    (latency.evaluate_checkpoint)
+    calibrate                              threshold for a skip rate  (train.calibrate_checkpoint)
     predict                                one input: label and path  (model.DPBert)
 """
 
@@ -111,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are reused and an interrupted stage resumes when the command is re-run.")
     add_dataclass_args(p, PipelineConfig, skip=("epochs",))
 
+    p = sub.add_parser("calibrate", help="set a trained checkpoint's execute threshold for a target skip rate",
+                       description="Choose the threshold of eq. (5) so that the greedy skip rate on training "
+                                   "inputs equals --target-rate, and save it in the checkpoint (the pipeline "
+                                   "does this after stage 3).")
+    p.add_argument("checkpoint", help="a trained DPBERT model/ directory (changed in place)")
+    p.add_argument("--target-rate", type=float, required=True, help="fraction of layers to skip, in [0, 1]")
+    p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
+    p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
+    p.add_argument("--samples", type=int, default=1000, help="training inputs to calibrate on")
+
     p = sub.add_parser("evaluate", help="dev score, layers executed and measured speed-up of a checkpoint")
     p.add_argument("checkpoint", help="a trained DPBERT model/ directory")
     p.add_argument("--baseline-checkpoint", help="fine-tuned backbone for the reference score (default: this one, all layers)")
@@ -169,6 +180,18 @@ def _dispatch(args) -> int:
         report = run_pipeline(_from_args(PipelineConfig, args))
         print(format_report(report))
         print(f"report written to {Path(args.output_dir) / 'report.json'}")
+    elif args.command == "calibrate":
+        from .model import DPBert
+        from .train import calibrate_checkpoint
+
+        info = DPBert.load(args.checkpoint, require_planners=True).task_info
+        task = args.task or info.task
+        if task is None:
+            raise ValueError(f"{args.checkpoint} does not name its task; pass --task")
+        cfg = TrainConfig(task=task, data_dir=args.data_dir, target_rate=args.target_rate,
+                          max_seq_length=info.max_seq_length)
+        cfg.validate()
+        calibrate_checkpoint(args.checkpoint, cfg, samples=args.samples)
     elif args.command == "evaluate":
         output = args.output or str(Path(args.checkpoint) / f"eval_{args.split}.json")
         report = evaluate_checkpoint(

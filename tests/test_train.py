@@ -125,6 +125,11 @@ def test_pipeline_evaluate_and_predict_from_the_cli(tiny_ckpt, tiny_glue, tmp_pa
     pred = json.loads(capsys.readouterr().out)
     assert pred["label"] in ("entailment", "not_entailment") and len(pred["probs"]) == 4
     assert all(1 <= i <= 4 for i in pred["layers_executed"])
+    assert main(["calibrate", str(model_dir), "--target-rate", "0.5", "--data-dir", str(tiny_glue),
+                 "--samples", "16"]) == 0
+    calibrated = json.loads((model_dir / "calibration.json").read_text())
+    assert DPBert.load(model_dir).threshold == pytest.approx(calibrated["threshold"])
+    assert main(["calibrate", str(model_dir), "--target-rate", "2", "--data-dir", str(tiny_glue)]) == 2
 
 
 @pytest.mark.parametrize("argv,message", [
