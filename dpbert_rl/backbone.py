@@ -182,10 +182,6 @@ class Backbone(nn.Module):
             return self.model.classifier(self.model.dropout(pooled))
         return self.model.classifier(hidden)
 
-    def layer_parameters(self):
-        """Parameters of embeddings, layers and head (everything but the planners)."""
-        return self.model.parameters()
-
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the underlying HF model (config + safetensors weights)."""
         self.model.save_pretrained(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -80,8 +79,3 @@ def evaluate_model(model: DPBert, task: GlueTask, dataset, collate_fn, batch_siz
 def speedup_ideal(layers_executed_mean: float, num_layers: int) -> float:
     """The speed-up implied by the layer count alone: ``L / mean layers executed``."""
     return float(num_layers / max(layers_executed_mean, 1e-9))
-
-
-def path_strings(actions: np.ndarray) -> list:
-    """``[[1,0,1]] -> ['101']``: a compact way to print which layers ran."""
-    return ["".join(str(int(a)) for a in row) for row in actions]

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 import dpbert_rl.train as train_mod
 from dpbert_rl.cli import main
 from dpbert_rl.model import DPBert
-from dpbert_rl.train import PipelineConfig, TrainConfig, TrainingError, train_stage
+from dpbert_rl.train import TrainConfig, TrainingError, train_stage
 
 
 def cfg(tiny_ckpt, tiny_glue, out, **kw):
