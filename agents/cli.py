@@ -74,6 +74,11 @@ def run_agent(name: str, args, progress=None) -> dict:
     dev = tokenize(load_split(task, "dev", args.data_dir, args.max_eval_samples), model.tokenizer,
                    model.task_info.max_seq_length)
     res = evaluate_agent(agent, model, task, dev, env.core.collate, latency_samples=args.latency_samples)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tb" / name)) as writer:  # the dev score next to the training curves
+        writer.add_scalar("eval/dev_score", res["score"], args.total_steps)
+        writer.add_scalar("eval/layers_executed", res["layers_executed_mean"], args.total_steps)
     # the floor at the same budget: random skipping at this agent's skip rate, on the same backbone
     reference = RandomSkip(rate=res["skip_rate"], num_layers=model.num_layers, seed=args.seed)
     random_score = score_agent(reference, model, task, dev, env.core.collate)["score"]

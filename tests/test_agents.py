@@ -142,6 +142,13 @@ def test_agents_compare_cli_writes_table_json_and_plot(tiny_model_dir, tiny_glue
             assert key in r
     assert rows[2]["layers_executed_mean"] == 4.0
     assert (out / "score_vs_layers.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (out / "tb" / "reinforce").glob("events.out.tfevents*"):
+        acc = EventAccumulator(str(events)).Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"eval/dev_score", "charts/episodic_return", "losses/entropy"} <= tags, tags
     assert "random@rate" in capsys.readouterr().out
     assert main(["agents", "train", "--agent", "sac", "--model", tiny_model_dir, "--task", "rte",
                  "--data-dir", str(tiny_glue), "--output-dir", str(out)]) == 2
