@@ -56,15 +56,13 @@ def run_agent(name: str, args, progress=None) -> dict:
     env = BatchedLayerSkipEnv(num_envs=args.num_envs, task=task.name, data_dir=args.data_dir, split="train",
                               model=model, c=args.cost, lambda_=args.lam, max_samples=args.max_train_samples,
                               backbone_mode=args.backbone_mode)
-    kwargs = {"seed": args.seed}
+    kwargs = {"seed": args.seed}  # learning agents take a seed; references know the depth instead
     if name == "reinforce" and args.target_rate is not None:
         kwargs["target_rate"] = args.target_rate
-    if name in ("ppo", "a2c", "dqn", "recurrent-ppo"):
-        kwargs = {"seed": args.seed}
-    if name in ("always", "first-k", "every-other"):
+    elif name in ("always", "first-k", "every-other"):
         kwargs = {"num_layers": env.num_layers}
-    if name == "random":
-        kwargs = {"num_layers": env.num_layers, "seed": args.seed}
+    elif name == "random":
+        kwargs["num_layers"] = env.num_layers
     agent = make_agent(name, **kwargs)
     out = Path(args.output_dir)
     t = time.time()

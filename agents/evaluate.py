@@ -11,9 +11,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from dpbert_rl.evaluate import score_run, speedup_ideal
+from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal
 from dpbert_rl.latency import encode_examples, interleaved_latency
 from dpbert_rl.model import DPBert
 from envs.layer_skip import observe
@@ -36,15 +35,10 @@ def agent_forward(model: DPBert, agent: Agent, input_ids, attention_mask, token_
 
 def score_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch_size: int = 64) -> dict:
     """Dev score and layer statistics of the paths ``agent`` chooses (no timing)."""
-    model.eval()
-    preds, labels, acts = [], [], []
-    for b in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn):
-        logits, a = agent_forward(model, agent, b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-        preds.append(model.predict(logits).float().numpy())
-        labels.append(b["labels"].float().numpy())
-        acts.append(a)
-    return score_run(task, {"predictions": np.concatenate(preds), "labels": np.concatenate(labels),
-                            "actions": np.concatenate(acts)})
+    def forward(b):
+        return agent_forward(model, agent, b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+
+    return score_run(task, run_dataset(model, dataset, collate_fn, batch_size, forward=forward))
 
 
 def evaluate_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch_size: int = 64,

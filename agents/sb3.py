@@ -46,7 +46,7 @@ class SB3Agent(Agent):
     """:param policy: SB3 policy name; ``**kwargs`` go to the algorithm's constructor."""
 
     name = "sb3"
-    algorithm = None  # set by subclasses
+    algorithm = ""  # "module:Class" of the SB3 algorithm, set by subclasses
 
     def __init__(self, policy: str = "MlpPolicy", num_layers: Optional[int] = None, **kwargs):
         self.policy = policy
@@ -56,7 +56,10 @@ class SB3Agent(Agent):
 
     @classmethod
     def _algo(cls):
-        return cls.algorithm()
+        import importlib
+
+        module, _, attr = cls.algorithm.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     def learn(self, env, total_steps: int, callback: Optional[Callback] = None, log_dir: Optional[str] = None):
         from stable_baselines3.common.vec_env import VecMonitor
@@ -95,46 +98,22 @@ class SB3Agent(Agent):
         return agent
 
 
-def _ppo():
-    from stable_baselines3 import PPO
-
-    return PPO
-
-
-def _a2c():
-    from stable_baselines3 import A2C
-
-    return A2C
-
-
-def _dqn():
-    from stable_baselines3 import DQN
-
-    return DQN
-
-
-def _recurrent_ppo():
-    from sb3_contrib import RecurrentPPO
-
-    return RecurrentPPO
-
-
 class PPOAgent(SB3Agent):
-    name, algorithm = "ppo", staticmethod(_ppo)
+    name, algorithm = "ppo", "stable_baselines3:PPO"
 
 
 class A2CAgent(SB3Agent):
-    name, algorithm = "a2c", staticmethod(_a2c)
+    name, algorithm = "a2c", "stable_baselines3:A2C"
 
 
 class DQNAgent(SB3Agent):
-    name, algorithm = "dqn", staticmethod(_dqn)
+    name, algorithm = "dqn", "stable_baselines3:DQN"
 
 
 class RecurrentPPOAgent(SB3Agent):
     """sb3-contrib's RecurrentPPO (LSTM policy): the memory can carry the path taken so far."""
 
-    name, algorithm = "recurrent-ppo", staticmethod(_recurrent_ppo)
+    name, algorithm = "recurrent-ppo", "sb3_contrib:RecurrentPPO"
 
     def __init__(self, policy: str = "MlpLstmPolicy", num_layers: Optional[int] = None, **kwargs):
         super().__init__(policy, num_layers, **kwargs)

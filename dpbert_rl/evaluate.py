@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,9 +22,14 @@ def run_dataset(
     threshold: Optional[float] = None,
     actions: Optional[torch.Tensor] = None,
     progress: bool = False,
+    forward: Optional[Callable[[dict], tuple]] = None,
 ) -> dict:
     """Run ``model`` over a tokenised dataset; returns numpy ``predictions``, ``labels``,
-    ``actions`` ``(N, L)`` and ``probs`` ``(N, L)``."""
+    ``actions`` ``(N, L)`` and (when the paths come from the planners) ``probs`` ``(N, L)``.
+
+    :param forward: replaces the model's own path choice: ``batch -> (logits, actions)``, e.g. an
+        agent driving the layers (:func:`agents.evaluate.agent_forward`).
+    """
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
@@ -36,21 +41,25 @@ def run_dataset(
     device = next(model.parameters()).device
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-            mode=mode, threshold=threshold, actions=actions,
-        )
-        preds.append(model.predict(out.logits).float().cpu())
+        if forward is None:
+            out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                        mode=mode, threshold=threshold, actions=actions)
+            logits, act = out.logits, out.actions
+            probs.append(out.probs.float().cpu())
+        else:
+            logits, act = forward(batch)
+        preds.append(model.predict(logits).float().cpu())
         labels.append(batch["labels"].float().cpu())
-        acts.append(out.actions.cpu())
-        probs.append(out.probs.float().cpu())
+        acts.append(torch.as_tensor(act).float().cpu())
     model.train(was_training)
-    return {
+    run = {
         "predictions": torch.cat(preds).numpy(),
         "labels": torch.cat(labels).numpy(),
         "actions": torch.cat(acts).numpy(),
-        "probs": torch.cat(probs).numpy(),
     }
+    if probs:
+        run["probs"] = torch.cat(probs).numpy()
+    return run
 
 
 def score_run(task: GlueTask, run: dict) -> dict:

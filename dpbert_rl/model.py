@@ -112,6 +112,18 @@ class DPBert(nn.Module):
         backbone, tokenizer = Backbone.from_pretrained(name_or_path, num_labels=num_labels)
         return cls(backbone, tokenizer=tokenizer, **kwargs)
 
+    @classmethod
+    def from_source(cls, source, num_labels: int, **kwargs) -> "DPBert":
+        """A trained dpbert_rl checkpoint (a directory with ``dpbert.json``) is loaded as it is; anything
+        else (``"minilm"``, a hub name, a plain HF directory) gets fresh planners. Either way the label
+        count must be ``num_labels``."""
+        if Path(source, META_FILE).is_file():
+            model = cls.load(source)
+            if model.backbone.num_labels != num_labels:
+                raise ValueError(f"checkpoint {source} has {model.backbone.num_labels} labels; {num_labels} needed")
+            return model
+        return cls.from_backbone(source, num_labels=num_labels, **kwargs)
+
     @property
     def num_layers(self) -> int:
         return self.backbone.num_layers

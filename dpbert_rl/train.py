@@ -146,15 +146,10 @@ def stage_done(output_dir) -> bool:
 def build_model(cfg: TrainConfig, init: Optional[str] = None) -> DPBert:
     """The model a stage starts from: an earlier checkpoint, or a fresh DPBert on a backbone."""
     task = get_task(cfg.task)
-    source = init or cfg.backbone
-    if is_checkpoint(source) and (Path(source) / "dpbert.json").is_file():
-        model = DPBert.load(source)
-        if model.backbone.num_labels != task.num_labels:
-            raise TrainingError(
-                f"checkpoint {source} has {model.backbone.num_labels} labels; task {task.name} needs {task.num_labels}"
-            )
-    else:
-        model = DPBert.from_backbone(source, num_labels=task.num_labels, planner_init_bias=cfg.planner_init_bias)
+    try:
+        model = DPBert.from_source(init or cfg.backbone, task.num_labels, planner_init_bias=cfg.planner_init_bias)
+    except ValueError as err:
+        raise TrainingError(f"{err} (task {task.name})") from err
     model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, cfg.max_seq_length)
     return model
 
@@ -477,8 +472,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         repeats=cfg.latency_repeats, latency_samples=cfg.latency_samples, threads=cfg.threads,
         batch_size=cfg.eval_batch_size, progress=cfg.progress,
     )
-    report["train_examples"] = len(load_split(cfg.task, "train", cfg.data_dir, cfg.max_train_samples, cfg.seed,
-                                              bad_rows=cfg.bad_rows))
+    report["train_examples"] = json.loads((Path(s1).parent / "config.json").read_text())["train_examples"]
     # training time of every stage (also when a finished stage was reused) plus this evaluation
     report["seconds"] = sum(json.loads((Path(s) / DONE_FILE).read_text())["seconds"] for s in (s1, s2, s3)) \
         + (time.time() - t_eval)

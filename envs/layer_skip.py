@@ -45,25 +45,22 @@ class _Episodes:
                  backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device):
         from dpbert_rl.data import collator, get_task, load_split, tokenize
         from dpbert_rl.model import DPBert
+        from dpbert_rl.objectives import check_rate
 
         if observation not in OBS_MODES:
             raise ValueError(f"observation must be one of {OBS_MODES}; got {observation!r}")
         if backbone_mode not in BACKBONE_MODES:
             raise ValueError(f"backbone_mode must be one of {BACKBONE_MODES}; got {backbone_mode!r}")
-        if target_rate is not None and not 0.0 <= target_rate <= 1.0:
-            raise ValueError(f"target_rate must lie in [0, 1]; got {target_rate}")
+        if target_rate is not None:
+            check_rate(target_rate)
         self.task = get_task(task)
         if isinstance(model, DPBert):
             self.model = model
-        elif isinstance(model, str) and Path(model, "dpbert.json").is_file():
-            self.model = DPBert.load(model)
         else:
-            warnings.warn(f"{model!r} is not a fine-tuned dpbert_rl checkpoint: its classifier head is untrained, "
-                          "so the final reward carries little signal", stacklevel=3)
-            self.model = DPBert.from_backbone(model, num_labels=self.task.num_labels)
-        if self.model.backbone.num_labels != self.task.num_labels:
-            raise ValueError(f"the model has {self.model.backbone.num_labels} labels; {self.task.name} needs "
-                             f"{self.task.num_labels}")
+            if not Path(model, "dpbert.json").is_file():
+                warnings.warn(f"{model!r} is not a fine-tuned dpbert_rl checkpoint: its classifier head is "
+                              "untrained, so the final reward carries little signal", stacklevel=3)
+            self.model = DPBert.from_source(model, self.task.num_labels)
         self.device = torch.device(device)
         self.model.to(self.device).eval()  # no dropout: a path determines its outcome
         self.data = tokenize(load_split(self.task, split, data_dir, max_samples), self.model.tokenizer,
@@ -79,11 +76,8 @@ class _Episodes:
             self.optimizer = torch.optim.AdamW(self.model.backbone.parameters(), lr=joint_lr)
             self.update_every = int(joint_update_every)
             self._pending = 0
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        if self.joint:
-            for p in self.model.backbone.parameters():
-                p.requires_grad_(True)
+        self.model.requires_grad_(False)  # planners are the agent's business; the backbone only in joint mode
+        self.model.backbone.requires_grad_(self.joint)
         self.n = 0
         self.i = None  # None: no episode running
 
