@@ -7,6 +7,7 @@ finetune      full      backbone + head             ``ell``                     
 planner_init  soft      planners (backbone frozen)  ``ell`` [+ ``beta P``]      (stage 2)
 rl            sample    backbone + head + planners  eq. (12): ``ell - sum (R_i-b_i) log pi + beta P``
 soft          soft      backbone + head + planners  ``ell + beta P``            (DPBERT-soft)
+layerdrop     path      backbone + head             ``ell`` on a random layer subset (LayerDrop)
 ============  ========  ==========================  ==========================================
 
 Each stage reads the previous stage's checkpoint (``init``) and writes to its own directory::
@@ -41,8 +42,8 @@ from .evaluate import evaluate_model
 from .model import DPBert, TaskInfo
 from .objectives import BASELINES, check_rate, dpbert_objective, returns_to_go, skip_penalty, skip_rate
 
-STAGES = ("finetune", "planner_init", "rl", "soft")
-_STAGE_MODE = {"finetune": "full", "planner_init": "soft", "rl": "sample", "soft": "soft"}
+STAGES = ("finetune", "planner_init", "rl", "soft", "layerdrop")
+_STAGE_MODE = {"finetune": "full", "planner_init": "soft", "rl": "sample", "soft": "soft", "layerdrop": "path"}
 DONE_FILE = "DONE"
 
 
@@ -101,6 +102,9 @@ class TrainConfig:
     near the target rate. The paper's stage 2 uses the task loss alone (set False)."""
     planner_init_bias: float = 2.0
     """[choice] Initial planner bias (p = 0.88): gates start nearly open."""
+    layerdrop: float = 0.3
+    """Stage ``layerdrop`` only: probability that a layer is dropped for a training batch (the same
+    layers for the whole batch: structured dropout, Fan et al. 2020)."""
     select_tolerance: float = 0.05
     """Stages with planners keep the best dev score among evaluations whose skip rate is at least
     target_rate - select_tolerance (else the last one)."""
@@ -124,6 +128,8 @@ class TrainConfig:
         get_task(self.task)
         if self.target_rate is not None:
             check_rate(self.target_rate)
+        if not 0.0 <= self.layerdrop < 1.0:
+            raise ValueError(f"layerdrop must be in [0, 1); got {self.layerdrop}")
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
         if self.bad_rows not in ("error", "skip"):
@@ -174,9 +180,15 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
     """One forward pass of ``stage`` on ``batch``; returns (loss, output, logs)."""
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   token_type_ids=batch.get("token_type_ids"), labels=batch["labels"])
-    out = model(**inputs, mode=_STAGE_MODE[stage])
+    if stage == "layerdrop":
+        keep = (torch.rand(raw_model.num_layers) >= cfg.layerdrop).float()
+        out = model(**inputs, mode="path", actions=keep.to(batch["input_ids"].device))
+    else:
+        out = model(**inputs, mode=_STAGE_MODE[stage])
     logs = {"losses/task_loss": out.loss.item()}
-    if stage == "finetune":
+    if stage in ("finetune", "layerdrop"):
+        if stage == "layerdrop":
+            logs["charts/layers_executed"] = out.layers_executed.float().mean().item()
         return out.loss, out, logs
     with_penalty = cfg.target_rate is not None and (stage != "planner_init" or cfg.init_penalty)
     if stage in ("planner_init", "soft"):
@@ -242,7 +254,7 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
 
     # ---- what is trained
     train_backbone = stage != "planner_init"
-    train_planners = stage != "finetune"
+    train_planners = stage not in ("finetune", "layerdrop")
     for p in model.backbone.parameters():
         p.requires_grad_(train_backbone)
     for p in model.planners.parameters():
@@ -276,13 +288,13 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
     accelerator.init_trackers("tb", config=_flat_config(asdict(cfg)))
 
-    eval_mode = "full" if stage == "finetune" else "hard"
+    eval_mode = "full" if stage in ("finetune", "layerdrop") else "hard"
     eval_steps = cfg.eval_steps or max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     L = raw.num_layers
 
     def evaluate_and_select(step: int) -> dict:
         res = evaluate_model(raw, task, data["dev"], collate, cfg.eval_batch_size, eval_mode)
-        ok = stage in ("finetune", "planner_init") or cfg.target_rate is None or \
+        ok = stage in ("finetune", "planner_init", "layerdrop") or cfg.target_rate is None or \
             res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance
         if ok and (state["best"] is None or res["score"] > state["best"]):
             state["best"], state["best_step"] = res["score"], step
@@ -360,11 +372,12 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
 # fields that do not change what a stage computes (bookkeeping), and those a stage does not read
 _BOOKKEEPING = {"output_dir", "progress", "eval_steps", "evals_per_epoch", "save_steps", "logging_steps", "cpu",
                 "eval_batch_size", "select_tolerance"}
-_UNUSED = {"finetune": {"cost", "lam", "beta", "target_rate", "baseline", "init_penalty", "planner_lr",
-                        "planner_init_bias"},
-           "planner_init": {"cost", "lam", "baseline", "lr"},
-           "soft": {"cost", "lam", "baseline", "init_penalty"},
-           "rl": {"init_penalty"}}
+_NO_PLANNERS = {"cost", "lam", "beta", "target_rate", "baseline", "init_penalty", "planner_lr", "planner_init_bias"}
+_UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
+           "layerdrop": _NO_PLANNERS,
+           "planner_init": {"cost", "lam", "baseline", "lr", "layerdrop"},
+           "soft": {"cost", "lam", "baseline", "init_penalty", "layerdrop"},
+           "rl": {"init_penalty", "layerdrop"}}
 
 
 def _check_same_run(stage: str, cfg: TrainConfig, init: Optional[str], out_dir: Path) -> None:
