@@ -8,7 +8,7 @@ BIN = $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install demo test test-fast benchmark clean
+.PHONY: install demo test test-fast benchmark tradeoff clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test-fast: install
 
 benchmark: install
 	$(BIN)/python benchmarks/pipeline.py --data-dir $(GLUE_DIR)
+
+# DPBERT against the early-exit baselines: Fig. 3, Tables 1-3, Fig. 4 and the oracle (hours on 2 cores)
+tradeoff: install
+	$(BIN)/python benchmarks/tradeoff.py --data-dir $(GLUE_DIR)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -426,7 +426,7 @@ def target_check(entry: dict) -> list:
         if not dp or not op:
             continue
         worse = []
-        for s in np.arange(TARGET_WINDOW[0], TARGET_WINDOW[1] + 1e-9, 0.05):
+        for s in np.round(np.arange(TARGET_WINDOW[0], TARGET_WINDOW[1] + 1e-9, 0.05), 2):
             a, b = envelope_at(dp, s), envelope_at(op, s)
             if b is not None and (a is None or a < b):
                 worse.append((round(float(s), 2), a, b))

@@ -1,6 +1,7 @@
 """The ``dpbert-rl`` command. Subcommands map one-to-one to the library's functions:
 
-    finetune | init-planners | rl | soft   one training stage         (train.train_stage)
+    finetune | init-planners | rl | soft | layerdrop
+                                           one training stage         (train.train_stage)
     pipeline                               stages 1-3, then evaluate  (train.run_pipeline)
     evaluate                               score, layers, speed-up    (latency.evaluate_checkpoint)
     calibrate                              threshold for a skip rate  (train.calibrate_checkpoint)
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "init-planners": ("planner_init", "stage 2: train the planners with soft gates, backbone frozen"),
         "rl": ("rl", "stage 3: joint REINFORCE of backbone, head and planners (eq. 12)"),
         "soft": ("soft", "ablation DPBERT-soft: joint training with relaxed gates and the skip-rate penalty"),
+        "layerdrop": ("layerdrop", "baseline LayerDrop: fine-tune with structured layer dropout (--layerdrop)"),
     }
     for name, (stage, text) in stages.items():
         p = sub.add_parser(name, help=text, description=text + ". Re-running the same command resumes.",

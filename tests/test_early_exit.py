@@ -297,3 +297,37 @@ def test_oracle_choice_and_best_static_path():
     reg = {"paths": P, "labels": np.array([2.0]), "predictions": np.array([[0.0, 1.9, 2.05, 2.0]])}
     assert oracle.oracle_choices(reg, regression=True).tolist() == [3]
     assert oracle.oracle_choices(reg, regression=True, max_layers=1).tolist() == [2]
+
+
+def _tradeoff_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tradeoff.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("tradeoff_bench", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
+    return mod
+
+
+def test_tradeoff_analysis_front_window_and_target_check():
+    tb = _tradeoff_module()
+    pts = [{"setting": s, "score": sc, "speedup_measured": sp, "layers_executed_mean": 6 / sp}
+           for s, sc, sp in (("a", 80, 1.0), ("b", 78, 1.4), ("c", 79, 1.35), ("d", 70, 2.2), ("e", 60, 1.8))]
+    assert [p["setting"] for p in tb.front(pts)] == ["a", "c", "b", "d"]  # e is beaten by the faster d
+    assert tb.best_in_window(pts, 1.3, 1.96)["setting"] == "c"
+    assert tb.best_in_window(pts, 3.0, 4.0) is None
+    assert tb.envelope_at(pts, 1.5) == 70 and tb.envelope_at(pts, 3.0) is None
+    other = [{"setting": "x", "score": 75, "speedup_measured": 1.5, "layers_executed_mean": 4}]
+    entry = {"methods": {"dpbert": {"points": pts}, "pabee": {"points": other}}}
+    (check,) = tb.target_check(entry)
+    assert check["against"] == "pabee" and [s for s, _, _ in check["below_at"]] == [1.45, 1.5]
+    oracle_pts = [{"score": 60, "layers_executed_mean": 1.0}, {"score": 90, "layers_executed_mean": 5.0}]
+    entry["methods"]["oracle"] = {"points": oracle_pts}
+    gaps = {g["setting"]: g["gap"] for g in tb.oracle_gap(entry)}
+    assert gaps["b"] == pytest.approx(60 + 30 * (6 / 1.4 - 1) / 4 - 78)

@@ -70,3 +70,34 @@ def test_readme_python_api_example_runs_as_written(glue_dir, monkeypatch):
 
     scope = run_readme_example("drive the layers yourself", glue_dir, monkeypatch)
     assert scope["logits"].shape == (2, 2) and scope["out"].actions.shape == (2, 6)
+
+
+def test_readme_early_exit_example_runs_as_written(glue_dir, monkeypatch):
+    from dpbert_rl.early_exit import EarlyExitBert
+    from tests.conftest import run_readme_example
+
+    scope = run_readme_example("EarlyExitBert(DPBert", glue_dir, monkeypatch)
+    model, batch = scope["model"], scope["batch"]
+    assert scope["out"].exit_layer.shape == (2,) and 1 <= int(scope["out"].exit_layer.min()) <= 6
+    back = EarlyExitBert.load("runs/ee-example").eval()
+    for rule in (dict(rule="entropy", threshold=0.3), dict(rule="patience", patience=2)):
+        a, b = model.eval()(**batch, **rule), back(**batch, **rule)
+        assert torch.equal(a.exit_layer, b.exit_layer)
+
+
+def test_early_exit_batch_equals_batch_of_one_on_minilm(glue_dir):
+    """Real backbone, real sentences of different lengths: per-example exits in a padded batch give
+    the predictions of batch size 1."""
+    from dpbert_rl.data import load_split
+    from dpbert_rl.early_exit import EarlyExitBert
+    from dpbert_rl.model import DPBert
+
+    torch.manual_seed(0)
+    model = EarlyExitBert(DPBert.from_backbone("minilm", num_labels=2)).eval()
+    texts = load_split("sst2", "dev", str(glue_dir), max_samples=16)["text_a"]
+    b = model.tokenizer(texts, padding=True, return_tensors="pt")
+    for rule in (dict(rule="patience", patience=1), dict(rule="fixed", exit_layer=3)):
+        out = model(**b, **rule)
+        single = [model(**model.tokenizer([t], return_tensors="pt"), **rule) for t in texts]
+        assert out.exit_layer.tolist() == [int(s.exit_layer) for s in single]
+        torch.testing.assert_close(out.logits, torch.cat([s.logits for s in single]), atol=1e-4, rtol=1e-4)
