@@ -94,7 +94,7 @@ def test_early_exit_batch_equals_batch_of_one_on_minilm(glue_dir):
 
     torch.manual_seed(0)
     model = EarlyExitBert(DPBert.from_backbone("minilm", num_labels=2)).eval()
-    texts = load_split("sst2", "dev", str(glue_dir), max_samples=16)["text_a"]
+    texts = list(load_split("sst2", "dev", str(glue_dir), max_samples=16)["text_a"])
     b = model.tokenizer(texts, padding=True, return_tensors="pt")
     for rule in (dict(rule="patience", patience=1), dict(rule="fixed", exit_layer=3)):
         out = model(**b, **rule)
