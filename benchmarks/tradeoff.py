@@ -235,7 +235,7 @@ def m_deebert(run: TaskRun) -> dict:
     model = _exit_model(run, "deebert")
     hmax = float(np.log(run.t.num_labels))
     settings = []
-    for frac in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+    for frac in (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999):  # ramps of weak tasks sit near ln C
         rule = dict(rule="entropy", threshold=frac * hmax)
         settings.append((f"entropy < {frac:g} ln C", _exit_run(run, model, **rule), _exit_fn(model, **rule)))
     return {"points": run.measure(settings)}
@@ -253,7 +253,7 @@ def m_pabee(run: TaskRun) -> dict:
 def m_berxit(run: TaskRun) -> dict:
     model = _exit_model(run, "berxit")
     settings = []
-    for thr in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95):
+    for thr in (0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9):
         rule = dict(rule="learned", threshold=thr)
         settings.append((f"exit score > {thr:g}", _exit_run(run, model, **rule), _exit_fn(model, **rule)))
     return {"points": run.measure(settings)}
