@@ -704,7 +704,10 @@ def main() -> None:
     def save():
         # merge into what is on disk: several runs (e.g. one per task, in parallel) may share the file
         merged = json.loads(path.read_text()) if path.is_file() else {}
-        merged.setdefault("tasks", {}).update(results.get("tasks", {}))
+        for task, entry in results.get("tasks", {}).items():  # method by method: a run of some methods keeps the rest
+            into = merged.setdefault("tasks", {}).setdefault(task, {})
+            into.update({k: v for k, v in entry.items() if k != "methods"})
+            into.setdefault("methods", {}).update(entry["methods"])
         merged["args"] = results["args"]
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(merged, indent=2))
