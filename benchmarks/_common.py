@@ -51,3 +51,26 @@ def markdown_table(rows: list, columns: list) -> str:
             cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, sep, *body])
+
+
+def layer_heatmap(labels: list, freq, path: Path, title: str) -> None:
+    """How often each layer ran (rows: ``labels``; ``freq`` ``(rows, L)`` in [0, 1]): the paper's Fig. 4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    freq = np.asarray(freq)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * freq.shape[1], 0.9 + 0.55 * len(labels)))
+    im = ax.imshow(freq, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(freq.shape[1]), [str(i + 1) for i in range(freq.shape[1])])
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), v in np.ndenumerate(freq):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command, commit, markdown_table  # noqa: E402
+from _common import RESULTS, command, commit, layer_heatmap, markdown_table  # noqa: E402
 
 from dpbert_rl.latency import machine_info  # noqa: E402
 from dpbert_rl.train import PipelineConfig, run_pipeline  # noqa: E402
@@ -123,25 +123,8 @@ def write_markdown(results: list, path: Path) -> None:
 
 def plot_layers(results: list, path: Path) -> None:
     """How often DPBERT executes each layer on each task's dev set (the paper's Fig. 4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    freq = np.array([r["layer_frequency"] for r in results])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * freq.shape[1], 0.8 + 0.55 * len(results)))
-    im = ax.imshow(freq, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(freq.shape[1]), [str(i + 1) for i in range(freq.shape[1])])
-    ax.set_yticks(range(len(results)), [f"{r['task']} ({r['speedup_measured']:.2f}x)" for r in results])
-    for (i, j), v in np.ndenumerate(freq):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-    ax.set_xlabel("layer")
-    ax.set_title("fraction of dev inputs that execute each layer")
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    layer_heatmap([f"{r['task']} ({r['speedup_measured']:.2f}x)" for r in results],
+                  [r["layer_frequency"] for r in results], path, "fraction of dev inputs that execute each layer")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command, commit, markdown_table  # noqa: E402
+from _common import RESULTS, command, commit, layer_heatmap, markdown_table  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -181,28 +181,35 @@ def _planner_points(run: TaskRun, model_dir: Path, name: str, rates) -> list:
     return points
 
 
+def _stage2(run: TaskRun) -> Path:
+    """Stage 2 at the first target rate: the start of every DPBERT (RL) model and of DPBERT-soft."""
+    a = run.args
+    return train_stage("planner_init", run.config("stage2_planner_init", epochs=a.stage2_epochs,
+                                                  target_rate=a.target_rates[0]), init=str(run.s1))
+
+
+def _calibration_rates(r: float) -> list:
+    """The skip rates a model trained at target rate ``r`` is calibrated to: r - 0.15, r, r + 0.15."""
+    return sorted({round(min(max(r + d, 0.05), 0.9), 2) for d in (-0.15, 0.0, 0.15)})
+
+
 def m_dpbert(run: TaskRun) -> dict:
     a = run.args
-    s2 = train_stage("planner_init", run.config("stage2_planner_init", epochs=a.stage2_epochs, target_rate=a.target_rates[0]),
-                     init=str(run.s1))
+    s2 = _stage2(run)
     points = []
     for r in a.target_rates:
         s3 = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=a.stage3_epochs, lr=a.stage3_lr, target_rate=r),
                          init=str(s2))
-        rates = sorted({round(min(max(r + d, 0.05), 0.9), 2) for d in (-0.15, 0.0, 0.15)})
-        points += _planner_points(run, s3, f"r={r:g}", rates)
+        points += _planner_points(run, s3, f"r={r:g}", _calibration_rates(r))
     return {"points": points}
 
 
 def m_dpbert_soft(run: TaskRun) -> dict:
     a = run.args
     r = a.target_rates[0]
-    s2 = train_stage("planner_init", run.config("stage2_planner_init", epochs=a.stage2_epochs, target_rate=r),
-                     init=str(run.s1))
     soft = train_stage("soft", run.config(f"soft_r{r:g}", epochs=a.stage3_epochs, lr=a.stage3_lr, target_rate=r),
-                       init=str(s2))
-    rates = sorted({round(min(max(r + d, 0.05), 0.9), 2) for d in (-0.15, 0.0, 0.15)})
-    return {"points": _planner_points(run, soft, f"soft r={r:g}", rates)}
+                       init=str(_stage2(run)))
+    return {"points": _planner_points(run, soft, f"soft r={r:g}", _calibration_rates(r))}
 
 
 def _exit_model(run: TaskRun, kind: str) -> ee.EarlyExitBert:
@@ -617,7 +624,7 @@ def plot(results: dict, out_dir: Path) -> None:
             draw_task(ax, t, e, t, legend=False)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        handles, labels = {}, {}
+        handles = {}
         for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
@@ -627,22 +634,10 @@ def plot(results: dict, out_dir: Path) -> None:
         fig.tight_layout(rect=(0, 0, 1 - 2.0 / (6.2 * cols + 2.2), 0.96))
         fig.savefig(out_dir / "tradeoff.png", dpi=110)
         plt.close(fig)
-    # Fig. 4
     rows = [(t, headline(e)) for t, e in tasks.items() if headline(e)]
-    if rows:
-        freq = np.array([p["layer_frequency"] for _, p in rows])
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * freq.shape[1], 0.9 + 0.55 * len(rows)))
-        im = ax.imshow(freq, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(freq.shape[1]), [str(i + 1) for i in range(freq.shape[1])])
-        ax.set_yticks(range(len(rows)), [f"{t} ({p['speedup_measured']:.2f}x)" for t, p in rows])
-        for (i, j), v in np.ndenumerate(freq):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-        ax.set_xlabel("layer")
-        ax.set_title("DPBERT: fraction of dev inputs that execute each layer")
-        fig.colorbar(im, ax=ax, fraction=0.04)
-        fig.tight_layout()
-        fig.savefig(out_dir / "tradeoff_layers.png", dpi=120)
-        plt.close(fig)
+    if rows:  # Fig. 4
+        layer_heatmap([f"{t} ({p['speedup_measured']:.2f}x)" for t, p in rows], [p["layer_frequency"] for _, p in rows],
+                      out_dir / "tradeoff_layers.png", "DPBERT: fraction of dev inputs that execute each layer")
 
 
 # ---------------------------------------------------------------------- main

@@ -126,16 +126,20 @@ class EarlyExitBert(nn.Module):
         return torch.sigmoid(self.exit_head(cls).squeeze(-1))
 
     # ------------------------------------------------------------------ training pass
-    def all_exits(self, input_ids, attention_mask, token_type_ids=None) -> tuple:
-        """Run every layer; return the logits of every exit ``(batch, L, C)`` and the [CLS] vector
-        after every layer ``(batch, L, d)``."""
+    def layer_cls(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Run every layer; the [CLS] vector after every layer, ``(batch, L, d)``."""
         state = self.model.embed(input_ids, attention_mask, token_type_ids)
-        h, logits, cls = state.hidden, [], []
+        h, cls = state.hidden, []
         for i in range(self.num_layers):
             h = self.model.execute(i, h, state.mask)
             cls.append(h[:, 0])
-            logits.append(self.exit_logits(i, h[:, 0]))
-        return torch.stack(logits, 1), torch.stack(cls, 1)
+        return torch.stack(cls, 1)
+
+    def all_exits(self, input_ids, attention_mask, token_type_ids=None) -> tuple:
+        """Run every layer; return the logits of every exit ``(batch, L, C)`` and the [CLS] vector
+        after every layer ``(batch, L, d)``."""
+        cls = self.layer_cls(input_ids, attention_mask, token_type_ids)
+        return torch.stack([self.exit_logits(i, cls[:, i]) for i in range(self.num_layers)], 1), cls
 
     # ------------------------------------------------------------------ inference with exits
     @torch.no_grad()
@@ -281,8 +285,7 @@ def layer_features(model: EarlyExitBert, dataset, collate_fn, batch_size: int = 
         loader = tqdm(loader, desc="layer features", leave=False)
     feats, labels = [], []
     for b in loader:
-        _, cls = model.all_exits(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-        feats.append(cls)
+        feats.append(model.layer_cls(b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
         labels.append(b["labels"])
     model.train(was)
     return {"cls": torch.cat(feats), "labels": torch.cat(labels)}
