@@ -93,9 +93,9 @@ def make_agent(name: str, **kwargs) -> Agent:
     return resolve(name)(**kwargs)
 
 
-def split_obs(obs, hidden_size: int):
-    """A Box observation ``(N, d + L)`` (or the Dict form) into ``cls (N, d)`` and layer ids ``(N,)``."""
+def split_obs(obs, feature_dim: int):
+    """A Box observation ``(N, F + L)`` (or the Dict form) into ``features (N, F)`` and layer ids ``(N,)``."""
     if isinstance(obs, dict):
-        return np.asarray(obs["cls"]), np.asarray(obs["layer"]).argmax(-1)
+        return np.asarray(obs["features"]), np.asarray(obs["layer"]).argmax(-1)
     obs = np.asarray(obs)
-    return obs[..., :hidden_size], obs[..., hidden_size:].argmax(-1)
+    return obs[..., :feature_dim], obs[..., feature_dim:].argmax(-1)

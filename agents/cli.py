@@ -53,7 +53,7 @@ def run_agent(name: str, args, progress=None) -> dict:
     if not (args.task or model.task_info.task):
         raise ValueError(f"{args.model} does not name its task; pass --task")
     task = get_task(args.task or model.task_info.task)
-    env = BatchedLayerSkipEnv(num_envs=args.num_envs, task=task.name, data_dir=args.data_dir, split="train",
+    env = BatchedLayerSkipEnv(num_envs=args.num_envs, task=task.name, data_dir=args.data_dir, split="fit",
                               model=model, c=args.cost, lambda_=args.lam, max_samples=args.max_train_samples,
                               backbone_mode=args.backbone_mode)
     kwargs = {"seed": args.seed}  # learning agents take a seed; references know the depth instead
@@ -71,7 +71,8 @@ def run_agent(name: str, args, progress=None) -> dict:
     agent.save(out / "agents" / name)
     dev = tokenize(load_split(task, "dev", args.data_dir, args.max_eval_samples), model.tokenizer,
                    model.task_info.max_seq_length)
-    res = evaluate_agent(agent, model, task, dev, env.core.collate, latency_samples=args.latency_samples)
+    res = evaluate_agent(agent, model, task, dev, env.core.collate, latency_samples=args.latency_samples,
+                         observer=env.observer)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / "tb" / name)) as writer:  # the dev score next to the training curves
@@ -79,7 +80,7 @@ def run_agent(name: str, args, progress=None) -> dict:
         writer.add_scalar("eval/layers_executed", res["layers_executed_mean"], args.total_steps)
     # the floor at the same budget: random skipping at this agent's skip rate, on the same backbone
     reference = RandomSkip(rate=res["skip_rate"], num_layers=model.num_layers, seed=args.seed)
-    random_score = score_agent(reference, model, task, dev, env.core.collate)["score"]
+    random_score = score_agent(reference, model, task, dev, env.core.collate, observer=env.observer)["score"]
     return {"task": task.name, "agent": name, "backbone_mode": args.backbone_mode, "dev_score": res["score"],
             "layers_executed_mean": res["layers_executed_mean"], "skip_rate": res["skip_rate"],
             "layer_frequency": res["layer_frequency"], "speedup_measured": res["speedup_measured"],

@@ -21,37 +21,42 @@ from .base import Agent
 
 
 @torch.inference_mode()
-def agent_forward(model: DPBert, agent: Agent, input_ids, attention_mask, token_type_ids=None):
-    """Logits ``(N, C)`` and actions ``(N, L)`` of the path the agent (greedy) chooses per input."""
+def agent_forward(model: DPBert, agent: Agent, input_ids, attention_mask, token_type_ids=None, observer=None):
+    """Logits ``(N, C)`` and actions ``(N, L)`` of the path the agent (greedy) chooses per input.
+
+    :param observer: the :class:`~dpbert_rl.planner.Planners` whose features and statistics the agent was
+        trained on (the training env's ``observer``); default the model's own planners."""
     state = model.embed(input_ids, attention_mask, token_type_ids)
     h, L = state.hidden, model.num_layers
+    observer = observer if observer is not None else model.planners
     actions = []
     for i in range(L):
-        a = np.asarray(agent.act(observe(h, i, L), deterministic=True)).reshape(-1)
+        a = np.asarray(agent.act(observe(observer, h, state.mask, i), deterministic=True)).reshape(-1)
         actions.append(a)
         h = model.execute(i, h, state.mask, torch.from_numpy(a.astype(bool)))
     return model.classify(h), np.stack(actions, 1)
 
 
-def score_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch_size: int = 64) -> dict:
+def score_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch_size: int = 64, observer=None) -> dict:
     """Dev score and layer statistics of the paths ``agent`` chooses (no timing)."""
     def forward(b):
-        return agent_forward(model, agent, b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+        return agent_forward(model, agent, b["input_ids"], b["attention_mask"], b.get("token_type_ids"), observer)
 
     return score_run(task, run_dataset(model, dataset, collate_fn, batch_size, forward=forward))
 
 
 def evaluate_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch_size: int = 64,
-                   latency_samples: Optional[int] = 200, repeats: int = 3, threads: Optional[int] = None) -> dict:
+                   latency_samples: Optional[int] = 200, repeats: int = 3, threads: Optional[int] = None,
+                   observer=None) -> dict:
     """Dev score, layers executed, and measured batch-1 speed-up of ``agent`` driving ``model``."""
-    result = score_agent(agent, model, task, dataset, collate_fn, batch_size)
+    result = score_agent(agent, model, task, dataset, collate_fn, batch_size, observer)
     examples = encode_examples(dataset, latency_samples)
 
     def full(ex):
         return model(ex["input_ids"], ex["attention_mask"], ex.get("token_type_ids"), mode="full")
 
     def driven(ex):
-        return agent_forward(model, agent, ex["input_ids"], ex["attention_mask"], ex.get("token_type_ids"))
+        return agent_forward(model, agent, ex["input_ids"], ex["attention_mask"], ex.get("token_type_ids"), observer)
 
     lat = interleaved_latency({"full": full, "agent": driven}, examples, repeats, threads=threads)
     result.update({

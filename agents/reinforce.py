@@ -54,6 +54,7 @@ class ReinforceAgent(Agent):
 
     # -------------------------------------------------------------- the policy, eq. (4) and (7)
     def _build(self, num_layers: int, hidden_size: int) -> None:
+        """``hidden_size``: the width of the observation's feature part (the env's ``feature_dim``)."""
         if self.planners is None:
             torch.manual_seed(self.config.seed)
             self.planners = Planners(num_layers, hidden_size, self.config.init_bias)
@@ -106,7 +107,7 @@ class ReinforceAgent(Agent):
         from torch.utils.tensorboard import SummaryWriter
 
         cfg = self.config
-        self._build(env.num_layers, env.model.backbone.hidden_size)
+        self._build(env.num_layers, env.feature_dim)
         optimizer = torch.optim.Adam(self.planners.parameters(), lr=cfg.lr)
         writer = SummaryWriter(log_dir) if log_dir else None
         obs, _ = env.reset(seed=cfg.seed)

@@ -25,6 +25,30 @@ from datasets import Dataset
 GLUE_DIR_ENV = "GLUE_DIR"
 HUB_DATASET = "nyu-mll/glue"
 
+# The selection split: a seeded held-out part of each task's training file. Every choice (checkpoint,
+# threshold, target rate, hyperparameter) is made on it; dev is scored once and reported. The seed is
+# fixed (not the run's seed) so that every stage, method and run of a task holds out the same examples.
+SELECTION_SEED = 20261128
+SELECTION_FRACTION = 0.1
+SELECTION_MAX = 2000
+DERIVED_SPLITS = {"fit": "train", "select": "train"}  # derived split -> the file it is carved from
+
+
+def selection_size(n_train: int) -> int:
+    """How many of ``n_train`` training examples the selection split holds: 10%, at most 2,000, at least 1."""
+    return max(1, min(SELECTION_MAX, int(round(SELECTION_FRACTION * n_train))))
+
+
+def carve_selection(n_train: int) -> tuple:
+    """``(fit_indices, select_indices)`` of a training file of ``n_train`` rows (seeded, disjoint, sorted)."""
+    import numpy as np
+
+    if n_train < 2:
+        raise DataError(f"a training file of {n_train} rows cannot be split into fit and selection parts")
+    order = np.random.RandomState(SELECTION_SEED).permutation(n_train)
+    k = selection_size(n_train)
+    return np.sort(order[k:]).tolist(), np.sort(order[:k]).tolist()
+
 Column = Union[str, int]  # a header name, or a 0-based position for header-less files
 
 
@@ -211,22 +235,29 @@ def load_split(
 ) -> Dataset:
     """Load one split as a ``datasets.Dataset`` with columns ``text_a``, ``text_b``, ``label``.
 
-    :param split: ``train``, ``dev`` (MNLI: matched) or ``dev_mismatched`` (MNLI only).
+    :param split: ``train``, ``dev`` (MNLI: matched) or ``dev_mismatched`` (MNLI only), or one of the
+        two parts of the training file: ``fit`` (what is trained on) and ``select`` (the held-out
+        selection split, :func:`carve_selection`).
     :param data_dir: a local GLUE directory; falls back to ``$GLUE_DIR``, then to the hub.
     :param max_samples: keep this many examples (a seeded random subset when ``shuffle_seed``
         is given, else the first ones).
     """
     task = get_task(task) if isinstance(task, str) else task
     files = dict(task.splits)
-    if split not in files:
-        raise DataError(f"task {task.name} has no split {split!r}; expected one of {task.split_names}")
+    source = DERIVED_SPLITS.get(split, split)
+    if source not in files:
+        raise DataError(f"task {task.name} has no split {split!r}; expected one of "
+                        f"{task.split_names + list(DERIVED_SPLITS)}")
     if max_samples is not None and max_samples <= 0:
         raise DataError(f"max_samples must be positive; got {max_samples}")
     root = resolve_data_dir(data_dir)
     if root is not None:
-        ds = Dataset.from_dict(read_glue_tsv(root / task.dir_name / files[split], task, bad_rows))
+        ds = Dataset.from_dict(read_glue_tsv(root / task.dir_name / files[source], task, bad_rows))
     else:
-        ds = _load_from_hub(task, split)
+        ds = _load_from_hub(task, source)
+    if split in DERIVED_SPLITS:
+        fit, select = carve_selection(len(ds))
+        ds = ds.select(fit if split == "fit" else select)
     if max_samples is not None and max_samples < len(ds):
         if shuffle_seed is not None:
             ds = ds.shuffle(seed=shuffle_seed)

@@ -23,12 +23,14 @@ def run_dataset(
     actions: Optional[torch.Tensor] = None,
     progress: bool = False,
     forward: Optional[Callable[[dict], tuple]] = None,
+    with_loss: bool = False,
 ) -> dict:
     """Run ``model`` over a tokenised dataset; returns numpy ``predictions``, ``labels``,
     ``actions`` ``(N, L)`` and (when the paths come from the planners) ``probs`` ``(N, L)``.
 
     :param forward: replaces the model's own path choice: ``batch -> (logits, actions)``, e.g. an
         agent driving the layers (:func:`agents.evaluate.agent_forward`).
+    :param with_loss: also return the task loss of every input, ``losses`` ``(N,)``.
     """
     was_training = model.training
     model.eval()
@@ -37,7 +39,7 @@ def run_dataset(
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc=f"eval ({mode})", leave=False)
-    preds, labels, acts, probs = [], [], [], []
+    preds, labels, acts, probs, losses = [], [], [], [], []
     device = next(model.parameters()).device
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -49,6 +51,8 @@ def run_dataset(
         else:
             logits, act = forward(batch)
         preds.append(model.predict(logits).float().cpu())
+        if with_loss:
+            losses.append(model.task_loss(logits, batch["labels"]).float().cpu())
         labels.append(batch["labels"].float().cpu())
         acts.append(torch.as_tensor(act).float().cpu())
     model.train(was_training)
@@ -59,6 +63,8 @@ def run_dataset(
     }
     if probs:
         run["probs"] = torch.cat(probs).numpy()
+    if losses:
+        run["losses"] = torch.cat(losses).numpy()
     return run
 
 
@@ -76,7 +82,25 @@ def score_run(task: GlueTask, run: dict) -> dict:
         "layer_frequency": [float(x) for x in actions.mean(0)],
         "skip_rate": float(1.0 - actions.mean()),
         "num_examples": int(len(labels)),
+        "distinct_paths": distinct_paths(actions),
+        "mid_gate_fraction": mid_gate_fraction(run["probs"]) if "probs" in run else None,
     }
+
+
+def distinct_paths(actions) -> int:
+    """How many different paths ``(N, L)`` 0/1 the inputs took: 1 means one fixed path for all."""
+    import numpy as np
+
+    return int(len(np.unique(np.asarray(actions).astype(np.int8), axis=0)))
+
+
+def mid_gate_fraction(probs, lo: float = 0.2, hi: float = 0.8) -> float:
+    """Fraction of gate probabilities in ``(lo, hi)``: hesitant gates, whose greedy decision at 0.5 is
+    close to arbitrary. A planner that decides has few."""
+    import numpy as np
+
+    p = np.asarray(probs)
+    return float(((p > lo) & (p < hi)).mean())
 
 
 def evaluate_model(model: DPBert, task: GlueTask, dataset, collate_fn, batch_size: int = 64,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DEFAULT_BACKBONE, Backbone, Embedded
-from .planner import Planners, bernoulli_entropy, bernoulli_log_prob
+from .planner import Planners, bernoulli_entropy, bernoulli_log_prob, feature_dim, raw_features
 
 MODES = ("full", "hard", "sample", "soft", "path")
 PLANNERS_FILE = "planners.safetensors"
@@ -81,6 +81,10 @@ class DPBert(nn.Module):
     :param threshold: execute layer ``i`` in hard mode when ``p_i >= threshold`` (eq. 5 uses
         0.5). Raising it skips more; :mod:`dpbert_rl.latency` sweeps it for trade-off curves.
     :param planner_init_bias: initial planner bias when ``planners`` is None.
+    :param planner_features: what fresh planners read (``cls``, ``mean`` or ``cls+mean``; see
+        :mod:`dpbert_rl.planner`) when ``planners`` is None.
+    :param detach_planner_input: stop gradients from the planners into the states they read, so
+        that the policy gradient of stage 3 trains the planners only, not the backbone below them.
     """
 
     def __init__(
@@ -91,10 +95,14 @@ class DPBert(nn.Module):
         planner_init_bias: float = 2.0,
         tokenizer=None,
         task_info: Optional[TaskInfo] = None,
+        planner_features: str = "cls",
+        detach_planner_input: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
-        self.planners = planners or Planners(backbone.num_layers, backbone.hidden_size, planner_init_bias)
+        self.planners = planners or Planners(backbone.num_layers, backbone.hidden_size, planner_init_bias,
+                                             features=planner_features)
+        self.detach_planner_input = detach_planner_input
         if self.planners.num_layers != backbone.num_layers:
             raise ValueError(
                 f"{self.planners.num_layers} planners for a backbone of {backbone.num_layers} layers"
@@ -137,9 +145,26 @@ class DPBert(nn.Module):
         """Eq. (1): ``h_0`` ``(batch, seq, hidden)`` and the additive mask ``(batch, 1, 1, seq)``."""
         return self.backbone.embed(input_ids, attention_mask, token_type_ids)
 
-    def plan(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Eq. (4): planner ``i``'s logit from ``h_{i-1}^cls``; ``(batch,)``."""
-        return self.planners(i, hidden[:, 0])
+    @property
+    def planner_features(self) -> str:
+        return self.planners.features
+
+    def observe(self, i: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What planner ``i`` reads of ``h_{i-1}`` ``(batch, seq, d)``: standardised features ``(batch, F)``."""
+        if self.detach_planner_input:
+            hidden = hidden.detach()
+        return self.planners.observe(i, hidden, mask)
+
+    def plan(self, i: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Eq. (4): planner ``i``'s logit from the features of ``h_{i-1}``; ``(batch,)``."""
+        return self.planners(i, self.observe(i, hidden, mask))
+
+    def fit_feature_stats(self, dataset, collate_fn, batch_size: int = 64) -> dict:
+        """Set the planners' standardisation statistics from ``dataset`` (training inputs); see
+        :func:`feature_stats`. Returns the statistics' summary (``examples``, ``features``, ``spread``)."""
+        stats = feature_stats(self, dataset, collate_fn, self.planner_features, batch_size)
+        self.planners.set_feature_stats(stats.pop("mean"), stats.pop("std"))
+        return stats
 
     def execute(
         self, i: int, hidden: torch.Tensor, mask: torch.Tensor, execute: Optional[torch.Tensor] = None
@@ -222,7 +247,7 @@ class DPBert(nn.Module):
                 a = torch.ones(B, dtype=torch.bool, device=h.device)
                 h = self.execute(i, h, mask, None)
             else:
-                logit = self.plan(i, h)  # (B,)
+                logit = self.plan(i, h, mask)  # (B,)
                 if mode == "soft":
                     p = torch.sigmoid(logit)
                     a = p >= 0.5
@@ -280,7 +305,8 @@ class DPBert(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.planners.state_dict().items()}, path / PLANNERS_FILE)
-        meta = {"threshold": self.threshold, "num_layers": self.num_layers, "task_info": asdict(self.task_info)}
+        meta = {"threshold": self.threshold, "num_layers": self.num_layers, "task_info": asdict(self.task_info),
+                "planner_features": self.planner_features, "detach_planner_input": self.detach_planner_input}
         (path / META_FILE).write_text(json.dumps(meta, indent=2))
         return path
 
@@ -299,14 +325,52 @@ class DPBert(nn.Module):
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
         backbone, tokenizer = Backbone.from_pretrained(str(path), num_labels=_num_labels(path))
         planners = None
+        features = meta.get("planner_features", "cls")
         if (path / PLANNERS_FILE).is_file():
             state = load_file(str(path / PLANNERS_FILE))
-            planners = Planners(backbone.num_layers, backbone.hidden_size)
-            planners.load_state_dict(state)
+            planners = Planners(backbone.num_layers, backbone.hidden_size, features=features)
+            # checkpoints written before standardisation existed have no statistics: identity
+            missing = set(planners.state_dict()) - set(state)
+            if missing - {"feature_mean", "feature_std", "stats_set"}:
+                raise ValueError(f"{path / PLANNERS_FILE}: missing tensors {sorted(missing)}")
+            planners.load_state_dict(state, strict=False)
         elif require_planners:
             raise FileNotFoundError(f"{str(path)!r} holds no {PLANNERS_FILE}: it is not a trained DPBERT")
         info = TaskInfo(**meta.get("task_info", {}))
-        return cls(backbone, planners, threshold=meta.get("threshold", 0.5), tokenizer=tokenizer, task_info=info)
+        return cls(backbone, planners, threshold=meta.get("threshold", 0.5), tokenizer=tokenizer, task_info=info,
+                   planner_features=features, detach_planner_input=meta.get("detach_planner_input", False))
+
+
+@torch.no_grad()
+def feature_stats(model: "DPBert", dataset, collate_fn, features: str, batch_size: int = 64) -> dict:
+    """Mean and standard deviation ``(L, F)`` of the raw planner features before every layer, along the
+    full path, over ``dataset``; and per layer the ``spread``: the sum of the variances across inputs
+    divided by ``|mean|^2``. A spread near 0 means the planners see (almost) the same input whatever
+    the text: a ``[CLS]`` row of a mean-pooling backbone such as all-MiniLM-L6-v2 has ~1e-5."""
+    from torch.utils.data import DataLoader
+
+    was_training = model.training
+    model.eval()
+    L, F_ = model.num_layers, feature_dim(features, model.backbone.hidden_size)
+    n, s1, s2 = 0, torch.zeros(L, F_, dtype=torch.float64), torch.zeros(L, F_, dtype=torch.float64)
+    device = next(model.parameters()).device
+    for b in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
+        b = {k: v.to(device) for k, v in b.items()}
+        state = model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+        h = state.hidden
+        for i in range(L):
+            x = raw_features(h, state.mask, features).double().cpu()  # (B, F)
+            s1[i] += x.sum(0)
+            s2[i] += (x * x).sum(0)
+            h = model.execute(i, h, state.mask)
+        n += h.shape[0]
+    model.train(was_training)
+    if n < 2:
+        raise ValueError("feature statistics need at least 2 inputs")
+    mean = s1 / n
+    var = (s2 / n - mean ** 2).clamp_min(0.0) * n / (n - 1)
+    spread = (var.sum(1) / (mean ** 2).sum(1).clamp_min(1e-30)).tolist()
+    return {"mean": mean.float(), "std": var.sqrt().float(), "examples": n, "features": features, "spread": spread}
 
 
 def _num_labels(path: Path) -> int:

@@ -9,7 +9,38 @@ from typing import Optional
 
 import torch
 
-BASELINES = ("none", "batch-mean", "self-critical")
+BASELINES = ("none", "batch-mean", "self-critical", "loo")
+REWARDS = ("loss", "correct")
+RATE_CONTROLS = ("penalty", "dual", "none")
+
+
+def final_reward(reward: str, task_loss: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
+                 regression: bool) -> torch.Tensor:
+    """The outcome term ``q`` of the reward, ``(B,)``, which enters the return as ``+ lambda * q``.
+
+    * ``loss`` (the paper's eq. 9): ``q = -ell``. Unbounded: on a backbone whose loss varies a lot
+      between inputs, the spread of ``lambda * ell`` can exceed the whole range of layer costs.
+    * ``correct`` (bounded, in [0, 1]): ``q = 1[prediction == label]`` for classification, and
+      ``q = 1 - tanh(|prediction - label|)`` for regression (BERxiT's regression target).
+    """
+    if reward == "loss":
+        return -task_loss.detach().to(torch.float32)
+    if reward == "correct":
+        if regression:
+            return 1.0 - torch.tanh((predictions.detach().float() - labels.float()).abs())
+        return (predictions.detach() == labels.long()).to(torch.float32)
+    raise ValueError(f"unknown reward {reward!r}; expected one of {REWARDS}")
+
+
+def reward_to_go(actions: torch.Tensor, outcome: torch.Tensor, cost: float = 1.0, lam: float = 5.0) -> torch.Tensor:
+    """``R_i = sum_{j=i..L} (-c a_j) + lambda * q``: eq. (9) with any outcome term ``q`` ``(B,)``.
+
+    :param actions: ``(B, L)`` 0/1, 1 = executed.
+    :return: ``(B, L)``; no gradient flows through it.
+    """
+    actions = actions.detach().to(torch.float32)
+    cost_to_go = torch.flip(torch.cumsum(torch.flip(actions, [1]), 1), [1])  # sum_{j>=i} a_j
+    return -cost * cost_to_go + lam * outcome.detach().to(torch.float32)[:, None]
 
 
 def returns_to_go(actions: torch.Tensor, task_loss: torch.Tensor, cost: float = 1.0, lam: float = 5.0) -> torch.Tensor:
@@ -19,9 +50,7 @@ def returns_to_go(actions: torch.Tensor, task_loss: torch.Tensor, cost: float = 
     :param task_loss: ``(B,)`` the task loss of each example's executed path.
     :return: ``(B, L)``; no gradient flows through it.
     """
-    actions = actions.detach().to(torch.float32)
-    cost_to_go = torch.flip(torch.cumsum(torch.flip(actions, [1]), 1), [1])  # sum_{j>=i} a_j
-    return -cost * cost_to_go - lam * task_loss.detach().to(torch.float32)[:, None]
+    return reward_to_go(actions, -task_loss.detach().to(torch.float32), cost, lam)
 
 
 def skip_rate(probs: torch.Tensor) -> torch.Tensor:
@@ -41,13 +70,18 @@ def check_rate(target_rate: float) -> None:
 
 
 def advantages(
-    returns: torch.Tensor, baseline: str = "batch-mean", greedy_returns: Optional[torch.Tensor] = None
+    returns: torch.Tensor, baseline: str = "batch-mean", greedy_returns: Optional[torch.Tensor] = None,
+    samples: int = 1,
 ) -> torch.Tensor:
     """``R_i - b_i`` for the baselines of eq. (12).
 
     * ``none``: ``b_i = 0``;
     * ``batch-mean``: ``b_i`` = mean of ``R_i`` over the batch;
-    * ``self-critical``: ``b_i`` = ``R_i`` of the same input's greedy path (``greedy_returns``).
+    * ``self-critical``: ``b_i`` = ``R_i`` of the same input's greedy path (``greedy_returns``);
+    * ``loo``: leave-one-out over the ``samples`` (K) paths drawn for the same input: ``b_i`` = mean of
+      ``R_i`` over the input's other K-1 paths. Rows must come in groups of K per input (as
+      ``repeat_interleave(K)`` makes them). It removes how hard the input is from the advantage, which
+      a batch mean cannot: between-input loss variance exceeds the within-input one.
     """
     if baseline == "none":
         return returns
@@ -57,7 +91,54 @@ def advantages(
         if greedy_returns is None:
             raise ValueError("baseline 'self-critical' needs the greedy path's returns")
         return returns - greedy_returns
+    if baseline == "loo":
+        if samples < 2:
+            raise ValueError(f"baseline 'loo' needs at least 2 samples per input; got {samples}")
+        if returns.shape[0] % samples:
+            raise ValueError(f"{returns.shape[0]} rows are not groups of {samples} samples per input")
+        g = returns.reshape(-1, samples, *returns.shape[1:])  # (B, K, L)
+        others = (g.sum(1, keepdim=True) - g) / (samples - 1)
+        return (g - others).reshape(returns.shape)
     raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
+
+
+def normalise_advantages(adv: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Advantages scaled to zero mean and unit standard deviation over the batch (as in PPO)."""
+    if adv.numel() < 2:
+        return adv
+    return (adv - adv.mean()) / (adv.std() + eps)
+
+
+class DualPrice:
+    """Rate control by a price per executed layer, set by dual ascent on a Lagrangian multiplier.
+
+    The constraint is ``execute rate = 1 - r`` for the target skip rate ``r``. After each batch the
+    price moves against the violation, ``mu <- max(0, mu + lr * (executed - (1 - r)))``: executing too
+    much raises the price of a layer, executing too little lowers it. Unlike ``beta (S - r)^2``, which
+    is as satisfied by every gate at ``p = 1 - r`` as by 0/1 decisions, a price per layer only changes
+    what a layer costs, so it pushes the *greedy* policy to the rate without rewarding hesitant gates.
+
+    :param target_rate: ``r``, the target fraction of layers skipped.
+    :param lr: the dual step size.
+    :param init: the starting price (the paper's ``c``).
+    """
+
+    def __init__(self, target_rate: float, lr: float = 0.05, init: float = 1.0):
+        check_rate(target_rate)
+        if not (lr > 0 and init >= 0):
+            raise ValueError(f"dual ascent needs lr > 0 and init >= 0; got lr={lr}, init={init}")
+        self.target_rate, self.lr, self.price = float(target_rate), float(lr), float(init)
+
+    def update(self, execute_rate: float) -> float:
+        """One dual step from the observed fraction of layers executed; returns the new price."""
+        self.price = max(0.0, self.price + self.lr * (float(execute_rate) - (1.0 - self.target_rate)))
+        return self.price
+
+    def state_dict(self) -> dict:
+        return {"target_rate": self.target_rate, "lr": self.lr, "price": self.price}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target_rate, self.lr, self.price = state["target_rate"], state["lr"], state["price"]
 
 
 def reinforce_loss(log_probs: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
@@ -77,15 +158,31 @@ def dpbert_objective(
     target_rate: Optional[float] = None,
     baseline: str = "batch-mean",
     greedy_returns: Optional[torch.Tensor] = None,
+    outcome: Optional[torch.Tensor] = None,
+    samples: int = 1,
+    normalise: bool = False,
+    entropy: Optional[torch.Tensor] = None,
+    entropy_coef: float = 0.0,
 ) -> dict:
     """Eq. (12): ``J = ell - sum_i (R_i - b_i) log pi + beta P``, and its parts for logging.
 
     :param task_loss: scalar mean task loss (carries the gradient to backbone and head).
-    :param per_example_loss: ``(B,)``, enters the reward (detached).
+    :param per_example_loss: ``(B,)``, enters the reward (detached) when ``outcome`` is None.
     :param target_rate: ``r``; with None the penalty term is left out.
-    :return: dict with ``loss`` (J), ``policy_loss``, ``penalty``, ``returns`` ``(B, L)``.
+    :param outcome: ``(B,)`` the reward's outcome term ``q`` (:func:`final_reward`); default ``-ell``.
+    :param samples: paths drawn per input (the ``loo`` baseline's K).
+    :param normalise: scale the advantages to zero mean, unit variance.
+    :param entropy: ``(B, L)`` the planners' entropies; ``- entropy_coef * mean`` is added (a bonus).
+    :return: dict with ``loss`` (J), ``policy_loss``, ``penalty``, ``returns`` ``(B, L)``, ``entropy_bonus``.
     """
-    returns = returns_to_go(actions, per_example_loss, cost, lam)
-    pg = reinforce_loss(log_probs, advantages(returns, baseline, greedy_returns))
+    if outcome is None:
+        outcome = -per_example_loss.detach().to(torch.float32)
+    returns = reward_to_go(actions, outcome, cost, lam)
+    adv = advantages(returns, baseline, greedy_returns, samples)
+    if normalise:
+        adv = normalise_advantages(adv)
+    pg = reinforce_loss(log_probs, adv)
     penalty = skip_penalty(probs, target_rate) if target_rate is not None else probs.new_zeros(())
-    return {"loss": task_loss + pg + beta * penalty, "policy_loss": pg, "penalty": penalty, "returns": returns}
+    bonus = entropy.mean() * entropy_coef if entropy is not None and entropy_coef else probs.new_zeros(())
+    return {"loss": task_loss + pg + beta * penalty - bonus, "policy_loss": pg, "penalty": penalty,
+            "returns": returns, "entropy_bonus": bonus}

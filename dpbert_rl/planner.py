@@ -1,9 +1,25 @@
 """The planning module: one linear planner per layer (eq. 4) and its Bernoulli policy (eq. 7).
 
-Planner ``i`` reads ``h_{i-1}^cls``, the ``[CLS]`` row of the state *before* layer ``i``, and
-outputs one logit; ``p_i = sigmoid(logit)`` is the probability of executing layer ``i``. The paper
-writes (4) as a softmax over two outputs; a sigmoid over one logit is the same family and halves
-the parameters. Parameters are not shared between layers.
+Planner ``i`` reads features of the state *before* layer ``i`` and outputs one logit;
+``p_i = sigmoid(logit)`` is the probability of executing layer ``i``. The paper writes (4) as a
+softmax over two outputs; a sigmoid over one logit is the same family and halves the parameters.
+Parameters are not shared between layers.
+
+What a planner reads (``features``):
+
+==========  ==================================================================================
+cls         ``h_{i-1}^cls``, the paper's choice
+mean        the masked mean of the token states of ``h_{i-1}`` (padding excluded)
+cls+mean    both, concatenated
+==========  ==================================================================================
+
+Each is standardised per layer, ``z = clip((x - mean_i) / std_i, -10, 10)``, with statistics from
+training inputs (:meth:`Planners.set_feature_stats`) that are stored in the checkpoint. The clip
+bounds the environment's observation space (as SB3's ``VecNormalize(clip_obs=10)`` does).
+
+Why it matters: a backbone trained with mean pooling (all-MiniLM-L6-v2) leaves its ``[CLS]`` row
+nearly the same for every input until the last layer, so a ``[CLS]`` planner can only learn one
+fixed path (``dpbert-rl inspect`` measures this for any checkpoint).
 """
 
 from __future__ import annotations
@@ -13,29 +29,96 @@ import torch.nn.functional as F
 from torch import nn
 
 
+FEATURES = ("cls", "mean", "cls+mean")
+CLIP = 10.0  # standardised features are clipped to [-CLIP, CLIP]
+
+
+def check_features(features: str) -> str:
+    if features not in FEATURES:
+        raise ValueError(f"unknown planner features {features!r}; expected one of {FEATURES}")
+    return features
+
+
+def feature_dim(features: str, hidden_size: int) -> int:
+    """Width of the planner input for ``features`` on a backbone of width ``hidden_size``."""
+    return 2 * hidden_size if check_features(features) == "cls+mean" else hidden_size
+
+
+def token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)`` 1.0 on real tokens from the additive attention mask ``(batch, 1, 1, seq)``
+    (0 on real tokens, a large negative number on padding) or a 0/1 mask ``(batch, seq)``."""
+    if mask.dim() == 4:
+        return (mask[:, 0, 0, :] > -1.0).to(torch.float32)
+    return mask.to(torch.float32)
+
+
+def raw_features(hidden: torch.Tensor, mask: torch.Tensor, features: str) -> torch.Tensor:
+    """Unstandardised planner input ``(batch, F)`` from ``hidden`` ``(batch, seq, d)``."""
+    check_features(features)
+    parts = []
+    if features in ("cls", "cls+mean"):
+        parts.append(hidden[:, 0])
+    if features in ("mean", "cls+mean"):
+        m = token_mask(mask).to(hidden.dtype)[:, :, None]  # (batch, seq, 1)
+        parts.append((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
 class Planners(nn.Module):
-    """``L`` independent linear planners ``p_i = sigmoid(W_i h_{i-1}^cls + b_i)``.
+    """``L`` independent linear planners ``p_i = sigmoid(W_i z_i + b_i)`` on standardised features ``z_i``.
 
     :param num_layers: ``L``.
-    :param hidden_size: ``d``, the width of the ``[CLS]`` vector.
+    :param hidden_size: ``d``, the width of the backbone's hidden states.
+    :param features: what each planner reads: ``cls`` (the paper), ``mean`` or ``cls+mean``.
     :param init_bias: initial ``b_i``. The default 2.0 (``p_i ~ 0.88``) starts every gate nearly
         open, so that stage 2 begins close to the fine-tuned backbone rather than from a model
         that averages every layer with its input. The paper does not say; this is our choice.
     :param init_std: standard deviation of the initial ``W_i`` (BERT's initializer range).
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, init_bias: float = 2.0, init_std: float = 0.02):
+    def __init__(self, num_layers: int, hidden_size: int, init_bias: float = 2.0, init_std: float = 0.02,
+                 features: str = "cls"):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_layers, hidden_size) * init_std)  # (L, d)
+        self.features = check_features(features)
+        self.hidden_size = hidden_size
+        F_ = feature_dim(features, hidden_size)
+        self.weight = nn.Parameter(torch.randn(num_layers, F_) * init_std)  # (L, F)
         self.bias = nn.Parameter(torch.full((num_layers,), float(init_bias)))  # (L,)
+        # standardisation statistics per layer, from training inputs; identity until set
+        self.register_buffer("feature_mean", torch.zeros(num_layers, F_))  # (L, F)
+        self.register_buffer("feature_std", torch.ones(num_layers, F_))  # (L, F)
+        self.register_buffer("stats_set", torch.zeros((), dtype=torch.bool))
 
     @property
     def num_layers(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, i: int, cls: torch.Tensor) -> torch.Tensor:
-        """Logit of planner ``i`` (0-based) for ``cls`` ``(batch, d)``; returns ``(batch,)``."""
-        return cls @ self.weight[i] + self.bias[i]
+    @property
+    def feature_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor, min_std: float = 1e-6) -> None:
+        """Store the per-layer mean and standard deviation ``(L, F)`` of the raw features."""
+        if mean.shape != self.feature_mean.shape or std.shape != self.feature_std.shape:
+            raise ValueError(f"feature statistics must have shape {tuple(self.feature_mean.shape)}; "
+                             f"got {tuple(mean.shape)} and {tuple(std.shape)}")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(min_std))
+        self.stats_set.fill_(True)
+
+    def standardise(self, i: int, raw: torch.Tensor) -> torch.Tensor:
+        """``clip((raw - mean_i) / std_i, -10, 10)``: the input planner ``i`` reads, ``(batch, F)``."""
+        z = (raw - self.feature_mean[i].to(raw.dtype)) / self.feature_std[i].to(raw.dtype)
+        return z.clamp(-CLIP, CLIP)
+
+    def observe(self, i: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The standardised features of ``hidden`` ``(batch, seq, d)`` for planner ``i``: ``(batch, F)``.
+        The model's planners, the environments' observations and the agents all read this."""
+        return self.standardise(i, raw_features(hidden, mask, self.features))
+
+    def forward(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        """Logit of planner ``i`` (0-based) for standardised features ``z`` ``(batch, F)``; ``(batch,)``."""
+        return z @ self.weight[i] + self.bias[i]
 
 
 def bernoulli_log_prob(logit: torch.Tensor, action: torch.Tensor) -> torch.Tensor:

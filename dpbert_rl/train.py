@@ -16,7 +16,11 @@ Each stage reads the previous stage's checkpoint (``init``) and writes to its ow
     <output_dir>/metrics.jsonl     every logged scalar, one JSON object per line
     <output_dir>/tb/               TensorBoard events
     <output_dir>/checkpoint/       the latest resumable state (model, optimizer, scheduler, RNG)
-    <output_dir>/model/            the stage's result (best on dev by the stage's criterion)
+    <output_dir>/model/            the stage's result (best on the selection split by the stage's criterion;
+                                   dev is scored once, on that model, and written to model/DONE)
+
+Training reads the ``fit`` part of the training file; checkpoints are chosen on the held-out
+``select`` part (:func:`dpbert_rl.data.carve_selection`), never on dev.
 
 Re-running the same command resumes from ``checkpoint/``; a stage whose ``model/`` is complete
 is not run again. The same code runs on CPU, one GPU, or many with ``accelerate launch``.
@@ -40,7 +44,9 @@ from .backbone import DEFAULT_BACKBONE
 from .data import DataError, collator, get_task, load_split, tokenize
 from .evaluate import evaluate_model
 from .model import DPBert, TaskInfo
-from .objectives import BASELINES, check_rate, dpbert_objective, returns_to_go, skip_penalty, skip_rate
+from .objectives import (BASELINES, RATE_CONTROLS, REWARDS, DualPrice, check_rate, dpbert_objective, final_reward,
+                         reward_to_go, skip_penalty, skip_rate)
+from .planner import FEATURES, Planners
 
 STAGES = ("finetune", "planner_init", "rl", "soft", "layerdrop")
 _STAGE_MODE = {"finetune": "full", "planner_init": "soft", "rl": "sample", "soft": "soft", "layerdrop": "path"}
@@ -69,7 +75,7 @@ class TrainConfig:
     max_train_samples: Optional[int] = None
     """Train on a seeded random subset of this size (quick runs, SST-2 on a CPU)."""
     max_eval_samples: Optional[int] = None
-    """Evaluate on the first N dev examples only."""
+    """Score only the first N examples of the selection split and of dev."""
     batch_size: int = 32
     """Per-process training batch size (paper grid: 8, 16, 32)."""
     eval_batch_size: int = 64
@@ -86,17 +92,45 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     cost: float = 1.0
-    """c of eq. (9): the reward is -c for every executed layer."""
+    """c of eq. (9): the reward is -c for every executed layer. With rate_control 'dual' it is only the
+    starting price of a layer, which dual ascent then moves."""
     lam: float = 5.0
-    """lambda of eq. (9): weight of the task loss in the reward (paper grid: 5, 20, 35, 50)."""
+    """lambda of eq. (9): weight of the outcome term in the reward (paper grid: 5, 20, 35, 50)."""
+    reward: str = "correct"
+    """[choice] The reward's outcome term: 'loss' (eq. 9, -lambda * task loss) or 'correct' (bounded:
+    lambda * 1[correct]; lambda * (1 - tanh|error|) for regression). Under 'loss' the spread of the
+    loss between inputs dwarfs the layer costs, and on a fine-tuned backbone skipping everything can
+    win (README)."""
+    rate_control: str = "dual"
+    """[choice] How the skip rate is held at target_rate: 'dual' (a price per executed layer set by dual
+    ascent, so that the greedy policy at threshold 0.5 hits the rate), 'penalty' (beta (S - r)^2 of
+    eq. 11, the paper's) or 'none'."""
+    dual_lr: float = 0.05
+    """Step size of the dual ascent on the layer price (rate_control 'dual')."""
+    planner_features: str = "mean"
+    """[choice] What the planners read: 'cls' (the paper's [CLS] row), 'mean' (masked mean of the token
+    states) or 'cls+mean'; standardised per layer with statistics of training inputs (README)."""
+    feature_stats_samples: int = 1000
+    """Training inputs used for the features' standardisation statistics (stage 2, or the first planner
+    stage)."""
+    samples: int = 4
+    """[choice] Paths drawn per input in stage 3 (the 'loo' baseline's K); batch_size counts inputs."""
+    normalise_advantages: bool = True
+    """[choice] Scale stage 3's advantages to zero mean and unit variance per batch."""
+    entropy_coef: float = 0.01
+    """[choice] Weight of an entropy bonus on the planners in stage 3, decayed linearly to 0."""
+    detach_planner_input: bool = True
+    """[choice] In stage 3, keep the policy gradient out of the backbone: the planners read the states
+    without passing gradients into them (the backbone still trains on the task loss)."""
     beta: float = 200.0
     """[choice] beta of eq. (12): weight of the skip-rate penalty. The paper's grid is 0.1-1.5, but
     with S of eq. (10) a mean over layers and examples, P is tiny (0.2^2 = 0.04): at 0.5 the planners
     stayed open, at 20 the REINFORCE term still pulled S away from r; 200 holds S at r (README)."""
     target_rate: Optional[float] = 0.3
     """r of eq. (11): target fraction of layers skipped, in [0, 1]; None drops the penalty."""
-    baseline: str = "batch-mean"
-    """[choice] REINFORCE baseline b_i of eq. (12): none, batch-mean or self-critical."""
+    baseline: str = "loo"
+    """[choice] REINFORCE baseline b_i of eq. (12): none, batch-mean, self-critical, or loo (leave-one-out
+    over the `samples` paths of the same input)."""
     init_penalty: bool = True
     """[choice] Add beta*P to the task loss in stage 2 as well, so that the planners start stage 3
     near the target rate. The paper's stage 2 uses the task loss alone (set False)."""
@@ -106,12 +140,12 @@ class TrainConfig:
     """Stage ``layerdrop`` only: probability that a layer is dropped for a training batch (the same
     layers for the whole batch: structured dropout, Fan et al. 2020)."""
     select_tolerance: float = 0.05
-    """Stages with planners keep the best dev score among evaluations whose skip rate is at least
-    target_rate - select_tolerance (else the last one)."""
+    """Stages with planners keep the best selection-split score among evaluations whose skip rate is at
+    least target_rate - select_tolerance (else the last one)."""
     eval_steps: Optional[int] = None
     """Evaluate every N optimizer steps (default: evals_per_epoch times per epoch)."""
     evals_per_epoch: int = 1
-    """Dev evaluations per epoch when eval_steps is not given."""
+    """Selection-split evaluations per epoch when eval_steps is not given."""
     save_steps: int = 50
     """Write the resumable checkpoint every N steps (and at every evaluation)."""
     logging_steps: int = 10
@@ -132,6 +166,15 @@ class TrainConfig:
             raise ValueError(f"layerdrop must be in [0, 1); got {self.layerdrop}")
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
+        for name, allowed in (("reward", REWARDS), ("rate_control", RATE_CONTROLS), ("planner_features", FEATURES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {allowed}")
+        if self.baseline == "loo" and self.samples < 2:
+            raise ValueError(f"baseline 'loo' needs samples >= 2; got {self.samples}")
+        if self.samples < 1 or self.feature_stats_samples < 2:
+            raise ValueError("samples must be >= 1 and feature_stats_samples >= 2")
+        if self.entropy_coef < 0 or self.dual_lr <= 0:
+            raise ValueError(f"entropy_coef must be >= 0 and dual_lr > 0; got {self.entropy_coef}, {self.dual_lr}")
         if self.bad_rows not in ("error", "skip"):
             raise ValueError(f"bad_rows must be 'error' or 'skip'; got {self.bad_rows!r}")
         for name in ("batch_size", "eval_batch_size", "save_steps", "logging_steps", "max_seq_length"):
@@ -160,13 +203,14 @@ def build_model(cfg: TrainConfig, init: Optional[str] = None) -> DPBert:
     return model
 
 
-def load_data(cfg: TrainConfig, tokenizer, splits=("train", "dev")) -> dict:
-    """Tokenised train and dev sets of ``cfg.task``."""
+def load_data(cfg: TrainConfig, tokenizer, splits=("train", "select")) -> dict:
+    """Tokenised sets of ``cfg.task``: ``train`` is the ``fit`` part of the training file (a seeded
+    subset of ``max_train_samples``), ``select`` the held-out selection split, ``dev`` the dev set."""
     task = get_task(cfg.task)
     out = {}
     for split in splits:
         n = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
-        ds = load_split(task, split, cfg.data_dir, max_samples=n,
+        ds = load_split(task, "fit" if split == "train" else split, cfg.data_dir, max_samples=n,
                         shuffle_seed=cfg.seed if split == "train" else None, bad_rows=cfg.bad_rows)
         out[split] = tokenize(ds, tokenizer, cfg.max_seq_length)
     return out
@@ -176,8 +220,15 @@ def _flat_config(d: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
 
 
-def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: dict):
-    """One forward pass of ``stage`` on ``batch``; returns (loss, output, logs)."""
+def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: dict, price: float = 1.0,
+                progress: float = 0.0):
+    """One forward pass of ``stage`` on ``batch``; returns (loss, output, logs).
+
+    :param price: the cost of an executed layer in stage 3's reward (``cfg.cost``, or the dual price).
+    :param progress: fraction of the stage done, for the entropy bonus's decay.
+    """
+    if stage == "rl" and cfg.samples > 1:  # K paths per input, rows grouped by input
+        batch = {k: v.repeat_interleave(cfg.samples, 0) for k, v in batch.items()}
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   token_type_ids=batch.get("token_type_ids"), labels=batch["labels"])
     if stage == "layerdrop":
@@ -190,7 +241,8 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
         if stage == "layerdrop":
             logs["charts/layers_executed"] = out.layers_executed.float().mean().item()
         return out.loss, out, logs
-    with_penalty = cfg.target_rate is not None and (stage != "planner_init" or cfg.init_penalty)
+    with_penalty = cfg.target_rate is not None and (
+        (stage == "planner_init" and cfg.init_penalty) or (stage != "planner_init" and cfg.rate_control == "penalty"))
     if stage in ("planner_init", "soft"):
         loss = out.loss
         if with_penalty:
@@ -198,15 +250,23 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
             loss = loss + cfg.beta * penalty
             logs["losses/penalty"] = penalty.item()
     else:  # rl: eq. (12)
+        def outcome(o):
+            return final_reward(cfg.reward, o.per_example_loss, raw_model.predict(o.logits), inputs["labels"],
+                                raw_model.is_regression)
+
         greedy = None
         if cfg.baseline == "self-critical":
             with torch.no_grad():
                 g = raw_model(**inputs, mode="hard")
-            greedy = returns_to_go(g.actions, g.per_example_loss, cfg.cost, cfg.lam)
+            greedy = reward_to_go(g.actions, outcome(g), price, cfg.lam)
         parts = dpbert_objective(out.loss, out.log_probs, out.probs, out.actions, out.per_example_loss,
-                                 cfg.cost, cfg.lam, cfg.beta, cfg.target_rate, cfg.baseline, greedy)
+                                 price, cfg.lam, cfg.beta, cfg.target_rate if with_penalty else None, cfg.baseline,
+                                 greedy, outcome=outcome(out), samples=cfg.samples, normalise=cfg.normalise_advantages,
+                                 entropy=out.entropy, entropy_coef=cfg.entropy_coef * max(0.0, 1.0 - progress))
         loss = parts["loss"]
         logs.update({"losses/policy_loss": parts["policy_loss"].item(), "losses/penalty": parts["penalty"].item(),
+                     "losses/entropy_bonus": parts["entropy_bonus"].item(), "charts/layer_price": price,
+                     "charts/greedy_execute_rate": (out.probs >= 0.5).float().mean().item(),
                      "charts/episodic_return": parts["returns"][:, 0].mean().item()})
     logs.update({
         "losses/entropy": out.entropy.mean().item(),
@@ -251,6 +311,11 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     model = build_model(cfg, init)
     data = load_data(cfg, model.tokenizer)
     collate = collator(model.tokenizer)
+    resuming = ckpt_dir.is_dir() and (ckpt_dir / "state.json").is_file()
+    if stage in ("planner_init", "rl", "soft"):
+        _prepare_planners(stage, cfg, model, data["train"], collate, fit_stats=not resuming)
+    if stage == "rl" and not resuming:
+        check_reward(model, data["train"], collate, cfg)
 
     # ---- what is trained
     train_backbone = stage != "planner_init"
@@ -277,13 +342,18 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
 
     # ---- resume
     state = {"global_step": 0, "best": None, "best_step": None}
-    if ckpt_dir.is_dir() and (ckpt_dir / "state.json").is_file():
+    if resuming:
         state = _load_checkpoint(ckpt_dir, raw, optimizer, scheduler)
         accelerator.print(f"[{stage}] resuming from {ckpt_dir} at step {state['global_step']}/{total_steps}")
+    dual = None
+    if stage == "rl" and cfg.rate_control == "dual" and cfg.target_rate is not None:
+        dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost)
+        if "dual" in state:
+            dual.load_state_dict(state["dual"])
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"stage": stage, "init": init, **asdict(cfg), "num_processes": world,
-                    "train_examples": len(data["train"]), "eval_examples": len(data["dev"]),
+                    "train_examples": len(data["train"]), "select_examples": len(data["select"]),
                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
     accelerator.init_trackers("tb", config=_flat_config(asdict(cfg)))
@@ -293,7 +363,7 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     L = raw.num_layers
 
     def evaluate_and_select(step: int) -> dict:
-        res = evaluate_model(raw, task, data["dev"], collate, cfg.eval_batch_size, eval_mode)
+        res = evaluate_model(raw, task, data["select"], collate, cfg.eval_batch_size, eval_mode)
         ok = stage in ("finetune", "planner_init", "layerdrop") or cfg.target_rate is None or \
             res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance
         if ok and (state["best"] is None or res["score"] > state["best"]):
@@ -322,7 +392,8 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
         if not train_backbone:
             raw.backbone.eval()  # frozen backbone: no dropout, so stage 2 sees fixed features
         for batch in loader:
-            loss, out, logs = _stage_loss(stage, cfg, model, raw, batch)
+            price = dual.price if dual is not None else cfg.cost
+            loss, out, logs = _stage_loss(stage, cfg, model, raw, batch, price, step / total_steps)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"[{stage}] loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
@@ -334,6 +405,11 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if dual is not None:  # the same price on every process: the mean rate over all of them
+                rate = accelerator.reduce(torch.tensor(logs["charts/greedy_execute_rate"],
+                                                       device=accelerator.device), "mean")
+                dual.update(float(rate))
+                state["dual"] = dual.state_dict()
             step += 1
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
@@ -344,10 +420,12 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
                                  if k in ("losses/task_loss", "charts/layers_executed")})
             if step % eval_steps == 0 or step == total_steps:
                 res = evaluate_and_select(step)
-                _log(accelerator, metrics_file, {"eval/dev_score": res["score"],
-                                                 "eval/layers_executed": res["layers_executed_mean"],
-                                                 "eval/skip_rate": res["skip_rate"]}, step, main)
-                accelerator.print(f"[{stage}] step {step}: dev {task.metric} {res['score']:.2f}, "
+                diag = {"eval/select_score": res["score"], "eval/layers_executed": res["layers_executed_mean"],
+                        "eval/skip_rate": res["skip_rate"], "eval/distinct_paths": res["distinct_paths"]}
+                if res.get("mid_gate_fraction") is not None:
+                    diag["eval/mid_gate_fraction"] = res["mid_gate_fraction"]
+                _log(accelerator, metrics_file, diag, step, main)
+                accelerator.print(f"[{stage}] step {step}: selection {task.metric} {res['score']:.2f}, "
                                   f"layers {res['layers_executed_mean']:.2f}/{L}")
             if (step % cfg.save_steps == 0 or step % eval_steps == 0) and step < total_steps and main:
                 _save_checkpoint(ckpt_dir, raw, optimizer, scheduler, {**state, "global_step": step})
@@ -360,8 +438,11 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     if main:
         if state["best"] is None:  # no evaluation met the selection rule: keep the last model
             _save_atomic(raw, model_dir, extra={"step": step, "note": "last (no evaluation met the skip-rate rule)"})
-        (model_dir / DONE_FILE).write_text(json.dumps({"best_dev": state["best"], "best_step": state["best_step"],
-                                                       "steps": step, "seconds": time.time() - t0}))
+        seconds = time.time() - t0
+        dev = score_dev_once(model_dir, cfg, eval_mode)  # scored once, on the chosen model; chooses nothing
+        (model_dir / DONE_FILE).write_text(json.dumps({"best_select": state["best"], "best_step": state["best_step"],
+                                                       "steps": step, "seconds": seconds, "dev": dev}))
+        accelerator.print(f"[{stage}] chosen model (step {state['best_step']}): dev {task.metric} {dev['score']:.2f}")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would tear down the process group
@@ -369,14 +450,86 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     return model_dir
 
 
+def _prepare_planners(stage: str, cfg: TrainConfig, model: DPBert, train_set, collate, fit_stats: bool) -> None:
+    """Give a planner stage planners that read ``cfg.planner_features``, standardised with statistics of
+    training inputs. Stage 2 (and any stage whose planners were never trained) starts them fresh; a
+    later stage must continue planners of the same features."""
+    p = model.planners
+    fresh = stage == "planner_init" or not bool(p.stats_set)
+    if not fresh and p.features != cfg.planner_features:
+        raise TrainingError(f"[{stage}] the checkpoint's planners read {p.features!r} features; "
+                            f"--planner-features {cfg.planner_features} needs a new stage 2")
+    if fresh and (p.features != cfg.planner_features or stage == "planner_init"):
+        model.planners = Planners(model.num_layers, model.backbone.hidden_size, cfg.planner_init_bias,
+                                  features=cfg.planner_features).to(next(model.parameters()).device)
+    model.detach_planner_input = cfg.detach_planner_input and stage in ("rl", "soft")
+    if fresh and fit_stats:
+        sample = train_set.select(range(min(cfg.feature_stats_samples, len(train_set))))
+        stats = model.fit_feature_stats(sample, collate, cfg.eval_batch_size)
+        warn_if_constant(stats)
+
+
+def warn_if_constant(stats: dict, threshold: float = 1e-3) -> list:
+    """Warn when the planner input hardly varies across inputs before some layers (``spread`` below
+    ``threshold``): planners there can only learn a fixed decision. Returns those layers (1-based)."""
+    import warnings
+
+    flat = [i + 1 for i, v in enumerate(stats["spread"]) if v < threshold]
+    if flat:
+        warnings.warn(
+            f"the planners' {stats['features']!r} features are nearly constant across inputs before layer(s) "
+            f"{flat} (variance / |mean|^2 < {threshold:g} on {stats['examples']} training inputs): planners there "
+            "can only learn a fixed decision. Try --planner-features mean (see `dpbert-rl inspect`).",
+            stacklevel=3)
+    return flat
+
+
+@torch.no_grad()
+def check_reward(model: DPBert, dataset, collate, cfg: TrainConfig, samples: int = 256) -> dict:
+    """Estimate on training inputs whether skipping every layer beats the full model under the configured
+    reward; if it does, warn and say which lambda would not. Returns both mean rewards."""
+    import warnings
+
+    from .evaluate import run_dataset
+
+    sample = dataset.select(range(min(samples, len(dataset))))
+    L = model.num_layers
+    q = {}
+    for name, path in (("full", torch.ones(L)), ("skip_all", torch.zeros(L))):
+        run = run_dataset(model, sample, collate, cfg.eval_batch_size, "path", actions=path, with_loss=True)
+        q[name] = float(final_reward(cfg.reward, torch.as_tensor(run["losses"]), torch.as_tensor(run["predictions"]),
+                                     torch.as_tensor(run["labels"]), model.is_regression).mean())
+    full, skip = cfg.lam * q["full"] - cfg.cost * L, cfg.lam * q["skip_all"]
+    out = {"full": full, "skip_all": skip, "examples": len(sample)}
+    if skip >= full:
+        gain = q["full"] - q["skip_all"]
+        fix = (f"lambda > {cfg.cost * L / gain:.3g} (with c = {cfg.cost:g}) or c < {cfg.lam * gain / L:.3g} "
+               f"(with lambda = {cfg.lam:g})") if gain > 0 else "a backbone whose full path is better than none"
+        warnings.warn(f"under the configured reward ({cfg.reward}, lambda={cfg.lam:g}, c={cfg.cost:g}) skipping every "
+                      f"layer earns {skip:.3g} on average and the full model {full:.3g} on {len(sample)} training "
+                      f"inputs: the best policy is to skip everything. Use {fix}.", stacklevel=2)
+    return out
+
+
+def score_dev_once(model_dir, cfg: TrainConfig, mode: str) -> dict:
+    """The dev score of a stage's chosen model: reported, never used to choose anything."""
+    model = DPBert.load(model_dir)
+    dev = load_data(cfg, model.tokenizer, splits=("dev",))["dev"]
+    res = evaluate_model(model, get_task(cfg.task), dev, collator(model.tokenizer), cfg.eval_batch_size, mode)
+    return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+
+
 # fields that do not change what a stage computes (bookkeeping), and those a stage does not read
 _BOOKKEEPING = {"output_dir", "progress", "eval_steps", "evals_per_epoch", "save_steps", "logging_steps", "cpu",
                 "eval_batch_size", "select_tolerance"}
-_NO_PLANNERS = {"cost", "lam", "beta", "target_rate", "baseline", "init_penalty", "planner_lr", "planner_init_bias"}
+_RL_ONLY = {"cost", "lam", "baseline", "reward", "rate_control", "dual_lr", "samples", "normalise_advantages",
+            "entropy_coef", "detach_planner_input"}
+_NO_PLANNERS = _RL_ONLY | {"beta", "target_rate", "init_penalty", "planner_lr", "planner_init_bias", "planner_features",
+                           "feature_stats_samples"}
 _UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
            "layerdrop": _NO_PLANNERS,
-           "planner_init": {"cost", "lam", "baseline", "lr", "layerdrop"},
-           "soft": {"cost", "lam", "baseline", "init_penalty", "layerdrop"},
+           "planner_init": _RL_ONLY | {"lr", "layerdrop"},
+           "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop"},
            "rl": {"init_penalty", "layerdrop"}}
 
 
@@ -447,11 +600,10 @@ class PipelineConfig(TrainConfig):
     """Stage 3, joint REINFORCE (paper: not given; 5)."""
     stage3_lr: Optional[float] = None
     """Backbone learning rate in stage 3 (default: lr)."""
-    calibrate_threshold: bool = True
-    """[choice] After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy
-    skip rate on training inputs matches target_rate. On a CPU budget the planners learn which layers
-    to skip for which input, but their probabilities stay near 1 - r rather than polarising to 0/1, so
-    at 0.5 every gate is open. The threshold is chosen on training data, never on dev."""
+    calibrate_threshold: bool = False
+    """After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy skip rate
+    on the selection split matches target_rate. Needed with rate_control 'penalty', whose gates stay near
+    p = 1 - r; with 'dual' (the default) the greedy policy at 0.5 already holds the rate."""
     calibration_samples: int = 1000
     """Training inputs used to calibrate the threshold."""
     latency_repeats: int = 3
@@ -523,10 +675,11 @@ def calibrate_threshold(model: DPBert, dataset, collate_fn, target_rate: float, 
 
 
 def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = None) -> dict:
-    """Calibrate the threshold of a trained checkpoint on training inputs and save it in place."""
+    """Calibrate the threshold of a trained checkpoint on the selection split and save it in place."""
     model = DPBert.load(model_dir).eval()
     n = samples or getattr(cfg, "calibration_samples", 1000)
-    ds = tokenize(load_split(cfg.task, "train", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
+    # calibration is a choice: it reads the held-out selection split, never dev
+    ds = tokenize(load_split(cfg.task, "select", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
                   model.tokenizer, cfg.max_seq_length)
     threshold, reached = calibrate_threshold(model, ds, collator(model.tokenizer), cfg.target_rate,
                                              cfg.eval_batch_size)
@@ -534,7 +687,7 @@ def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = N
     model.save(model_dir)
     info = {"threshold": threshold, "train_skip_rate": reached, "target_rate": cfg.target_rate, "examples": len(ds)}
     (Path(model_dir) / "calibration.json").write_text(json.dumps(info, indent=2))
-    print(f"[calibration] threshold {threshold:.4f}: skip rate {reached:.3f} on {len(ds)} training inputs")
+    print(f"[calibration] threshold {threshold:.4f}: skip rate {reached:.3f} on {len(ds)} selection inputs")
     return info
 
 

@@ -17,20 +17,26 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from dpbert_rl.objectives import final_reward
+
 OBS_MODES = ("box", "dict")
 BACKBONE_MODES = ("frozen", "joint")
 
 
-def observe(hidden: torch.Tensor, i: int, num_layers: int, observation: str = "box") -> Any:
-    """The observation before layer ``i`` (0-based; ``i = L`` after the last): ``[CLS]`` of ``hidden``
-    ``(N, seq, d)`` and the layer's one-hot, as ``(N, d + L)`` float32 or a dict of the two parts."""
-    cls = hidden[:, 0].detach().float().cpu().numpy().copy()  # (N, d); never a view of hidden
-    layer = np.zeros((hidden.shape[0], num_layers), dtype=np.float32)
-    if i < num_layers:
+def observe(planners, hidden: torch.Tensor, mask: torch.Tensor, i: int, observation: str = "box") -> Any:
+    """The observation before layer ``i`` (0-based; ``i = L`` after the last): the planner features of
+    ``hidden`` ``(N, seq, d)`` (standardised, :meth:`dpbert_rl.planner.Planners.observe`) and the layer's
+    one-hot, as ``(N, F + L)`` float32 or a dict of the two parts. After the last layer the features are
+    those that layer ``L``'s statistics standardise (the episode is over; nothing acts on them)."""
+    L = planners.num_layers
+    with torch.no_grad():
+        feats = planners.observe(min(i, L - 1), hidden.detach(), mask).float().cpu().numpy().copy()  # (N, F)
+    layer = np.zeros((hidden.shape[0], L), dtype=np.float32)
+    if i < L:
         layer[:, i] = 1.0
     if observation == "dict":
-        return {"cls": cls, "layer": layer}
-    return np.concatenate([cls, layer], axis=1)
+        return {"features": feats, "layer": layer}
+    return np.concatenate([feats, layer], axis=1)
 
 
 class _Episodes:
@@ -42,10 +48,12 @@ class _Episodes:
     """
 
     def __init__(self, task, data_dir, split, model, c, lambda_, max_seq_length, max_samples, observation,
-                 backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device):
+                 backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device, features="auto",
+                 reward="loss", stats_samples=1000):
         from dpbert_rl.data import collator, get_task, load_split, tokenize
-        from dpbert_rl.model import DPBert
-        from dpbert_rl.objectives import check_rate
+        from dpbert_rl.model import DPBert, feature_stats
+        from dpbert_rl.objectives import REWARDS, check_rate
+        from dpbert_rl.planner import FEATURES, Planners
 
         if observation not in OBS_MODES:
             raise ValueError(f"observation must be one of {OBS_MODES}; got {observation!r}")
@@ -67,7 +75,24 @@ class _Episodes:
                              max_seq_length)
         self.collate = collator(self.model.tokenizer)
         self.L = self.model.num_layers
-        self.d = self.model.backbone.hidden_size
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
+        self.reward = reward
+        # what the agent sees: the model's own planner features when they fit, else fresh statistics
+        own = self.model.planners
+        if features == "auto":
+            features = own.features
+        if features not in FEATURES:
+            raise ValueError(f"features must be 'auto' or one of {FEATURES}; got {features!r}")
+        if features == own.features and bool(own.stats_set):
+            self.planners = own
+        else:  # standardise with statistics of this env's own inputs (training inputs when split is)
+            self.planners = Planners(self.L, self.model.backbone.hidden_size, features=features)
+            sample = self.data.select(range(min(int(stats_samples), len(self.data))))
+            stats = feature_stats(self.model, sample, self.collate, features)
+            self.planners.set_feature_stats(stats["mean"], stats["std"])
+        self.planners.to(self.device)
+        self.d = self.planners.feature_dim
         self.c, self.lambda_ = float(c), float(lambda_)
         self.target_rate, self.rate_coef = target_rate, float(rate_coef)
         self.observation = observation
@@ -83,25 +108,15 @@ class _Episodes:
 
     # -------------------------------------------------------------- spaces
     def single_observation_space(self) -> spaces.Space:
-        bound = self.cls_bound()
-        cls = spaces.Box(-bound, bound, (self.d,), np.float32)
+        from dpbert_rl.planner import CLIP
+
+        feats = spaces.Box(-CLIP, CLIP, (self.d,), np.float32)
         layer = spaces.Box(0.0, 1.0, (self.L,), np.float32)
         if self.observation == "dict":
-            return spaces.Dict({"cls": cls, "layer": layer})
-        low = np.concatenate([cls.low, layer.low]).astype(np.float32)
-        high = np.concatenate([cls.high, layer.high]).astype(np.float32)
+            return spaces.Dict({"features": feats, "layer": layer})
+        low = np.concatenate([feats.low, layer.low]).astype(np.float32)
+        high = np.concatenate([feats.high, layer.high]).astype(np.float32)
         return spaces.Box(low, high, (self.d + self.L,), np.float32)
-
-    def cls_bound(self) -> float:
-        """A bound on every [CLS] coordinate. Each state of a post-LayerNorm encoder (BERT, RoBERTa,
-        ELECTRA) is a LayerNorm output, whose normalised part has norm sqrt(d); so each coordinate is
-        at most sqrt(d) max|gamma| + max|beta|. Doubled, for a backbone that joint mode updates."""
-        norms = [m for m in self.model.backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
-        if not norms:
-            return 1e4
-        gamma = max(float(m.weight.abs().max()) for m in norms if m.weight is not None)
-        beta = max(float(m.bias.abs().max()) for m in norms if m.bias is not None)
-        return float(np.float32(2.0 * (np.sqrt(self.d) * gamma + beta)))
 
     # -------------------------------------------------------------- episodes
     def start(self, indices: np.ndarray) -> Any:
@@ -118,7 +133,7 @@ class _Episodes:
         return self.obs()
 
     def obs(self) -> Any:
-        return observe(self.h, self.i, self.L, self.observation)
+        return observe(self.planners, self.h, self.mask, self.i, self.observation)
 
     def step(self, actions: np.ndarray):
         """Advance every episode by one layer; returns (obs, rewards (N,), done, final infos or None)."""
@@ -144,11 +159,13 @@ class _Episodes:
         if self.joint:
             self._update(loss)
         loss_np = loss.detach().float().cpu().numpy().astype(np.float64)
-        rewards = rewards - self.lambda_ * loss_np
+        preds_t = self.model.predict(logits.detach())
+        outcome = final_reward(self.reward, loss.detach(), preds_t, self.labels, self.model.is_regression)
+        rewards = rewards + self.lambda_ * outcome.float().cpu().numpy().astype(np.float64)
         if self.target_rate is not None and self.rate_coef:
             skipped = 1.0 - self.path.mean(1)
             rewards = rewards - self.rate_coef * (skipped - self.target_rate) ** 2
-        preds = self.model.predict(logits.detach()).float().cpu().numpy()
+        preds = preds_t.float().cpu().numpy()
         labels = self.labels.float().cpu().numpy()
         infos = [{
             "loss": float(loss_np[j]),
@@ -182,6 +199,17 @@ class _ModelAccess:
     def num_layers(self) -> int:
         """``L``: the episode length."""
         return self.core.L
+
+    @property
+    def feature_dim(self) -> int:
+        """``F``: the width of the observation's feature part."""
+        return self.core.d
+
+    @property
+    def observer(self):
+        """The :class:`~dpbert_rl.planner.Planners` whose features and statistics make the observations;
+        pass it to :func:`agents.evaluate.agent_forward` to drive the model as in this env."""
+        return self.core.planners
 
 
 class LayerSkipEnv(_ModelAccess, gym.Env):
@@ -243,9 +271,11 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
                  model: Union[str, Any] = "minilm", c: float = 1.0, lambda_: float = 5.0, max_seq_length: int = 128,
                  max_samples: Optional[int] = None, observation: str = "box", backbone_mode: str = "frozen",
                  joint_lr: float = 2e-5, joint_update_every: int = 32, target_rate: Optional[float] = None,
-                 rate_coef: float = 0.0, device: str = "cpu", render_mode: Optional[str] = None):
+                 rate_coef: float = 0.0, device: str = "cpu", features: str = "auto", reward: str = "loss",
+                 stats_samples: int = 1000, render_mode: Optional[str] = None):
         self.core = _Episodes(task, data_dir, split, model, c, lambda_, max_seq_length, max_samples, observation,
-                              backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device)
+                              backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device, features,
+                              reward, stats_samples)
         self.observation_space = self.core.single_observation_space()
         self.action_space = spaces.Discrete(2)
         self.render_mode = render_mode

@@ -80,11 +80,13 @@ def test_reinforce_gradient_equals_the_stage3_trainer(tiny_model_dir, tiny_glue)
     n, c, lam, beta, rate = 6, 1.0, 5.0, 3.0, 0.4
     env = vec(tiny_model_dir, tiny_glue, n=n, c=c, lambda_=lam)
     agent = ReinforceAgent(baseline="batch-mean", target_rate=rate, beta=beta)
-    agent._build(env.num_layers, env.model.backbone.hidden_size)
+    agent._build(env.num_layers, env.feature_dim)
     with torch.no_grad():
         agent.planners.weight.normal_(0, 0.5)
     model = DPBert.load(tiny_model_dir).eval()
     model.planners.load_state_dict(agent.planners.state_dict())
+    # the model's planners read what the env shows: the same features and statistics
+    model.planners.set_feature_stats(env.observer.feature_mean, env.observer.feature_std)
     indices = np.arange(n)
     actions = np.random.default_rng(0).integers(0, 2, size=(n, env.num_layers))
     obs, _ = env.reset(options={"indices": indices})

@@ -81,15 +81,35 @@ def test_same_seed_same_episodes(tiny_model_dir, tiny_glue):
             assert np.array_equal(ra[0], rb[0]) and ra[1] == rb[1]
 
 
-def test_skip_leaves_the_cls_part_unchanged(tiny_model_dir, tiny_glue):
-    env = make(tiny_model_dir, tiny_glue)
+@pytest.mark.parametrize("features", ["cls", "mean", "cls+mean"])
+def test_skip_leaves_the_observed_state_unchanged(tiny_model_dir, tiny_glue, features):
+    from dpbert_rl.planner import raw_features
+
+    env = make(tiny_model_dir, tiny_glue, features=features)
     obs, _ = env.reset(seed=0)
-    d = env.model.backbone.hidden_size
+    d = env.feature_dim
+    assert d == (64 if features == "cls+mean" else 32) and env.observation_space.shape == (d + env.num_layers,)
+    p, core = env.observer, env.core
+
+    def expected(i):  # the state's raw features, standardised by hand with layer i's statistics
+        x = raw_features(core.h, core.mask, features)[0].numpy()
+        return np.clip((x - p.feature_mean[i].numpy()) / p.feature_std[i].numpy(), -10, 10)
+
+    h0 = core.h.clone()
+    assert np.allclose(obs[:d], expected(0), atol=1e-4)
     nxt, *_ = env.step(0)
-    assert np.array_equal(obs[:d], nxt[:d])
+    assert torch.equal(core.h, h0) and np.allclose(nxt[:d], expected(1), atol=1e-4)
     assert obs[d:].argmax() == 0 and nxt[d:].argmax() == 1
-    nxt2, *_ = env.step(1)
-    assert not np.allclose(nxt[:d], nxt2[:d])
+    env.step(1)
+    assert not torch.allclose(core.h, h0)
+
+
+def test_observations_are_standardised_on_the_env_inputs(tiny_model_dir, tiny_glue):
+    """Per layer, the feature part has mean ~0 and std ~1 over the inputs whose statistics it uses."""
+    env = make_vec(tiny_model_dir, tiny_glue, n=48, features="mean")
+    obs, _ = env.reset(options={"indices": np.arange(48)})
+    z = obs[:, :env.feature_dim]
+    assert np.abs(z.mean(0)).max() < 1e-3 and np.allclose(z.std(0, ddof=1), 1.0, atol=1e-2)
 
 
 def test_vector_env_yields_the_transitions_of_n_single_envs(tiny_model_dir, tiny_glue):
@@ -115,7 +135,7 @@ def test_vector_env_yields_the_transitions_of_n_single_envs(tiny_model_dir, tiny
             else:
                 assert np.allclose(vobs[j], o, atol=1e-5)
     # same-step autoreset: the observation returned at the end starts new episodes at layer 0
-    d = vec.model.backbone.hidden_size
+    d = vec.feature_dim
     assert (vobs[:, d:].argmax(1) == 0).all()
 
 

@@ -36,12 +36,15 @@ def test_finetune_writes_config_metrics_tensorboard_and_model(tiny_ckpt, tiny_gl
     conf = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert conf["stage"] == "finetune" and conf["steps_per_epoch"] == 6
     rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval/dev_score" in r for r in rows) and any("losses/task_loss" in r for r in rows)
+    assert any("eval/select_score" in r for r in rows) and any("losses/task_loss" in r for r in rows)
+    assert not any("eval/dev_score" in r for r in rows)  # dev chooses nothing, so it is not watched either
+    done = json.loads((out / "DONE").read_text())
+    assert done["dev"]["num_examples"] == 24 and conf["select_examples"] == 5 and conf["train_examples"] == 43
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = list((tmp_path / "ft" / "tb").rglob("events.out.tfevents*"))
     acc = EventAccumulator(str(events[0].parent)).Reload()
-    assert "losses/task_loss" in acc.Tags()["scalars"] and "eval/dev_score" in acc.Tags()["scalars"]
+    assert "losses/task_loss" in acc.Tags()["scalars"] and "eval/select_score" in acc.Tags()["scalars"]
     # a finished stage is not run again; settings it does not read may change
     assert train_stage("finetune", cfg(tiny_ckpt, tiny_glue, tmp_path / "ft", epochs=1, lam=50.0)) == out
     # but one started with other settings is neither reused nor resumed
