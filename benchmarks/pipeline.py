@@ -40,12 +40,19 @@ def main() -> None:
     ap.add_argument("--output-dir", default="runs/bench-pipeline")
     ap.add_argument("--stage1-epochs", type=float, default=3.0)
     ap.add_argument("--stage2-epochs", type=float, default=1.0)
-    ap.add_argument("--stage3-epochs", type=float, default=2.0)
+    ap.add_argument("--stage3-epochs", type=float, default=1.0)
+    ap.add_argument("--stage3-batch-size", type=int, default=8, help="inputs per stage-3 batch (each drawn --samples times)")
+    ap.add_argument("--samples", type=int, default=4, help="paths drawn per input in stage 3 (leave-one-out baseline)")
+    ap.add_argument("--cost", type=float, default=0.05, help="starting price of a layer (dual ascent moves it)")
+    ap.add_argument("--dual-lr", type=float, default=0.02)
+    ap.add_argument("--reward", default="correct")
+    ap.add_argument("--rate-control", default="dual")
+    ap.add_argument("--planner-features", default="mean")
     ap.add_argument("--lr", type=float, default=1e-4, help="stages 1-2 (MiniLM needs more than BERT-base's 2e-5)")
     ap.add_argument("--stage3-lr", type=float, default=2e-5, help="backbone learning rate in stage 3")
     ap.add_argument("--planner-lr", type=float, default=1e-3)
-    ap.add_argument("--target-rate", type=float, default=0.3)
-    ap.add_argument("--lam", type=float, default=10.0)
+    ap.add_argument("--target-rate", type=float, default=0.35)
+    ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=200.0)
     ap.add_argument("--evals-per-epoch", type=int, default=3)
     ap.add_argument("--seed", type=int, default=42)
@@ -68,6 +75,8 @@ def main() -> None:
             stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs, stage3_epochs=args.stage3_epochs,
             target_rate=args.target_rate, lam=args.lam, beta=args.beta, seed=args.seed, threads=args.threads,
             lr=args.lr, stage3_lr=args.stage3_lr, planner_lr=args.planner_lr, evals_per_epoch=args.evals_per_epoch,
+            stage3_batch_size=args.stage3_batch_size, samples=args.samples, cost=args.cost, dual_lr=args.dual_lr,
+            reward=args.reward, rate_control=args.rate_control, planner_features=args.planner_features,
             progress=False,
             **TASK_SETTINGS.get(task, {}),
         )
@@ -97,7 +106,9 @@ def main() -> None:
             "epochs": [args.stage1_epochs, args.stage2_epochs, args.stage3_epochs],
             "target_rate": args.target_rate,
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
-                                                              "target_rate", "evals_per_epoch")},
+                                                              "target_rate", "evals_per_epoch", "stage3_batch_size",
+                                                              "samples", "cost", "dual_lr", "reward", "rate_control",
+                                                              "planner_features")},
             "machine": machine_info(),
         }
         results = [r for r in results if r["task"] != row["task"]] + [row]

@@ -600,6 +600,8 @@ class PipelineConfig(TrainConfig):
     """Stage 3, joint REINFORCE (paper: not given; 5)."""
     stage3_lr: Optional[float] = None
     """Backbone learning rate in stage 3 (default: lr)."""
+    stage3_batch_size: Optional[int] = None
+    """Inputs per batch in stage 3 (default: batch_size); each is drawn `samples` times."""
     calibrate_threshold: bool = False
     """After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy skip rate
     on the selection split matches target_rate. Needed with rate_control 'penalty', whose gates stay near
@@ -627,7 +629,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     stage_cfg = lambda sub, **kw: replace(TrainConfig(**base), output_dir=str(out / sub), **kw)  # noqa: E731
     s1 = train_stage("finetune", stage_cfg("stage1_finetune", epochs=cfg.stage1_epochs))
     s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(s1))
-    s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr), init=str(s2))
+    s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
+                                     batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))
     calibration = None
     if cfg.calibrate_threshold and cfg.target_rate is not None:
         calibration = calibrate_checkpoint(s3, cfg)
