@@ -143,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text_b", nargs="?", help="the second sentence of a pair")
     p.add_argument("--threshold", type=float, help="execute a layer when p >= threshold")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser(
+        "inspect", help="what planners can see: per-layer spread of each feature choice and a probe of skip losses",
+        description="Per layer and feature choice (cls, mean, cls+mean): the spread of the planner input across "
+                    "inputs (sum of variances / |mean|^2; near 0 = the same input for every text, so only a fixed "
+                    "path can be learned) and the held-out correlation of a ridge probe from it to the loss change "
+                    "from skipping that layer. Reads the held-out selection split by default.")
+    p.add_argument("checkpoint", help="any checkpoint: a dpbert_rl model/ directory, an HF directory, or 'minilm'")
+    p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
+    p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
+    p.add_argument("--split", default="select", help="select (default), fit, train or dev")
+    p.add_argument("--samples", type=int, default=256, help="inputs to measure on")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
 
 
@@ -205,7 +218,33 @@ def _dispatch(args) -> int:
         print(f"report written to {output}")
     elif args.command == "predict":
         print(_predict(args))
+    elif args.command == "inspect":
+        print(_inspect(args))
     return 0
+
+
+def _inspect(args) -> str:
+    from .data import collator, get_task, load_split, tokenize
+    from .diagnostics import format_inspection, inspect_features
+    from .model import DPBert, META_FILE
+
+    trained = Path(args.checkpoint, META_FILE).is_file()
+    model = DPBert.load(args.checkpoint) if trained else None
+    name = args.task or (model.task_info.task if model else None)
+    if name is None:
+        raise ValueError(f"{args.checkpoint} does not name its task; pass --task")
+    task = get_task(name)
+    if model is None:
+        model = DPBert.from_source(args.checkpoint, task.num_labels)
+    if args.samples < 8:
+        raise ValueError(f"--samples must be at least 8; got {args.samples}")
+    ds = tokenize(load_split(task, args.split, args.data_dir, args.samples, shuffle_seed=0), model.tokenizer,
+                  model.task_info.max_seq_length)
+    report = inspect_features(model, ds, collator(model.tokenizer))
+    if args.json:
+        return json.dumps(report, indent=2)
+    return (f"{args.checkpoint} on {task.name} ({args.split}, {report['examples']} inputs)\n"
+            + format_inspection(report))
 
 
 def _predict(args) -> str:

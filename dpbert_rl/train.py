@@ -474,7 +474,9 @@ def warn_if_constant(stats: dict, threshold: float = 1e-3) -> list:
     ``threshold``): planners there can only learn a fixed decision. Returns those layers (1-based)."""
     import warnings
 
-    flat = [i + 1 for i, v in enumerate(stats["spread"]) if v < threshold]
+    from .diagnostics import check_spread
+
+    flat = check_spread(stats, threshold)
     if flat:
         warnings.warn(
             f"the planners' {stats['features']!r} features are nearly constant across inputs before layer(s) "
@@ -484,31 +486,12 @@ def warn_if_constant(stats: dict, threshold: float = 1e-3) -> list:
     return flat
 
 
-@torch.no_grad()
 def check_reward(model: DPBert, dataset, collate, cfg: TrainConfig, samples: int = 256) -> dict:
-    """Estimate on training inputs whether skipping every layer beats the full model under the configured
-    reward; if it does, warn and say which lambda would not. Returns both mean rewards."""
-    import warnings
+    """Warn when skipping every layer beats the full model under stage 3's reward (see
+    :func:`dpbert_rl.diagnostics.skip_all_check`)."""
+    from .diagnostics import skip_all_check
 
-    from .evaluate import run_dataset
-
-    sample = dataset.select(range(min(samples, len(dataset))))
-    L = model.num_layers
-    q = {}
-    for name, path in (("full", torch.ones(L)), ("skip_all", torch.zeros(L))):
-        run = run_dataset(model, sample, collate, cfg.eval_batch_size, "path", actions=path, with_loss=True)
-        q[name] = float(final_reward(cfg.reward, torch.as_tensor(run["losses"]), torch.as_tensor(run["predictions"]),
-                                     torch.as_tensor(run["labels"]), model.is_regression).mean())
-    full, skip = cfg.lam * q["full"] - cfg.cost * L, cfg.lam * q["skip_all"]
-    out = {"full": full, "skip_all": skip, "examples": len(sample)}
-    if skip >= full:
-        gain = q["full"] - q["skip_all"]
-        fix = (f"lambda > {cfg.cost * L / gain:.3g} (with c = {cfg.cost:g}) or c < {cfg.lam * gain / L:.3g} "
-               f"(with lambda = {cfg.lam:g})") if gain > 0 else "a backbone whose full path is better than none"
-        warnings.warn(f"under the configured reward ({cfg.reward}, lambda={cfg.lam:g}, c={cfg.cost:g}) skipping every "
-                      f"layer earns {skip:.3g} on average and the full model {full:.3g} on {len(sample)} training "
-                      f"inputs: the best policy is to skip everything. Use {fix}.", stacklevel=2)
-    return out
+    return skip_all_check(model, dataset, collate, cfg.reward, cfg.cost, cfg.lam, samples, cfg.eval_batch_size)
 
 
 def score_dev_once(model_dir, cfg: TrainConfig, mode: str) -> dict:

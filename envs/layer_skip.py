@@ -49,7 +49,7 @@ class _Episodes:
 
     def __init__(self, task, data_dir, split, model, c, lambda_, max_seq_length, max_samples, observation,
                  backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device, features="auto",
-                 reward="loss", stats_samples=1000):
+                 reward="loss", stats_samples=1000, check_reward=True):
         from dpbert_rl.data import collator, get_task, load_split, tokenize
         from dpbert_rl.model import DPBert, feature_stats
         from dpbert_rl.objectives import REWARDS, check_rate
@@ -93,6 +93,10 @@ class _Episodes:
             self.planners.set_feature_stats(stats["mean"], stats["std"])
         self.planners.to(self.device)
         self.d = self.planners.feature_dim
+        if check_reward:  # a reward whose optimum is to skip everything is worth a warning, not a silent run
+            from dpbert_rl.diagnostics import skip_all_check
+
+            skip_all_check(self.model, self.data, self.collate, reward, c, lambda_, samples=256)
         self.c, self.lambda_ = float(c), float(lambda_)
         self.target_rate, self.rate_coef = target_rate, float(rate_coef)
         self.observation = observation
@@ -216,7 +220,8 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
     """
     ## Description
     DPBERT's planning problem (Dynamic Planning in BERT): a transformer of ``L`` layers reads one GLUE
-    input; before each layer an agent sees the ``[CLS]`` vector and decides whether the layer runs.
+    input; before each layer an agent sees features of the current hidden state and decides whether the
+    layer runs.
     Executed layers cost ``c`` each; at the end the task loss of the resulting prediction is charged,
     weighted by ``lambda_``. A skipped layer is not computed. One episode is one input and lasts
     exactly ``L`` steps; the undiscounted return-to-go from step ``i`` is ``R_i`` of eq. (9).
@@ -225,19 +230,28 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
     ``Discrete(2)``: 0 = skip layer ``i``, 1 = execute it.
 
     ## Observation Space
-    ``Box(d + L,)`` float32 (or, with ``observation="dict"``, ``Dict(cls=Box(d,), layer=Box(L,))``):
+    ``Box(F + L,)`` float32 (or, with ``observation="dict"``, ``Dict(features=Box(F,), layer=Box(L,))``):
 
-    | index        | observation                                   | min  | max |
-    |--------------|-----------------------------------------------|------|-----|
-    | 0 .. d-1     | ``h_{i-1}^cls``, the [CLS] state before layer i | -B   | B   |
-    | d .. d+L-1   | one-hot index of the layer to decide           | 0    | 1   |
+    | index        | observation                                                  | min  | max |
+    |--------------|--------------------------------------------------------------|------|-----|
+    | 0 .. F-1     | features of ``h_{i-1}``, the state before layer i (below)     | -10  | 10  |
+    | F .. F+L-1   | one-hot index of the layer to decide                          | 0    | 1   |
 
-    After the last step the one-hot part is all zeros. ``B`` is a bound that LayerNorm guarantees:
-    ``2 (sqrt(d) max|gamma| + max|beta|)`` over the backbone's LayerNorms.
+    The features are what the model's planners read (``features``): ``cls`` (the ``[CLS]`` row, the
+    paper's; ``F = d``), ``mean`` (masked mean of the token states; ``F = d``) or ``cls+mean``
+    (``F = 2d``), standardised per layer with statistics of training inputs and clipped to [-10, 10]
+    (:meth:`dpbert_rl.planner.Planners.observe`). With ``features="auto"`` they are the model's own
+    (statistics from its checkpoint); otherwise, or when the model has none, statistics are computed on
+    the first ``stats_samples`` inputs of this env's split. After the last step the one-hot part is all
+    zeros. Note: a ``[CLS]`` row of a mean-pooling backbone (all-MiniLM-L6-v2) is nearly the same for
+    every input before the last layer; ``dpbert-rl inspect`` measures it.
 
     ## Rewards
-    ``-c * a_i`` at every step, and at the last step additionally ``-lambda_ * loss`` (cross-entropy;
-    squared error for STS-B). With ``target_rate`` and ``rate_coef`` set, the last step also gets
+    ``-c * a_i`` at every step, and at the last step additionally ``lambda_ * q`` with ``reward``:
+    ``"loss"`` (eq. 9, the default): ``q = -loss`` (cross-entropy; squared error for STS-B);
+    ``"correct"`` (bounded): ``q = 1[correct]``, or ``1 - tanh|error|`` for regression. When the env is
+    made it estimates on 256 of its inputs whether skipping every layer beats the full model under this
+    reward, and warns (with a lambda that would not) if so (``check_reward=False`` turns that off). With ``target_rate`` and ``rate_coef`` set, the last step also gets
     ``-rate_coef * (skipped fraction - target_rate)^2``, a per-episode form of eq. (11) (off by default).
 
     ## Starting State
@@ -249,7 +263,8 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
 
     ## Arguments
     - ``task``: GLUE task name (``"sst2"``, ``"rte"``, ...).
-    - ``data_dir``: local GLUE directory (default ``$GLUE_DIR``, else the hub); ``split``: ``train``/``dev``.
+    - ``data_dir``: local GLUE directory (default ``$GLUE_DIR``, else the hub); ``split``: ``train``,
+      ``fit`` (train less the held-out selection split), ``select`` or ``dev``.
     - ``model``: a trained dpbert_rl checkpoint directory (recommended), a backbone name/dir, or a ``DPBert``.
     - ``c``, ``lambda_``: the reward's layer cost and loss weight (eq. 9).
     - ``max_seq_length``, ``max_samples``: tokenisation length and an optional cap on the split.
@@ -258,6 +273,8 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
       backbone and head on the task loss of the paths its agent chose (AdamW, ``joint_lr``, one update
       per ``joint_update_every`` episodes), as in the paper's stage 3. Dropout stays off in both.
     - ``target_rate``, ``rate_coef``: optional skip-rate shaping (see Rewards).
+    - ``features``: ``"auto"`` (the model's), ``"cls"``, ``"mean"`` or ``"cls+mean"``; ``stats_samples``:
+      inputs for fresh standardisation statistics; ``reward``: ``"loss"`` or ``"correct"``.
 
     ## Vectorized environment
     :class:`BatchedLayerSkipEnv` runs N inputs through one batched forward per step, computing layer ``i``
@@ -272,10 +289,10 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
                  max_samples: Optional[int] = None, observation: str = "box", backbone_mode: str = "frozen",
                  joint_lr: float = 2e-5, joint_update_every: int = 32, target_rate: Optional[float] = None,
                  rate_coef: float = 0.0, device: str = "cpu", features: str = "auto", reward: str = "loss",
-                 stats_samples: int = 1000, render_mode: Optional[str] = None):
+                 stats_samples: int = 1000, check_reward: bool = True, render_mode: Optional[str] = None):
         self.core = _Episodes(task, data_dir, split, model, c, lambda_, max_seq_length, max_samples, observation,
                               backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device, features,
-                              reward, stats_samples)
+                              reward, stats_samples, check_reward)
         self.observation_space = self.core.single_observation_space()
         self.action_space = spaces.Discrete(2)
         self.render_mode = render_mode

@@ -1,0 +1,107 @@
+"""Benchmark: does DPBERT route per input, and does it beat every fixed path at the same cost?
+
+For each task whose pipeline run (``benchmarks/pipeline.py``) has finished, it loads the stage-3 model
+and reports, on dev, its score against the fixed-path frontier at the same mean number of layers (fixed
+paths chosen on the held-out selection split, never on dev; paired-bootstrap 95% interval), the number
+of distinct paths, the fraction of hesitant gates (p in (0.2, 0.8)) and a linear probe on the same
+features at the nearest layer count. Rows go to ``benchmarks/results/routing.json`` (one per task and
+learner, merged with the rows other benchmarks write there) and ``routing.md``.
+
+    python benchmarks/routing.py --data-dir ../shared/data/glue
+    python benchmarks/routing.py --data-dir ../shared/data/glue --tasks rte --runs runs/bench-pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command, commit, markdown_table  # noqa: E402
+
+from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
+from dpbert_rl.diagnostics import routing_report  # noqa: E402
+from dpbert_rl.evaluate import run_dataset  # noqa: E402
+from dpbert_rl.latency import machine_info  # noqa: E402
+from dpbert_rl.model import DPBert  # noqa: E402
+
+KEY = ("task", "learner", "backbone_mode", "features")
+
+
+def merge_rows(path: Path, new_rows: list) -> list:
+    """Replace the rows with the same (task, learner, backbone_mode, features), keep the others."""
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    keys = {tuple(r[k] for k in KEY) for r in new_rows}
+    rows = [r for r in rows if tuple(r.get(k) for k in KEY) not in keys] + new_rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def write_markdown(rows: list, path: Path) -> None:
+    for r in rows:
+        lo, hi = r["margin_ci95"]
+        r["_ci"] = f"[{lo:+.2f}, {hi:+.2f}]"
+        r["_mid"] = "-" if r.get("mid_gate_fraction") is None else f"{r['mid_gate_fraction']:.3f}"
+    cols = [("task", "task", ""), ("learner", "learner", ""), ("backbone", "backbone_mode", ""),
+            ("features", "features", ""), ("score", "score", ".2f"), ("layers", "layers_executed_mean", ".2f"),
+            ("fixed frontier", "fixed_frontier_score", ".2f"), ("margin", "margin", "+.2f"),
+            ("95% CI", "_ci", ""), ("distinct paths", "distinct_paths", ""), ("gates in (0.2, 0.8)", "_mid", ""),
+            ("probe", "probe_score", ".2f"), ("commit", "commit", "")]
+    text = ("# Routing: learners against the best fixed path at the same mean layers (dev)\n\n"
+            "Written by the benchmark scripts (`benchmarks/routing.py`, `benchmarks/agents.py`); do not edit by "
+            "hand. Fixed paths are chosen on the held-out selection split; the margin's interval is a paired "
+            "bootstrap over dev inputs.\n\n" + markdown_table(rows, cols) + "\n\n"
+            + "\n".join(f"- {r['task']} / {r['learner']}: `{r['command']}`" for r in rows) + "\n")
+    for r in rows:
+        r.pop("_ci", None)
+        r.pop("_mid", None)
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
+    ap.add_argument("--tasks", default="rte,mrpc,sst2,stsb", help="comma-separated GLUE tasks")
+    ap.add_argument("--runs", default="runs/bench-pipeline", help="the pipeline benchmark's output directory")
+    ap.add_argument("--probe-train", type=int, default=2000, help="training inputs for the linear probe")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the margin's interval")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", default=str(RESULTS / "routing.json"))
+    ap.add_argument("--report-only", action="store_true", help="only rewrite routing.md from routing.json")
+    args = ap.parse_args()
+    commit()
+    results = Path(args.results)
+    if args.report_only:
+        write_markdown(json.loads(results.read_text()), results.with_suffix(".md"))
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        model_dir = Path(args.runs) / name / "stage3_rl" / "model"
+        if not (model_dir / "DONE").is_file():
+            print(f"[routing] {name}: no finished stage-3 model at {model_dir}; skipped")
+            continue
+        task = get_task(name)
+        model = DPBert.load(model_dir).eval()
+        seq = model.task_info.max_seq_length
+        collate = collator(model.tokenizer)
+        dev = tokenize(load_split(task, "dev", args.data_dir), model.tokenizer, seq)
+        select = tokenize(load_split(task, "select", args.data_dir), model.tokenizer, seq)
+        fit = tokenize(load_split(task, "fit", args.data_dir, args.probe_train, shuffle_seed=0), model.tokenizer, seq)
+        learner = run_dataset(model, dev, collate, 64, "hard")
+        rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True)
+        row = {"task": task.name, "learner": "dpbert", "backbone_mode": "joint", "features": model.planner_features,
+               **rep, "threshold": model.threshold, "dev_examples": len(dev), "select_examples": len(select),
+               "checkpoint": str(model_dir), "commit": commit(), "command": command(), "machine": machine_info()}
+        rows = merge_rows(results, [row])
+        write_markdown(rows, results.with_suffix(".md"))
+        print(json.dumps({k: v for k, v in row.items() if k not in ("machine", "frontier_hull")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

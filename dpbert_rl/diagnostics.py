@@ -1,0 +1,287 @@
+"""Does a learner route per input, and does that beat one fixed path? Diagnostics shared by the trainer,
+the agents and every benchmark.
+
+* :func:`inspect_features`: what the planners can see. Per layer, how much the planner input varies
+  across inputs (``spread`` = sum of variances / ``|mean|^2``), and how well a ridge probe on it
+  predicts the loss change from skipping that layer (fitted on one half of the inputs, correlation
+  on the other half). A ``[CLS]`` row that is the same for every input (all-MiniLM-L6-v2 before its
+  last layer) shows up as a spread near 0 and a probe correlation near 0.
+* :func:`fixed_frontier` and :func:`frontier_margin`: the best *fixed* path (one path for every input)
+  at each layer count, chosen on the selection split (never on dev); the frontier at a learner's mean
+  number of layers mixes the two neighbouring paths of the selection split's upper hull; the learner's
+  margin over it on dev comes with a paired-bootstrap 95% interval.
+* :func:`linear_probe`: a classifier (or regressor) on the same planner features at the nearest layer
+  count, as a reference: a planner may act as a classifier that steers each input to the path whose
+  prediction it wants, so routing gains should be read next to what a probe alone gets.
+* :func:`distinct_paths` and :func:`mid_gate_fraction` (in :mod:`dpbert_rl.evaluate`): one path for all
+  inputs, and hesitant gates, are the two ways planners fail to route.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data import GlueTask
+from .metrics import compute_metrics
+from .model import DPBert, feature_stats
+from .planner import FEATURES, raw_features
+
+
+# ---------------------------------------------------------------------- what the planners see
+@torch.no_grad()
+def skip_one_losses(model: DPBert, dataset, collate_fn, batch_size: int = 64) -> dict:
+    """Per input, the task loss of the full path and of each path that skips exactly one layer, and the
+    raw planner features (every choice) before each layer on the full path.
+
+    :return: ``full`` ``(N,)``, ``skip`` ``(N, L)``, ``features`` ``{kind: (N, L, F)}``.
+    """
+    model.eval()
+    L = model.num_layers
+    full, skip, feats = [], [], {k: [] for k in FEATURES}
+    for b in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
+        state = model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+        h, per_layer = state.hidden, []
+        for i in range(L):
+            per_layer.append(h)
+            h = model.execute(i, h, state.mask)
+        full.append(model.task_loss(model.classify(h), b["labels"]))
+        losses = []
+        for i in range(L):  # skip layer i only: continue from the state before it
+            g = per_layer[i]
+            for j in range(i + 1, L):
+                g = model.execute(j, g, state.mask)
+            losses.append(model.task_loss(model.classify(g), b["labels"]))
+        skip.append(torch.stack(losses, 1))
+        for k in FEATURES:
+            feats[k].append(torch.stack([raw_features(x, state.mask, k) for x in per_layer], 1))
+    return {"full": torch.cat(full).numpy(), "skip": torch.cat(skip).numpy(),
+            "features": {k: torch.cat(v).float().numpy() for k, v in feats.items()}}
+
+
+def inspect_features(model: DPBert, dataset, collate_fn, batch_size: int = 64, alpha: float = 1.0,
+                     seed: int = 0) -> dict:
+    """Per feature choice and layer: the spread across inputs, and the held-out correlation of a ridge
+    probe from the (standardised) features to the loss change from skipping that layer.
+
+    :return: ``{"layers": L, "examples": N, "rows": [{"features", "layer", "spread", "probe_corr"}]}``.
+    """
+    from scipy.stats import pearsonr
+    from sklearn.linear_model import Ridge
+
+    run = skip_one_losses(model, dataset, collate_fn, batch_size)
+    n, L = run["skip"].shape
+    if n < 8:
+        raise ValueError(f"inspecting the planner input needs at least 8 inputs; got {n}")
+    delta = run["skip"] - run["full"][:, None]  # (N, L): what skipping layer i costs this input
+    order = np.random.RandomState(seed).permutation(n)
+    fit, held = order[: n // 2], order[n // 2:]
+    rows = []
+    for kind in FEATURES:
+        x = run["features"][kind]  # (N, L, F)
+        for i in range(L):
+            xi = x[:, i].astype(np.float64)
+            mean, var = xi.mean(0), xi.var(0, ddof=1)
+            spread = float(var.sum() / max(float((mean ** 2).sum()), 1e-30))
+            z = (xi - xi[fit].mean(0)) / np.maximum(xi[fit].std(0), 1e-6)
+            corr = float("nan")
+            if np.std(delta[held, i]) > 0:
+                pred = Ridge(alpha=alpha).fit(z[fit], delta[fit, i]).predict(z[held])
+                corr = float(pearsonr(pred, delta[held, i])[0]) if np.std(pred) > 0 else 0.0
+            rows.append({"features": kind, "layer": i + 1, "spread": spread, "probe_corr": corr})
+    return {"layers": L, "examples": int(n), "rows": rows}
+
+
+def format_inspection(report: dict) -> str:
+    """The :func:`inspect_features` report as a table: one row per feature choice, one column per layer."""
+    L = report["layers"]
+    head = "| features | measure | " + " | ".join(f"layer {i}" for i in range(1, L + 1)) + " |"
+    lines = [head, "|" + "---|" * (L + 2)]
+    for kind in FEATURES:
+        rows = [r for r in report["rows"] if r["features"] == kind]
+        lines.append(f"| {kind} | spread (var / mean^2) | " + " | ".join(f"{r['spread']:.2g}" for r in rows) + " |")
+        lines.append(f"| {kind} | probe corr. (skip loss) | " + " | ".join(f"{r['probe_corr']:.2f}" for r in rows) + " |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def skip_all_check(model: DPBert, dataset, collate_fn, reward: str, cost: float, lam: float, samples: int = 256,
+                   batch_size: int = 64, warn: bool = True) -> dict:
+    """Estimate on (training) inputs whether skipping every layer beats the full model under the reward
+    ``-c |path| + lambda q`` (:func:`dpbert_rl.objectives.final_reward`). If it does, the best policy is to
+    skip everything; warn, and say which lambda (or c) would not. Returns both mean returns."""
+    import warnings
+
+    from .evaluate import run_dataset
+    from .objectives import final_reward
+
+    sample = dataset.select(range(min(samples, len(dataset))))
+    L = model.num_layers
+    q = {}
+    for name, path in (("full", torch.ones(L)), ("skip_all", torch.zeros(L))):
+        run = run_dataset(model, sample, collate_fn, batch_size, "path", actions=path, with_loss=True)
+        q[name] = float(final_reward(reward, torch.as_tensor(run["losses"]), torch.as_tensor(run["predictions"]),
+                                     torch.as_tensor(run["labels"]), model.is_regression).mean())
+    full, skip = lam * q["full"] - cost * L, lam * q["skip_all"]
+    out = {"full": full, "skip_all": skip, "examples": len(sample), "skip_all_wins": skip >= full}
+    if warn and skip >= full:
+        gain = q["full"] - q["skip_all"]
+        fix = (f"lambda > {cost * L / gain:.3g} (with c = {cost:g}) or c < {lam * gain / L:.3g} (with lambda = "
+               f"{lam:g})") if gain > 0 else "a backbone whose full path does better than none"
+        warnings.warn(f"under the reward ({reward}, lambda={lam:g}, c={cost:g}) skipping every layer earns {skip:.3g} "
+                      f"on average and the full model {full:.3g} on {len(sample)} inputs: the best policy is to skip "
+                      f"everything. Use {fix}.", stacklevel=3)
+    return out
+
+
+# ---------------------------------------------------------------------- the fixed-path frontier
+def _score(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> float:
+    if not task.is_regression:
+        preds, labels = preds.astype(int), labels.astype(int)
+    return float(compute_metrics(task.metric, preds, labels)["score"])
+
+
+def fixed_frontier(task: GlueTask, select_run: dict) -> list:
+    """The upper hull of (layers, score) over the best fixed path per layer count, on the selection split.
+
+    :param select_run: :func:`dpbert_rl.oracle.enumerate_paths` on the selection split.
+    :return: hull points ``[(layers, path index, selection score)]``, by layers ascending.
+    """
+    P = select_run["paths"]
+    cost = P.sum(1).astype(int)
+    best: dict = {}
+    for p in range(len(P)):
+        s = _score(task, select_run["predictions"][:, p], select_run["labels"])
+        k = int(cost[p])
+        if k not in best or s > best[k][1]:
+            best[k] = (p, s)
+    pts = sorted((k, p, s) for k, (p, s) in best.items())
+    hull: list = []
+    for pt in pts:  # upper concave hull (monotone chain), then keep only its rising part
+        while len(hull) >= 2:
+            (k1, _, s1), (k2, _, s2) = hull[-2], hull[-1]
+            if (s2 - s1) * (pt[0] - k1) <= (pt[2] - s1) * (k2 - k1):
+                hull.pop()
+            else:
+                break
+        hull.append(pt)
+    rising = [hull[0]]
+    for pt in hull[1:]:
+        if pt[2] > rising[-1][2]:
+            rising.append(pt)
+    return rising
+
+
+def frontier_mixture(hull: list, layers: float) -> list:
+    """The mix of (at most two) hull paths whose mean layer count is ``layers``: ``[(path, weight)]``.
+    Below the first point it is the first point; past the last, the last."""
+    if layers <= hull[0][0]:
+        return [(hull[0][1], 1.0)]
+    for (k1, p1, _), (k2, p2, _) in zip(hull, hull[1:]):
+        if k1 <= layers <= k2:
+            w = (k2 - layers) / (k2 - k1)
+            return [(p1, w), (p2, 1.0 - w)]
+    return [(hull[-1][1], 1.0)]
+
+
+def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: float, dev_run: dict, hull: list,
+                    n_boot: int = 1000, seed: int = 0) -> dict:
+    """The learner's dev score minus the fixed-path frontier's at the same mean layers, with a paired
+    bootstrap 95% interval (dev inputs resampled; learner and frontier scored on the same resample).
+
+    :param learner_preds: ``(N,)`` the learner's dev predictions.
+    :param dev_run: :func:`dpbert_rl.oracle.enumerate_paths` on dev (the same inputs, same order).
+    :param hull: :func:`fixed_frontier` on the selection split.
+    """
+    labels = dev_run["labels"]
+    if len(learner_preds) != len(labels):
+        raise ValueError(f"{len(learner_preds)} learner predictions for {len(labels)} dev inputs")
+    mix = frontier_mixture(hull, learner_layers)
+
+    def scores(idx):
+        learner = _score(task, learner_preds[idx], labels[idx])
+        frontier = sum(w * _score(task, dev_run["predictions"][idx, p], labels[idx]) for p, w in mix)
+        return learner, frontier
+
+    everything = np.arange(len(labels))
+    learner, frontier = scores(everything)
+    rng = np.random.RandomState(seed)
+    margins = []
+    for _ in range(n_boot):
+        a, b = scores(rng.randint(0, len(labels), len(labels)))
+        margins.append(a - b)
+    lo, hi = np.nanpercentile(margins, [2.5, 97.5])
+    return {"score": learner, "fixed_frontier_score": frontier, "margin": learner - frontier,
+            "margin_ci95": [float(lo), float(hi)], "frontier_paths": [[int(p), float(w)] for p, w in mix]}
+
+
+# ---------------------------------------------------------------------- the linear probe
+@torch.no_grad()
+def layer_features(model: DPBert, dataset, collate_fn, k: int, batch_size: int = 64) -> tuple:
+    """The model's planner features (standardised, its own choice) of the state after its first ``k``
+    layers, and the labels: ``(N, F)``, ``(N,)``."""
+    model.eval()
+    xs, ys = [], []
+    for b in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
+        state = model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+        h = state.hidden
+        for i in range(k):
+            h = model.execute(i, h, state.mask)
+        x = raw_features(h, state.mask, model.planner_features)
+        i = min(k, model.num_layers - 1)  # after the last layer: standardise with the last layer's statistics
+        xs.append(model.planners.standardise(i, x))
+        ys.append(b["labels"].float())
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+
+def linear_probe(model: DPBert, task: GlueTask, fit_set, dev_set, collate_fn, k: int,
+                 batch_size: int = 64) -> dict:
+    """A logistic-regression (ridge for regression) probe on the planner features after ``k`` layers,
+    fitted on training inputs and scored on dev: what ``k`` layers plus a linear read-out get."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    x_fit, y_fit = layer_features(model, fit_set, collate_fn, k, batch_size)
+    x_dev, y_dev = layer_features(model, dev_set, collate_fn, k, batch_size)
+    if task.is_regression:
+        probe = Ridge(alpha=1.0).fit(x_fit, y_fit)
+    else:
+        probe = LogisticRegression(max_iter=2000, C=1.0).fit(x_fit, y_fit.astype(int))
+    return {"probe_score": _score(task, probe.predict(x_dev), y_dev), "probe_layers": int(k)}
+
+
+def check_spread(stats: dict, threshold: float = 1e-3) -> list:
+    """Layers (1-based) whose planner input hardly varies across inputs (``spread < threshold``)."""
+    return [i + 1 for i, v in enumerate(stats["spread"]) if v < threshold]
+
+
+__all__ = ["skip_one_losses", "inspect_features", "format_inspection", "fixed_frontier", "frontier_mixture",
+           "frontier_margin", "layer_features", "linear_probe", "check_spread", "feature_stats", "skip_all_check",
+           "routing_report"]
+
+
+def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set, dev_set, fit_set, collate_fn,
+                   batch_size: int = 64, n_boot: int = 1000, seed: int = 0, progress: bool = False) -> dict:
+    """Everything a routing row reports for one learner on one (frozen) backbone.
+
+    :param learner_run: the learner's :func:`dpbert_rl.evaluate.run_dataset` on ``dev_set`` (predictions,
+        actions, and probs where the learner has gate probabilities).
+    :return: ``score``, ``layers_executed_mean``, ``fixed_frontier_score``, ``margin``, ``margin_ci95``,
+        ``distinct_paths``, ``mid_gate_fraction``, ``probe_score``, ``probe_layers`` and the frontier's paths.
+    """
+    from .evaluate import distinct_paths, mid_gate_fraction
+    from .oracle import enumerate_paths
+
+    select_run = enumerate_paths(model, select_set, collate_fn, batch_size, progress=progress)
+    dev_run = enumerate_paths(model, dev_set, collate_fn, batch_size, progress=progress)
+    hull = fixed_frontier(task, select_run)
+    layers = float(np.asarray(learner_run["actions"]).sum(1).mean())
+    out = frontier_margin(task, np.asarray(learner_run["predictions"]), layers, dev_run, hull, n_boot, seed)
+    out.update({
+        "layers_executed_mean": layers,
+        "distinct_paths": distinct_paths(learner_run["actions"]),
+        "mid_gate_fraction": mid_gate_fraction(learner_run["probs"]) if "probs" in learner_run else None,
+        "frontier_hull": [[int(k), int(p), float(s)] for k, p, s in hull],
+    })
+    out.update(linear_probe(model, task, fit_set, dev_set, collate_fn, int(round(layers)), batch_size))
+    return out
