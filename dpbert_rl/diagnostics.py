@@ -88,7 +88,8 @@ def inspect_features(model: DPBert, dataset, collate_fn, batch_size: int = 64, a
             corr = float("nan")
             if np.std(delta[held, i]) > 0:
                 pred = Ridge(alpha=alpha).fit(z[fit], delta[fit, i]).predict(z[held])
-                corr = float(pearsonr(pred, delta[held, i])[0]) if np.std(pred) > 0 else 0.0
+                # a constant input gives a constant prediction: no correlation (0), not a warning
+                corr = float(pearsonr(pred, delta[held, i])[0]) if np.ptp(pred) > 1e-9 * (1 + np.abs(pred).max()) else 0.0
             rows.append({"features": kind, "layer": i + 1, "spread": spread, "probe_corr": corr})
     return {"layers": L, "examples": int(n), "rows": rows}
 
