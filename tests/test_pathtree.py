@@ -1,0 +1,204 @@
+"""The path-tree lab: the cache (built once, reused), exact-expectation planner training (gradient ==
+brute force over DPBert paths, a checkpoint DPBert uses), the replay env (== the live frozen env),
+and the agents on it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpbert_rl import oracle, pathtree
+from dpbert_rl.data import collator, load_split, tokenize
+from dpbert_rl.model import DPBert
+from dpbert_rl.objectives import final_reward
+from dpbert_rl.pathtree import ExactConfig, PathTree, expected_return, greedy_paths, train_exact, tree_cache
+
+
+@pytest.fixture()
+def layer_calls(monkeypatch):
+    """A spy on DPBert.execute: the rows every layer call ran on."""
+    calls = []
+    original = DPBert.execute
+
+    def spy(self, i, hidden, mask, execute=None):
+        calls.append(int(hidden.shape[0] if execute is None else execute.sum()))
+        return original(self, i, hidden, mask, execute)
+
+    monkeypatch.setattr(DPBert, "execute", spy)
+    return calls
+
+
+def _trained_like(tiny_model_dir, tiny_glue, features="mean", seed=0):
+    """The tiny checkpoint with planners that have statistics and non-trivial weights."""
+    model = DPBert.load(tiny_model_dir).eval()
+    from dpbert_rl.planner import Planners
+
+    model.planners = Planners(model.num_layers, model.backbone.hidden_size, 0.0, features=features)
+    ds = tokenize(load_split("rte", "train", str(tiny_glue)), model.tokenizer, 128)
+    model.fit_feature_stats(ds, collator(model.tokenizer))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.planners.weight.normal_(0, 0.3)
+        model.planners.bias.normal_(0, 1.0)
+    return model, ds
+
+
+# ---------------------------------------------------------------------------------------- the cache
+def test_cache_is_built_once_and_reused(tiny_model_dir, tiny_glue, tmp_path, layer_calls):
+    kw = dict(task="rte", split="train", data_dir=str(tiny_glue), features="mean", cache_dir=tmp_path,
+              progress=False)
+    tree = tree_cache(tiny_model_dir, **kw)
+    N, L = tree.num_inputs, tree.num_layers
+    assert (N, L) == (48, 4) and tree.features.shape == (48, 16, 32) and tree.losses.shape == (48, 16)
+    assert sum(layer_calls) == N * (2 ** L - 1)  # 15 rows per input: one per distinct prefix
+    (cache,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert {f.name for f in cache.iterdir()} == {"meta.json", *(f"{a}.npy" for a in pathtree.ARRAYS)}
+    np.load(cache / "features.npy", allow_pickle=False)  # no pickle anywhere
+
+    layer_calls.clear()
+    again = tree_cache(tiny_model_dir, **kw)
+    assert layer_calls == [] and np.array_equal(again.features, tree.features)  # reused: no layer ran
+    tree_cache(tiny_model_dir, **{**kw, "features": "cls+mean"})  # another key: built
+    assert layer_calls
+    layer_calls.clear()
+    assert tree_cache(tiny_model_dir, **{**kw, "features": "cls"}).features.shape[-1] == 64  # served by cls+mean
+    assert layer_calls == []
+
+    import shutil
+
+    for d in tmp_path.iterdir():  # missing (both the mean and the cls+mean caches): rebuilt, to the same content
+        shutil.rmtree(d)
+    rebuilt = tree_cache(tiny_model_dir, **kw)
+    assert layer_calls and np.allclose(rebuilt.features, tree.features) and np.array_equal(rebuilt.labels, tree.labels)
+
+
+def test_cache_holds_the_outcome_of_every_path(tiny_model_dir, tiny_glue, tmp_path):
+    """Losses and predictions equal the oracle's; the state of node (layer i, prefix s) is the state of
+    path s << (L - i), whose raw features equal those of the model's own path execution."""
+    from dpbert_rl.planner import raw_features
+
+    model = DPBert.load(tiny_model_dir).eval()
+    tree = tree_cache(model, "rte", "train", str(tiny_glue), max_samples=6, features="cls+mean", cache_dir=tmp_path,
+                      progress=False)
+    ds = tokenize(load_split("rte", "train", str(tiny_glue), 6), model.tokenizer, 128)
+    run = oracle.enumerate_paths(model, ds, collator(model.tokenizer), batch_size=4, progress=False)
+    assert np.allclose(tree.losses, run["losses"], atol=1e-5)
+    assert np.array_equal(tree.predictions, run["predictions"]) and np.array_equal(tree.labels, run["labels"])
+    assert np.array_equal(tree.correct, tree.predictions == tree.labels[:, None])
+    b = collator(model.tokenizer)([ds[3]])
+    L = model.num_layers
+    with torch.no_grad():
+        state = model.embed(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        h = state.hidden
+        for i, a in enumerate([1, 0, 1]):
+            h = model.execute(i, h, state.mask, torch.tensor([bool(a)]))
+        x = raw_features(h, state.mask, "cls+mean")[0].numpy()
+    assert np.allclose(tree.features[3, 0b101 << (L - 3)], x, atol=1e-5)
+    assert np.array_equal(tree.raw("mean")[3], tree.features[3, :, 32:])
+
+
+# ---------------------------------------------------------------------------------------- exact expectation
+@pytest.mark.parametrize("reward", ["loss", "correct"])
+def test_exact_gradient_equals_brute_force_over_paths(tiny_model_dir, tiny_glue, tmp_path, reward):
+    """E[R] = sum_p prod_i pi(a_i|node) (lambda q(p) - c |p|): its value and its gradient in the planners
+    equal a brute-force sum that runs DPBert(mode="path") for every path."""
+    c, lam, n = 0.7, 3.0, 5
+    model, ds = _trained_like(tiny_model_dir, tiny_glue)
+    tree = tree_cache(model, "rte", "train", str(tiny_glue), max_samples=n, features="mean", cache_dir=tmp_path,
+                      progress=False)
+    L, P = model.num_layers, 2 ** model.num_layers
+    # the cache's exact expectation
+    q = final_reward(reward, torch.from_numpy(tree.losses), torch.from_numpy(tree.predictions),
+                     torch.from_numpy(tree.labels)[:, None].expand(n, P), False)
+    raw = torch.from_numpy(np.array(tree.raw("mean")))
+    out = expected_return(model.planners, raw, q, c, lam)
+    model.planners.zero_grad()
+    out["expected_return"].mean().backward()
+    exact = {k: v.grad.clone() for k, v in model.planners.named_parameters()}
+    # brute force: every path through the live model, probability times return, summed
+    b = collator(model.tokenizer)([ds[k] for k in range(n)])
+    model.planners.zero_grad()
+    total = torch.zeros(n)
+    probs = torch.zeros(n, P)
+    for p, path in enumerate(oracle.paths(L)):
+        o = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], labels=b["labels"], mode="path",
+                  actions=path)
+        prob = o.log_probs.sum(1).exp()
+        ret = lam * final_reward(reward, o.per_example_loss, model.predict(o.logits), b["labels"], False) - c * path.sum()
+        total = total + prob * ret
+        probs[:, p] = prob.detach()
+    total.mean().backward()
+    assert torch.allclose(out["expected_return"].detach(), total.detach(), atol=1e-4)
+    assert torch.allclose(out["probs"].detach(), probs, atol=1e-5) and torch.allclose(probs.sum(1), torch.ones(n))
+    for name, param in model.planners.named_parameters():
+        assert torch.allclose(exact[name], param.grad, atol=1e-5), name
+        assert exact[name].abs().sum() > 0
+    # and the greedy path through the tree is the path hard mode takes
+    with torch.no_grad():
+        hard = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], mode="hard").actions
+    assert torch.equal(oracle.paths(L)[greedy_paths(model.planners, raw)], hard)
+
+
+def test_exact_stage_writes_a_checkpoint_that_dpbert_uses(tiny_model_dir, tiny_glue, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpbert_rl.cli import main
+
+    out, cache = tmp_path / "exact", tmp_path / "cache"
+    args = [tiny_model_dir, "--task", "rte", "--data-dir", str(tiny_glue), "--output-dir", str(out),
+            "--cache-dir", str(cache), "--max-steps", "12", "--batch-size", "8", "--eval-steps", "4", "--lr", "0.05",
+            "--target-rate", "0.5", "--no-progress"]
+    assert main(["exact", *args]) == 0
+    model_dir = out / "model"
+    done = json.loads((model_dir / "DONE").read_text())
+    assert done["steps"] == 12 and 0 <= done["dev"]["score"] <= 100
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["stage"] == "exact" and set(cfg["caches"]) == {"fit", "select"}  # never a dev cache
+    assert {p.name.split("_")[1] for p in cache.iterdir()} == {"fit", "select"}
+    tags = set(EventAccumulator(str(out / "tb")).Reload().Tags()["scalars"])
+    assert {"charts/expected_return", "charts/layer_price", "losses/policy_loss", "losses/entropy",
+            "eval/select_score", "eval/dev_score"} <= tags, tags
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 12
+    # a normal checkpoint: DPBert loads it, with trained planners that carry their statistics ...
+    trained = DPBert.load(model_dir, require_planners=True).eval()
+    start = DPBert.load(tiny_model_dir)
+    assert trained.planner_features == "mean" and bool(trained.planners.stats_set)
+    assert not torch.allclose(trained.planners.weight, start.planners.weight)
+    for (k, v), (_, w) in zip(trained.backbone.state_dict().items(), start.backbone.state_dict().items()):
+        assert torch.equal(v, w), k  # the backbone is frozen
+    # ... and DPBert's hard mode takes the paths the stage chose on the selection tree
+    select = PathTree.load(next(p for p in cache.iterdir() if "_select_" in p.name))
+    ds = tokenize(load_split("rte", "select", str(tiny_glue)), trained.tokenizer, 128)
+    b = collator(trained.tokenizer)([ds[k] for k in range(len(ds))])
+    with torch.no_grad():
+        hard = trained(b["input_ids"], b["attention_mask"], b["token_type_ids"], mode="hard").actions
+    chosen = greedy_paths(trained.planners, torch.from_numpy(np.array(select.raw("mean"))))
+    assert torch.equal(oracle.paths(trained.num_layers)[chosen], hard)
+    # a finished run is not run again
+    capsys.readouterr()
+    assert main(["exact", *args]) == 0 and "already complete" in capsys.readouterr().out
+
+
+def test_exact_training_raises_the_expected_return(tiny_model_dir, tiny_glue, tmp_path):
+    """With a fixed layer price the objective is a plain sum: a few exact steps increase it."""
+    cfg = ExactConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "x"), cache_dir=str(tmp_path / "c"),
+                      max_steps=30, batch_size=64, lr=0.05, rate_control="none", target_rate=None, cost=0.3,
+                      reward="loss", score_dev=False, progress=False, fresh_planners=True)
+    model_dir = train_exact(tiny_model_dir, cfg)
+    rows = [json.loads(line) for line in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
+    returns = [r["charts/expected_return"] for r in rows if "charts/expected_return" in r]
+    assert returns[-1] > returns[0]
+    assert json.loads((model_dir / "selection.json").read_text())["price"] == 0.3
+
+
+def test_exact_config_errors_are_clear(tiny_model_dir, tiny_glue, tmp_path):
+    with pytest.raises(ValueError, match="needs a target_rate"):
+        ExactConfig(target_rate=None).validate()
+    with pytest.raises(ValueError, match="unknown reward"):
+        ExactConfig(reward="accuracy").validate()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_exact(str(tmp_path / "nothing"), ExactConfig(output_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="not a dpbert_rl checkpoint"):
+        pathtree.checkpoint_fingerprint(str(tmp_path))
