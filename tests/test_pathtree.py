@@ -13,6 +13,8 @@ from dpbert_rl.data import collator, load_split, tokenize
 from dpbert_rl.model import DPBert
 from dpbert_rl.objectives import final_reward
 from dpbert_rl.pathtree import ExactConfig, PathTree, expected_return, greedy_paths, train_exact, tree_cache
+from envs.layer_skip import BatchedLayerSkipEnv, LayerSkipEnv
+from envs.layer_skip_tree import BatchedLayerSkipTreeEnv, LayerSkipTreeEnv
 
 
 @pytest.fixture()
@@ -202,3 +204,217 @@ def test_exact_config_errors_are_clear(tiny_model_dir, tiny_glue, tmp_path):
         train_exact(str(tmp_path / "nothing"), ExactConfig(output_dir=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="not a dpbert_rl checkpoint"):
         pathtree.checkpoint_fingerprint(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------- the tree env
+OBS_ATOL = 1e-3
+"""Observations agree to 1e-3, not bit for bit: the cache runs inputs in padded batches and the single
+live env does not, so raw features differ by ~1e-7; where a feature does not vary at all ([CLS] at the
+embedding output is the same for every input) its std is clamped to 1e-6, which magnifies that to ~1e-4."""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One cache directory for the env tests: each (checkpoint, split, features) tree is built once."""
+    return str(tmp_path_factory.mktemp("pathtree_cache"))
+
+
+@pytest.fixture(scope="module")
+def stats_model_dir(tiny_model_dir, tiny_glue, tmp_path_factory):
+    """A checkpoint whose planners read 'mean' features and carry statistics (as after stage 2)."""
+    model, _ = _trained_like(tiny_model_dir, tiny_glue, "mean")
+    return str(model.save(tmp_path_factory.mktemp("tiny_stats")))
+
+
+@pytest.fixture(scope="module")
+def tiny_regression_dir(tmp_path_factory):
+    from tests.conftest import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_reg_bert"), num_labels=1)
+    torch.manual_seed(0)
+    return str(DPBert.from_backbone(str(ckpt), num_labels=1).save(tmp_path_factory.mktemp("tiny_reg")))
+
+
+def assert_same_obs(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_obs(a[k], b[k])
+        return
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+    assert np.allclose(a, b, atol=OBS_ATOL, rtol=0), np.abs(a - b).max()
+
+
+def assert_same_info(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert type(a[k]) is type(b[k]), (k, type(a[k]), type(b[k]))
+        if k == "path":
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k])
+        elif isinstance(a[k], float):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+        else:
+            assert a[k] == b[k], k
+
+
+def play_both(live, tree, episodes=12, seed=0):
+    """Drive both envs with the same seeds, reset options and actions; every transition must agree."""
+    rng = np.random.default_rng(seed)
+    n = len(live.core.data)
+    assert tree.core.N == n
+    for ep in range(episodes):
+        kw = {"options": {"index": int(rng.integers(n))}} if ep % 3 == 2 else {"seed": int(rng.integers(1000))}
+        if ep % 3 == 1:
+            kw = {}  # no seed: the env's own generator goes on
+        (lo, li), (to, ti) = live.reset(**kw), tree.reset(**kw)
+        assert li == ti
+        assert_same_obs(lo, to)
+        for _ in range(live.num_layers):
+            a = int(rng.integers(2))
+            lo, lr, lterm, ltrunc, linfo = live.step(a)
+            to, tr, tterm, ttrunc, tinfo = tree.step(a)
+            assert_same_obs(lo, to)
+            assert type(lr) is type(tr) is float and lr == pytest.approx(tr, abs=1e-5)
+            assert (lterm, ltrunc) == (tterm, ttrunc)
+            assert_same_info(linfo, tinfo)
+        assert tterm and not ttrunc and tinfo["layers_executed"] == int(tinfo["path"].sum())
+
+
+CASES = [  # (observation, features, reward and its options)
+    ("box", "cls", {"reward": "loss"}),
+    ("box", "mean", {"reward": "correct", "c": 0.3, "lambda_": 2.0}),
+    ("box", "cls+mean", {"reward": "loss", "target_rate": 0.5, "rate_coef": 2.0}),
+    ("dict", "cls", {"reward": "correct", "target_rate": 0.25, "rate_coef": 1.0}),
+    ("dict", "mean", {"reward": "loss", "c": 0.5, "lambda_": 3.0}),
+    ("dict", "cls+mean", {"reward": "correct"}),
+]
+
+
+@pytest.mark.parametrize("observation,features,options", CASES)
+def test_tree_env_equals_the_live_frozen_env(tiny_model_dir, tiny_glue, cache_dir, observation, features, options):
+    kw = dict(task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, observation=observation,
+              features=features, **options)
+    live, tree = LayerSkipEnv(**kw), LayerSkipTreeEnv(**kw, cache_dir=cache_dir, progress=False)
+    assert live.observation_space == tree.observation_space and live.action_space == tree.action_space
+    assert torch.allclose(live.observer.feature_std, tree.observer.feature_std, rtol=1e-3)  # stats from the cache
+    play_both(live, tree)
+
+
+def test_tree_env_equals_the_live_env_with_the_models_own_statistics(stats_model_dir, tiny_glue, cache_dir):
+    kw = dict(task="rte", data_dir=str(tiny_glue), model=stats_model_dir, split="dev", reward="correct")
+    live, tree = LayerSkipEnv(**kw), LayerSkipTreeEnv(**kw, cache_dir=cache_dir, progress=False)
+    assert tree.observer.features == "mean"
+    assert torch.equal(tree.observer.feature_mean, DPBert.load(stats_model_dir).planners.feature_mean)
+    play_both(live, tree, episodes=6)
+
+
+@pytest.mark.parametrize("reward", ["loss", "correct"])
+def test_tree_env_equals_the_live_env_on_regression(tiny_regression_dir, tiny_glue, cache_dir, reward):
+    kw = dict(task="stsb", data_dir=str(tiny_glue), model=tiny_regression_dir, features="mean", reward=reward)
+    live, tree = LayerSkipEnv(**kw), LayerSkipTreeEnv(**kw, cache_dir=cache_dir, progress=False)
+    assert tree.core.regression
+    play_both(live, tree, episodes=6)
+
+
+def test_vector_tree_env_yields_the_transitions_of_n_single_tree_envs(tiny_model_dir, tiny_glue, cache_dir):
+    import gymnasium as gym
+
+    import envs
+
+    n = 5
+    kw = dict(task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, features="cls+mean", reward="correct",
+              target_rate=0.5, rate_coef=1.0, cache_dir=cache_dir, progress=False)
+    vec = gym.make_vec(envs.TREE_ENV_ID, num_envs=n, **kw)
+    assert isinstance(vec.unwrapped, BatchedLayerSkipTreeEnv)
+    singles = [LayerSkipTreeEnv(**kw) for _ in range(n)]
+    live = BatchedLayerSkipEnv(num_envs=n, **{k: v for k, v in kw.items() if k not in ("cache_dir", "progress")})
+    rng = np.random.default_rng(1)
+    vobs, _ = vec.reset(seed=3)
+    for rollout in range(3):  # the third starts from the same-step autoreset of the second
+        indices = rng.integers(48, size=n)
+        vobs, vinfo = vec.reset(options={"indices": indices})
+        assert np.array_equal(vinfo["indices"], indices)
+        sobs = [s.reset(options={"index": int(k)})[0] for s, k in zip(singles, indices)]
+        lobs, _ = live.reset(options={"indices": indices})
+        assert np.allclose(vobs, np.stack(sobs)) and np.allclose(vobs, lobs, atol=OBS_ATOL)
+        actions = rng.integers(0, 2, size=(vec.unwrapped.num_layers, n))
+        for step in range(vec.unwrapped.num_layers):
+            vobs, vrew, vterm, vtrunc, vinfo = vec.step(actions[step])
+            _, lrew, lterm, ltrunc, linfo = live.step(actions[step])
+            assert vrew.dtype == lrew.dtype == np.float64 and np.allclose(vrew, lrew, atol=1e-5)
+            assert np.array_equal(vterm, lterm) and np.array_equal(vtrunc, ltrunc)
+            for j, s in enumerate(singles):
+                o, r, term, trunc, info = s.step(int(actions[step, j]))
+                assert r == vrew[j] and term == vterm[j] and trunc == vtrunc[j]
+                if not term:
+                    assert np.array_equal(vobs[j], o)
+                    continue
+                assert np.array_equal(vinfo["final_obs"][j], o)
+                final = {k: v[j] for k, v in vinfo["final_info"].items() if not k.startswith("_")}
+                assert_same_info({k: (v if k == "path" else v.item()) for k, v in final.items()}, info)
+        # same-step autoreset: fresh episodes at layer 0; the infos have the live vector env's layout
+        assert (vobs[:, -vec.unwrapped.num_layers:].argmax(1) == 0).all()
+        assert vinfo.keys() == linfo.keys() and vinfo["final_info"].keys() == linfo["final_info"].keys()
+        for k, v in linfo["final_info"].items():
+            assert vinfo["final_info"][k].dtype == v.dtype and vinfo["final_info"][k].shape == v.shape, k
+
+
+def test_tree_env_passes_the_checkers_and_trains_under_sb3(tiny_model_dir, tiny_glue, cache_dir):
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env as gym_check
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    import envs
+    from envs.sb3 import SB3VecEnv
+    from tests.test_envs import assert_checker_is_quiet
+
+    kw = dict(task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, cache_dir=cache_dir, progress=False)
+    for obs in ("box", "dict"):
+        assert_checker_is_quiet(gym_check, LayerSkipTreeEnv(**kw, observation=obs), skip_render_check=True)
+    assert_checker_is_quiet(sb3_check, LayerSkipTreeEnv(**kw), warn=True)
+    env = gym.make(envs.TREE_ENV_ID, **kw)
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    venv = SB3VecEnv(BatchedLayerSkipTreeEnv(num_envs=4, **kw))
+    venv.seed(0)
+    assert venv.reset().shape == (4, venv.observation_space.shape[0])
+    for _ in range(venv.venv.num_layers):
+        obs, rew, dones, infos = venv.step(np.ones(4, dtype=int))
+    assert dones.all() and all("terminal_observation" in i and i["TimeLimit.truncated"] is False for i in infos)
+    monitored = VecMonitor(venv)
+    model = PPO("MlpPolicy", monitored, n_steps=8, batch_size=16, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=64)
+    assert model.num_timesteps >= 64 and monitored.episode_count >= 64 // venv.venv.num_layers
+
+
+def test_tree_env_errors_are_clear(tiny_model_dir, tiny_glue, cache_dir):
+    kw = dict(task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, cache_dir=cache_dir, progress=False)
+    with pytest.raises(ValueError, match="LayerSkip-v0 for joint mode"):
+        LayerSkipTreeEnv(**kw, backbone_mode="joint")
+    with pytest.raises(ValueError, match="observation must be"):
+        LayerSkipTreeEnv(**kw, observation="image")
+    with pytest.raises(ValueError, match="reward must be"):
+        LayerSkipTreeEnv(**kw, reward="accuracy")
+    env = LayerSkipTreeEnv(**kw)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"0 \(skip\) or 1 \(execute\)"):
+        env.step(2)
+    with pytest.raises(ValueError, match="expected one action"):
+        env.step([1, 0])
+    with pytest.raises(ValueError, match="unknown reset options"):
+        env.reset(options={"idx": 1})
+    with pytest.raises(ValueError, match="outside"):
+        env.reset(options={"index": 10_000})
+    env.reset(seed=0)
+    for _ in range(env.num_layers):
+        env.step(np.int64(1))
+    with pytest.raises(RuntimeError, match="call reset"):
+        env.step(1)
+    vec = BatchedLayerSkipTreeEnv(num_envs=4, **kw)
+    vec.reset(seed=0)
+    with pytest.raises(ValueError, match=r"expected 4 actions"):
+        vec.step(np.ones(3, dtype=int))
+    with pytest.raises(TypeError, match="unknown arguments"):
+        BatchedLayerSkipTreeEnv(num_envs=2, **kw, colour="red")
