@@ -418,3 +418,102 @@ def test_tree_env_errors_are_clear(tiny_model_dir, tiny_glue, cache_dir):
         vec.step(np.ones(3, dtype=int))
     with pytest.raises(TypeError, match="unknown arguments"):
         BatchedLayerSkipTreeEnv(num_envs=2, **kw, colour="red")
+
+
+# ---------------------------------------------------------------------------------------- agents on the tree
+@pytest.mark.parametrize("name", ["reinforce", "ppo", "a2c", "dqn", "recurrent-ppo", "random"])
+def test_agents_learn_on_the_tree_env(name, tiny_model_dir, tiny_glue, cache_dir):
+    from agents.base import make_agent
+    from tests.test_agents import AGENTS
+
+    env = BatchedLayerSkipTreeEnv(num_envs=4, task="rte", data_dir=str(tiny_glue), model=tiny_model_dir,
+                                  cache_dir=cache_dir, progress=False)
+    agent = make_agent(name, **AGENTS[name])
+    seen = []
+    agent.learn(env, total_steps=64, callback=seen.append)
+    obs, _ = env.reset(seed=1)
+    assert set(agent.act(obs).tolist()) <= {0, 1}
+    if name != "random":
+        assert seen and seen[-1]["steps"] >= 64
+
+
+def test_reinforce_loo_normalised_entropy_gradient_equals_the_objective(tiny_model_dir, tiny_glue, cache_dir):
+    """K episodes per input from the tree env, grouped by input: the agent's planner gradient with the loo
+    baseline, normalised advantages and an entropy bonus is that of dpbert_objective on the same paths."""
+    from agents.reinforce import ReinforceAgent, _group
+    from dpbert_rl.objectives import dpbert_objective
+
+    n, K, c, lam, coef = 3, 2, 0.5, 4.0, 0.1
+    env = BatchedLayerSkipTreeEnv(num_envs=n, task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, c=c,
+                                  lambda_=lam, cache_dir=cache_dir, progress=False)
+    agent = ReinforceAgent(baseline="loo", samples=K, normalise_advantages=True, entropy_coef=coef)
+    agent._build(env.num_layers, env.feature_dim)
+    with torch.no_grad():
+        agent.planners.weight.normal_(0, 0.5)
+    indices = np.array([4, 9, 30])
+    rng = np.random.default_rng(0)
+    runs = []
+    for _ in range(K):  # the same inputs, replayed
+        obs, _ = env.reset(options={"indices": indices})
+        observations, actions, rewards = [], rng.integers(0, 2, size=(n, env.num_layers)), []
+        for i in range(env.num_layers):
+            observations.append(obs)
+            obs, r, *_ = env.step(actions[:, i])
+            rewards.append(r)
+        runs.append((observations, actions, np.stack(rewards, 1)))
+    observations = [_group([r[0][i] for r in runs]) for i in range(env.num_layers)]
+    actions, rewards = _group([r[1] for r in runs]), _group([r[2] for r in runs])
+    agent.loss(observations, actions, rewards)["loss"].backward()
+    # the trainer's objective on the same inputs (repeat_interleave(K)) and paths
+    model = DPBert.load(tiny_model_dir).eval()
+    model.planners.load_state_dict(agent.planners.state_dict())
+    model.planners.set_feature_stats(env.observer.feature_mean, env.observer.feature_std)
+    ds = tokenize(load_split("rte", "train", str(tiny_glue)), model.tokenizer, 128)
+    b = collator(model.tokenizer)([ds[int(k)] for k in np.repeat(indices, K)])
+    out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], labels=b["labels"], mode="path",
+                actions=torch.as_tensor(actions))
+    J = dpbert_objective(out.loss, out.log_probs, out.probs, out.actions, out.per_example_loss, c, lam,
+                         baseline="loo", samples=K, normalise=True, entropy=out.entropy, entropy_coef=coef)["loss"]
+    J.backward()
+    assert torch.allclose(agent.planners.weight.grad, model.planners.weight.grad, atol=1e-4)
+    assert torch.allclose(agent.planners.bias.grad, model.planners.bias.grad, atol=1e-5)
+
+
+def test_reinforce_loo_replays_each_batch_of_inputs(tiny_model_dir, tiny_glue, cache_dir):
+    from agents.reinforce import ReinforceAgent
+
+    env = BatchedLayerSkipTreeEnv(num_envs=4, task="rte", data_dir=str(tiny_glue), model=tiny_model_dir,
+                                  cache_dir=cache_dir, progress=False)
+    starts = []
+    original = env.core.start
+
+    def spy(indices):
+        starts.append(np.array(indices))
+        return original(indices)
+
+    env.core.start = spy
+    agent = ReinforceAgent(baseline="loo", samples=3, seed=0)
+    agent.learn(env, total_steps=2 * 3 * 4 * env.num_layers)  # two updates of 3 x 4 episodes
+    # each update: the drawn inputs, then the same inputs twice more (each episode's end also autoresets)
+    assert all(np.array_equal(starts[0], starts[k]) for k in (2, 4)) and not np.array_equal(starts[0], starts[5])
+    assert all(np.array_equal(starts[5], starts[k]) for k in (7, 9))
+    with pytest.raises(ValueError, match="samples must be"):
+        ReinforceAgent(baseline="loo", samples=1)
+
+
+def test_agents_compare_cli_on_the_tree_env(tiny_model_dir, tiny_glue, tmp_path, capsys):
+    from dpbert_rl.cli import main
+
+    out = tmp_path / "cmp"
+    base = ["--model", tiny_model_dir, "--task", "rte", "--data-dir", str(tiny_glue), "--total-steps", "48",
+            "--num-envs", "4", "--latency-samples", "3", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)]
+    assert main(["agents", "compare", "--agents", "reinforce,always", "--env", "tree", "--features", "mean",
+                 "--reward", "correct", *base]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["agent"], r["env"], r["features"], r["reward"]) for r in rows] == [
+        ("reinforce", "tree", "mean", "correct"), ("always", "tree", "mean", "correct")]
+    assert rows[1]["layers_executed_mean"] == 4.0
+    assert [p.name.split("_")[:3] for p in (tmp_path / "cache").iterdir()] == [["rte", "fit", "mean"]]
+    capsys.readouterr()
+    assert main(["agents", "train", "--agent", "always", "--env", "tree", "--backbone-mode", "joint", *base]) == 2
+    assert "--env live" in capsys.readouterr().err
