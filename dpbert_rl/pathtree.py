@@ -28,11 +28,16 @@ Raw features are stored, not standardised ones, so one cache serves any planner 
 
 Size per 1,000 inputs (all-MiniLM-L6-v2: ``L = 6``, ``d = 384``; 64 states per input): ``cls`` or ``mean``
 alone 98.3 MB in float32 (64 x 384 x 4 B = 98,304 B per input), ``cls+mean`` 196.6 MB; the per-path
-outcomes add 0.6 MB (64 x 9 B per input). Features are stored in **float32**: float16 would halve the
-size, but the observations are standardised, ``(x - mean) / std``, and where a feature barely varies
-across inputs (MiniLM's ``[CLS]`` row: std / |mean| ~ 1e-3) float16's relative error of 5e-4 on ``x``
-becomes an error of order 0.1-1 on the observation, which would make the replay differ from the live
-environment. ``dtype="float16"`` is available where only ``mean`` features are used (measure first).
+outcomes add 0.6 MB (64 x 9 B per input). Measured on RTE with MiniLM: 197.4 MB per 1,000 inputs for
+``cls+mean`` (files included). So RTE's 2,490 training inputs take 0.5 GB, SST-2's 67k take 13 GB
+(memory-mapped; ``max_samples`` caps a split).
+
+Features are stored in **float32**. float16 would halve the size, but observations are standardised,
+``(x - mean) / std``, which magnifies float16's relative error of 5e-4 where a feature barely varies
+across inputs. Measured on MiniLM/RTE: with ``mean`` features the observations move by up to 5e-3
+(against 5e-6 in float32), and with ``cls`` (whose spread across inputs is 1e-5 of its size, and zero
+at the embedding output) by the whole clip range. ``dtype="float16"`` exists for ``mean`` features
+where that error is acceptable; the default keeps the replay equal to the live environment.
 
 Files live in ``runs/pathtree/<task>_<split>_<features>_<key>/`` (``.npy``, no pickle, memory-mapped on
 load; ``meta.json``), keyed by the checkpoint (weights file path, mtime and size; or a hash of the
@@ -191,13 +196,16 @@ def parts(features: str) -> tuple:
 
 
 @torch.no_grad()
-def build_tree(model, dataset, collate_fn, features: str = "cls+mean", batch_size: int = 8,
+def build_tree(model, dataset, collate_fn, features: str = "cls+mean", batch_size: int = 1,
                dtype: str = "float32", progress: bool = True, meta: Optional[dict] = None) -> PathTree:
     """Walk the path tree of every input of a tokenised ``dataset`` (:func:`dpbert_rl.oracle.path_states`)
     and collect the cache's arrays.
 
     :param model: a :class:`~dpbert_rl.model.DPBert` (run in eval mode: no dropout).
     :param features: what to store: ``cls``, ``mean`` or ``cls+mean`` (serves all three).
+    :param batch_size: inputs per walk. The default 1 pads nothing: an input's tree is already a batch
+        (``2^i`` rows at layer ``i``), and unpadded states are closest to the live single env's (padding
+        changes a state's last bits, which the standardisation of a near-constant feature magnifies).
     :param dtype: ``float32`` (default; see the module docstring) or ``float16`` for the features.
     """
     from torch.utils.data import DataLoader
@@ -300,7 +308,7 @@ def cache_key(fingerprint: str, task: str, split: str, data: str, max_samples: O
 
 def tree_cache(model, task: str, split: str = "train", data_dir: Optional[str] = None,
                max_samples: Optional[int] = None, max_seq_length: int = 128, features: str = "cls+mean",
-               cache_dir: Union[str, Path] = DEFAULT_CACHE_DIR, dtype: str = "float32", batch_size: int = 8,
+               cache_dir: Union[str, Path] = DEFAULT_CACHE_DIR, dtype: str = "float32", batch_size: int = 1,
                device: str = "cpu", progress: bool = True, fingerprint: Optional[str] = None,
                mmap: bool = True) -> PathTree:
     """The path-tree cache of ``split``: loaded when present, else built (with a progress bar) and saved.
@@ -486,8 +494,9 @@ class ExactConfig:
     target_rate - select_tolerance; without target_rate, the best greedy return lambda q - c |p|."""
     eval_steps: Optional[int] = None
     """Evaluate on the selection split every N steps (default: once per epoch)."""
-    build_batch_size: int = 8
-    """Inputs per batch when a cache is built."""
+    build_batch_size: int = 1
+    """Inputs per batch when a cache is built (1: an input's tree is already a batch of up to 2^(L-1) rows
+    per layer call; more inputs per batch only add padding)."""
     score_dev: bool = True
     """Score the chosen model on dev once, with the live model in hard mode (reported, chooses nothing)."""
     seed: int = 42

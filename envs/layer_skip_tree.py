@@ -34,7 +34,7 @@ class _TreeEpisodes:
 
     def __init__(self, task, data_dir, split, model, c, lambda_, max_seq_length, max_samples, observation,
                  backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device, features="auto",
-                 reward="loss", stats_samples=1000, cache_dir=None, build_batch_size=8, progress=True,
+                 reward="loss", stats_samples=1000, cache_dir=None, build_batch_size=1, progress=True,
                  cache_dtype="float32"):
         import torch
 
@@ -321,7 +321,7 @@ class LayerSkipTreeEnv(_TreeAccess, gym.Env):
                  max_samples: Optional[int] = None, observation: str = "box", backbone_mode: str = "frozen",
                  joint_lr: float = 2e-5, joint_update_every: int = 32, target_rate: Optional[float] = None,
                  rate_coef: float = 0.0, device: str = "cpu", features: str = "auto", reward: str = "loss",
-                 stats_samples: int = 1000, cache_dir: Optional[str] = None, build_batch_size: int = 8,
+                 stats_samples: int = 1000, cache_dir: Optional[str] = None, build_batch_size: int = 1,
                  progress: bool = True, cache_dtype: str = "float32", render_mode: Optional[str] = None):
         self.core = _TreeEpisodes(task, data_dir, split, model, c, lambda_, max_seq_length, max_samples, observation,
                                   backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device,

@@ -208,9 +208,10 @@ def test_exact_config_errors_are_clear(tiny_model_dir, tiny_glue, tmp_path):
 
 # ---------------------------------------------------------------------------------------- the tree env
 OBS_ATOL = 1e-3
-"""Observations agree to 1e-3, not bit for bit: the cache runs inputs in padded batches and the single
-live env does not, so raw features differ by ~1e-7; where a feature does not vary at all ([CLS] at the
-embedding output is the same for every input) its std is clamped to 1e-6, which magnifies that to ~1e-4."""
+"""Observations agree to 1e-3, not bit for bit: the live env computes its feature statistics on padded
+batches (and the vector env its states too), so raw features differ in their last bits (~1e-7); the
+standardisation divides by the std, which is tiny (or clamped to 1e-6) where a feature hardly varies
+([CLS] at the embedding output is the same for every input), and that magnifies them to ~1e-4."""
 
 
 @pytest.fixture(scope="module")
@@ -517,3 +518,17 @@ def test_agents_compare_cli_on_the_tree_env(tiny_model_dir, tiny_glue, tmp_path,
     capsys.readouterr()
     assert main(["agents", "train", "--agent", "always", "--env", "tree", "--backbone-mode", "joint", *base]) == 2
     assert "--env live" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- on MiniLM
+@pytest.mark.integration
+def test_tree_env_equals_the_live_env_on_minilm(glue_dir, tmp_path):
+    """The packaged MiniLM-L6 (64 paths) on four real RTE inputs: the replay equals the live env."""
+    torch.manual_seed(0)
+    model = DPBert.from_backbone("minilm", num_labels=2)
+    common = dict(task="rte", data_dir=str(glue_dir), split="dev", max_samples=4)
+    tree = tree_cache(model, **common, features="cls+mean", cache_dir=tmp_path, progress=False)  # serves both
+    assert tree.features.shape == (4, 64, 768)
+    for observation, features, reward in (("box", "mean", "loss"), ("dict", "cls", "correct")):
+        kw = dict(common, model=model, observation=observation, features=features, reward=reward)
+        play_both(LayerSkipEnv(**kw), LayerSkipTreeEnv(**kw, cache_dir=str(tmp_path), progress=False), episodes=6)
