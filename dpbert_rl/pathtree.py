@@ -64,7 +64,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .planner import FEATURES, Planners, bernoulli_log_prob, check_features
+from .planner import Planners, bernoulli_log_prob, check_features
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = "runs/pathtree"
@@ -136,6 +136,14 @@ class PathTree:
             return self.features[:, :, :d] if features == "cls" else self.features[:, :, d:]
         raise ValueError(f"this path-tree cache holds {stored!r} features; {features!r} needs a "
                          f"{features!r} or 'cls+mean' cache")
+
+    def oracle_run(self) -> dict:
+        """The cache in the form :func:`dpbert_rl.oracle.enumerate_paths` returns, for
+        :func:`~dpbert_rl.oracle.oracle_choices` and :func:`~dpbert_rl.oracle.best_static_paths`."""
+        from .oracle import paths
+
+        return {"predictions": np.asarray(self.predictions), "losses": np.asarray(self.losses),
+                "labels": np.asarray(self.labels), "paths": paths(self.num_layers).numpy()}
 
     def full_path_states(self) -> np.ndarray:
         """``(L,)``: the state before each layer along the path that executes every layer."""
@@ -724,4 +732,4 @@ def score_dev_live(model_dir, task, data_dir, max_samples, max_seq_length) -> di
 
 __all__ = ["PathTree", "build_tree", "tree_cache", "tree_index", "checkpoint_fingerprint", "planner_info",
            "path_log_probs", "path_rewards", "expected_return", "greedy_paths", "ExactConfig", "train_exact",
-           "evaluate_tree", "FEATURES"]
+           "evaluate_tree"]

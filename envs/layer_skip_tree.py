@@ -91,7 +91,8 @@ class _TreeEpisodes:
         self.outcome = final_reward(reward, losses, torch.from_numpy(np.asarray(tree.predictions)), labels,
                                     tree.regression).float().numpy()  # (N, P)
         self.losses, self.predictions = np.asarray(tree.losses), np.asarray(tree.predictions)
-        self.correct, self.labels, self.indices = np.asarray(tree.correct), np.asarray(tree.labels), np.asarray(tree.indices)
+        self.correct, self.labels = np.asarray(tree.correct), np.asarray(tree.labels)
+        self.indices = np.asarray(tree.indices)
         self.regression = tree.regression
         self.reward = reward
         self.c, self.lambda_ = float(c), float(lambda_)

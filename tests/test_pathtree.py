@@ -85,6 +85,9 @@ def test_cache_holds_the_outcome_of_every_path(tiny_model_dir, tiny_glue, tmp_pa
                       progress=False)
     ds = tokenize(load_split("rte", "train", str(tiny_glue), 6), model.tokenizer, 128)
     run = oracle.enumerate_paths(model, ds, collator(model.tokenizer), batch_size=4, progress=False)
+    cached = tree.oracle_run()  # the oracle can read the cache instead
+    assert np.array_equal(cached["paths"], run["paths"]) and np.allclose(cached["losses"], run["losses"], atol=1e-5)
+    assert np.array_equal(oracle.oracle_choices(cached, False), oracle.oracle_choices(run, False))
     assert np.allclose(tree.losses, run["losses"], atol=1e-5)
     assert np.array_equal(tree.predictions, run["predictions"]) and np.array_equal(tree.labels, run["labels"])
     assert np.array_equal(tree.correct, tree.predictions == tree.labels[:, None])
@@ -127,7 +130,8 @@ def test_exact_gradient_equals_brute_force_over_paths(tiny_model_dir, tiny_glue,
         o = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], labels=b["labels"], mode="path",
                   actions=path)
         prob = o.log_probs.sum(1).exp()
-        ret = lam * final_reward(reward, o.per_example_loss, model.predict(o.logits), b["labels"], False) - c * path.sum()
+        q = final_reward(reward, o.per_example_loss, model.predict(o.logits), b["labels"], False)
+        ret = lam * q - c * path.sum()
         total = total + prob * ret
         probs[:, p] = prob.detach()
     total.mean().backward()
@@ -185,9 +189,10 @@ def test_exact_stage_writes_a_checkpoint_that_dpbert_uses(tiny_model_dir, tiny_g
 
 def test_exact_training_raises_the_expected_return(tiny_model_dir, tiny_glue, tmp_path):
     """With a fixed layer price the objective is a plain sum: a few exact steps increase it."""
-    cfg = ExactConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "x"), cache_dir=str(tmp_path / "c"),
-                      max_steps=30, batch_size=64, lr=0.05, rate_control="none", target_rate=None, cost=0.3,
-                      reward="loss", score_dev=False, progress=False, fresh_planners=True)
+    cfg = ExactConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "x"),
+                      cache_dir=str(tmp_path / "c"), max_steps=30, batch_size=64, lr=0.05, rate_control="none",
+                      target_rate=None, cost=0.3, reward="loss", score_dev=False, progress=False,
+                      fresh_planners=True)
     model_dir = train_exact(tiny_model_dir, cfg)
     rows = [json.loads(line) for line in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
     returns = [r["charts/expected_return"] for r in rows if "charts/expected_return" in r]
@@ -315,6 +320,16 @@ def test_tree_env_equals_the_live_env_on_regression(tiny_regression_dir, tiny_gl
     live, tree = LayerSkipEnv(**kw), LayerSkipTreeEnv(**kw, cache_dir=cache_dir, progress=False)
     assert tree.core.regression
     play_both(live, tree, episodes=6)
+    rng = np.random.default_rng(0)
+    for k in range(len(live.core.data)):  # every input once, for the outcome terms of many labels
+        (lo, _), (to, _) = live.reset(options={"index": k}), tree.reset(options={"index": k})
+        for a in rng.integers(0, 2, size=live.num_layers):
+            lo, lr, _, _, linfo = live.step(int(a))
+            to, tr, _, _, tinfo = tree.step(int(a))
+            assert lr == pytest.approx(tr, abs=1e-5)
+        assert_same_obs(lo, to)
+        assert_same_info(linfo, tinfo)
+    assert 0 < np.mean(tree.tree.correct) < 1  # both kinds of outcome occur
 
 
 def test_vector_tree_env_yields_the_transitions_of_n_single_tree_envs(tiny_model_dir, tiny_glue, cache_dir):
@@ -353,8 +368,10 @@ def test_vector_tree_env_yields_the_transitions_of_n_single_tree_envs(tiny_model
                 assert np.array_equal(vinfo["final_obs"][j], o)
                 final = {k: v[j] for k, v in vinfo["final_info"].items() if not k.startswith("_")}
                 assert_same_info({k: (v if k == "path" else v.item()) for k, v in final.items()}, info)
-        # same-step autoreset: fresh episodes at layer 0; the infos have the live vector env's layout
-        assert (vobs[:, -vec.unwrapped.num_layers:].argmax(1) == 0).all()
+        # same-step autoreset: fresh episodes at layer 0, ready to step; the infos have the live vector env's layout
+        L = vec.unwrapped.num_layers
+        assert np.array_equal(vobs[:, -L:], np.eye(L, dtype=np.float32)[np.zeros(n, dtype=int)])
+        assert vec.unwrapped.core.i == 0
         assert vinfo.keys() == linfo.keys() and vinfo["final_info"].keys() == linfo["final_info"].keys()
         for k, v in linfo["final_info"].items():
             assert vinfo["final_info"][k].dtype == v.dtype and vinfo["final_info"][k].shape == v.shape, k
@@ -507,7 +524,8 @@ def test_agents_compare_cli_on_the_tree_env(tiny_model_dir, tiny_glue, tmp_path,
 
     out = tmp_path / "cmp"
     base = ["--model", tiny_model_dir, "--task", "rte", "--data-dir", str(tiny_glue), "--total-steps", "48",
-            "--num-envs", "4", "--latency-samples", "3", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out)]
+            "--num-envs", "4", "--latency-samples", "3", "--cache-dir", str(tmp_path / "cache"),
+            "--output-dir", str(out)]
     assert main(["agents", "compare", "--agents", "reinforce,always", "--env", "tree", "--features", "mean",
                  "--reward", "correct", *base]) == 0
     rows = json.loads((out / "results.json").read_text())
