@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
         p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
         p.add_argument("--backbone-mode", default="frozen", choices=("frozen", "joint"))
+        p.add_argument("--env", default="live", choices=("live", "tree"),
+                       help="live: the model runs every step (dpbert_rl/LayerSkip-v0); tree: the frozen game replayed "
+                            "from the path-tree cache (dpbert_rl/LayerSkipTree-v0, frozen backbone only)")
+        p.add_argument("--features", default="auto", help="what the agents observe: auto (the checkpoint's), cls, "
+                                                           "mean or cls+mean")
+        p.add_argument("--reward", default="loss", choices=("loss", "correct"), help="the reward's outcome term")
+        p.add_argument("--cache-dir", default="runs/pathtree", help="where --env tree keeps its path-tree caches")
         p.add_argument("--total-steps", type=int, default=20_000, help="environment steps per agent")
         p.add_argument("--num-envs", type=int, default=32, help="inputs per batched step")
         p.add_argument("--max-train-samples", type=int, help="cap on the training split")
@@ -41,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_agent(name: str, args, progress=None) -> dict:
     """Train one agent in a fresh environment on a fresh copy of the checkpoint, then evaluate it."""
-    from dpbert_rl.data import get_task, load_split, tokenize
+    from dpbert_rl.data import collator, get_task, load_split, tokenize
     from dpbert_rl.model import DPBert
     from envs.layer_skip import BatchedLayerSkipEnv
 
@@ -53,9 +60,18 @@ def run_agent(name: str, args, progress=None) -> dict:
     if not (args.task or model.task_info.task):
         raise ValueError(f"{args.model} does not name its task; pass --task")
     task = get_task(args.task or model.task_info.task)
-    env = BatchedLayerSkipEnv(num_envs=args.num_envs, task=task.name, data_dir=args.data_dir, split="fit",
-                              model=model, c=args.cost, lambda_=args.lam, max_samples=args.max_train_samples,
-                              backbone_mode=args.backbone_mode)
+    env_kwargs = dict(num_envs=args.num_envs, task=task.name, data_dir=args.data_dir, split="fit", model=model,
+                      c=args.cost, lambda_=args.lam, max_samples=args.max_train_samples,
+                      backbone_mode=args.backbone_mode, features=args.features, reward=args.reward)
+    if args.env == "tree":
+        if args.backbone_mode != "frozen":
+            raise ValueError("--env tree replays a frozen backbone; --backbone-mode joint needs --env live")
+        from envs.layer_skip_tree import BatchedLayerSkipTreeEnv
+
+        env = BatchedLayerSkipTreeEnv(**env_kwargs, cache_dir=args.cache_dir)
+    else:
+        env = BatchedLayerSkipEnv(**env_kwargs)
+    collate = collator(model.tokenizer)
     kwargs = {"seed": args.seed}  # learning agents take a seed; references know the depth instead
     if name == "reinforce" and args.target_rate is not None:
         kwargs["target_rate"] = args.target_rate
@@ -71,7 +87,7 @@ def run_agent(name: str, args, progress=None) -> dict:
     agent.save(out / "agents" / name)
     dev = tokenize(load_split(task, "dev", args.data_dir, args.max_eval_samples), model.tokenizer,
                    model.task_info.max_seq_length)
-    res = evaluate_agent(agent, model, task, dev, env.core.collate, latency_samples=args.latency_samples,
+    res = evaluate_agent(agent, model, task, dev, collate, latency_samples=args.latency_samples,
                          observer=env.observer)
     from torch.utils.tensorboard import SummaryWriter
 
@@ -80,8 +96,9 @@ def run_agent(name: str, args, progress=None) -> dict:
         writer.add_scalar("eval/layers_executed", res["layers_executed_mean"], args.total_steps)
     # the floor at the same budget: random skipping at this agent's skip rate, on the same backbone
     reference = RandomSkip(rate=res["skip_rate"], num_layers=model.num_layers, seed=args.seed)
-    random_score = score_agent(reference, model, task, dev, env.core.collate, observer=env.observer)["score"]
-    return {"task": task.name, "agent": name, "backbone_mode": args.backbone_mode, "dev_score": res["score"],
+    random_score = score_agent(reference, model, task, dev, collate, observer=env.observer)["score"]
+    return {"task": task.name, "agent": name, "backbone_mode": args.backbone_mode, "env": args.env,
+            "features": env.observer.features, "reward": args.reward, "dev_score": res["score"],
             "layers_executed_mean": res["layers_executed_mean"], "skip_rate": res["skip_rate"],
             "layer_frequency": res["layer_frequency"], "speedup_measured": res["speedup_measured"],
             "speedup_ideal": res["speedup_ideal"], "random_same_rate_score": random_score,

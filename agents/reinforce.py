@@ -6,6 +6,11 @@ stage 3. Relation to ``dpbert_rl``'s own stage-3 trainer (``dpbert-rl rl``): tha
 eq. (12) in one differentiable pass over a batch; this agent sees only observations and rewards,
 and builds the same REINFORCE term from the environment's rewards, whose returns-to-go are eq. (9).
 On the same batch and the same sampled actions the two give the same planner gradient (tested).
+
+The trainer's variance reductions are here too, through the same functions of
+:mod:`dpbert_rl.objectives`: the leave-one-out baseline over K episodes per input (``baseline="loo"``,
+``samples=K``; the agent replays the inputs by resetting the environment to them, which
+``dpbert_rl/LayerSkipTree-v0`` makes nearly free), advantage normalisation and an entropy bonus.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dpbert_rl.objectives import advantages, reinforce_loss, skip_penalty
+from dpbert_rl.objectives import BASELINES, advantages, normalise_advantages, reinforce_loss, skip_penalty
 from dpbert_rl.planner import Planners, bernoulli_entropy, bernoulli_log_prob
 
 from .base import Agent, Callback, split_obs
@@ -28,7 +33,15 @@ class ReinforceConfig:
     lr: float = 1e-3
     """Adam learning rate of the planners (as in dpbert_rl's TrainConfig.planner_lr)."""
     baseline: str = "batch-mean"
-    """b_i of eq. (12): none, batch-mean, or self-critical (the greedy path's return on the same inputs)."""
+    """b_i of eq. (12): none, batch-mean, self-critical (the greedy path's return on the same inputs), or loo
+    (leave-one-out: the mean return of the other `samples` - 1 episodes of the same input)."""
+    samples: int = 1
+    """Episodes per input in one update (K; loo needs K >= 2). The agent replays the same inputs by
+    resetting the environment to them (reset(options={"indices": ...})); cheap in the tree env."""
+    normalise_advantages: bool = False
+    """Scale the advantages to zero mean and unit variance per update (as in PPO)."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus on the planners' Bernoulli policies (mean over decisions)."""
     target_rate: Optional[float] = None
     """r of eq. (11); None leaves the skip-rate penalty out."""
     beta: float = 200.0
@@ -49,6 +62,13 @@ class ReinforceAgent(Agent):
             if not hasattr(self.config, k):
                 raise TypeError(f"unknown REINFORCE option {k!r}")
             setattr(self.config, k, v)
+        cfg = self.config
+        if cfg.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {cfg.baseline!r}; expected one of {BASELINES}")
+        if cfg.samples < 1 or (cfg.baseline == "loo" and cfg.samples < 2):
+            raise ValueError(f"samples must be >= 1 (>= 2 for the loo baseline); got {cfg.samples}")
+        if cfg.entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0; got {cfg.entropy_coef}")
         self.planners: Optional[Planners] = None
         self.hidden_size = None
 
@@ -80,16 +100,23 @@ class ReinforceAgent(Agent):
 
         :param observations: L observations, each ``(N, ...)``: the states the actions were taken in.
         :param actions: ``(N, L)`` 0/1; :param rewards: ``(N, L)`` as the environment paid them.
+            With ``samples`` K > 1, rows come in groups of K episodes of the same input.
         """
+        cfg = self.config
         logits = torch.stack([self.logits(o) for o in observations], 1)  # (N, L)
         act = torch.as_tensor(actions, dtype=torch.float32)
         returns = torch.as_tensor(np.flip(np.cumsum(np.flip(rewards, 1), 1), 1).copy(), dtype=torch.float32)
         greedy = torch.as_tensor(greedy_returns, dtype=torch.float32) if greedy_returns is not None else None
-        pg = reinforce_loss(bernoulli_log_prob(logits, act), advantages(returns, self.config.baseline, greedy))
+        adv = advantages(returns, cfg.baseline, greedy, cfg.samples)
+        if cfg.normalise_advantages:
+            adv = normalise_advantages(adv)
+        pg = reinforce_loss(bernoulli_log_prob(logits, act), adv)
         probs = torch.sigmoid(logits)
-        penalty = skip_penalty(probs, self.config.target_rate) if self.config.target_rate is not None else pg.new_zeros(())
-        return {"loss": pg + self.config.beta * penalty, "policy_loss": pg, "penalty": penalty,
-                "entropy": bernoulli_entropy(logits).mean(), "returns": returns}
+        penalty = skip_penalty(probs, cfg.target_rate) if cfg.target_rate is not None else pg.new_zeros(())
+        entropy = bernoulli_entropy(logits).mean()
+        bonus = cfg.entropy_coef * entropy
+        return {"loss": pg + cfg.beta * penalty - bonus, "policy_loss": pg, "penalty": penalty,
+                "entropy": entropy, "entropy_bonus": bonus, "returns": returns}
 
     def _rollout(self, env, obs, deterministic: bool):
         """Play the N lock-step episodes to their end; returns trajectories and the next observation."""
@@ -113,15 +140,23 @@ class ReinforceAgent(Agent):
         obs, _ = env.reset(seed=cfg.seed)
         steps = 0
         while steps < total_steps:
-            # rollout: one batch of N complete episodes with sampled actions
-            observations, actions, rewards, infos, obs = self._rollout(env, obs, deterministic=False)
+            # rollout: one batch of N complete episodes with sampled actions (K per input: the same
+            # inputs replayed K times, rows then grouped by input as the loo baseline reads them)
+            runs = [self._rollout(env, obs, deterministic=False)]
+            indices = runs[0][3]["final_info"]["index"]
+            for _ in range(cfg.samples - 1):
+                replay, _ = env.reset(options={"indices": indices})
+                runs.append(self._rollout(env, replay, deterministic=False))
+            obs = runs[-1][4]
+            observations = [_group([r[0][i] for r in runs]) for i in range(env.num_layers)]
+            actions, rewards = _group([r[1] for r in runs]), _group([r[2] for r in runs])
+            final = {k: _group([r[3]["final_info"][k] for r in runs]) for k in runs[0][3]["final_info"]}
             steps += actions.size
-            final = infos["final_info"]
             greedy = None
             if cfg.baseline == "self-critical":  # replay the same inputs greedily
-                g_obs, _ = env.reset(options={"indices": final["index"]})
+                g_obs, _ = env.reset(options={"indices": indices})
                 _, _, g_rewards, _, _ = self._rollout(env, g_obs, deterministic=True)
-                greedy = np.flip(np.cumsum(np.flip(g_rewards, 1), 1), 1).copy()
+                greedy = np.repeat(np.flip(np.cumsum(np.flip(g_rewards, 1), 1), 1), cfg.samples, axis=0)
                 obs, _ = env.reset()
             # update
             out = self.loss(observations, actions, rewards, greedy)
@@ -165,3 +200,12 @@ class ReinforceAgent(Agent):
         agent._build(state["num_layers"], state["hidden_size"])
         agent.planners.load_state_dict(load_file(str(path / "planners.safetensors")))
         return agent
+
+
+def _group(parts: list):
+    """K arrays ``(N, ...)`` (or dicts of them) of K episodes of the same N inputs, as ``(N * K, ...)`` rows
+    grouped by input (row ``j * K + k``: input ``j``, episode ``k``), as ``repeat_interleave(K)`` orders them."""
+    if isinstance(parts[0], dict):
+        return {k: _group([p[k] for p in parts]) for k in parts[0]}
+    stacked = np.stack([np.asarray(p) for p in parts], 1)  # (N, K, ...)
+    return stacked.reshape(-1, *stacked.shape[2:])

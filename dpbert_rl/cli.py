@@ -6,6 +6,8 @@
     evaluate                               score, layers, speed-up    (latency.evaluate_checkpoint)
     calibrate                              threshold for a skip rate  (train.calibrate_checkpoint)
     predict                                one input: label and path  (model.DPBert)
+    exact                                  planners by the exact expected reward over the
+                                           path tree of a frozen backbone (pathtree.train_exact)
 """
 
 from __future__ import annotations
@@ -137,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads during timing")
     p.add_argument("--output", help="write the JSON report here (default: <checkpoint>/eval_<split>.json)")
 
+    from .pathtree import ExactConfig
+
+    p = sub.add_parser("exact", help="train planners by the exact expected reward over all paths (frozen backbone)",
+                       description="Train the planners of a fine-tuned checkpoint, backbone frozen, by gradient ascent "
+                                   "on the exact expected reward: a sum over all 2^L paths read from the path-tree "
+                                   "cache (built once per split, reused), so the gradient has no sampling variance. "
+                                   "Planners are chosen on the selection split; dev is scored once. Writes "
+                                   "<output-dir>/model, a normal DPBERT checkpoint.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a fine-tuned dpbert_rl model/ directory (e.g. a stage-1 result)")
+    add_dataclass_args(p, ExactConfig)
+
     p = sub.add_parser("predict", help="classify one input and show which layers ran")
     p.add_argument("checkpoint", help="a trained DPBERT model/ directory")
     p.add_argument("text", help="the sentence (or the first of a pair)")
@@ -216,6 +230,11 @@ def _dispatch(args) -> int:
         )
         print(format_report(report))
         print(f"report written to {output}")
+    elif args.command == "exact":
+        from .pathtree import ExactConfig, train_exact
+
+        path = train_exact(args.checkpoint, _from_args(ExactConfig, args))
+        print(f"model written to {path}")
     elif args.command == "predict":
         print(_predict(args))
     elif args.command == "inspect":

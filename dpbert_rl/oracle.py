@@ -28,6 +28,27 @@ def paths(num_layers: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def path_states(model: DPBert, batch: dict) -> tuple:
+    """Walk the path tree of one batch: the hidden state at the end of every path.
+
+    :return: ``(h, mask)``: ``h`` ``(B, 2^L, T, d)``, row ``p`` the state after path ``p``
+        (:func:`paths`), and the batch's additive mask ``(B, 1, 1, T)``. Layer ``i`` runs once per
+        distinct prefix of length ``i``: ``2^L - 1`` layer calls per input in all. Since a skipped layer
+        leaves the state unchanged, the state at decision node (layer ``i``, prefix ``s``) is that of
+        path ``s << (L - i)`` (the prefix followed by skips): these ``2^L`` states are every state the
+        tree holds (:mod:`dpbert_rl.pathtree`).
+    """
+    state = model.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    h, mask = state.hidden[:, None], state.mask  # (B, 1, T, d): one prefix per input so far
+    B, _, T, d = h.shape
+    for i in range(model.num_layers):
+        S = h.shape[1]
+        ran = model.execute(i, h.reshape(B * S, T, d), mask.repeat_interleave(S, 0)).reshape(B, S, T, d)
+        h = torch.stack([h, ran], 2).reshape(B, 2 * S, T, d)  # prefix s -> 2s (skip), 2s + 1 (execute)
+    return h, mask
+
+
+@torch.no_grad()
 def enumerate_paths(model: DPBert, dataset, collate_fn, batch_size: int = 8, progress: bool = True) -> dict:
     """Run every path for every input of a tokenised dataset.
 
@@ -43,14 +64,8 @@ def enumerate_paths(model: DPBert, dataset, collate_fn, batch_size: int = 8, pro
         loader = tqdm(loader, desc=f"oracle ({2 ** L} paths)", leave=False)
     preds, losses, labels = [], [], []
     for b in loader:
-        state = model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-        h, mask = state.hidden[:, None], state.mask  # (B, 1, T, d): one prefix per input so far
-        B, _, T, d = h.shape
-        for i in range(L):
-            S = h.shape[1]
-            ran = model.execute(i, h.reshape(B * S, T, d), mask.repeat_interleave(S, 0)).reshape(B, S, T, d)
-            h = torch.stack([h, ran], 2).reshape(B, 2 * S, T, d)  # prefix s -> 2s (skip), 2s + 1 (execute)
-        P = h.shape[1]
+        h, _ = path_states(model, b)  # (B, 2^L, T, d)
+        B, P, _, d = h.shape
         logits = model.classify(h[:, :, :1].reshape(B * P, 1, d))  # the heads read [CLS] only
         y = b["labels"].repeat_interleave(P, 0)
         losses.append(model.task_loss(logits, y).reshape(B, P))
@@ -88,4 +103,4 @@ def best_static_paths(run: dict, score_fn) -> dict:
     return best
 
 
-__all__ = ["paths", "enumerate_paths", "oracle_choices", "best_static_paths"]
+__all__ = ["paths", "path_states", "enumerate_paths", "oracle_choices", "best_static_paths"]

@@ -1,4 +1,5 @@
-"""Stable-Baselines3 ``VecEnv`` adapter over :class:`envs.layer_skip.BatchedLayerSkipEnv`.
+"""Stable-Baselines3 ``VecEnv`` adapter over :class:`envs.layer_skip.BatchedLayerSkipEnv` (or the tree
+env's :class:`envs.layer_skip_tree.BatchedLayerSkipTreeEnv`, which speaks the same protocol).
 
 SB3 does not take a Gymnasium ``VectorEnv``; this adapter speaks SB3's protocol: ``reset()`` returns
 the observation only, ``step_wait()`` the 4-tuple ``(obs, rewards, dones, infos)`` with a list of

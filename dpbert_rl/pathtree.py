@@ -1,0 +1,735 @@
+"""The path-tree cache: with a frozen backbone, an input's whole skipping game, computed once.
+
+A path's state after layer ``i`` depends only on its first ``i`` decisions, so the ``2^L`` paths of an
+input form a binary tree, walked once by :func:`dpbert_rl.oracle.path_states` (``2^L - 1`` layer calls
+per input: 63 for a 6-layer model, for all 64 paths). A skipped layer leaves the state unchanged, so
+the tree holds only ``2^L`` distinct states, one per path: the state at decision node (layer ``i``,
+prefix ``s``) is the state of path ``s << (L - i)`` (the prefix, then skips only). The cache stores, per
+input of a split:
+
+==============  ==============  =========================================================================
+array           shape           what
+==============  ==============  =========================================================================
+``features``    ``(N, 2^L, F)``  raw (unstandardised) planner features of state ``p``: ``[CLS]``, the
+                                masked token mean, or both (``cls`` then ``mean``), as stored
+``losses``      ``(N, 2^L)``    task loss of path ``p`` (cross-entropy; squared error for regression)
+``predictions`` ``(N, 2^L)``    class id (as a float) or regression value of path ``p``
+``correct``     ``(N, 2^L)``    ``prediction == label`` (regression: ``|prediction - label| < 0.5``)
+``labels``      ``(N,)``        the label
+``indices``     ``(N,)``        the input's index in the split
+==============  ==============  =========================================================================
+
+Path ``p``'s decisions are the bits of ``p``, layer 1 the most significant (:func:`dpbert_rl.oracle.paths`).
+Keeping the 2^L states rather than the 2^(L+1) - 1 nodes (decision nodes and leaves) halves the size
+and still serves every observation the live environment makes, the final one included.
+
+Raw features are stored, not standardised ones, so one cache serves any planner statistics, and a
+``cls+mean`` cache serves all three feature choices (:meth:`PathTree.raw`).
+
+Size per 1,000 inputs (all-MiniLM-L6-v2: ``L = 6``, ``d = 384``; 64 states per input): ``cls`` or ``mean``
+alone 98.3 MB in float32 (64 x 384 x 4 B = 98,304 B per input), ``cls+mean`` 196.6 MB; the per-path
+outcomes add 0.6 MB (64 x 9 B per input). Measured on RTE with MiniLM: 197.4 MB per 1,000 inputs for
+``cls+mean`` (files included). So RTE's 2,490 training inputs take 0.5 GB, SST-2's 67k take 13 GB
+(memory-mapped; ``max_samples`` caps a split).
+
+Features are stored in **float32**. float16 would halve the size, but observations are standardised,
+``(x - mean) / std``, which magnifies float16's relative error of 5e-4 where a feature barely varies
+across inputs. Measured on MiniLM/RTE: with ``mean`` features the observations move by up to 5e-3
+(against 5e-6 in float32), and with ``cls`` (whose spread across inputs is 1e-5 of its size, and zero
+at the embedding output) by the whole clip range. ``dtype="float16"`` exists for ``mean`` features
+where that error is acceptable; the default keeps the replay equal to the live environment.
+
+Files live in ``runs/pathtree/<task>_<split>_<features>_<key>/`` (``.npy``, no pickle, memory-mapped on
+load; ``meta.json``), keyed by the checkpoint (weights file path, mtime and size; or a hash of the
+weights of an in-memory model), the task, split, data file, ``max_samples``, ``max_seq_length``,
+features and dtype. :func:`tree_cache` reuses a cache when present and builds it otherwise.
+
+On top of the cache: :func:`train_exact`, planner training by the exact expected reward over all
+paths (no sampling, so a gradient without variance; ``dpbert-rl exact``), and the replay environment
+``dpbert_rl/LayerSkipTree-v0`` (:mod:`envs.layer_skip_tree`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .planner import Planners, bernoulli_log_prob, check_features
+
+FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = "runs/pathtree"
+META = "meta.json"
+ARRAYS = ("features", "losses", "predictions", "correct", "labels", "indices")
+
+
+# ---------------------------------------------------------------------------------------- the tree
+def tree_index(num_layers: int) -> dict:
+    """Index arrays that turn the tree's shape into lookups (``P = 2^L``):
+
+    * ``node_state[i]`` ``(2^i,)``: the state of node (layer ``i``, prefix ``s``), ``s << (L - i)``;
+    * ``path_node[i]`` ``(P,)``: the prefix (node at layer ``i``) of every path, ``p >> (L - i)``;
+    * ``path_bit[i]`` ``(P,)``: every path's decision at layer ``i``;
+    * ``path_layers`` ``(P,)``: layers every path executes.
+    """
+    L = num_layers
+    p = np.arange(2 ** L)
+    return {
+        "node_state": [np.arange(2 ** i) << (L - i) for i in range(L)],
+        "path_node": [p >> (L - i) for i in range(L)],
+        "path_bit": [(p >> (L - 1 - i)) & 1 for i in range(L)],
+        "path_layers": np.array([bin(int(x)).count("1") for x in p]),
+    }
+
+
+@dataclass
+class PathTree:
+    """One split's path-tree cache (see the module docstring for the arrays and their shapes).
+
+    :param meta: ``num_layers``, ``hidden_size``, ``features`` (stored), ``regression``, ``task``,
+        ``split``, ``dtype``, ``key`` and what the key was made of.
+    """
+
+    features: np.ndarray
+    losses: np.ndarray
+    predictions: np.ndarray
+    correct: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    meta: dict
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["num_layers"])
+
+    @property
+    def num_inputs(self) -> int:
+        return int(self.losses.shape[0])
+
+    @property
+    def num_paths(self) -> int:
+        return 2 ** self.num_layers
+
+    @property
+    def regression(self) -> bool:
+        return bool(self.meta["regression"])
+
+    def __len__(self) -> int:
+        return self.num_inputs
+
+    def raw(self, features: str) -> np.ndarray:
+        """The raw features ``(N, 2^L, F)`` of one choice (a view when the stored choice holds it)."""
+        check_features(features)
+        stored, d = self.meta["features"], int(self.meta["hidden_size"])
+        if features == stored:
+            return self.features
+        if stored == "cls+mean":
+            return self.features[:, :, :d] if features == "cls" else self.features[:, :, d:]
+        raise ValueError(f"this path-tree cache holds {stored!r} features; {features!r} needs a "
+                         f"{features!r} or 'cls+mean' cache")
+
+    def oracle_run(self) -> dict:
+        """The cache in the form :func:`dpbert_rl.oracle.enumerate_paths` returns, for
+        :func:`~dpbert_rl.oracle.oracle_choices` and :func:`~dpbert_rl.oracle.best_static_paths`."""
+        from .oracle import paths
+
+        return {"predictions": np.asarray(self.predictions), "losses": np.asarray(self.losses),
+                "labels": np.asarray(self.labels), "paths": paths(self.num_layers).numpy()}
+
+    def full_path_states(self) -> np.ndarray:
+        """``(L,)``: the state before each layer along the path that executes every layer."""
+        L = self.num_layers
+        return np.array([(2 ** i - 1) << (L - i) for i in range(L)])
+
+    def feature_stats(self, features: str, samples: Optional[int] = None) -> dict:
+        """What :func:`dpbert_rl.model.feature_stats` computes on the first ``samples`` inputs, read from
+        the cache: mean and std ``(L, F)`` of the raw features before every layer along the full path
+        (float64 sums, unbiased variance) and each layer's ``spread``."""
+        n = self.num_inputs if samples is None else min(int(samples), self.num_inputs)
+        if n < 2:
+            raise ValueError("feature statistics need at least 2 inputs")
+        x = torch.from_numpy(np.array(self.raw(features)[:n][:, self.full_path_states()], dtype=np.float32))
+        x = x.double()  # (n, L, F)
+        mean = x.sum(0) / n
+        var = ((x * x).sum(0) / n - mean ** 2).clamp_min(0.0) * n / (n - 1)
+        spread = (var.sum(1) / (mean ** 2).sum(1).clamp_min(1e-30)).tolist()
+        return {"mean": mean.float(), "std": var.sqrt().float(), "examples": n, "features": features,
+                "spread": spread}
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the arrays as ``.npy`` (no pickle) and ``meta.json``; atomically (a temporary directory
+        is renamed), so that an interrupted build leaves no half cache."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ARRAYS:
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
+        (tmp / META).write_text(json.dumps(self.meta, indent=2))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path], mmap: bool = True) -> "PathTree":
+        """Read a cache written by :meth:`save`; the features are memory-mapped unless ``mmap=False``."""
+        path = Path(path)
+        if not (path / META).is_file():
+            raise FileNotFoundError(f"no path-tree cache at {str(path)!r} (expected {META} and .npy files)")
+        meta = json.loads((path / META).read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}: path-tree cache format {meta.get('format')}; this code reads {FORMAT_VERSION}")
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if (mmap and name == "features") else None,
+                                allow_pickle=False) for name in ARRAYS}
+        return cls(meta=meta, **arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(getattr(self, name).nbytes for name in ARRAYS))
+
+
+def parts(features: str) -> tuple:
+    """The raw parts a feature choice is made of, in storage order."""
+    return {"cls": ("cls",), "mean": ("mean",), "cls+mean": ("cls", "mean")}[check_features(features)]
+
+
+@torch.no_grad()
+def build_tree(model, dataset, collate_fn, features: str = "cls+mean", batch_size: int = 1,
+               dtype: str = "float32", progress: bool = True, meta: Optional[dict] = None) -> PathTree:
+    """Walk the path tree of every input of a tokenised ``dataset`` (:func:`dpbert_rl.oracle.path_states`)
+    and collect the cache's arrays.
+
+    :param model: a :class:`~dpbert_rl.model.DPBert` (run in eval mode: no dropout).
+    :param features: what to store: ``cls``, ``mean`` or ``cls+mean`` (serves all three).
+    :param batch_size: inputs per walk. The default 1 pads nothing: an input's tree is already a batch
+        (``2^i`` rows at layer ``i``), and unpadded states are closest to the live single env's (padding
+        changes a state's last bits, which the standardisation of a near-constant feature magnifies).
+    :param dtype: ``float32`` (default; see the module docstring) or ``float16`` for the features.
+    """
+    from torch.utils.data import DataLoader
+
+    from .oracle import path_states
+    from .planner import raw_features
+
+    check_features(features)
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
+    was_training = model.training
+    model.eval()
+    L, d = model.num_layers, model.backbone.hidden_size
+    P, F_ = 2 ** L, (2 if features == "cls+mean" else 1) * d
+    N = len(dataset)
+    feats = np.empty((N, P, F_), dtype=dtype)
+    losses = np.empty((N, P), np.float32)
+    preds = np.empty((N, P), np.float32)
+    correct = np.empty((N, P), bool)
+    labels = np.empty((N,), np.float32)
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=f"path tree ({P} paths, {P - 1} layer calls per input)", unit="batch")
+    row = 0
+    for b in loader:
+        b = {k: v.to(device) for k, v in b.items()}
+        h, mask = path_states(model, b)  # (B, P, T, d)
+        B, _, T, _ = h.shape
+        flat, m = h.reshape(B * P, T, d), mask.repeat_interleave(P, 0)
+        x = raw_features(flat, m, features).reshape(B, P, F_)
+        logits = model.classify(flat)
+        y = b["labels"].repeat_interleave(P, 0)
+        pred = model.predict(logits).float()
+        yf = y.float()
+        ok = (pred - yf).abs() < 0.5 if model.is_regression else pred == yf
+        sl = slice(row, row + B)
+        feats[sl] = x.float().cpu().numpy().astype(dtype)
+        losses[sl] = model.task_loss(logits, y).float().reshape(B, P).cpu().numpy()
+        preds[sl] = pred.reshape(B, P).cpu().numpy()
+        correct[sl] = ok.reshape(B, P).cpu().numpy()
+        labels[sl] = b["labels"].float().cpu().numpy()
+        row += B
+    model.train(was_training)
+    info = {"format": FORMAT_VERSION, "num_layers": L, "hidden_size": d, "features": features,
+            "regression": bool(model.is_regression), "num_labels": int(model.backbone.num_labels),
+            "dtype": dtype, "num_inputs": N, **(meta or {})}
+    return PathTree(features=feats, losses=losses, predictions=preds, correct=correct, labels=labels,
+                    indices=np.arange(N, dtype=np.int64), meta=info)
+
+
+# ---------------------------------------------------------------------------------------- the key
+def checkpoint_fingerprint(model) -> str:
+    """What identifies the backbone's weights: for a dpbert_rl checkpoint directory, its weight files'
+    paths, modification times and sizes (cheap: nothing is read); for a :class:`~dpbert_rl.model.DPBert`
+    in memory, a hash of the backbone's tensors (head included). Planners are not part of it: the
+    cache holds raw features, which do not depend on them."""
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not (path / "dpbert.json").is_file():
+            raise ValueError(f"{str(model)!r} is not a dpbert_rl checkpoint (no dpbert.json): its head would be "
+                             "initialised afresh on every load; pass the loaded DPBert instead")
+        files = sorted(f for f in path.iterdir() if f.name == "config.json" or (
+            f.suffix in (".safetensors", ".bin") and f.name != "planners.safetensors"))
+        h = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_mtime_ns}:{st.st_size};".encode())
+        return "file:" + h.hexdigest()
+    h = hashlib.blake2b(digest_size=32)
+    for name, t in sorted(model.backbone.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "weights:" + h.hexdigest()
+
+
+def data_fingerprint(task, split: str, data_dir: Optional[str]) -> str:
+    """The data file a split is read from (path, mtime, size), or ``hub``."""
+    from .data import DERIVED_SPLITS, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return "hub"
+    f = root / task.dir_name / dict(task.splits)[DERIVED_SPLITS.get(split, split)]
+    st = f.stat()
+    return f"{f.resolve()}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def cache_key(fingerprint: str, task: str, split: str, data: str, max_samples: Optional[int],
+              max_seq_length: int, features: str, dtype: str) -> tuple:
+    """``(directory name, key dict)`` of one cache."""
+    key = {"format": FORMAT_VERSION, "checkpoint": fingerprint, "task": task, "split": split, "data": data,
+           "max_samples": max_samples, "max_seq_length": int(max_seq_length), "features": features, "dtype": dtype}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{task}_{split}_{features.replace('+', '-')}_{dtype}_{digest}", key
+
+
+def tree_cache(model, task: str, split: str = "train", data_dir: Optional[str] = None,
+               max_samples: Optional[int] = None, max_seq_length: int = 128, features: str = "cls+mean",
+               cache_dir: Union[str, Path] = DEFAULT_CACHE_DIR, dtype: str = "float32", batch_size: int = 1,
+               device: str = "cpu", progress: bool = True, fingerprint: Optional[str] = None,
+               mmap: bool = True) -> PathTree:
+    """The path-tree cache of ``split``: loaded when present, else built (with a progress bar) and saved.
+
+    A ``cls+mean`` cache of the same inputs also serves ``cls`` and ``mean``, and is used when present.
+    The split is read as the live environment reads it: ``load_split(task, split, data_dir, max_samples)``
+    (the first ``max_samples`` inputs), tokenised to ``max_seq_length``.
+
+    :param model: a dpbert_rl checkpoint directory (loaded only when a cache must be built) or a
+        :class:`~dpbert_rl.model.DPBert`.
+    :param fingerprint: overrides :func:`checkpoint_fingerprint` (e.g. a checkpoint's, for its loaded model).
+    """
+    from .data import get_task
+
+    check_features(features)
+    t = get_task(task)
+    fp = fingerprint or checkpoint_fingerprint(model)
+    data = data_fingerprint(t, split, data_dir)
+    root = Path(cache_dir)
+    for choice in dict.fromkeys((features, "cls+mean")):
+        name, _ = cache_key(fp, t.name, split, data, max_samples, max_seq_length, choice, dtype)
+        if (root / name / META).is_file():
+            return PathTree.load(root / name, mmap=mmap)
+    name, key = cache_key(fp, t.name, split, data, max_samples, max_seq_length, features, dtype)
+    dpbert = _as_model(model, t)
+    from .data import collator, load_split, tokenize
+
+    ds = tokenize(load_split(t, split, data_dir, max_samples), dpbert.tokenizer, max_seq_length)
+    dpbert.to(torch.device(device))
+    tree = build_tree(dpbert, ds, collator(dpbert.tokenizer), features, batch_size, dtype, progress,
+                      meta={"task": t.name, "split": split, "key": name, "key_parts": key})
+    tree.save(root / name)
+    return PathTree.load(root / name, mmap=mmap)
+
+
+def _as_model(model, task):
+    from .model import DPBert
+
+    if isinstance(model, DPBert):
+        return model
+    return DPBert.from_source(str(model), task.num_labels)
+
+
+def planner_info(model) -> dict:
+    """The planners a model (checkpoint directory or DPBert) carries, without loading the backbone:
+    ``features``, ``num_layers`` (None when unknown), and ``mean``/``std`` ``(L, F)`` numpy when their
+    standardisation statistics are set (else None)."""
+    if not isinstance(model, (str, Path)):
+        p = model.planners
+        stats = bool(p.stats_set)
+        return {"features": p.features, "num_layers": p.num_layers,
+                "mean": p.feature_mean.detach().cpu().numpy().copy() if stats else None,
+                "std": p.feature_std.detach().cpu().numpy().copy() if stats else None}
+    path = Path(model)
+    meta = json.loads((path / "dpbert.json").read_text()) if (path / "dpbert.json").is_file() else {}
+    out = {"features": meta.get("planner_features", "cls"), "num_layers": meta.get("num_layers"),
+           "mean": None, "std": None}
+    if (path / "planners.safetensors").is_file():
+        from safetensors.numpy import load_file
+
+        state = load_file(str(path / "planners.safetensors"))
+        if "stats_set" in state and bool(state["stats_set"]):
+            out["mean"], out["std"] = state["feature_mean"], state["feature_std"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- exact expectation
+def path_log_probs(planners: Planners, raw: torch.Tensor, index: Optional[dict] = None) -> dict:
+    """The planners' policy over all paths of a batch, from the tree's raw features.
+
+    :param raw: ``(B, 2^L, F)`` raw features of every state (:meth:`PathTree.raw`).
+    :return: ``log_probs`` ``(B, 2^L)``: ``log prod_i pi(a_i | node_i(p))`` of every path ``p``, and
+        ``node_logits``: per layer ``i``, the planner logits ``(B, 2^i)`` at its nodes.
+    """
+    L = planners.num_layers
+    index = index or tree_index(L)
+    B, P, _ = raw.shape
+    log_probs = raw.new_zeros(B, P)
+    node_logits = []
+    for i in range(L):
+        z = planners.standardise(i, raw[:, torch.as_tensor(index["node_state"][i])])  # (B, 2^i, F)
+        logit = planners(i, z)  # (B, 2^i)
+        node_logits.append(logit)
+        per_path = logit[:, torch.as_tensor(index["path_node"][i])]  # (B, P)
+        log_probs = log_probs + bernoulli_log_prob(per_path, torch.as_tensor(index["path_bit"][i]))
+    return {"log_probs": log_probs, "node_logits": node_logits}
+
+
+def path_rewards(outcome: torch.Tensor, cost: float, lam: float, path_layers) -> torch.Tensor:
+    """``lambda * q(p) - c * |p|`` for every path ``(B, 2^L)``: the episode return of eq. (9)."""
+    return lam * outcome - cost * torch.as_tensor(path_layers, dtype=outcome.dtype)[None, :]
+
+
+def expected_return(planners: Planners, raw: torch.Tensor, outcome: torch.Tensor, cost: float, lam: float,
+                    index: Optional[dict] = None) -> dict:
+    """``E[R] = sum_p prod_i pi(a_i | node) (lambda q(p) - c |p|)`` per input: an exact sum over all
+    ``2^L`` paths, differentiable in the planners, whose gradient has no sampling variance.
+
+    :param raw: ``(B, 2^L, F)`` raw features; :param outcome: ``(B, 2^L)`` each path's ``q``
+        (:func:`dpbert_rl.objectives.final_reward`).
+    :return: ``expected_return`` ``(B,)``, ``entropy`` ``(B,)`` (of the path distribution, in nats),
+        ``expected_layers`` ``(B,)``, ``probs`` ``(B, 2^L)`` and ``node_logits``.
+    """
+    index = index or tree_index(planners.num_layers)
+    pol = path_log_probs(planners, raw, index)
+    lp = pol["log_probs"]
+    probs = lp.exp()
+    rewards = path_rewards(outcome, cost, lam, index["path_layers"])
+    layers = torch.as_tensor(index["path_layers"], dtype=probs.dtype)
+    return {"expected_return": (probs * rewards).sum(1), "entropy": -(probs * lp).sum(1),
+            "expected_layers": (probs * layers[None, :]).sum(1), "probs": probs,
+            "node_logits": pol["node_logits"]}
+
+
+@torch.no_grad()
+def greedy_paths(planners: Planners, raw: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The path index ``(B,)`` that hard mode (eq. 5: execute when ``p_i >= threshold``) takes."""
+    L = planners.num_layers
+    B = raw.shape[0]
+    thr = math.log(threshold / (1.0 - threshold)) if 0.0 < threshold < 1.0 else (
+        -math.inf if threshold <= 0 else math.inf)
+    rows, s = torch.arange(B), torch.zeros(B, dtype=torch.long)
+    for i in range(L):
+        z = planners.standardise(i, raw[rows, s << (L - i)])  # (B, F)
+        s = 2 * s + (planners(i, z) >= thr).long()
+    return s
+
+
+@dataclass
+class ExactConfig:
+    """Planner training by the exact expected reward over the path tree (frozen backbone)."""
+
+    task: Optional[str] = None
+    """GLUE task (default: the checkpoint's)."""
+    data_dir: Optional[str] = None
+    """Local GLUE directory; default $GLUE_DIR, else the hub."""
+    output_dir: str = "runs/exact"
+    """Where config, metrics, TensorBoard events and the model/ checkpoint go."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Where the path-tree caches are kept (and reused)."""
+    max_seq_length: Optional[int] = None
+    """Tokenisation length (default: the checkpoint's, 128)."""
+    max_train_samples: Optional[int] = None
+    """The first N inputs of the fit split (as the environments read it)."""
+    max_eval_samples: Optional[int] = None
+    """The first N inputs of the selection split and of dev."""
+    planner_features: str = "mean"
+    """What the planners read: cls, mean or cls+mean."""
+    fresh_planners: bool = False
+    """Start from fresh planners even when the checkpoint has planners of these features."""
+    feature_stats_samples: int = 1000
+    """Fit inputs for the standardisation statistics of fresh planners."""
+    planner_init_bias: float = 2.0
+    """Initial bias of fresh planners (p = 0.88)."""
+    lr: float = 1e-2
+    """Adam learning rate of the planners. Higher than stage 3's 1e-3: the exact gradient has no
+    sampling noise to average out."""
+    batch_size: int = 64
+    """Inputs per step (each carries all 2^L paths)."""
+    epochs: float = 20.0
+    """Passes over the fit split (steps are cheap: array lookups and L small matrix products)."""
+    max_steps: Optional[int] = None
+    """Stop after this many steps (overrides epochs)."""
+    cost: float = 1.0
+    """c: price of an executed layer (with rate_control 'dual', its starting value)."""
+    lam: float = 5.0
+    """lambda: weight of the outcome term q."""
+    reward: str = "correct"
+    """The outcome term q: 'loss' (-task loss, eq. 9) or 'correct' (bounded)."""
+    rate_control: str = "dual"
+    """'dual': the layer price follows dual ascent (DualPrice) so that the greedy paths skip
+    target_rate of the layers; 'none': the fixed price cost."""
+    target_rate: Optional[float] = 0.3
+    """Target fraction of layers skipped (rate_control 'dual', and the selection rule)."""
+    dual_lr: float = 0.05
+    """Step size of the dual ascent on the layer price."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus (path entropy / L, nats per decision), decayed linearly to 0."""
+    threshold: float = 0.5
+    """Hard-mode threshold used for the greedy paths (dual price, selection) and saved in the checkpoint."""
+    select_tolerance: float = 0.05
+    """Keep the best selection-split score among evaluations whose skip rate is at least
+    target_rate - select_tolerance; without target_rate, the best greedy return lambda q - c |p|."""
+    eval_steps: Optional[int] = None
+    """Evaluate on the selection split every N steps (default: once per epoch)."""
+    build_batch_size: int = 1
+    """Inputs per batch when a cache is built (1: an input's tree is already a batch of up to 2^(L-1) rows
+    per layer call; more inputs per batch only add padding)."""
+    score_dev: bool = True
+    """Score the chosen model on dev once, with the live model in hard mode (reported, chooses nothing)."""
+    seed: int = 42
+    device: str = "cpu"
+    """Device for building caches (training runs on the CPU)."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        from .objectives import REWARDS, check_rate
+
+        check_features(self.planner_features)
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
+        if self.rate_control not in ("dual", "none"):
+            raise ValueError(f"rate_control must be 'dual' or 'none'; got {self.rate_control!r}")
+        if self.rate_control == "dual" and self.target_rate is None:
+            raise ValueError("rate_control 'dual' needs a target_rate")
+        if self.target_rate is not None:
+            check_rate(self.target_rate)
+        if self.batch_size <= 0 or self.lr <= 0 or self.dual_lr <= 0 or self.entropy_coef < 0:
+            raise ValueError("batch_size, lr and dual_lr must be positive and entropy_coef >= 0")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1); got {self.threshold}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError(f"epochs must be positive; got {self.epochs}")
+
+
+def evaluate_tree(planners: Planners, tree: PathTree, task, cfg: ExactConfig, price: float,
+                  index: Optional[dict] = None) -> dict:
+    """Greedy paths of ``planners`` on a cached split: score, layers, skip rate, distinct paths, and the
+    mean greedy return ``lambda q - price |p|``."""
+    from .evaluate import score_run
+    from .objectives import final_reward
+    from .oracle import paths
+
+    index = index or tree_index(tree.num_layers)
+    raw = torch.from_numpy(np.array(tree.raw(planners.features), dtype=np.float32))
+    with torch.no_grad():
+        chosen = greedy_paths(planners, raw, cfg.threshold).numpy()
+    rows = np.arange(tree.num_inputs)
+    run = {"predictions": tree.predictions[rows, chosen], "labels": np.asarray(tree.labels),
+           "actions": paths(tree.num_layers).numpy()[chosen]}
+    res = score_run(task, run)
+    q = final_reward(cfg.reward, torch.from_numpy(np.asarray(tree.losses[rows, chosen])),
+                     torch.from_numpy(run["predictions"]), torch.from_numpy(run["labels"]), tree.regression)
+    res["greedy_return"] = float((cfg.lam * q - price * torch.as_tensor(index["path_layers"][chosen])).mean())
+    return res
+
+
+def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
+    """Train the planners of a frozen checkpoint by gradient ascent on the exact expected reward.
+
+    Reads the ``fit`` split's path tree (built once, :func:`tree_cache`), chooses the planners on the
+    ``select`` split's tree (never dev), and writes ``<output_dir>/model``: a normal DPBert checkpoint
+    (the checkpoint's backbone and head, the trained planners with their statistics, the threshold),
+    with ``selection.json`` and ``DONE`` (the dev score, measured once by the live model). Also
+    ``config.json``, ``metrics.jsonl`` and TensorBoard events (``charts/...``, ``losses/...``,
+    ``eval/...``) in ``<output_dir>/tb``. A finished run (``model/DONE``) is not run again.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    from .data import get_task
+    from .model import DPBert, TaskInfo
+    from .objectives import DualPrice, final_reward
+    from .train import DONE_FILE, _save_atomic, warn_if_constant
+
+    cfg = cfg or ExactConfig()
+    cfg.validate()
+    out_dir = Path(cfg.output_dir)
+    model_dir = out_dir / "model"
+    if (model_dir / DONE_FILE).is_file():
+        print(f"[exact] already complete: {model_dir}")
+        return model_dir
+    if not Path(checkpoint, "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint!r}: expected a fine-tuned dpbert_rl model/ directory")
+    model = DPBert.load(checkpoint)
+    if not (cfg.task or model.task_info.task):
+        raise ValueError(f"{checkpoint} does not name its task; pass --task")
+    task = get_task(cfg.task or model.task_info.task)
+    if model.backbone.num_labels != task.num_labels:
+        raise ValueError(f"checkpoint {checkpoint} has {model.backbone.num_labels} labels; task {task.name} needs "
+                         f"{task.num_labels}")
+    max_len = cfg.max_seq_length or model.task_info.max_seq_length
+    model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, max_len)
+    model.threshold = cfg.threshold
+    torch.manual_seed(cfg.seed)
+    fp = checkpoint_fingerprint(checkpoint) if Path(checkpoint, "dpbert.json").is_file() else None
+
+    def cache(split, n):
+        return tree_cache(model, task.name, split, cfg.data_dir, n, max_len, cfg.planner_features, cfg.cache_dir,
+                          batch_size=cfg.build_batch_size, device=cfg.device, progress=cfg.progress,
+                          fingerprint=fp, mmap=False)
+
+    fit, select = cache("fit", cfg.max_train_samples), cache("select", cfg.max_eval_samples)
+    model.to("cpu")
+
+    # ---- the planners: continue the checkpoint's, or fresh ones standardised on fit inputs
+    own = model.planners
+    if cfg.fresh_planners or own.features != cfg.planner_features or not bool(own.stats_set):
+        model.planners = Planners(model.num_layers, model.backbone.hidden_size, cfg.planner_init_bias,
+                                  features=cfg.planner_features)
+        stats = fit.feature_stats(cfg.planner_features, cfg.feature_stats_samples)
+        model.planners.set_feature_stats(stats.pop("mean"), stats.pop("std"))
+        warn_if_constant(stats)
+    planners = model.planners
+    planners.requires_grad_(True)
+    optimizer = torch.optim.Adam(planners.parameters(), lr=cfg.lr)
+
+    # ---- the fixed parts of the objective: every path's outcome q, and the features
+    index = tree_index(fit.num_layers)
+    raw_fit = torch.from_numpy(np.array(fit.raw(cfg.planner_features), dtype=np.float32))
+    losses = torch.from_numpy(np.asarray(fit.losses))  # (N, P)
+    q_fit = final_reward(cfg.reward, losses, torch.from_numpy(np.asarray(fit.predictions)),
+                         torch.from_numpy(np.asarray(fit.labels))[:, None].expand_as(losses), fit.regression)  # (N, P)
+    N, L = fit.num_inputs, fit.num_layers
+    steps_per_epoch = math.ceil(N / cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_steps = cfg.eval_steps or steps_per_epoch
+    dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost) if cfg.rate_control == "dual" else None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"stage": "exact", "init": str(checkpoint), **asdict(cfg), "max_seq_length": max_len,
+                "task": task.name, "fit_examples": N, "select_examples": select.num_inputs,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total,
+                "caches": {"fit": fit.meta.get("key"), "select": select.meta.get("key")}}
+    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    writer = SummaryWriter(str(out_dir / "tb"))
+    metrics = open(out_dir / "metrics.jsonl", "a")
+
+    def log(scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, step)
+        metrics.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    best = {"criterion": None, "step": None, "state": None, "res": None}
+
+    def evaluate(step: int, price: float) -> dict:
+        res = evaluate_tree(planners, select, task, cfg, price, index)
+        if cfg.target_rate is not None:
+            ok, crit = res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance, res["score"]
+        else:
+            ok, crit = True, res["greedy_return"]
+        if ok and (best["criterion"] is None or crit > best["criterion"]):
+            best.update(criterion=crit, step=step, state=copy.deepcopy(planners.state_dict()), res=res)
+        log({"eval/select_score": res["score"], "eval/layers_executed": res["layers_executed_mean"],
+             "eval/skip_rate": res["skip_rate"], "eval/distinct_paths": res["distinct_paths"],
+             "eval/greedy_return": res["greedy_return"]}, step)
+        return res
+
+    # ---- the loop: gradient ascent on E[R] (+ entropy bonus), the price by dual ascent
+    t0 = time.time()
+    rng = np.random.default_rng(cfg.seed)
+    bar = tqdm(total=total, desc=f"exact {task.name}", disable=not cfg.progress, dynamic_ncols=True)
+    step, order = 0, np.empty(0, dtype=np.int64)
+    while step < total:
+        if len(order) == 0:
+            order = rng.permutation(N)
+        rows, order = torch.from_numpy(order[:cfg.batch_size]), order[cfg.batch_size:]
+        price = dual.price if dual is not None else cfg.cost
+        out = expected_return(planners, raw_fit[rows], q_fit[rows], price, cfg.lam, index)
+        coef = cfg.entropy_coef * max(0.0, 1.0 - step / total)
+        objective = out["expected_return"].mean() + coef * out["entropy"].mean() / L
+        loss = -objective
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            greedy = greedy_paths(planners, raw_fit[rows], cfg.threshold)
+            greedy_rate = float(torch.as_tensor(index["path_layers"])[greedy].float().mean()) / L
+        if dual is not None:
+            dual.update(greedy_rate)
+        step += 1
+        bar.update(1)
+        ret, layers = out["expected_return"].mean().item(), out["expected_layers"].mean().item()
+        entropy = out["entropy"].mean().item() / L
+        scalars = {"charts/expected_return": ret, "charts/expected_layers": layers,
+                   "charts/expected_skip_rate": 1.0 - layers / L, "charts/greedy_execute_rate": greedy_rate,
+                   "charts/layer_price": price, "losses/policy_loss": loss.item(), "losses/entropy": entropy,
+                   "losses/entropy_bonus": coef * entropy}
+        if step % 10 == 0 or step == total:
+            log(scalars, step)
+            bar.set_postfix({"E[R]": f"{scalars['charts/expected_return']:.3g}",
+                             "layers": f"{scalars['charts/expected_layers']:.2f}"})
+        if step % eval_steps == 0 or step == total:
+            res = evaluate(step, price)
+            bar.write(f"[exact] step {step}: selection {task.metric} {res['score']:.2f}, "
+                      f"layers {res['layers_executed_mean']:.2f}/{L}")
+    bar.close()
+    seconds = time.time() - t0
+
+    # ---- the chosen planners into a normal checkpoint; dev once, live
+    note = None
+    if best["state"] is None:
+        best.update(step=step, state=copy.deepcopy(planners.state_dict()))
+        note = "last (no evaluation met the skip-rate rule)"
+    planners.load_state_dict(best["state"])
+    planners.requires_grad_(False)
+    _save_atomic(model, model_dir, extra={"step": best["step"], "select": best["res"], "note": note,
+                                          "price": dual.price if dual is not None else cfg.cost})
+    done = {"best_select": best["res"]["score"] if best["res"] else None, "best_step": best["step"],
+            "steps": step, "seconds": seconds}
+    if cfg.score_dev:
+        done["dev"] = score_dev_live(model_dir, task, cfg.data_dir, cfg.max_eval_samples, max_len)
+        log({"eval/dev_score": done["dev"]["score"]}, step)
+        print(f"[exact] chosen model (step {best['step']}): dev {task.metric} {done['dev']['score']:.2f}, "
+              f"layers {done['dev']['layers_executed_mean']:.2f}/{L}")
+    (model_dir / DONE_FILE).write_text(json.dumps(done))
+    writer.close()
+    metrics.close()
+    return model_dir
+
+
+def score_dev_live(model_dir, task, data_dir, max_samples, max_seq_length) -> dict:
+    """The dev score of a saved checkpoint in hard mode, by the live model (reported, chooses nothing)."""
+    from .data import collator, load_split, tokenize
+    from .evaluate import evaluate_model
+    from .model import DPBert
+
+    model = DPBert.load(model_dir, require_planners=True)
+    dev = tokenize(load_split(task, "dev", data_dir, max_samples), model.tokenizer, max_seq_length)
+    res = evaluate_model(model, task, dev, collator(model.tokenizer), mode="hard")
+    return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+
+
+__all__ = ["PathTree", "build_tree", "tree_cache", "tree_index", "checkpoint_fingerprint", "planner_info",
+           "path_log_probs", "path_rewards", "expected_return", "greedy_paths", "ExactConfig", "train_exact",
+           "evaluate_tree"]

@@ -1,0 +1,411 @@
+"""The frozen layer-skipping game replayed from the path-tree cache (:mod:`dpbert_rl.pathtree`).
+
+With a frozen backbone every state an episode can reach is known in advance, so an episode is a few
+array lookups: the state after the decisions so far is path ``p``'s (the bits decided, then zeros),
+its features are ``features[input, p]``, and the outcome at the end is ``losses[input, p]``. No model
+runs and no torch call is made per step. Equal, step for step, to :class:`envs.layer_skip.LayerSkipEnv`
+with ``backbone_mode="frozen"``; the live environment stays the one for joint mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from .layer_skip import BACKBONE_MODES, OBS_MODES, _index_from_options, _row
+
+IN_MEMORY_BYTES = 2 ** 31  # caches up to this size are read into memory; larger ones stay memory-mapped
+
+
+class _TreeEpisodes:
+    """N episodes in lock-step over one path-tree cache: the engine of the single and vector envs.
+
+    The state of episode ``j`` is one integer, the path index ``p_j`` with the decided bits set (layer 1
+    the most significant bit): ``p_j |= a << (L - 1 - i)`` at step ``i``.
+    """
+
+    def __init__(self, task, data_dir, split, model, c, lambda_, max_seq_length, max_samples, observation,
+                 backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device, features="auto",
+                 reward="loss", stats_samples=1000, cache_dir=None, build_batch_size=1, progress=True,
+                 cache_dtype="float32"):
+        import torch
+
+        from dpbert_rl.objectives import REWARDS, check_rate, final_reward
+        from dpbert_rl.pathtree import DEFAULT_CACHE_DIR, planner_info, tree_cache
+        from dpbert_rl.planner import CLIP, FEATURES, Planners
+
+        if observation not in OBS_MODES:
+            raise ValueError(f"observation must be one of {OBS_MODES}; got {observation!r}")
+        if backbone_mode not in BACKBONE_MODES:
+            raise ValueError(f"backbone_mode must be one of {BACKBONE_MODES}; got {backbone_mode!r}")
+        if backbone_mode != "frozen":
+            raise ValueError("backbone_mode='joint' trains the backbone, so its path tree cannot be cached: "
+                             "use the live environment dpbert_rl/LayerSkip-v0 for joint mode")
+        if target_rate is not None:
+            check_rate(target_rate)
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
+        if isinstance(model, (str, Path)) and not Path(model, "dpbert.json").is_file():
+            from dpbert_rl.data import get_task
+            from dpbert_rl.model import DPBert
+
+            warnings.warn(f"{model!r} is not a fine-tuned dpbert_rl checkpoint: its classifier head is "
+                          "untrained, so the final reward carries little signal", stacklevel=3)
+            model = DPBert.from_source(str(model), get_task(task).num_labels)
+        self.source = model
+        own = planner_info(model)
+        if features == "auto":
+            features = own["features"]
+        if features not in FEATURES:
+            raise ValueError(f"features must be 'auto' or one of {FEATURES}; got {features!r}")
+        self.tree = tree_cache(model, task, split, data_dir, max_samples, max_seq_length, features,
+                               cache_dir or DEFAULT_CACHE_DIR, cache_dtype, build_batch_size, device, progress)
+        tree = self.tree
+        self.L, self.N = tree.num_layers, tree.num_inputs
+        hidden = int(tree.meta["hidden_size"])
+        # what the agent sees: the model's own statistics when they fit, else statistics of this split's
+        # first `stats_samples` inputs along the full path (as the live env computes them, from the cache)
+        self.planners = Planners(self.L, hidden, features=features)
+        if features == own["features"] and own["mean"] is not None:
+            self.planners.set_feature_stats(torch.as_tensor(own["mean"]), torch.as_tensor(own["std"]))
+        else:
+            stats = tree.feature_stats(features, stats_samples)
+            self.planners.set_feature_stats(stats["mean"], stats["std"])
+        self.mean = self.planners.feature_mean.numpy().copy()  # (L, F) float32
+        self.std = self.planners.feature_std.numpy().copy()
+        self.d = self.planners.feature_dim
+        self.clip = float(CLIP)
+        raw = tree.raw(features)
+        self.raw = np.ascontiguousarray(raw) if raw.nbytes <= IN_MEMORY_BYTES else raw  # (N, P, F)
+        # each path's outcome term q, computed once for all paths by the live env's own function
+        losses = torch.from_numpy(np.asarray(tree.losses))
+        labels = torch.from_numpy(np.asarray(tree.labels))[:, None].expand_as(losses)
+        self.outcome = final_reward(reward, losses, torch.from_numpy(np.asarray(tree.predictions)), labels,
+                                    tree.regression).float().numpy()  # (N, P)
+        self.losses, self.predictions = np.asarray(tree.losses), np.asarray(tree.predictions)
+        self.correct, self.labels = np.asarray(tree.correct), np.asarray(tree.labels)
+        self.indices = np.asarray(tree.indices)
+        self.regression = tree.regression
+        self.reward = reward
+        self.c, self.lambda_ = float(c), float(lambda_)
+        self.target_rate, self.rate_coef = target_rate, float(rate_coef)
+        self.observation = observation
+        self.onehot = np.zeros((self.L + 1, self.L), np.float32)  # row L: after the last layer, all zeros
+        self.onehot[np.arange(self.L), np.arange(self.L)] = 1.0
+        self.n = 0
+        self.i = None  # None: no episode running
+
+    # -------------------------------------------------------------- spaces
+    def single_observation_space(self) -> spaces.Space:
+        feats = spaces.Box(-self.clip, self.clip, (self.d,), np.float32)
+        layer = spaces.Box(0.0, 1.0, (self.L,), np.float32)
+        if self.observation == "dict":
+            return spaces.Dict({"features": feats, "layer": layer})
+        low = np.concatenate([feats.low, layer.low]).astype(np.float32)
+        high = np.concatenate([feats.high, layer.high]).astype(np.float32)
+        return spaces.Box(low, high, (self.d + self.L,), np.float32)
+
+    # -------------------------------------------------------------- episodes
+    def start(self, indices: np.ndarray) -> Any:
+        self._begin(indices)
+        return self.obs()
+
+    def _begin(self, indices: np.ndarray) -> None:
+        self.rows = np.asarray(indices, dtype=np.int64)
+        self.n = len(self.rows)
+        self.state = np.zeros(self.n, dtype=np.int64)
+        self.path = np.zeros((self.n, self.L), dtype=np.int8)
+        self.i = 0
+
+    def obs(self) -> Any:
+        i, F = self.i, self.d
+        k = min(i, self.L - 1)  # after the last layer: layer L's statistics, as the live env does
+        out = np.empty((self.n, F + self.L), np.float32)
+        z = out[:, :F]
+        np.subtract(self.raw[self.rows, self.state], self.mean[k], out=z)  # (n, F): the states' raw features
+        np.divide(z, self.std[k], out=z)
+        np.minimum(np.maximum(z, -self.clip, out=z), self.clip, out=z)  # clip, without np.clip's overhead
+        out[:, F:] = self.onehot[i]
+        if self.observation == "dict":
+            return {"features": out[:, :F].copy(), "layer": out[:, F:].copy()}
+        return out
+
+    # -------------------------------------------------------------- one episode, without batch arrays
+    def start_one(self, index: int) -> Any:
+        """:meth:`start` for one input, kept as scalars: the single env's fast path."""
+        self._begin(np.array([index]))
+        self.row, self.p = int(index), 0
+        return self.obs_one()
+
+    def obs_one(self) -> Any:
+        i, F = self.i, self.d
+        k = min(i, self.L - 1)
+        out = np.empty(F + self.L, np.float32)
+        z = out[:F]
+        np.subtract(self.raw[self.row, self.p], self.mean[k], out=z)
+        np.divide(z, self.std[k], out=z)
+        np.minimum(np.maximum(z, -self.clip, out=z), self.clip, out=z)  # clip, without np.clip's overhead
+        out[F:] = self.onehot[i]
+        if self.observation == "dict":
+            return {"features": out[:F], "layer": out[F:]}
+        return out
+
+    def step_one(self, action: int):
+        """:meth:`step` for the one episode of :meth:`start_one`: (obs, reward, done, info or {})."""
+        if self.i is None or self.i >= self.L:
+            raise RuntimeError("the episode has ended: call reset() before step()")
+        if action != 0 and action != 1:
+            raise ValueError(f"actions must be 0 (skip) or 1 (execute); got {[action]}")
+        a, i = int(action), self.i
+        self.path[0, i] = a
+        self.p |= a << (self.L - 1 - i)
+        self.i = i + 1
+        reward = -self.c * float(a)
+        if self.i < self.L:
+            return self.obs_one(), reward, False, {}
+        row, p = self.row, self.p
+        reward = reward + self.lambda_ * float(self.outcome[row, p])
+        if self.target_rate is not None and self.rate_coef:
+            skipped = 1.0 - float(self.path[0].mean())
+            reward = reward - self.rate_coef * (skipped - self.target_rate) ** 2
+        kind = float if self.regression else int
+        info = {"loss": float(self.losses[row, p]), "prediction": kind(self.predictions[row, p]),
+                "label": kind(self.labels[row]), "correct": bool(self.correct[row, p]),
+                "layers_executed": int(self.path[0].sum()), "path": self.path[0].copy(),
+                "index": int(self.indices[row])}
+        return self.obs_one(), reward, True, info
+
+    def step(self, actions: np.ndarray):
+        """Advance every episode by one layer; returns (obs, rewards (N,), done, final infos or None),
+        the final infos as a dict of arrays ``(N, ...)``."""
+        if self.i is None or self.i >= self.L:
+            raise RuntimeError("the episode has ended: call reset() before step()")
+        actions = np.asarray(actions)
+        if actions.shape != (self.n,):
+            raise ValueError(f"expected {self.n} actions of shape ({self.n},); got shape {actions.shape}")
+        if not ((actions == 0) | (actions == 1)).all():
+            raise ValueError(f"actions must be 0 (skip) or 1 (execute); got {actions.tolist()}")
+        a = actions.astype(np.int64)
+        self.path[:, self.i] = a
+        self.state |= a << (self.L - 1 - self.i)
+        self.i += 1
+        rewards = -self.c * a.astype(np.float64)
+        if self.i < self.L:
+            return self.obs(), rewards, False, None
+        # last layer: the outcome of the path taken, read from the cache
+        rows, p = self.rows, self.state
+        rewards = rewards + self.lambda_ * self.outcome[rows, p].astype(np.float64)
+        if self.target_rate is not None and self.rate_coef:
+            skipped = 1.0 - self.path.mean(1)
+            rewards = rewards - self.rate_coef * (skipped - self.target_rate) ** 2
+        preds, labels = self.predictions[rows, p], self.labels[rows]
+        kind = np.float64 if self.regression else np.int64
+        infos = {
+            "loss": self.losses[rows, p].astype(np.float64),
+            "prediction": preds.astype(kind),
+            "label": labels.astype(kind),
+            "correct": self.correct[rows, p].astype(bool),
+            "layers_executed": self.path.sum(1).astype(np.int64),
+            "path": self.path.copy(),
+            "index": self.indices[rows].astype(np.int64),
+        }
+        return self.obs(), rewards, True, infos
+
+
+class _TreeAccess:
+    core: _TreeEpisodes
+
+    @property
+    def model(self):
+        """The :class:`~dpbert_rl.model.DPBert` whose tree this is (loaded on first use: no step needs it)."""
+        from dpbert_rl.model import DPBert
+
+        if not isinstance(self.core.source, DPBert):
+            self.core.source = DPBert.load(self.core.source)
+        return self.core.source
+
+    @property
+    def tree(self):
+        """The :class:`~dpbert_rl.pathtree.PathTree` this environment replays."""
+        return self.core.tree
+
+    @property
+    def num_layers(self) -> int:
+        """``L``: the episode length."""
+        return self.core.L
+
+    @property
+    def feature_dim(self) -> int:
+        """``F``: the width of the observation's feature part."""
+        return self.core.d
+
+    @property
+    def observer(self):
+        """The :class:`~dpbert_rl.planner.Planners` whose features and statistics make the observations;
+        pass it to :func:`agents.evaluate.agent_forward` to drive the live model as in this env."""
+        return self.core.planners
+
+
+class LayerSkipTreeEnv(_TreeAccess, gym.Env):
+    """
+    ## Description
+    DPBERT's planning problem with a frozen backbone, replayed from the path-tree cache
+    (:mod:`dpbert_rl.pathtree`): the same game as ``dpbert_rl/LayerSkip-v0`` with
+    ``backbone_mode="frozen"``, equal step for step (observations, rewards, terminations, infos) for the
+    same inputs, seeds and actions, but each step is an array lookup instead of a transformer layer.
+    One episode is one input and lasts exactly ``L`` steps; before each layer the agent sees the
+    planner features of the current state and decides whether the layer runs. The cache is built on
+    first use (``2^L - 1`` layer calls per input, with a progress bar) and reused afterwards.
+
+    **Joint mode** (``backbone_mode="joint"``, the backbone trained on the chosen paths) changes the
+    tree while it is played, so it cannot be cached: it stays on the live environment, and this one
+    raises for it.
+
+    ## Action Space
+    ``Discrete(2)``: 0 = skip layer ``i``, 1 = execute it.
+
+    ## Observation Space
+    ``Box(F + L,)`` float32 (or, with ``observation="dict"``, ``Dict(features=Box(F,), layer=Box(L,))``):
+
+    | index        | observation                                                         | min  | max |
+    |--------------|---------------------------------------------------------------------|------|-----|
+    | 0 .. F-1     | planner features of ``h_{i-1}``, standardised per layer and clipped | -10  | 10  |
+    | F .. F+L-1   | one-hot index of the layer to decide                                | 0    | 1   |
+
+    ``F`` is ``d`` for ``features="cls"`` or ``"mean"`` and ``2d`` for ``"cls+mean"``. After the last step the
+    one-hot part is all zeros and the features are those of the final state.
+
+    ## Rewards
+    ``-c * a_i`` at every step, and at the last step additionally ``lambda_ * q``: ``q = -loss`` with
+    ``reward="loss"`` (eq. 9), or the bounded ``q`` of ``reward="correct"``
+    (:func:`dpbert_rl.objectives.final_reward`). With ``target_rate`` and ``rate_coef`` set, the last step
+    also gets ``-rate_coef * (skipped fraction - target_rate)^2``.
+
+    ## Starting State
+    An input drawn uniformly from the split with ``self.np_random``; ``reset(options={"index": k})``
+    picks input ``k``. The first observation is that of the embedding output.
+
+    ## Episode End
+    Termination after exactly ``L`` steps, with the infos ``loss``, ``prediction``, ``label``, ``correct``,
+    ``layers_executed``, ``path`` and ``index``. There is no truncation.
+
+    ## Arguments
+    The live environment's (:class:`envs.layer_skip.LayerSkipEnv`), with the same meaning:
+    ``task``, ``data_dir``, ``split``, ``model``, ``c``, ``lambda_``, ``max_seq_length``, ``max_samples``,
+    ``observation``, ``target_rate``, ``rate_coef``, ``features``, ``reward``, ``stats_samples``;
+    ``backbone_mode`` must be ``"frozen"``; ``device`` is where a missing cache is built; ``joint_lr`` and
+    ``joint_update_every`` are accepted for a drop-in swap and unused. Besides:
+
+    - ``cache_dir``: where caches are kept (default ``runs/pathtree``).
+    - ``build_batch_size``, ``progress``: batch size and progress bar of a build.
+    - ``cache_dtype``: ``"float32"`` (default, equal to the live env) or ``"float16"`` features.
+
+    ## Vectorized environment
+    :class:`BatchedLayerSkipTreeEnv`: N episodes in lock-step by numpy indexing, reset together at the
+    last step (``AutoresetMode.SAME_STEP``) as :class:`envs.layer_skip.BatchedLayerSkipEnv` does.
+    ``gymnasium.make_vec("dpbert_rl/LayerSkipTree-v0", num_envs=N, ...)`` builds it; it works under
+    :class:`envs.sb3.SB3VecEnv` and ``VecMonitor``.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, task: str = "sst2", data_dir: Optional[str] = None, split: str = "train",
+                 model: Union[str, Any] = "minilm", c: float = 1.0, lambda_: float = 5.0, max_seq_length: int = 128,
+                 max_samples: Optional[int] = None, observation: str = "box", backbone_mode: str = "frozen",
+                 joint_lr: float = 2e-5, joint_update_every: int = 32, target_rate: Optional[float] = None,
+                 rate_coef: float = 0.0, device: str = "cpu", features: str = "auto", reward: str = "loss",
+                 stats_samples: int = 1000, cache_dir: Optional[str] = None, build_batch_size: int = 1,
+                 progress: bool = True, cache_dtype: str = "float32", render_mode: Optional[str] = None):
+        self.core = _TreeEpisodes(task, data_dir, split, model, c, lambda_, max_seq_length, max_samples, observation,
+                                  backbone_mode, joint_lr, joint_update_every, target_rate, rate_coef, device,
+                                  features, reward, stats_samples, cache_dir, build_batch_size, progress, cache_dtype)
+        self.observation_space = self.core.single_observation_space()
+        self.action_space = spaces.Discrete(2)
+        self.render_mode = render_mode
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        index = _index_from_options(options, self.core.N)
+        if index is None:
+            index = int(self.np_random.integers(self.core.N))
+        return self.core.start_one(index), {"index": index}
+
+    def step(self, action):
+        if not isinstance(action, (int, np.integer)):
+            action = np.asarray(action).reshape(-1)
+            if action.size != 1:
+                raise ValueError(f"expected one action, 0 (skip) or 1 (execute); got {action.tolist()}")
+            action = action[0]
+        obs, reward, done, info = self.core.step_one(action)
+        return obs, reward, done, False, info
+
+
+class BatchedLayerSkipTreeEnv(_TreeAccess, VectorEnv):
+    """N :class:`LayerSkipTreeEnv` episodes in lock-step (same arguments, plus ``num_envs``), by numpy
+    indexing: at the last step all N episodes terminate and are reset in that same step
+    (``AutoresetMode.SAME_STEP``); ``infos["final_obs"]`` / ``infos["final_info"]`` hold the ends."""
+
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self, num_envs: int = 16, **kwargs):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be at least 1; got {num_envs}")
+        kwargs.pop("render_mode", None)
+        self.core = _TreeEpisodes(**_core_kwargs(kwargs))
+        self.num_envs = num_envs
+        self.single_observation_space = self.core.single_observation_space()
+        self.single_action_space = spaces.Discrete(2)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._np_random = None
+
+    def _draw(self) -> np.ndarray:
+        return self.np_random.integers(self.core.N, size=self.num_envs)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        if seed is not None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+        indices = options.get("indices") if options else None
+        if options and set(options) - {"indices"}:
+            raise ValueError(f"unknown reset options {sorted(set(options) - {'indices'})}; expected 'indices'")
+        if indices is None:
+            indices = self._draw()
+        indices = np.asarray(indices)
+        if indices.shape != (self.num_envs,) or (indices < 0).any() or (indices >= self.core.N).any():
+            raise ValueError(f"options['indices'] must be {self.num_envs} indices in [0, {self.core.N})")
+        return self.core.start(indices), {"indices": indices.copy()}
+
+    def step(self, actions):
+        obs, rewards, done, finals = self.core.step(np.asarray(actions))
+        terminated = np.full(self.num_envs, done)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        infos: dict = {}
+        if done:
+            final_obs = np.empty(self.num_envs, dtype=object)
+            for j in range(self.num_envs):
+                final_obs[j] = _row(obs, j)
+            ones = np.ones(self.num_envs, dtype=bool)
+            final_info = {}
+            for key, value in finals.items():
+                final_info[key], final_info["_" + key] = value, ones
+            infos = {"final_obs": final_obs, "_final_obs": ones, "final_info": final_info, "_final_info": ones.copy()}
+            obs = self.core.start(self._draw())
+        return obs, rewards.astype(np.float64), terminated, truncated, infos
+
+
+def _core_kwargs(kwargs: dict) -> dict:
+    """The vector env's keyword arguments, checked against (and defaulted from) LayerSkipTreeEnv's."""
+    params = inspect.signature(LayerSkipTreeEnv.__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if k not in ("self", "render_mode")}
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown arguments {sorted(unknown)}; expected some of {sorted(defaults)}")
+    return {**defaults, **kwargs}
