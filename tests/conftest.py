@@ -34,9 +34,12 @@ def make_tiny_checkpoint(path: Path, num_labels: int = 2, family: str = "bert", 
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    # from_pretrained reads vocab.txt on transformers 4.x and 5.x alike; on 5.x the constructor's
+    # `vocab_file=` is ignored and gives a 5-token vocabulary in which every word is [UNK]
+    tok = BertTokenizerFast.from_pretrained(str(path), do_lower_case=True)
+    assert len(tok) == len(vocab), f"tiny tokenizer has {len(tok)} tokens, expected {len(vocab)}"
     common = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                  intermediate_size=48, max_position_embeddings=80, num_labels=num_labels,
+                  intermediate_size=48, max_position_embeddings=128, num_labels=num_labels,
                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, pad_token_id=0)
     torch.manual_seed(0)
     if family == "bert":
