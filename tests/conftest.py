@@ -111,13 +111,22 @@ def tiny_glue(tmp_path_factory) -> Path:
     return make_tiny_glue(tmp_path_factory.mktemp("glue"))
 
 
-@pytest.fixture()
-def glue_dir() -> Path:
-    """The real GLUE files; integration tests skip, with the reason, where they are absent."""
+def require_glue_dir() -> Path:
+    """The real GLUE files. Where ``$GLUE_DIR`` is set (``make test`` and CI set it) but the files are absent,
+    the integration test fails: a CI run must not pass with every integration test skipped. Without
+    ``$GLUE_DIR`` and without the shared copy it skips, with the reason (``pytest -rs`` lists it)."""
     d = shared_glue_dir()
     if not (d / "RTE" / "dev.tsv").is_file():
+        if os.environ.get("GLUE_DIR"):
+            pytest.fail(f"GLUE_DIR is set to {d}, but {d / 'RTE' / 'dev.tsv'} does not exist: the integration tests "
+                        "need the GLUE files there (unset GLUE_DIR to skip them)", pytrace=False)
         pytest.skip(f"shared GLUE data not found at {d} (set GLUE_DIR)")
     return d
+
+
+@pytest.fixture()
+def glue_dir() -> Path:
+    return require_glue_dir()
 
 
 def run_readme_example(marker: str, glue_dir: Path, monkeypatch) -> dict:
