@@ -53,8 +53,8 @@ class _Episodes:
             raise ValueError(f"backbone_mode must be one of {BACKBONE_MODES}; got {backbone_mode!r}")
         if target_rate is not None:
             check_rate(target_rate)
-        _check_env_numbers(c=c, lambda_=lambda_, rate_coef=rate_coef, joint_lr=joint_lr,
-                           joint_update_every=joint_update_every, max_seq_length=max_seq_length, max_samples=max_samples)
+        _check_env_numbers(c=c, lambda_=lambda_, rate_coef=rate_coef, joint_lr=joint_lr, max_samples=max_samples,
+                           joint_update_every=joint_update_every, max_seq_length=max_seq_length)
         self.task = get_task(task)
         if isinstance(model, DPBert):
             self.model = model
