@@ -25,11 +25,12 @@ demo: install
 		--stage1-epochs 3 --stage2-epochs 1 --stage3-epochs 2 --lr 1e-4 --stage3-lr 2e-5 --lam 10 \
 		--evals-per-epoch 3
 
+# -rs: every skipped test is listed with its reason (with GLUE_DIR set, missing GLUE files fail, not skip)
 test: install
-	GLUE_DIR=$(GLUE_DIR) $(BIN)/python -m pytest -q
+	GLUE_DIR=$(GLUE_DIR) $(BIN)/python -m pytest -q -rs
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -rs -m "not integration"
 
 benchmark: install
 	$(BIN)/python benchmarks/pipeline.py --data-dir $(GLUE_DIR)

@@ -11,6 +11,9 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpbert_rl.checks import arg_type
+
+    count, weight = arg_type(int, 1), arg_type(float, 0.0)  # step and sample counts >= 1; lambda, c >= 0
     parser = argparse.ArgumentParser(prog="dpbert-rl agents",
                                      description="Policy-learning agents in the layer-skipping environment.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -33,15 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "mean or cls+mean")
         p.add_argument("--reward", default="loss", choices=("loss", "correct"), help="the reward's outcome term")
         p.add_argument("--cache-dir", default="runs/pathtree", help="where --env tree keeps its path-tree caches")
-        p.add_argument("--total-steps", type=int, default=20_000, help="environment steps per agent")
-        p.add_argument("--num-envs", type=int, default=32, help="inputs per batched step")
-        p.add_argument("--max-train-samples", type=int, help="cap on the training split")
-        p.add_argument("--max-eval-samples", type=int, help="first N dev examples")
-        p.add_argument("--lam", type=float, default=5.0, help="lambda of the reward (eq. 9)")
-        p.add_argument("--cost", type=float, default=1.0, help="c of the reward (eq. 9)")
-        p.add_argument("--target-rate", type=float, help="REINFORCE's skip-rate penalty target r")
-        p.add_argument("--latency-samples", type=int, default=200, help="dev inputs timed at batch 1")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--total-steps", type=count, default=20_000, help="environment steps per agent")
+        p.add_argument("--num-envs", type=count, default=32, help="inputs per batched step")
+        p.add_argument("--max-train-samples", type=count, help="cap on the training split")
+        p.add_argument("--max-eval-samples", type=count, help="first N dev examples")
+        p.add_argument("--lam", type=weight, default=5.0, help="lambda of the reward (eq. 9), >= 0")
+        p.add_argument("--cost", type=weight, default=1.0, help="c of the reward (eq. 9), >= 0")
+        p.add_argument("--target-rate", type=arg_type(float, 0.0, 1.0), help="REINFORCE's skip-rate penalty target r")
+        p.add_argument("--latency-samples", type=count, default=200, help="dev inputs timed at batch 1")
+        p.add_argument("--seed", type=arg_type(int, 0), default=0)
         p.add_argument("--output-dir", default="runs/agents", help="one TensorBoard run per agent, results, plot")
     return parser
 
@@ -102,6 +105,7 @@ def run_agent(name: str, args, progress=None) -> dict:
             "layers_executed_mean": res["layers_executed_mean"], "skip_rate": res["skip_rate"],
             "layer_frequency": res["layer_frequency"], "speedup_measured": res["speedup_measured"],
             "speedup_ideal": res["speedup_ideal"], "random_same_rate_score": random_score,
+            **({"speedup_ideal_note": res["speedup_ideal_note"]} if "speedup_ideal_note" in res else {}),
             "env_steps": args.total_steps, "train_seconds": train_seconds,
             "model": args.model}
 
@@ -123,17 +127,19 @@ def _run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     bar = tqdm(total=args.total_steps * len(names), desc="agents", unit="step")
-    for name in names:
-        bar.set_postfix_str(name)
-        done = {"n": 0}
+    try:  # closed before an error is printed, so that the error is the last line
+        for name in names:
+            bar.set_postfix_str(name)
+            done = {"n": 0}
 
-        def progress(scalars, done=done):
-            bar.update(scalars["steps"] - done["n"])
-            done["n"] = scalars["steps"]
+            def progress(scalars, done=done):
+                bar.update(scalars["steps"] - done["n"])
+                done["n"] = scalars["steps"]
 
-        rows.append(run_agent(name, args, progress))
-        bar.update(max(0, args.total_steps - done["n"]))
-    bar.close()
+            rows.append(run_agent(name, args, progress))
+            bar.update(max(0, args.total_steps - done["n"]))
+    finally:
+        bar.close()
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     print(format_table(rows))
     if len(rows) > 1:

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal
+from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal_fields
 from dpbert_rl.latency import encode_examples, interleaved_latency
 from dpbert_rl.model import DPBert
 from envs.layer_skip import observe
@@ -61,7 +61,7 @@ def evaluate_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch
     lat = interleaved_latency({"full": full, "agent": driven}, examples, repeats, threads=threads)
     result.update({
         "speedup_measured": lat["agent"]["speedup"],
-        "speedup_ideal": speedup_ideal(result["layers_executed_mean"], model.num_layers),
+        **speedup_ideal_fields(result["layers_executed_mean"], model.num_layers),
         "latency_ms_full": lat["full"]["latency_ms"],
         "latency_ms_agent": lat["agent"]["latency_ms"],
     })

@@ -51,6 +51,20 @@ class ReinforceConfig:
     seed: int = 0
 
 
+def _check_config(cfg: ReinforceConfig) -> None:
+    """A learning rate > 0 and a penalty weight >= 0 (a negative one would reward leaving the target rate)."""
+    from dpbert_rl.checks import check_number
+    from dpbert_rl.objectives import BASELINES, check_rate
+
+    check_number(cfg.lr, "lr", low=0.0, low_open=True)
+    check_number(cfg.beta, "beta", low=0.0)
+    check_number(cfg.init_bias, "init_bias")
+    if cfg.target_rate is not None:
+        check_rate(cfg.target_rate)
+    if cfg.baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {cfg.baseline!r}; expected one of {BASELINES}")
+
+
 class ReinforceAgent(Agent):
     """:param config: :class:`ReinforceConfig`; keyword arguments override its fields."""
 
@@ -62,6 +76,7 @@ class ReinforceAgent(Agent):
             if not hasattr(self.config, k):
                 raise TypeError(f"unknown REINFORCE option {k!r}")
             setattr(self.config, k, v)
+        _check_config(self.config)
         cfg = self.config
         if cfg.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {cfg.baseline!r}; expected one of {BASELINES}")

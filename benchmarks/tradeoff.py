@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from dpbert_rl import early_exit as ee  # noqa: E402
 from dpbert_rl import oracle  # noqa: E402
 from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
-from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal  # noqa: E402
+from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal_fields  # noqa: E402
 from dpbert_rl.latency import encode_examples, interleaved_latency, machine_info  # noqa: E402
 from dpbert_rl.metrics import compute_metrics  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
@@ -119,7 +119,7 @@ class TaskRun:
                 "setting": label,
                 "score": s["score"],
                 "speedup_measured": lat[label]["speedup"],
-                "speedup_ideal": speedup_ideal(s["layers_executed_mean"], L),
+                **speedup_ideal_fields(s["layers_executed_mean"], L),  # null with a note when no layer ran
                 "layers_executed_mean": s["layers_executed_mean"],
                 "layer_frequency": s["layer_frequency"],
                 "latency_ms": lat[label]["latency_ms"],

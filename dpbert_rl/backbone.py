@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from .checks import check_tokenizer
 
 #: Name of the offline default backbone: the packaged, pretrained all-MiniLM-L6-v2.
 DEFAULT_BACKBONE = "minilm"
@@ -131,6 +133,7 @@ class Backbone(nn.Module):
             raise BackboneError(f"could not load backbone {name_or_path!r}: {err}.{hint}") from err
         finally:
             hf_logging.set_verbosity(verbosity)
+        check_tokenizer(tokenizer, model.config, name_or_path, Path(path) if local else None)
         return cls(model), tokenizer
 
     # ------------------------------------------------------------------ properties
@@ -181,6 +184,14 @@ class Backbone(nn.Module):
             pooled = self._pooler(hidden) if self._pooler is not None else hidden[:, 0]
             return self.model.classifier(self.model.dropout(pooled))
         return self.model.classifier(hidden)
+
+    def set_label_names(self, names: Optional[Sequence[str]]) -> None:
+        """Write a classification task's label names into the config (``id2label``/``label2id``), so that
+        a saved checkpoint answers with them in ``transformers.pipeline`` instead of ``LABEL_0``."""
+        if names is None or len(names) != self.num_labels:
+            return
+        self.model.config.id2label = {i: str(n) for i, n in enumerate(names)}
+        self.model.config.label2id = {str(n): i for i, n in enumerate(names)}
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the underlying HF model (config + safetensors weights)."""

@@ -22,6 +22,9 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .checks import arg_type
+
+THRESHOLD = arg_type(float, 0.0, 1.0)  # eq. (5)'s threshold: NaN or 2 would silently skip every layer
 EPILOG = """examples (offline, with the packaged MiniLM and a local GLUE directory):
   dpbert-rl pipeline --task rte --data-dir ../shared/data/glue --output-dir runs/rte
   dpbert-rl evaluate runs/rte/stage3_rl/model --data-dir ../shared/data/glue
@@ -52,7 +55,10 @@ def _field_help(cls) -> dict:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
-    """One ``--flag`` per dataclass field, with its type, default and docstring as help."""
+    """One ``--flag`` per dataclass field, with its type, default and docstring as help.
+
+    The default is shown once, as ``%(default)s``: ``ArgumentDefaultsHelpFormatter`` and (on Python
+    < 3.13) ``BooleanOptionalAction`` add it themselves unless the help already holds it."""
     helps = _field_help(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -64,16 +70,18 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str]
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), tp) if optional else tp
         default = f.default
-        text = helps.get(f.name, "")
+        text = helps.get(f.name, "").replace("%", "%%")  # help strings are %-formatted by argparse
         if base is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{text} (default: {default})")
-            continue
-        conv = base if base in (int, float, str) else str
-        if optional:
-            conv = _optional(conv)
-        parser.add_argument(flag, dest=f.name, type=conv, default=default, metavar=f.name.upper(),
-                            help=f"{text} (default: {default})")
+            action = parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                         help=text)
+        else:
+            conv = base if base in (int, float, str) else str
+            if optional:
+                conv = _optional(conv)
+            action = parser.add_argument(flag, dest=f.name, type=conv, default=default, metavar=f.name.upper(),
+                                         help=text)
+        if "%(default)" not in action.help:
+            action.help += " (default: %(default)s)"
 
 
 def _optional(conv):
@@ -124,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-rate", type=float, required=True, help="fraction of layers to skip, in [0, 1]")
     p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
     p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
-    p.add_argument("--samples", type=int, default=1000, help="training inputs to calibrate on")
+    p.add_argument("--samples", type=arg_type(int, 1), default=1000, help="training inputs to calibrate on")
 
     p = sub.add_parser("evaluate", help="dev score, layers executed and measured speed-up of a checkpoint")
     p.add_argument("checkpoint", help="a trained DPBERT model/ directory")
@@ -132,11 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="GLUE task (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
     p.add_argument("--split", default="dev", help="dev (or dev_mismatched for MNLI)")
-    p.add_argument("--max-eval-samples", type=int, help="first N examples only")
-    p.add_argument("--threshold", type=float, help="execute a layer when p >= threshold (default: saved, 0.5)")
-    p.add_argument("--repeats", type=int, default=3, help="latency passes; the median is reported")
-    p.add_argument("--latency-samples", type=int, help="time only the first N examples")
-    p.add_argument("--threads", type=int, help="torch threads during timing")
+    p.add_argument("--max-eval-samples", type=arg_type(int, 1), help="first N examples only")
+    p.add_argument("--threshold", type=THRESHOLD, help="execute a layer when p >= threshold, in [0, 1] "
+                                                       "(default: saved, 0.5)")
+    p.add_argument("--repeats", type=arg_type(int, 1), default=3, help="latency passes; the median is reported")
+    p.add_argument("--latency-samples", type=arg_type(int, 1), help="time only the first N examples")
+    p.add_argument("--threads", type=arg_type(int, 1), help="torch threads during timing")
     p.add_argument("--output", help="write the JSON report here (default: <checkpoint>/eval_<split>.json)")
 
     from .pathtree import ExactConfig
@@ -155,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a trained DPBERT model/ directory")
     p.add_argument("text", help="the sentence (or the first of a pair)")
     p.add_argument("text_b", nargs="?", help="the second sentence of a pair")
-    p.add_argument("--threshold", type=float, help="execute a layer when p >= threshold")
+    p.add_argument("--threshold", type=THRESHOLD, help="execute a layer when p >= threshold, in [0, 1]")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser(
@@ -213,10 +222,15 @@ def _dispatch(args) -> int:
         from .model import DPBert
         from .train import calibrate_checkpoint
 
-        info = DPBert.load(args.checkpoint, require_planners=True).task_info
+        from .checks import check_task_compatible
+        from .data import get_task
+
+        model = DPBert.load(args.checkpoint, require_planners=True)
+        info = model.task_info
         task = args.task or info.task
         if task is None:
             raise ValueError(f"{args.checkpoint} does not name its task; pass --task")
+        check_task_compatible(model, get_task(task), args.checkpoint)
         cfg = TrainConfig(task=task, data_dir=args.data_dir, target_rate=args.target_rate,
                           max_seq_length=info.max_seq_length)
         cfg.validate()
@@ -274,6 +288,7 @@ def _predict(args) -> str:
 
     model = DPBert.load(args.checkpoint, require_planners=True).eval()
     info = model.task_info
+    _warn_if_pair_mismatch(info.task, args.text_b)
     enc = encode_one(model.tokenizer, args.text, args.text_b, info.max_seq_length)
     with torch.inference_mode():
         out = model(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"), mode="hard",
@@ -289,6 +304,22 @@ def _predict(args) -> str:
     if args.json:
         return json.dumps(result)
     return f"label: {label}\nlayers executed: {layers} ({len(layers)}/{model.num_layers})\nplanner p: {result['probs']}"
+
+
+def _warn_if_pair_mismatch(task_name: Optional[str], text_b: Optional[str]) -> None:
+    """Warn on stderr when ``predict`` gets one sentence for a sentence-pair task (RTE, MRPC, STS-B, ...)
+    or two for a single-sentence task: the model then sees an input unlike any it was trained on."""
+    if task_name is None:
+        return
+    from .data import get_task
+
+    task = get_task(task_name)
+    if task.text_b is not None and text_b is None:
+        print(f"dpbert-rl: warning: {task.name} is a sentence-pair task but one sentence was given; the "
+              "prediction is for an incomplete input (pass the second sentence after the first)", file=sys.stderr)
+    elif task.text_b is None and text_b is not None:
+        print(f"dpbert-rl: warning: {task.name} takes one sentence but two were given; they are encoded as a "
+              "pair, unlike the training inputs", file=sys.stderr)
 
 
 if __name__ == "__main__":

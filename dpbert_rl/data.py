@@ -142,11 +142,15 @@ def resolve_data_dir(data_dir: Optional[str] = None) -> Optional[Path]:
 
 
 # ---------------------------------------------------------------------- local TSV files
-def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error") -> dict:
+def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error",
+                  skipped: Optional[list] = None) -> dict:
     """Read one GLUE TSV into ``{"text_a": [...], "text_b": [...], "label": [...]}``.
 
-    :param bad_rows: ``"error"`` stops at the first malformed row with its file and line;
-        ``"skip"`` drops such rows and reports how many on stderr.
+    :param bad_rows: ``"error"`` stops at the first malformed row (wrong field count, bad label, empty
+        text, bytes that are not UTF-8) with its file and line; ``"skip"`` drops such rows and lists
+        their line numbers on stderr.
+    :param skipped: when given, every dropped row is appended to it as ``{"line": n, "error": message}``
+        (the caller records them, e.g. in a run's ``config.json``).
     """
     path = Path(path)
     if not path.is_file():
@@ -154,13 +158,15 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
             f"{path} not found: expected the GLUE layout <data_dir>/{task.dir_name}/<split>.tsv"
         )
     out = {"text_a": [], "text_b": [], "label": []}
-    skipped = 0
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    dropped: list = []
+    # undecodable bytes are kept as surrogates and refused row by row, so that the error has a line
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if task.has_header:
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path}: the file is empty; expected a header line")
+            check_utf8(header, f"{path}:{reader.line_num}")
             cols = {}
             for key in ("text_a", "text_b", "label"):
                 name = getattr(task, key)
@@ -180,6 +186,7 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
             if not row:
                 continue
             try:
+                check_utf8(row, f"{path}:{line}")
                 if len(row) != n_fields:
                     raise DataError(
                         f"{path}:{line}: expected {n_fields} tab-separated fields ({what}), found {len(row)}"
@@ -191,19 +198,43 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
                     if text is not None and not text:
                         col = getattr(task, key)
                         raise DataError(f"{path}:{line}: empty text in column {col!r}; expected a sentence")
-            except DataError:
+            except DataError as err:
                 if bad_rows == "skip":
-                    skipped += 1
+                    dropped.append({"line": line, "error": str(err)})
                     continue
                 raise
             out["text_a"].append(text_a)
             out["text_b"].append(text_b)
             out["label"].append(label)
-    if skipped:
-        print(f"warning: skipped {skipped} malformed rows in {path}", file=sys.stderr)
+    if dropped:
+        lines = [r["line"] for r in dropped]
+        shown = ", ".join(map(str, lines[:SHOW_SKIPPED])) + (f", ... ({len(lines) - SHOW_SKIPPED} more)"
+                                                             if len(lines) > SHOW_SKIPPED else "")
+        print(f"warning: skipped {len(lines)} malformed rows of {path} (--bad-rows skip), lines {shown}; "
+              f"the first: {dropped[0]['error']}", file=sys.stderr)
+        if skipped is not None:
+            skipped.extend(dropped)
     if not out["label"]:
         raise DataError(f"{path}: no data rows")
     return out
+
+
+SHOW_SKIPPED = 20  # line numbers of skipped rows printed on stderr (the caller may record them all)
+
+
+def check_utf8(fields: Sequence[str], where: str) -> None:
+    """Refuse a row read with ``errors="surrogateescape"`` that holds bytes which are not UTF-8, naming
+    the byte and the column (GLUE files are UTF-8; a file saved as Latin-1 or cp1252 has such bytes)."""
+    try:
+        "".join(fields).encode("utf-8")
+    except UnicodeEncodeError:
+        for col, text in enumerate(fields, 1):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                byte = ord(text[err.start]) - 0xDC00
+                raise DataError(f"{where}: byte 0x{byte:02x} in field {col} is not valid UTF-8; expected a "
+                                "UTF-8 file (convert it, e.g. iconv -f cp1252 -t utf-8)") from None
 
 
 def parse_label(task: GlueTask, raw: str, where: str = "") -> Union[int, float]:
@@ -232,6 +263,7 @@ def load_split(
     max_samples: Optional[int] = None,
     shuffle_seed: Optional[int] = None,
     bad_rows: str = "error",
+    skipped: Optional[list] = None,
 ) -> Dataset:
     """Load one split as a ``datasets.Dataset`` with columns ``text_a``, ``text_b``, ``label``.
 
@@ -241,6 +273,8 @@ def load_split(
     :param data_dir: a local GLUE directory; falls back to ``$GLUE_DIR``, then to the hub.
     :param max_samples: keep this many examples (a seeded random subset when ``shuffle_seed``
         is given, else the first ones).
+    :param bad_rows: ``"error"`` or ``"skip"`` (:func:`read_glue_tsv`); ``"skip"`` is refused for a dev
+        split, which is scored in full. ``skipped`` collects the dropped rows.
     """
     task = get_task(task) if isinstance(task, str) else task
     files = dict(task.splits)
@@ -248,11 +282,12 @@ def load_split(
     if source not in files:
         raise DataError(f"task {task.name} has no split {split!r}; expected one of "
                         f"{task.split_names + list(DERIVED_SPLITS)}")
+    check_bad_rows(bad_rows, split)
     if max_samples is not None and max_samples <= 0:
         raise DataError(f"max_samples must be positive; got {max_samples}")
     root = resolve_data_dir(data_dir)
     if root is not None:
-        ds = Dataset.from_dict(read_glue_tsv(root / task.dir_name / files[source], task, bad_rows))
+        ds = Dataset.from_dict(read_glue_tsv(root / task.dir_name / files[source], task, bad_rows, skipped))
     else:
         ds = _load_from_hub(task, source)
     if split in DERIVED_SPLITS:
@@ -263,6 +298,16 @@ def load_split(
             ds = ds.shuffle(seed=shuffle_seed)
         ds = ds.select(range(max_samples))
     return ds
+
+
+def check_bad_rows(bad_rows: str, split: str) -> None:
+    """``bad_rows`` is ``"error"`` or ``"skip"``, and ``"skip"`` only outside the dev splits: a score on a
+    dev set with rows silently left out is not comparable to anyone else's."""
+    if bad_rows not in ("error", "skip"):
+        raise DataError(f"bad_rows must be 'error' or 'skip'; got {bad_rows!r}")
+    if bad_rows == "skip" and split.startswith("dev"):
+        raise DataError(f"bad_rows='skip' is refused for the {split!r} split: dev rows are never skipped, so "
+                        "that the score covers the whole set (--bad-rows skip applies to training rows only)")
 
 
 def _load_from_hub(task: GlueTask, split: str) -> Dataset:

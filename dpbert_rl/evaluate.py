@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -110,5 +111,21 @@ def evaluate_model(model: DPBert, task: GlueTask, dataset, collate_fn, batch_siz
 
 
 def speedup_ideal(layers_executed_mean: float, num_layers: int) -> float:
-    """The speed-up implied by the layer count alone: ``L / mean layers executed``."""
-    return float(num_layers / max(layers_executed_mean, 1e-9))
+    """The speed-up implied by the layer count alone: ``L / mean layers executed``; infinite when no
+    layer runs at all (the ratio has no finite value; it used to read 6e9)."""
+    if layers_executed_mean <= 0:
+        return math.inf
+    return float(num_layers / layers_executed_mean)
+
+
+ZERO_LAYER_NOTE = ("no layer was executed for any input: the ideal speed-up L / 0 is unbounded, and the measured "
+                   "one is the cost of embeddings and head alone")
+
+
+def speedup_ideal_fields(layers_executed_mean: float, num_layers: int) -> dict:
+    """``speedup_ideal`` for a JSON report: the ratio, or None with ``speedup_ideal_note`` when no layer
+    ran (JSON has no infinity, and a huge finite stand-in reads as a result)."""
+    value = speedup_ideal(layers_executed_mean, num_layers)
+    if math.isinf(value):
+        return {"speedup_ideal": None, "speedup_ideal_note": ZERO_LAYER_NOTE}
+    return {"speedup_ideal": value}

@@ -18,7 +18,8 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from .data import collator, get_task, load_split, tokenize
-from .evaluate import evaluate_model, speedup_ideal
+from .checks import check_max_seq_length, check_task_compatible, check_threshold
+from .evaluate import evaluate_model, speedup_ideal_fields
 from .model import DPBert
 
 
@@ -143,15 +144,18 @@ def evaluate_checkpoint(
     if task_name is None:
         raise ValueError(f"{checkpoint} does not name its task; pass --task")
     t = get_task(task_name)
+    check_task_compatible(model, t, checkpoint)  # a 2-class head scored on STS-B is a correlation of class ids
     seq = max_seq_length or model.task_info.max_seq_length
+    check_max_seq_length(model, seq, checkpoint)
     ds = tokenize(load_split(t, split, data_dir, max_eval_samples), model.tokenizer, seq)
     collate = collator(model.tokenizer)
     if threshold is not None:
-        model.threshold = threshold
+        model.threshold = check_threshold(threshold)
     L = model.num_layers
 
     dp = evaluate_model(model, t, ds, collate, batch_size, "hard", progress=progress)
     base_model = DPBert.load(baseline_checkpoint).eval() if baseline_checkpoint else model
+    check_task_compatible(base_model, t, baseline_checkpoint or checkpoint)
     base = evaluate_model(base_model, t, ds, collate, batch_size, "full", progress=progress)
 
     examples = encode_examples(ds, latency_samples)
@@ -185,7 +189,7 @@ def evaluate_checkpoint(
         "latency_ms_full": lat["full"]["latency_ms"],
         "latency_ms_dpbert": lat["dpbert"]["latency_ms"],
         "speedup_measured": lat["dpbert"]["speedup"],
-        "speedup_ideal": speedup_ideal(dp["layers_executed_mean"], L),
+        **speedup_ideal_fields(dp["layers_executed_mean"], L),
         "latency_examples": len(examples),
         "latency_repeats": repeats,
         "throughput_full": tp_full,
@@ -209,7 +213,8 @@ def format_report(r: dict) -> str:
         ("layer frequency", " ".join(f"{x:.2f}" for x in r["layer_frequency"])),
         ("batch-1 latency", f"{r['latency_ms_full']:.2f} ms -> {r['latency_ms_dpbert']:.2f} ms"),
         ("speed-up measured", f"{r['speedup_measured']:.2f}x"),
-        ("speed-up ideal", f"{r['speedup_ideal']:.2f}x"),
+        ("speed-up ideal", f"{r['speedup_ideal']:.2f}x" if r.get("speedup_ideal") is not None
+         else f"none ({r.get('speedup_ideal_note', 'no layer executed')})"),
         ("batched throughput", f"{r['throughput_full']:.1f} -> {r['throughput_dpbert']:.1f} ex/s "
                                f"({r['throughput_speedup']:.2f}x)"),
     ]

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DEFAULT_BACKBONE, Backbone, Embedded
+from .checks import (check_checkpoint_files, check_finite_logits, check_state_shapes, check_threshold, read_json,
+                     read_safetensors)
 from .planner import Planners, bernoulli_entropy, bernoulli_log_prob, feature_dim, raw_features
 
 MODES = ("full", "hard", "sample", "soft", "path")
@@ -238,7 +240,7 @@ class DPBert(nn.Module):
                 actions = actions.expand(B, -1)
             if actions.shape != (B, L):
                 raise ValueError(f"actions must have shape ({L},) or ({B}, {L}); got {tuple(actions.shape)}")
-        thr = self.threshold if threshold is None else threshold
+        thr = check_threshold(self.threshold if threshold is None else threshold)  # NaN would skip every layer
 
         acts, logits_per_layer = [], []
         logit_thr = math.log(thr / (1.0 - thr)) if 0.0 < thr < 1.0 else (-math.inf if thr <= 0 else math.inf)
@@ -256,6 +258,7 @@ class DPBert(nn.Module):
                     if mode == "hard":
                         a = logit >= logit_thr  # p_i >= thr, eq. (5)
                     elif mode == "sample":
+                        check_finite_logits(logit, i)  # a NaN here is an exploded planner, not a probability
                         a = torch.bernoulli(torch.sigmoid(logit.detach()), generator=generator).bool()
                     else:  # path
                         a = actions[:, i].bool()
@@ -301,6 +304,7 @@ class DPBert(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        self.backbone.set_label_names(self.task_info.label_names)  # config.json's id2label, for HF pipelines
         self.backbone.save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
@@ -314,30 +318,30 @@ class DPBert(nn.Module):
     def load(cls, path: str | Path, require_planners: bool = False) -> "DPBert":
         """Load a checkpoint written by :meth:`save` (or any HF sequence-classification dir,
         which then gets fresh planners unless ``require_planners``)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"no checkpoint at {str(path)!r}: expected a directory with config.json "
                 "(written by `dpbert-rl finetune`/`pipeline`, or any HF checkpoint)"
             )
-        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+        check_checkpoint_files(path)  # a damaged JSON or safetensors file is one error that names it
+        meta = read_json(path / META_FILE) if (path / META_FILE).is_file() else {}
         backbone, tokenizer = Backbone.from_pretrained(str(path), num_labels=_num_labels(path))
         planners = None
         features = meta.get("planner_features", "cls")
         if (path / PLANNERS_FILE).is_file():
-            state = load_file(str(path / PLANNERS_FILE))
+            state = read_safetensors(path / PLANNERS_FILE)
             planners = Planners(backbone.num_layers, backbone.hidden_size, features=features)
             # checkpoints written before standardisation existed have no statistics: identity
-            missing = set(planners.state_dict()) - set(state)
-            if missing - {"feature_mean", "feature_std", "stats_set"}:
-                raise ValueError(f"{path / PLANNERS_FILE}: missing tensors {sorted(missing)}")
+            expected = {k: v for k, v in planners.state_dict().items()
+                        if k in state or k not in ("feature_mean", "feature_std", "stats_set")}
+            check_state_shapes(expected, state, path / PLANNERS_FILE)
             planners.load_state_dict(state, strict=False)
         elif require_planners:
             raise FileNotFoundError(f"{str(path)!r} holds no {PLANNERS_FILE}: it is not a trained DPBERT")
         info = TaskInfo(**meta.get("task_info", {}))
-        return cls(backbone, planners, threshold=meta.get("threshold", 0.5), tokenizer=tokenizer, task_info=info,
+        threshold = check_threshold(meta.get("threshold", 0.5), f"{path / META_FILE}: threshold")
+        return cls(backbone, planners, threshold=threshold, tokenizer=tokenizer, task_info=info,
                    planner_features=features, detach_planner_input=meta.get("detach_planner_input", False))
 
 

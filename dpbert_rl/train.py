@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .backbone import DEFAULT_BACKBONE
+from .checks import CheckpointError, NonFiniteError, check_config_numbers, check_max_seq_length, nonfinite, read_json
 from .data import DataError, collator, get_task, load_split, tokenize
 from .evaluate import evaluate_model
 from .model import DPBert, TaskInfo
@@ -152,7 +153,8 @@ class TrainConfig:
     max_steps: Optional[int] = None
     """Stop after this many steps in all (overrides epochs; for tests and smoke runs)."""
     bad_rows: str = "error"
-    """What a malformed data row does: 'error' (stop, naming file and line) or 'skip'."""
+    """What a malformed data row does: 'error' (stop, naming file and line) or 'skip' (training rows only:
+    their line numbers go to stderr and config.json; a bad dev row is always an error)."""
     cpu: bool = False
     """Force the CPU even where a GPU is present."""
     progress: bool = True
@@ -160,6 +162,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         get_task(self.task)
+        check_config_numbers(self)  # learning rates > 0; lambda, c, beta >= 0; step counts whole and >= 1; ...
         if self.target_rate is not None:
             check_rate(self.target_rate)
         if not 0.0 <= self.layerdrop < 1.0:
@@ -200,20 +203,32 @@ def build_model(cfg: TrainConfig, init: Optional[str] = None) -> DPBert:
     except ValueError as err:
         raise TrainingError(f"{err} (task {task.name})") from err
     model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, cfg.max_seq_length)
+    check_max_seq_length(model, cfg.max_seq_length, init or cfg.backbone)
     return model
 
 
 def load_data(cfg: TrainConfig, tokenizer, splits=("train", "select")) -> dict:
     """Tokenised sets of ``cfg.task``: ``train`` is the ``fit`` part of the training file (a seeded
-    subset of ``max_train_samples``), ``select`` the held-out selection split, ``dev`` the dev set."""
+    subset of ``max_train_samples``), ``select`` the held-out selection split, ``dev`` the dev set; and
+    under ``"skipped_rows"`` the training rows that ``--bad-rows skip`` dropped (dev rows are never
+    skipped: a bad one is an error)."""
     task = get_task(cfg.task)
     out = {}
     for split in splits:
         n = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+        skipped: list = []
         ds = load_split(task, "fit" if split == "train" else split, cfg.data_dir, max_samples=n,
-                        shuffle_seed=cfg.seed if split == "train" else None, bad_rows=cfg.bad_rows)
+                        shuffle_seed=cfg.seed if split == "train" else None, bad_rows=_bad_rows_for(cfg, split),
+                        skipped=skipped)
+        if split == "train":
+            out["skipped_rows"] = {"count": len(skipped), "lines": [r["line"] for r in skipped]}
         out[split] = tokenize(ds, tokenizer, cfg.max_seq_length)
     return out
+
+
+def _bad_rows_for(cfg: TrainConfig, split: str) -> str:
+    """``--bad-rows`` applies to training rows; every other split is read strictly."""
+    return cfg.bad_rows if split == "train" else "error"
 
 
 def _flat_config(d: dict) -> dict:
@@ -294,7 +309,7 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     out_dir = Path(cfg.output_dir)
     model_dir, ckpt_dir = out_dir / "model", out_dir / "checkpoint"
     if stage_done(out_dir) or (ckpt_dir / "state.json").is_file():
-        _check_same_run(stage, cfg, init, out_dir)
+        _check_same_run(stage, cfg, init, out_dir, resuming=not stage_done(out_dir))
     if stage_done(out_dir):
         print(f"[{stage}] already complete: {model_dir}")
         return model_dir
@@ -345,6 +360,8 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     if resuming:
         state = _load_checkpoint(ckpt_dir, raw, optimizer, scheduler)
         accelerator.print(f"[{stage}] resuming from {ckpt_dir} at step {state['global_step']}/{total_steps}")
+    if main:  # a run killed between two checkpoints logged steps that it now runs again
+        _truncate_metrics(out_dir / "metrics.jsonl", state["global_step"])
     dual = None
     if stage == "rl" and cfg.rate_control == "dual" and cfg.target_rate is not None:
         dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost)
@@ -355,8 +372,11 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
         resolved = {"stage": stage, "init": init, **asdict(cfg), "num_processes": world,
                     "train_examples": len(data["train"]), "select_examples": len(data["select"]),
                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+        resolved["skipped_rows"] = data["skipped_rows"]  # --bad-rows skip: how many, and their lines
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-    accelerator.init_trackers("tb", config=_flat_config(asdict(cfg)))
+    # purge_step: TensorBoard drops the events that a killed run logged past the step resumed from
+    accelerator.init_trackers("tb", config=_flat_config(asdict(cfg)),
+                              init_kwargs={"tensorboard": {"purge_step": state["global_step"] + 1}})
 
     eval_mode = "full" if stage in ("finetune", "layerdrop") else "hard"
     eval_steps = cfg.eval_steps or max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
@@ -393,16 +413,19 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
             raw.backbone.eval()  # frozen backbone: no dropout, so stage 2 sees fixed features
         for batch in loader:
             price = dual.price if dual is not None else cfg.cost
-            loss, out, logs = _stage_loss(stage, cfg, model, raw, batch, price, step / total_steps)
+            try:
+                loss, out, logs = _stage_loss(stage, cfg, model, raw, batch, price, step / total_steps)
+            except NonFiniteError as err:  # e.g. exploded planners: caught before torch.bernoulli fails on them
+                raise TrainingError(f"[{stage}] {err} at step {step + 1}; stopped. {_recovery(ckpt_dir)}") from None
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"[{stage}] loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
-                    f"is {ckpt_dir if ckpt_dir.exists() else '(none yet)'}; lower --lr or check the data."
+                    f"[{stage}] loss is {loss.item()} at step {step + 1}; stopped. {_recovery(ckpt_dir)}"
                 )
             accelerator.backward(loss)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
             optimizer.step()
+            _check_finite_parameters(stage, raw, step + 1, ckpt_dir)  # before any save: checkpoints stay good
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if dual is not None:  # the same price on every process: the mean rate over all of them
@@ -516,13 +539,18 @@ _UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
            "rl": {"init_penalty", "layerdrop"}}
 
 
-def _check_same_run(stage: str, cfg: TrainConfig, init: Optional[str], out_dir: Path) -> None:
-    """Refuse to resume or reuse a stage that was started with different settings."""
+# settings a resumed (unfinished) stage may change: after a NaN stop, re-run with a lower learning rate
+RESUME_MAY_CHANGE = {"lr", "planner_lr"}
+
+
+def _check_same_run(stage: str, cfg: TrainConfig, init: Optional[str], out_dir: Path, resuming: bool = False) -> None:
+    """Refuse to resume or reuse a stage that was started with different settings (a resumed one may change
+    its learning rates, :data:`RESUME_MAY_CHANGE`)."""
     saved_path = out_dir / "config.json"
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
-    ignore = _BOOKKEEPING | _UNUSED.get(stage, set())
+    saved = read_json(saved_path)
+    ignore = _BOOKKEEPING | _UNUSED.get(stage, set()) | (RESUME_MAY_CHANGE if resuming else set())
     current = {"init": init, **asdict(cfg)}
     diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and k in saved and saved[k] != v}
     if diff:
@@ -549,7 +577,12 @@ def _save_atomic(model: DPBert, path: Path, extra: Optional[dict] = None) -> Non
 
 
 def _save_checkpoint(path: Path, model: DPBert, optimizer, scheduler, state: dict) -> None:
-    """Write the resumable state; the old one is replaced only once the new one is complete."""
+    """Write the resumable state; the old one is replaced only once the new one is complete, and never
+    by one whose parameters hold a NaN or an infinity."""
+    bad = nonfinite(model.named_parameters())
+    if bad:
+        raise TrainingError(f"not saving a checkpoint at step {state.get('global_step')}: non-finite parameters "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). {_recovery(path)}")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp)
@@ -561,13 +594,88 @@ def _save_checkpoint(path: Path, model: DPBert, optimizer, scheduler, state: dic
 
 
 def _load_checkpoint(path: Path, model: DPBert, optimizer, scheduler) -> dict:
-    saved = DPBert.load(path)
-    model.load_state_dict(saved.state_dict())
-    blob = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    return json.loads((path / "state.json").read_text())
+    """Restore model, optimizer, scheduler and RNG from ``path``; the learning rates configured now
+    replace the saved ones (a resume may lower them). A damaged file is one error naming it."""
+    configured = [g["initial_lr"] for g in optimizer.param_groups]
+    try:
+        state = read_json(path / "state.json")
+        saved = DPBert.load(path)
+        model.load_state_dict(saved.state_dict())
+        blob = _load_trainer_state(path / "trainer.pt")
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["torch_rng"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise TrainingError(f"cannot resume from {path}: {err}. Delete {path} to run this stage again from its "
+                            "start (its model/ and the other stages are not touched)") from None
+    _set_learning_rates(optimizer, scheduler, configured)
+    return state
+
+
+def _load_trainer_state(path: Path) -> dict:
+    """The optimizer, scheduler and RNG state of a checkpoint, loaded without unpickling code
+    (``weights_only=True``: tensors and plain containers only, so a crafted file cannot run anything)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); the checkpoint was not written completely")
+    try:
+        blob = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # UnpicklingError (refused or damaged), EOFError, RuntimeError (truncated zip)
+        text = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{path}: not a trainer state that loads safely ({type(err).__name__}: {text})") from None
+    missing = {"optimizer", "scheduler", "torch_rng"} - set(blob if isinstance(blob, dict) else ())
+    if missing:
+        raise CheckpointError(f"{path}: no {', '.join(sorted(missing))} in it; expected a trainer state")
+    return blob
+
+
+def _set_learning_rates(optimizer, scheduler, base_lrs: list) -> None:
+    """Give a resumed optimizer the configured base learning rates, at the restored schedule position."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the LambdaLR
+    old = list(inner.base_lrs)
+    if old == list(base_lrs):
+        return
+    inner.base_lrs = list(base_lrs)
+    for group, base, fn in zip(optimizer.param_groups, base_lrs, inner.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(inner.last_epoch)
+    inner._last_lr = [g["lr"] for g in optimizer.param_groups]
+    print(f"resuming with base learning rates {sorted(set(base_lrs))} (were {sorted(set(old))})")
+
+
+def _check_finite_parameters(stage: str, model: DPBert, step: int, ckpt_dir: Path) -> None:
+    """Stop right after an optimizer step that left a NaN or an infinity in a trained parameter, before
+    anything is saved: the last checkpoint is then truly the last good one."""
+    bad = nonfinite((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    if bad:
+        raise TrainingError(f"[{stage}] the update of step {step} made {len(bad)} parameters non-finite "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); stopped. {_recovery(ckpt_dir)}")
+
+
+def _recovery(ckpt_dir: Path) -> str:
+    """What to do after a numerical blow-up, for the error message."""
+    if not ckpt_dir.exists():
+        return "No checkpoint was written yet: re-run with a lower --lr / --planner-lr, or check the data."
+    return (f"The last good checkpoint is {ckpt_dir}: re-run the same command with a lower --lr / --planner-lr "
+            "to resume from it at that rate, or check the data.")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the rows of ``metrics.jsonl`` logged at or before ``step`` (the checkpoint being resumed;
+    0 for a fresh start), so that a resumed run does not log its steps twice. A row cut off by a kill
+    is dropped."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept))
 
 
 # ---------------------------------------------------------------------- the pipeline

@@ -61,6 +61,8 @@ class _Episodes:
             raise ValueError(f"backbone_mode must be one of {BACKBONE_MODES}; got {backbone_mode!r}")
         if target_rate is not None:
             check_rate(target_rate)
+        _check_env_numbers(c=c, lambda_=lambda_, rate_coef=rate_coef, joint_lr=joint_lr, max_samples=max_samples,
+                           joint_update_every=joint_update_every, max_seq_length=max_seq_length)
         self.task = get_task(task)
         if isinstance(model, DPBert):
             self.model = model
@@ -69,6 +71,7 @@ class _Episodes:
                 warnings.warn(f"{model!r} is not a fine-tuned dpbert_rl checkpoint: its classifier head is "
                               "untrained, so the final reward carries little signal", stacklevel=3)
             self.model = DPBert.from_source(model, self.task.num_labels)
+        _check_model_fits(self.model, self.task, max_seq_length, model)
         self.device = torch.device(device)
         self.model.to(self.device).eval()  # no dropout: a path determines its outcome
         self.data = tokenize(load_split(self.task, split, data_dir, max_samples), self.model.tokenizer,
@@ -347,6 +350,8 @@ class BatchedLayerSkipEnv(_ModelAccess, VectorEnv):
         if indices is None:
             indices = self._draw()
         indices = np.asarray(indices)
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(f"options['indices'] must be integers; got {indices.tolist()} ({indices.dtype})")
         if indices.shape != (self.num_envs,) or (indices < 0).any() or (indices >= len(self.core.data)).any():
             raise ValueError(f"options['indices'] must be {self.num_envs} indices in [0, {len(self.core.data)})")
         return self.core.start(indices), {"indices": indices.copy()}
@@ -378,13 +383,36 @@ def _core_kwargs(kwargs: dict) -> dict:
     return {**defaults, **kwargs}
 
 
+def _check_env_numbers(**values) -> None:
+    """The reward's weights and the env's counts, each against what it may be (c, lambda_ >= 0, ...)."""
+    from dpbert_rl.checks import check_number
+
+    rules = {"c": dict(low=0.0), "lambda_": dict(low=0.0), "rate_coef": dict(low=0.0),
+             "joint_lr": dict(low=0.0, low_open=True), "joint_update_every": dict(low=1, integer=True),
+             "max_seq_length": dict(low=8, integer=True), "max_samples": dict(low=1, integer=True, optional=True)}
+    for name, value in values.items():
+        check_number(value, name, **rules[name])
+
+
+def _check_model_fits(model, task, max_seq_length: int, source) -> None:
+    """The model's head must fit the task (label count and type) and its positions the sequence length."""
+    from dpbert_rl.checks import check_max_seq_length, check_task_compatible
+
+    where = source if not hasattr(source, "backbone") else "the DPBert model passed as `model`"
+    check_task_compatible(model, task, where)
+    check_max_seq_length(model, max_seq_length, where)
+
+
 def _index_from_options(options: Optional[dict], n: int) -> Optional[int]:
     if not options:
         return None
     unknown = set(options) - {"index"}
     if unknown:
         raise ValueError(f"unknown reset options {sorted(unknown)}; expected 'index'")
-    index = int(options["index"])
+    raw = options["index"]
+    if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
+        raise ValueError(f"options['index'] must be an integer in [0, {n}); got {raw!r}")
+    index = int(raw)
     if not 0 <= index < n:
         raise ValueError(f"options['index'] = {index} is outside [0, {n})")
     return index

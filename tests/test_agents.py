@@ -14,29 +14,65 @@ from dpbert_rl.objectives import dpbert_objective
 from envs.layer_skip import BatchedLayerSkipEnv
 from tests.conftest import run_readme_example
 
-AGENTS = {
-    "reinforce": {"seed": 0},
-    "ppo": {"seed": 0, "n_steps": 8, "batch_size": 16, "n_epochs": 1},
-    "a2c": {"seed": 0, "n_steps": 4},
-    "dqn": {"seed": 0, "learning_starts": 8, "buffer_size": 500, "train_freq": 1},
-    "recurrent-ppo": {"seed": 0, "n_steps": 8, "batch_size": 16, "n_epochs": 1},
+AGENTS = {  # settings that learn the tiny, trivially learnable tasks below within 512 steps
+    "reinforce": {"seed": 0, "lr": 0.1},
+    "ppo": {"seed": 0, "n_steps": 8, "batch_size": 32, "n_epochs": 4, "learning_rate": 3e-3},
+    "a2c": {"seed": 0, "n_steps": 4, "learning_rate": 3e-3},
+    "dqn": {"seed": 0, "learning_starts": 16, "buffer_size": 1000, "train_freq": 1, "learning_rate": 3e-3,
+            "target_update_interval": 32, "exploration_fraction": 0.5, "gamma": 0.9},
+    "recurrent-ppo": {"seed": 0, "n_steps": 8, "batch_size": 32, "n_epochs": 4, "learning_rate": 3e-3},
     "always": {"num_layers": 4},
     "random": {"rate": 0.5, "num_layers": 4},
     "first-k": {"k": 2, "num_layers": 4},
     "every-other": {"num_layers": 4},
 }
+LEARNING = ("reinforce", "ppo", "a2c", "dqn", "recurrent-ppo")
+# Two reward settings with opposite best policies, so that no fixed behaviour passes both:
+# every executed layer costs 1 and nothing else counts -> skip everything;
+# layers are free and any skipped fraction is charged 10 x its square at the end -> execute everything.
+SKIP_PAYS = dict(c=1.0, lambda_=0.0)
+EXECUTE_PAYS = dict(c=0.0, lambda_=0.0, target_rate=0.0, rate_coef=10.0)
 
 
 def vec(tiny_model_dir, tiny_glue, n=4, **kw):
     return BatchedLayerSkipEnv(num_envs=n, task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, **kw)
 
 
-@pytest.mark.parametrize("name", list(AGENTS))
-def test_every_agent_learns_acts_and_round_trips(name, tiny_model_dir, tiny_glue, tmp_path):
+def greedy_execute_rate(agent, env) -> float:
+    """Fraction of layers the agent's greedy policy executes over one batch of episodes."""
+    obs, _ = env.reset(seed=123)
+    acts = []
+    for _ in range(env.num_layers):
+        acts.append(agent.act(obs, deterministic=True))
+        obs, *_ = env.step(acts[-1])
+    return float(np.mean(acts))
+
+
+@pytest.mark.parametrize("name", LEARNING)
+def test_every_learning_agent_learns_which_layers_pay(name, tiny_model_dir, tiny_glue, tmp_path):
+    for reward, want in ((SKIP_PAYS, 0.0), (EXECUTE_PAYS, 1.0)):
+        env = vec(tiny_model_dir, tiny_glue, n=8, **reward)
+        agent = make_agent(name, **AGENTS[name])
+        seen = []
+        agent.learn(env, total_steps=512, callback=lambda s: seen.append(s))
+        assert abs(greedy_execute_rate(agent, env) - want) <= 0.1, (name, reward)
+        if name in ("reinforce", "ppo", "a2c"):
+            assert seen and {"charts/skip_rate", "charts/layers_executed"} <= set(seen[-1])
+    # what it learned survives save and load
+    obs, _ = env.reset(seed=1)
+    agent.save(tmp_path / name)
+    back = Agent.load(tmp_path / name)
+    assert type(back) is type(agent)
+    if name == "recurrent-ppo":
+        agent._state = back._state = None
+    assert np.array_equal(back.act(obs, deterministic=True), agent.act(obs, deterministic=True))
+
+
+@pytest.mark.parametrize("name", [n for n in AGENTS if n not in LEARNING])
+def test_every_reference_agent_acts_and_round_trips(name, tiny_model_dir, tiny_glue, tmp_path):
     env = vec(tiny_model_dir, tiny_glue)
     agent = make_agent(name, **AGENTS[name])
-    seen = []
-    agent.learn(env, total_steps=64, callback=lambda s: seen.append(s))
+    agent.learn(env, total_steps=64)
     obs, _ = env.reset(seed=1)
     actions = agent.act(obs, deterministic=True)
     assert actions.shape == (4,) and set(actions.tolist()) <= {0, 1}
@@ -44,11 +80,7 @@ def test_every_agent_learns_acts_and_round_trips(name, tiny_model_dir, tiny_glue
     back = Agent.load(tmp_path / name)
     assert type(back) is type(agent)
     if name != "random":
-        if name == "recurrent-ppo":
-            agent._state = back._state = None
         assert np.array_equal(back.act(obs, deterministic=True), agent.act(obs, deterministic=True))
-    if name in ("reinforce", "ppo", "a2c"):
-        assert seen and {"charts/skip_rate", "charts/layers_executed"} <= set(seen[-1])
 
 
 def test_references_follow_their_paths(tiny_model_dir, tiny_glue):
@@ -110,10 +142,44 @@ def test_reinforce_gradient_equals_the_stage3_trainer(tiny_model_dir, tiny_glue)
 
 
 def test_self_critical_baseline_replays_the_same_inputs(tiny_model_dir, tiny_glue):
-    env = vec(tiny_model_dir, tiny_glue)
+    """b_i of the self-critical baseline is the return of the greedy path on the inputs just sampled. Planners
+    with zero weights and biases (+1, -1, +1, -1) take the greedy path [1, 0, 1, 0] on every input (and sample
+    other paths), so the greedy returns are known by hand: R_i = -c (layers executed from i on) - lambda
+    loss, with the loss of each input on that path from the model itself."""
+    n, c, lam = 4, 0.5, 3.0
+    env = vec(tiny_model_dir, tiny_glue, n=n, c=c, lambda_=lam)
     agent = ReinforceAgent(baseline="self-critical")
-    agent.learn(env, total_steps=48)
-    assert agent.planners is not None
+    agent._build(env.num_layers, env.model.backbone.hidden_size)
+    with torch.no_grad():
+        agent.planners.weight.zero_()
+        agent.planners.bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    episodes, calls = [], []
+    real_step, real_loss = env.step, agent.loss
+
+    def step(actions):
+        out = real_step(actions)
+        if out[2].all():
+            episodes.append(out[4]["final_info"]["index"].copy())
+        return out
+
+    def loss(observations, actions, rewards, greedy_returns=None):
+        calls.append((actions.copy(), None if greedy_returns is None else greedy_returns.copy()))
+        return real_loss(observations, actions, rewards, greedy_returns)
+
+    env.step, agent.loss = step, loss
+    agent.learn(env, total_steps=n * env.num_layers)  # one batch: sampled rollout, greedy replay, update
+    (sampled_actions, greedy), = calls
+    sampled, replayed = episodes[:2]
+    assert np.array_equal(replayed, sampled)
+    assert (sampled_actions != np.array([1, 0, 1, 0])).any(), "the test needs sampled paths that differ from greedy"
+    model = DPBert.load(tiny_model_dir).eval()
+    ds = tokenize(load_split("rte", "train", str(tiny_glue)), model.tokenizer, 128)
+    b = collator(model.tokenizer)([ds[int(k)] for k in sampled])
+    with torch.no_grad():
+        loss_on_path = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], labels=b["labels"],
+                             mode="path", actions=torch.tensor([1, 0, 1, 0])).per_example_loss.numpy()
+    expected = -c * np.array([2.0, 1.0, 1.0, 0.0])[None, :] - lam * loss_on_path[:, None]
+    np.testing.assert_allclose(greedy, expected, atol=1e-5)
 
 
 def test_agents_log_the_same_scalars_to_tensorboard(tiny_model_dir, tiny_glue, tmp_path):

@@ -12,7 +12,6 @@ import torch
 import envs
 from dpbert_rl.data import collator, load_split, tokenize
 from dpbert_rl.model import DPBert
-from dpbert_rl.objectives import returns_to_go
 from envs.layer_skip import BatchedLayerSkipEnv, LayerSkipEnv
 from envs.sb3 import SB3VecEnv
 from tests.conftest import run_readme_example
@@ -65,7 +64,8 @@ def test_return_to_go_equals_eq9_from_the_model(tiny_model_dir, tiny_glue):
     with torch.no_grad():
         out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], labels=b["labels"], mode="path",
                     actions=torch.tensor(path))
-    expected = returns_to_go(out.actions, out.per_example_loss, cost=0.7, lam=3.0)[0].numpy()
+    # eq. (9) by hand: path [1, 0, 1, 1] executes 3, 2, 2, 1 layers from step i on
+    expected = -0.7 * np.array([3.0, 2.0, 2.0, 1.0]) - 3.0 * out.per_example_loss.item()
     assert np.allclose(rtg, expected, atol=1e-5)
     assert info["loss"] == pytest.approx(out.per_example_loss.item(), abs=1e-5)
 

@@ -1,5 +1,7 @@
 """The path executor: equations (4)-(7), real skipping, batch == batch-1, checkpoints."""
 
+import math
+
 import pytest
 import torch
 
@@ -34,6 +36,24 @@ def split_planners(m, b):
 
 def batch(tok, texts):
     return tok(texts, padding=True, return_tensors="pt")
+
+
+@torch.no_grad()
+def hand_path(m, text, actions=None, threshold=0.5):
+    """Eq. (4)-(6) by hand for one input, without DPBert's loop: p_i = sigmoid(w_i . h_cls + b_i) from the
+    planner weights, layer i run (on the HF layer) iff p_i >= threshold, or as ``actions`` says.
+    Returns (probs (L,), actions (L,), logits)."""
+    enc = m.tokenizer([text], return_tensors="pt")
+    emb = m.backbone.embed(enc["input_ids"], enc["attention_mask"])
+    h, probs, taken = emb.hidden, [], []
+    for i in range(m.num_layers):
+        p = torch.sigmoid(h[0, 0] @ m.planners.weight[i] + m.planners.bias[i])
+        a = bool(p >= threshold) if actions is None else bool(actions[i])
+        if a:
+            h = m.backbone.layer(i, h, emb.mask)
+        probs.append(float(p))
+        taken.append(float(a))
+    return torch.tensor(probs), torch.tensor(taken), m.backbone.head(h)[0]
 
 
 class LayerSpy:
@@ -110,12 +130,23 @@ def test_hard_mode_is_eq5_and_batched_equals_batch_of_one(tiny_ckpt):
         out = m(b["input_ids"], b["attention_mask"], mode="hard")
         paths = {tuple(r) for r in out.actions.tolist()}
         assert len(paths) > 1, "the test needs examples on different paths"
-        assert torch.equal(out.actions, (out.probs >= 0.5).float())
         for j, text in enumerate(SENTENCES):
+            probs, actions, logits = hand_path(m, text)
+            assert torch.equal(out.actions[j], actions), j  # eq. (5), decided along the input's own path
+            assert torch.allclose(out.probs[j], probs, atol=1e-5) and torch.allclose(out.logits[j], logits, atol=1e-5)
             one = batch(m.tokenizer, [text])
             single = m(one["input_ids"], one["attention_mask"], mode="hard")
             assert torch.allclose(single.logits[0], out.logits[j], atol=1e-5)
             assert torch.equal(single.actions[0], out.actions[j])
+
+
+def test_hard_mode_executes_at_exactly_the_threshold(tiny_ckpt):
+    """Eq. (5) is p >= threshold: a planner at p = 0.5 executes at threshold 0.5 and not above it."""
+    m = load(tiny_ckpt, planner_std=0.0)  # zero weights, zero biases: p = 0.5 for every input and layer
+    b = batch(m.tokenizer, SENTENCES[:2])
+    with torch.no_grad():
+        assert m(b["input_ids"], b["attention_mask"], threshold=0.5).actions.tolist() == [[1.0] * 4] * 2
+        assert m(b["input_ids"], b["attention_mask"], threshold=0.5001).actions.tolist() == [[0.0] * 4] * 2
 
 
 def test_threshold_trades_layers_for_speed(tiny_ckpt):
@@ -131,14 +162,14 @@ def test_threshold_trades_layers_for_speed(tiny_ckpt):
 def test_probs_and_log_probs_follow_eq4_and_eq7(tiny_ckpt):
     m = load(tiny_ckpt)
     b = batch(m.tokenizer, SENTENCES[:3])
-    actions = torch.tensor([[1, 0, 1, 1]] * 3)
+    path = [1, 0, 1, 1]
     with torch.no_grad():
-        out = m(b["input_ids"], b["attention_mask"], mode="path", actions=actions)
-        h = m.embed(b["input_ids"], b["attention_mask"])
-        p0 = torch.sigmoid(h.hidden[:, 0] @ m.planners.weight[0] + m.planners.bias[0])
-    assert torch.allclose(out.probs[:, 0], p0, atol=1e-6)
-    expected = torch.where(actions.bool(), out.probs.log(), (1 - out.probs).log())
-    assert torch.allclose(out.log_probs, expected, atol=1e-5)
+        out = m(b["input_ids"], b["attention_mask"], mode="path", actions=torch.tensor([path] * 3))
+    for j, text in enumerate(SENTENCES[:3]):
+        probs, _, _ = hand_path(m, text, actions=path)  # p_i of eq. (4) along the given path, by hand
+        assert torch.allclose(out.probs[j], probs, atol=1e-5)
+        expected = torch.tensor([math.log(p) if a else math.log(1 - p) for p, a in zip(probs.tolist(), path)])
+        assert torch.allclose(out.log_probs[j], expected, atol=1e-5)  # eq. (7): log p^a (1 - p)^(1 - a)
 
 
 def test_sample_mode_draws_from_the_planners(tiny_ckpt):
