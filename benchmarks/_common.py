@@ -91,8 +91,8 @@ def check_one_commit(commits, current: str, allow_mixed: bool = False, what: str
         if bad:
             why.append(f"a dirty tree or an unknown commit ({', '.join(bad)})")
         raise MixedRunError(f"{what} would mix {' and '.join(why)}: commit the code and rerun from a clean tree, "
-                            "use another output directory, or pass --allow-mixed to merge them anyway "
-                            "(they are then marked as mixed)")
+                            "start a new results file or output directory (tradeoff.py: --fresh, --output-dir), "
+                            "or pass --allow-mixed to merge them anyway (they are then marked as mixed)")
     return seen
 
 
