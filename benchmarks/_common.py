@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,6 +34,66 @@ def _read_commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# What is not code: a commit that changes only these does not change what a benchmark computes, so
+# results written before and after it belong to one run (an interrupted run resumes across it).
+NOT_CODE = ("benchmarks/results", "README.md", "docs")
+
+
+class MixedRunError(RuntimeError):
+    """Results of different code commits, or of a dirty tree, would be merged into one results file."""
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def code_commit(root: Optional[Path] = None, not_code: tuple = NOT_CODE) -> str:
+    """The last commit that changed code (``git log -1 --format=%H -- <code paths>``, every path but
+    ``not_code``), with ``+dirty`` when code has uncommitted changes; ``unknown`` outside git.
+
+    Commits that only add results, README text or docs do not move it: a run interrupted, its partial
+    results committed, and resumed, is still one run of one code commit."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    spec = [".", *(f":(exclude){p}" for p in not_code)]
+    try:
+        sha = _git(root, "log", "-1", "--format=%H", "--", *spec)
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *spec)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    if not sha:
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+_CODE_AT_START = None
+
+
+def pinned_code_commit() -> str:
+    """:func:`code_commit` read once, at the first call (scripts call it at start)."""
+    global _CODE_AT_START
+    if _CODE_AT_START is None:
+        _CODE_AT_START = code_commit()
+    return _CODE_AT_START
+
+
+def check_one_commit(commits, current: str, allow_mixed: bool = False, what: str = "results") -> list:
+    """Refuse (:class:`MixedRunError`) to put ``what`` of other code commits than ``current``, or of a
+    dirty tree or an unknown commit, into one results file, unless ``allow_mixed``. Returns the
+    distinct commits, ``current`` first."""
+    seen = [current] + sorted({c for c in commits if c and c != current})
+    bad = [c for c in seen if c.endswith("+dirty") or c == "unknown"]
+    if (len(seen) > 1 or bad) and not allow_mixed:
+        why = []
+        if len(seen) > 1:
+            why.append(f"other code commits ({', '.join(c[:12] for c in seen[1:])}) than this one ({current[:12]})")
+        if bad:
+            why.append(f"a dirty tree or an unknown commit ({', '.join(bad)})")
+        raise MixedRunError(f"{what} would mix {' and '.join(why)}: commit the code and rerun from a clean tree, "
+                            "start a new results file or output directory (tradeoff.py: --fresh, --output-dir), "
+                            "or pass --allow-mixed to merge them anyway (they are then marked as mixed)")
+    return seen
 
 
 def command() -> str:

@@ -193,6 +193,16 @@ class Backbone(nn.Module):
         self.model.config.id2label = {i: str(n) for i, n in enumerate(names)}
         self.model.config.label2id = {str(n): i for i, n in enumerate(names)}
 
+    @property
+    def pooler(self) -> Optional[nn.Module]:
+        """The BERT-style pooler (dense + tanh on ``[CLS]``) that the head reads, or None (RoBERTa and
+        ELECTRA heads pool inside their classifier; some checkpoints have no pooler)."""
+        return self._pooler
+
+    def pool(self, cls: torch.Tensor) -> torch.Tensor:
+        """The pooler on ``[CLS]`` vectors ``(batch, hidden)``; the identity where there is none."""
+        return self._pooler(cls[:, None, :]) if self._pooler is not None else cls
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the underlying HF model (config + safetensors weights)."""
         self.model.save_pretrained(path)

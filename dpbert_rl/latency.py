@@ -23,6 +23,28 @@ from .evaluate import evaluate_model, speedup_ideal_fields
 from .model import DPBert
 
 
+def sample_indices(n: int, k: Optional[int], seed: int = 0) -> list:
+    """A seeded sample of ``k`` of ``range(n)``, sorted (all of them when ``k`` is None or at least ``n``):
+    the inputs a benchmark times, and computes each point's ideal speed-up on."""
+    if k is None or k >= n:
+        return list(range(n))
+    import numpy as np
+
+    return sorted(int(i) for i in np.random.RandomState(seed).choice(n, size=k, replace=False))
+
+
+def encode_batches(dataset, indices: Sequence[int], batch_size: int, collate_fn, device=None) -> list:
+    """Rows ``indices`` of a tokenised dataset as padded batches of ``batch_size`` (on ``device``), each
+    with ``index``, the rows' positions in ``dataset``: the inputs of a batched timing."""
+    out = []
+    for j in range(0, len(indices), batch_size):
+        idx = list(indices[j:j + batch_size])
+        b = dict(collate_fn([{k: v for k, v in dataset[i].items() if k != "labels"} for i in idx]))
+        b["index"] = torch.tensor(idx)
+        out.append({k: v.to(device) if device is not None else v for k, v in b.items()})
+    return out
+
+
 def encode_examples(dataset, n: Optional[int] = None) -> list:
     """Tokenised rows to batch-of-1 tensors (done once, outside the timed region)."""
     rows = []
@@ -41,10 +63,13 @@ def interleaved_latency(
     warmup: int = 5,
     threads: Optional[int] = None,
     progress: bool = False,
+    synchronize: Optional[Callable[[], None]] = None,
 ) -> dict:
     """Time each method on every example at batch size 1, interleaved.
 
     :param methods: name -> callable taking one example's tensors. The first is the reference.
+    :param synchronize: called after every call inside the timed region (``torch.cuda.synchronize``
+        on a GPU, whose calls return before the work is done).
     :return: per method ``latency_ms`` (median over passes of the mean per example) and
         ``speedup`` against the first method (median over passes of the per-pass ratio).
     """
@@ -71,6 +96,8 @@ def interleaved_latency(
                 for n in order:
                     t = time.perf_counter()
                     methods[n](ex)
+                    if synchronize is not None:
+                        synchronize()
                     acc[n] += time.perf_counter() - t
             for n in names:
                 totals[n].append(acc[n])
@@ -104,10 +131,25 @@ def batched_throughput(model: DPBert, dataset, collate_fn, batch_size: int = 32,
     return len(dataset) / statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict:
+    import os
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -41,9 +41,10 @@ def exit_model(path, seed=0):
             r.classifier.bias.zero_()
             r.classifier.weight[-1] = v * (1 + i)
             r.classifier.bias[-1] = -(f @ v * (1 + i)).quantile(0.5) + 0.3 * (i % 2)
-        v = _spread(cls[:, 1])
+        pooled = m.pooled(1, cls[:, 1])  # the LTE head reads what exit 2 reads
+        v = _spread(pooled)
         m.exit_head.weight[0] = v
-        m.exit_head.bias[0] = -(cls[:, 1] @ v).quantile(0.5)
+        m.exit_head.bias[0] = -(pooled @ v).quantile(0.5)
     return m
 
 
@@ -217,13 +218,14 @@ def test_training_touches_only_what_each_baseline_trains(ckpt, tiny_glue, tmp_pa
     assert (tmp_path / "deebert" / "metrics.jsonl").is_file() and list((tmp_path / "deebert" / "tb").iterdir())
 
     before = _params(m)
-    ee.train_exit_head(m, feats, epochs=1, batch_size=16, progress=False)
-    assert _changed(before, m, "exit_head") and not _changed(before, m, "ramps.") and not _changed(before, m, "model.")
-
-    before = _params(m)
     ee.train_exits_joint(m, ds, collate, epochs=1, batch_size=16, progress=False)
     assert _changed(before, m, "model.backbone") and _changed(before, m, "ramps.")
     assert not _changed(before, m, "exit_head") and not _changed(before, m, "model.planners")
+
+    before = _params(m)
+    ee.train_berxit(m, ds, collate, epochs=1, batch_size=16, progress=False)
+    assert _changed(before, m, "model.backbone") and _changed(before, m, "ramps.") and _changed(before, m, "exit_head")
+    assert not _changed(before, m, "model.planners")
 
 
 def test_layerdrop_subset():
@@ -320,13 +322,16 @@ def _tradeoff_module():
 
 def test_tradeoff_analysis_front_window_and_target_check():
     tb = _tradeoff_module()
-    pts = [{"setting": s, "score": sc, "speedup_measured": sp, "layers_executed_mean": 6 / sp}
+    # selection scores and speed-ups equal to dev's here, so that the choices (made on them) are easy to follow
+    pts = [{"setting": s, "score": sc, "speedup_measured": sp, "layers_executed_mean": 6 / sp, "select_score": sc,
+            "select_speedup_ideal": sp}
            for s, sc, sp in (("a", 80, 1.0), ("b", 78, 1.4), ("c", 79, 1.35), ("d", 70, 2.2), ("e", 60, 1.8))]
     assert [p["setting"] for p in tb.front(pts)] == ["a", "c", "b", "d"]  # e is beaten by the faster d
     assert tb.best_in_window(pts, 1.3, 1.96)["setting"] == "c"
     assert tb.best_in_window(pts, 3.0, 4.0) is None
     assert tb.envelope_at(pts, 1.5) == 70 and tb.envelope_at(pts, 3.0) is None
-    other = [{"setting": "x", "score": 75, "speedup_measured": 1.5, "layers_executed_mean": 4}]
+    other = [{"setting": "x", "score": 75, "speedup_measured": 1.5, "layers_executed_mean": 4, "select_score": 75,
+              "select_speedup_ideal": 1.5}]
     entry = {"methods": {"dpbert": {"points": pts}, "pabee": {"points": other}}}
     (check,) = tb.target_check(entry)
     assert check["against"] == "pabee" and [s for s, _, _ in check["below_at"]] == [1.45, 1.5]
