@@ -27,7 +27,7 @@ from _common import MixedRunError
 from dpbert_rl import early_exit as ee
 from dpbert_rl import oracle
 from dpbert_rl.data import collator, get_task, load_split, tokenize
-from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal, speedup_ideal_fields
+from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal_fields
 from dpbert_rl.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.metrics import compute_metrics
 from dpbert_rl.model import DPBert
