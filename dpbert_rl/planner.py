@@ -97,13 +97,21 @@ class Planners(nn.Module):
     def feature_dim(self) -> int:
         return self.weight.shape[1]
 
-    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor, min_std: float = 1e-6) -> None:
-        """Store the per-layer mean and standard deviation ``(L, F)`` of the raw features."""
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor, min_std: float = 1e-6,
+                          rel_floor: float = 1e-3) -> None:
+        """Store the per-layer mean and standard deviation ``(L, F)`` of the raw features.
+
+        A feature that hardly varies across inputs would be blown up to noise by ``1 / std`` (and the
+        clip would turn float round-off into +-10): each layer's std is floored at ``rel_floor`` times
+        the root mean square of that layer's mean (and at ``min_std``), so an (almost) constant feature
+        reads as (almost) 0. The floor depends on the mean only, so storing the result again changes
+        nothing."""
         if mean.shape != self.feature_mean.shape or std.shape != self.feature_std.shape:
             raise ValueError(f"feature statistics must have shape {tuple(self.feature_mean.shape)}; "
                              f"got {tuple(mean.shape)} and {tuple(std.shape)}")
+        floor = (rel_floor * mean.pow(2).mean(1, keepdim=True).sqrt()).clamp_min(min_std)  # (L, 1)
         self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std.clamp_min(min_std))
+        self.feature_std.copy_(torch.maximum(std, floor))
         self.stats_set.fill_(True)
 
     def standardise(self, i: int, raw: torch.Tensor) -> torch.Tensor:

@@ -227,8 +227,9 @@ def load_data(cfg: TrainConfig, tokenizer, splits=("train", "select")) -> dict:
 
 
 def _bad_rows_for(cfg: TrainConfig, split: str) -> str:
-    """``--bad-rows`` applies to training rows; every other split is read strictly."""
-    return cfg.bad_rows if split == "train" else "error"
+    """``--bad-rows`` applies to the rows of the training file (its fit and selection parts); dev is read
+    strictly."""
+    return cfg.bad_rows if split in ("train", "fit", "select") else "error"
 
 
 def _flat_config(d: dict) -> dict:

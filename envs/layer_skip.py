@@ -83,8 +83,8 @@ class _Episodes:
         self.reward = reward
         # what the agent sees: the model's own planner features when they fit, else fresh statistics
         own = self.model.planners
-        if features == "auto":
-            features = own.features
+        if features == "auto":  # the model's own; for planners never trained, the project's default
+            features = own.features if bool(own.stats_set) else "mean"
         if features not in FEATURES:
             raise ValueError(f"features must be 'auto' or one of {FEATURES}; got {features!r}")
         if features == own.features and bool(own.stats_set):
@@ -244,7 +244,8 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
     paper's; ``F = d``), ``mean`` (masked mean of the token states; ``F = d``) or ``cls+mean``
     (``F = 2d``), standardised per layer with statistics of training inputs and clipped to [-10, 10]
     (:meth:`dpbert_rl.planner.Planners.observe`). With ``features="auto"`` they are the model's own
-    (statistics from its checkpoint); otherwise, or when the model has none, statistics are computed on
+    (statistics from its checkpoint), or ``mean`` for a model whose planners were never trained;
+    otherwise, or when the model has no statistics, statistics are computed on
     the first ``stats_samples`` inputs of this env's split. After the last step the one-hot part is all
     zeros. Note: a ``[CLS]`` row of a mean-pooling backbone (all-MiniLM-L6-v2) is nearly the same for
     every input before the last layer; ``dpbert-rl inspect`` measures it.
@@ -276,7 +277,7 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
       backbone and head on the task loss of the paths its agent chose (AdamW, ``joint_lr``, one update
       per ``joint_update_every`` episodes), as in the paper's stage 3. Dropout stays off in both.
     - ``target_rate``, ``rate_coef``: optional skip-rate shaping (see Rewards).
-    - ``features``: ``"auto"`` (the model's), ``"cls"``, ``"mean"`` or ``"cls+mean"``; ``stats_samples``:
+    - ``features``: ``"auto"`` (the model's; ``mean`` if untrained), ``"cls"``, ``"mean"`` or ``"cls+mean"``; ``stats_samples``:
       inputs for fresh standardisation statistics; ``reward``: ``"loss"`` or ``"correct"``.
 
     ## Vectorized environment

@@ -62,8 +62,8 @@ class _TreeEpisodes:
             model = DPBert.from_source(str(model), get_task(task).num_labels)
         self.source = model
         own = planner_info(model)
-        if features == "auto":
-            features = own["features"]
+        if features == "auto":  # the model's own; for planners never trained, the project's default
+            features = own["features"] if own["mean"] is not None else "mean"
         if features not in FEATURES:
             raise ValueError(f"features must be 'auto' or one of {FEATURES}; got {features!r}")
         self.tree = tree_cache(model, task, split, data_dir, max_samples, max_seq_length, features,

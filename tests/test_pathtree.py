@@ -485,6 +485,7 @@ def test_reinforce_loo_normalised_entropy_gradient_equals_the_objective(tiny_mod
     # the trainer's objective on the same inputs (repeat_interleave(K)) and paths
     model = DPBert.load(tiny_model_dir).eval()
     model.planners.load_state_dict(agent.planners.state_dict())
+    model.planners.features = env.observer.features  # what the env shows: same features, same statistics
     model.planners.set_feature_stats(env.observer.feature_mean, env.observer.feature_std)
     ds = tokenize(load_split("rte", "train", str(tiny_glue)), model.tokenizer, 128)
     b = collator(model.tokenizer)([ds[int(k)] for k in np.repeat(indices, K)])
