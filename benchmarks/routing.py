@@ -9,6 +9,8 @@ learner, merged with the rows other benchmarks write there) and ``routing.md``.
 
     python benchmarks/routing.py --data-dir ../shared/data/glue
     python benchmarks/routing.py --data-dir ../shared/data/glue --tasks rte --runs runs/bench-pipeline
+    python benchmarks/routing.py --data-dir ../shared/data/glue --tasks rte \
+        --model runs/feature-choice/rte-mean/model --learner dpbert-exact --backbone-mode frozen
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
     ap.add_argument("--tasks", default="rte,mrpc,sst2,stsb", help="comma-separated GLUE tasks")
     ap.add_argument("--runs", default="runs/bench-pipeline", help="the pipeline benchmark's output directory")
+    ap.add_argument("--model", help="score this checkpoint instead of the pipeline's stage-3 model (one task)")
+    ap.add_argument("--learner", default="dpbert", help="the row's learner name")
+    ap.add_argument("--backbone-mode", default="joint", help="the row's backbone_mode: joint (stage 3) or frozen")
     ap.add_argument("--probe-train", type=int, default=2000, help="training inputs for the linear probe")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the margin's interval")
     ap.add_argument("--threads", type=int, default=2)
@@ -82,7 +87,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        model_dir = Path(args.runs) / name / "stage3_rl" / "model"
+        model_dir = Path(args.model) if args.model else Path(args.runs) / name / "stage3_rl" / "model"
         if not (model_dir / "DONE").is_file():
             print(f"[routing] {name}: no finished stage-3 model at {model_dir}; skipped")
             continue
@@ -95,7 +100,8 @@ def main() -> None:
         fit = tokenize(load_split(task, "fit", args.data_dir, args.probe_train, shuffle_seed=0), model.tokenizer, seq)
         learner = run_dataset(model, dev, collate, 64, "hard")
         rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True)
-        row = {"task": task.name, "learner": "dpbert", "backbone_mode": "joint", "features": model.planner_features,
+        row = {"task": task.name, "learner": args.learner, "backbone_mode": args.backbone_mode,
+               "features": model.planner_features,
                **rep, "threshold": model.threshold, "dev_examples": len(dev), "select_examples": len(select),
                "checkpoint": str(model_dir), "commit": commit(), "command": command(), "machine": machine_info()}
         rows = merge_rows(results, [row])
