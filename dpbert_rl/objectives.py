@@ -5,6 +5,7 @@ Shapes: ``B`` examples in a batch, ``L`` layers.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -113,8 +114,11 @@ class DualPrice:
     """Rate control by a price per executed layer, set by dual ascent on a Lagrangian multiplier.
 
     The constraint is ``execute rate = 1 - r`` for the target skip rate ``r``. After each batch the
-    price moves against the violation, ``mu <- max(0, mu + lr * (executed - (1 - r)))``: executing too
-    much raises the price of a layer, executing too little lowers it. Unlike ``beta (S - r)^2``, which
+    price moves against the violation, ``mu <- mu + lr * (executed - (1 - r))``: executing too much
+    raises the price of a layer, executing too little lowers it. The constraint is an equality, so the
+    multiplier has no sign: a negative price pays for executing, which a policy that skips more than
+    ``r`` even for free needs (seen in joint stage 3 on RTE, where a price floored at 0 could not pull
+    the rate back up). Unlike ``beta (S - r)^2``, which
     is as satisfied by every gate at ``p = 1 - r`` as by 0/1 decisions, a price per layer only changes
     what a layer costs, so it pushes the *greedy* policy to the rate without rewarding hesitant gates.
 
@@ -125,13 +129,13 @@ class DualPrice:
 
     def __init__(self, target_rate: float, lr: float = 0.05, init: float = 1.0):
         check_rate(target_rate)
-        if not (lr > 0 and init >= 0):
-            raise ValueError(f"dual ascent needs lr > 0 and init >= 0; got lr={lr}, init={init}")
+        if not (lr > 0 and math.isfinite(init)):
+            raise ValueError(f"dual ascent needs lr > 0 and a finite starting price; got lr={lr}, init={init}")
         self.target_rate, self.lr, self.price = float(target_rate), float(lr), float(init)
 
     def update(self, execute_rate: float) -> float:
         """One dual step from the observed fraction of layers executed; returns the new price."""
-        self.price = max(0.0, self.price + self.lr * (float(execute_rate) - (1.0 - self.target_rate)))
+        self.price = self.price + self.lr * (float(execute_rate) - (1.0 - self.target_rate))
         return self.price
 
     def state_dict(self) -> dict:

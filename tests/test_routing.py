@@ -163,6 +163,23 @@ def test_dual_ascent_reaches_the_target_rate_on_a_toy_problem():
         DualPrice(0.3, lr=0.0)
 
 
+def test_dual_price_goes_negative_when_skipping_is_worth_more_than_the_target():
+    """Every input is worth executing less than nothing (v < 0): at a price of 0 the policy skips all.
+    To execute the target 40% the price must turn negative (a bonus for executing)."""
+    v = torch.tensor(np.random.RandomState(1).uniform(-1, 0, 400), dtype=torch.float32)
+    theta = torch.zeros(400, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=2.0)
+    dual = DualPrice(target_rate=0.6, lr=0.05, init=0.0)
+    for _ in range(1500):
+        expected_reward = (torch.sigmoid(theta) * (v - dual.price)).sum()
+        opt.zero_grad()
+        (-expected_reward).backward()
+        opt.step()
+        dual.update(float((torch.sigmoid(theta) >= 0.5).float().mean()))
+    assert float((torch.sigmoid(theta) >= 0.5).float().mean()) == pytest.approx(0.4, abs=0.03)
+    assert -0.5 < dual.price < -0.25  # near the 60% quantile of v (-0.4); the policy lags the price a little
+
+
 def test_detach_keeps_the_policy_gradient_out_of_the_backbone(tiny_model_dir, tiny_glue):
     model = DPBert.load(tiny_model_dir)
     b = collator(model.tokenizer)([data(model, tiny_glue)[i] for i in range(6)])
