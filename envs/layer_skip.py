@@ -39,6 +39,19 @@ def observe(planners, hidden: torch.Tensor, mask: torch.Tensor, i: int, observat
     return np.concatenate([feats, layer], axis=1)
 
 
+def observation_space(feature_dim: int, num_layers: int, observation: str = "box") -> spaces.Space:
+    """Standardised features clipped to [-CLIP, CLIP] and the layer's one-hot: ``Box(F + L)`` or a Dict."""
+    from dpbert_rl.planner import CLIP
+
+    feats = spaces.Box(-CLIP, CLIP, (feature_dim,), np.float32)
+    layer = spaces.Box(0.0, 1.0, (num_layers,), np.float32)
+    if observation == "dict":
+        return spaces.Dict({"features": feats, "layer": layer})
+    low = np.concatenate([feats.low, layer.low]).astype(np.float32)
+    high = np.concatenate([feats.high, layer.high]).astype(np.float32)
+    return spaces.Box(low, high, (feature_dim + num_layers,), np.float32)
+
+
 class _Episodes:
     """N episodes in lock-step over one model: the engine shared by the single and vector envs.
 
@@ -115,15 +128,7 @@ class _Episodes:
 
     # -------------------------------------------------------------- spaces
     def single_observation_space(self) -> spaces.Space:
-        from dpbert_rl.planner import CLIP
-
-        feats = spaces.Box(-CLIP, CLIP, (self.d,), np.float32)
-        layer = spaces.Box(0.0, 1.0, (self.L,), np.float32)
-        if self.observation == "dict":
-            return spaces.Dict({"features": feats, "layer": layer})
-        low = np.concatenate([feats.low, layer.low]).astype(np.float32)
-        high = np.concatenate([feats.high, layer.high]).astype(np.float32)
-        return spaces.Box(low, high, (self.d + self.L,), np.float32)
+        return observation_space(self.d, self.L, self.observation)
 
     # -------------------------------------------------------------- episodes
     def start(self, indices: np.ndarray) -> Any:
@@ -331,7 +336,7 @@ class BatchedLayerSkipEnv(_ModelAccess, VectorEnv):
         if num_envs < 1:
             raise ValueError(f"num_envs must be at least 1; got {num_envs}")
         kwargs.pop("render_mode", None)
-        self.core = _Episodes(**_core_kwargs(kwargs))
+        self.core = self._make_core(kwargs)
         self.num_envs = num_envs
         self.single_observation_space = self.core.single_observation_space()
         self.single_action_space = spaces.Discrete(2)
@@ -339,8 +344,15 @@ class BatchedLayerSkipEnv(_ModelAccess, VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._np_random = None
 
+    def _make_core(self, kwargs: dict):
+        return _Episodes(**_core_kwargs(kwargs, LayerSkipEnv))
+
+    @property
+    def _num_inputs(self) -> int:
+        return len(self.core.data)
+
     def _draw(self) -> np.ndarray:
-        return self.np_random.integers(len(self.core.data), size=self.num_envs)
+        return self.np_random.integers(self._num_inputs, size=self.num_envs)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         if seed is not None:
@@ -353,8 +365,8 @@ class BatchedLayerSkipEnv(_ModelAccess, VectorEnv):
         indices = np.asarray(indices)
         if not np.issubdtype(indices.dtype, np.integer):
             raise ValueError(f"options['indices'] must be integers; got {indices.tolist()} ({indices.dtype})")
-        if indices.shape != (self.num_envs,) or (indices < 0).any() or (indices >= len(self.core.data)).any():
-            raise ValueError(f"options['indices'] must be {self.num_envs} indices in [0, {len(self.core.data)})")
+        if indices.shape != (self.num_envs,) or (indices < 0).any() or (indices >= self._num_inputs).any():
+            raise ValueError(f"options['indices'] must be {self.num_envs} indices in [0, {self._num_inputs})")
         return self.core.start(indices), {"indices": indices.copy()}
 
     def step(self, actions):
@@ -372,11 +384,11 @@ class BatchedLayerSkipEnv(_ModelAccess, VectorEnv):
         return obs, rewards.astype(np.float64), terminated, truncated, infos
 
 
-def _core_kwargs(kwargs: dict) -> dict:
-    """The vector env's keyword arguments, checked against (and defaulted from) LayerSkipEnv's."""
+def _core_kwargs(kwargs: dict, single: type) -> dict:
+    """A vector env's keyword arguments, checked against (and defaulted from) its single env's (``single``)."""
     import inspect
 
-    params = inspect.signature(LayerSkipEnv.__init__).parameters
+    params = inspect.signature(single.__init__).parameters
     defaults = {k: p.default for k, p in params.items() if k not in ("self", "render_mode")}
     unknown = set(kwargs) - set(defaults)
     if unknown:

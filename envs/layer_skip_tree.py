@@ -9,7 +9,6 @@ with ``backbone_mode="frozen"``; the live environment stays the one for joint mo
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -17,10 +16,10 @@ from typing import Any, Optional, Union
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
+from gymnasium.vector import AutoresetMode
 
-from .layer_skip import BACKBONE_MODES, OBS_MODES, _index_from_options, _row
+from .layer_skip import (BACKBONE_MODES, OBS_MODES, BatchedLayerSkipEnv, _core_kwargs, _index_from_options,
+                         _ModelAccess, _row, observation_space)
 
 IN_MEMORY_BYTES = 2 ** 31  # caches up to this size are read into memory; larger ones stay memory-mapped
 
@@ -105,13 +104,7 @@ class _TreeEpisodes:
 
     # -------------------------------------------------------------- spaces
     def single_observation_space(self) -> spaces.Space:
-        feats = spaces.Box(-self.clip, self.clip, (self.d,), np.float32)
-        layer = spaces.Box(0.0, 1.0, (self.L,), np.float32)
-        if self.observation == "dict":
-            return spaces.Dict({"features": feats, "layer": layer})
-        low = np.concatenate([feats.low, layer.low]).astype(np.float32)
-        high = np.concatenate([feats.high, layer.high]).astype(np.float32)
-        return spaces.Box(low, high, (self.d + self.L,), np.float32)
+        return observation_space(self.d, self.L, self.observation)
 
     # -------------------------------------------------------------- episodes
     def start(self, indices: np.ndarray) -> Any:
@@ -220,7 +213,10 @@ class _TreeEpisodes:
         return self.obs(), rewards, True, infos
 
 
-class _TreeAccess:
+class _TreeAccess(_ModelAccess):
+    """The live env's accessors (``num_layers``, ``feature_dim``, ``observer``), with the model loaded lazily
+    and the tree it replays."""
+
     core: _TreeEpisodes
 
     @property
@@ -236,22 +232,6 @@ class _TreeAccess:
     def tree(self):
         """The :class:`~dpbert_rl.pathtree.PathTree` this environment replays."""
         return self.core.tree
-
-    @property
-    def num_layers(self) -> int:
-        """``L``: the episode length."""
-        return self.core.L
-
-    @property
-    def feature_dim(self) -> int:
-        """``F``: the width of the observation's feature part."""
-        return self.core.d
-
-    @property
-    def observer(self):
-        """The :class:`~dpbert_rl.planner.Planners` whose features and statistics make the observations;
-        pass it to :func:`agents.evaluate.agent_forward` to drive the live model as in this env."""
-        return self.core.planners
 
 
 class LayerSkipTreeEnv(_TreeAccess, gym.Env):
@@ -348,40 +328,19 @@ class LayerSkipTreeEnv(_TreeAccess, gym.Env):
         return obs, reward, done, False, info
 
 
-class BatchedLayerSkipTreeEnv(_TreeAccess, VectorEnv):
+class BatchedLayerSkipTreeEnv(_TreeAccess, BatchedLayerSkipEnv):
     """N :class:`LayerSkipTreeEnv` episodes in lock-step (same arguments, plus ``num_envs``), by numpy
     indexing: at the last step all N episodes terminate and are reset in that same step
     (``AutoresetMode.SAME_STEP``); ``infos["final_obs"]`` / ``infos["final_info"]`` hold the ends."""
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(self, num_envs: int = 16, **kwargs):
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be at least 1; got {num_envs}")
-        kwargs.pop("render_mode", None)
-        self.core = _TreeEpisodes(**_core_kwargs(kwargs))
-        self.num_envs = num_envs
-        self.single_observation_space = self.core.single_observation_space()
-        self.single_action_space = spaces.Discrete(2)
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self.action_space = batch_space(self.single_action_space, num_envs)
-        self._np_random = None
+    def _make_core(self, kwargs: dict):
+        return _TreeEpisodes(**_core_kwargs(kwargs, LayerSkipTreeEnv))
 
-    def _draw(self) -> np.ndarray:
-        return self.np_random.integers(self.core.N, size=self.num_envs)
-
-    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
-        if seed is not None:
-            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
-        indices = options.get("indices") if options else None
-        if options and set(options) - {"indices"}:
-            raise ValueError(f"unknown reset options {sorted(set(options) - {'indices'})}; expected 'indices'")
-        if indices is None:
-            indices = self._draw()
-        indices = np.asarray(indices)
-        if indices.shape != (self.num_envs,) or (indices < 0).any() or (indices >= self.core.N).any():
-            raise ValueError(f"options['indices'] must be {self.num_envs} indices in [0, {self.core.N})")
-        return self.core.start(indices), {"indices": indices.copy()}
+    @property
+    def _num_inputs(self) -> int:
+        return self.core.N
 
     def step(self, actions):
         obs, rewards, done, finals = self.core.step(np.asarray(actions))
@@ -401,11 +360,3 @@ class BatchedLayerSkipTreeEnv(_TreeAccess, VectorEnv):
         return obs, rewards.astype(np.float64), terminated, truncated, infos
 
 
-def _core_kwargs(kwargs: dict) -> dict:
-    """The vector env's keyword arguments, checked against (and defaulted from) LayerSkipTreeEnv's."""
-    params = inspect.signature(LayerSkipTreeEnv.__init__).parameters
-    defaults = {k: p.default for k, p in params.items() if k not in ("self", "render_mode")}
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise TypeError(f"unknown arguments {sorted(unknown)}; expected some of {sorted(defaults)}")
-    return {**defaults, **kwargs}
