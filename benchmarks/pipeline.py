@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command, commit, layer_heatmap, markdown_table  # noqa: E402
+from _common import RESULTS, command, layer_heatmap, markdown_table  # noqa: E402
+from _common import pinned_code_commit as commit  # noqa: E402  (the last commit that changed code)
 
 from dpbert_rl.latency import machine_info  # noqa: E402
 from dpbert_rl.train import PipelineConfig, run_pipeline  # noqa: E402

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command, commit, markdown_table  # noqa: E402
+from _common import RESULTS, command, markdown_table  # noqa: E402
+from _common import pinned_code_commit as commit  # noqa: E402  (the last commit that changed code)
 
 from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
 from dpbert_rl.diagnostics import routing_report  # noqa: E402
