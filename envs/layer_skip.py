@@ -379,9 +379,13 @@ class BatchedLayerSkipEnv(_ModelAccess, VectorEnv):
             for j in range(self.num_envs):
                 final_obs[j] = _row(obs, j)
             infos = {"final_obs": final_obs, "_final_obs": np.ones(self.num_envs, dtype=bool),
-                     "final_info": _stack_infos(finals), "_final_info": np.ones(self.num_envs, dtype=bool)}
+                     "final_info": self._final_info(finals), "_final_info": np.ones(self.num_envs, dtype=bool)}
             obs = self.core.start(self._draw())
         return obs, rewards.astype(np.float64), terminated, truncated, infos
+
+    def _final_info(self, finals: list) -> dict:
+        """The ended episodes' infos (one dict per episode) as Gymnasium's vector form: arrays + masks."""
+        return _stack_infos(finals)
 
 
 def _core_kwargs(kwargs: dict, single: type) -> dict:

@@ -19,7 +19,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 
 from .layer_skip import (BACKBONE_MODES, OBS_MODES, BatchedLayerSkipEnv, _core_kwargs, _index_from_options,
-                         _ModelAccess, _row, observation_space)
+                         _ModelAccess, observation_space)
 
 IN_MEMORY_BYTES = 2 ** 31  # caches up to this size are read into memory; larger ones stay memory-mapped
 
@@ -342,21 +342,12 @@ class BatchedLayerSkipTreeEnv(_TreeAccess, BatchedLayerSkipEnv):
     def _num_inputs(self) -> int:
         return self.core.N
 
-    def step(self, actions):
-        obs, rewards, done, finals = self.core.step(np.asarray(actions))
-        terminated = np.full(self.num_envs, done)
-        truncated = np.zeros(self.num_envs, dtype=bool)
-        infos: dict = {}
-        if done:
-            final_obs = np.empty(self.num_envs, dtype=object)
-            for j in range(self.num_envs):
-                final_obs[j] = _row(obs, j)
-            ones = np.ones(self.num_envs, dtype=bool)
-            final_info = {}
-            for key, value in finals.items():
-                final_info[key], final_info["_" + key] = value, ones
-            infos = {"final_obs": final_obs, "_final_obs": ones, "final_info": final_info, "_final_info": ones.copy()}
-            obs = self.core.start(self._draw())
-        return obs, rewards.astype(np.float64), terminated, truncated, infos
+    def _final_info(self, finals: dict) -> dict:
+        """The tree core already gives the ended episodes' infos as arrays; add Gymnasium's masks."""
+        ones = np.ones(self.num_envs, dtype=bool)
+        out = {}
+        for key, value in finals.items():
+            out[key], out["_" + key] = value, ones
+        return out
 
 
