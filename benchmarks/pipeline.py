@@ -41,7 +41,13 @@ def main() -> None:
     ap.add_argument("--output-dir", default="runs/bench-pipeline")
     ap.add_argument("--stage1-epochs", type=float, default=3.0)
     ap.add_argument("--stage2-epochs", type=float, default=1.0)
-    ap.add_argument("--stage3-epochs", type=float, default=1.0)
+    ap.add_argument("--stage3", default="exact", choices=("exact", "rl"),
+                    help="exact: planners on the exact expectation over the frozen backbone's path tree; "
+                         "rl: the paper's joint REINFORCE")
+    ap.add_argument("--exact-epochs", type=float, default=20.0, help="stage 3 exact: passes over the path tree")
+    ap.add_argument("--exact-lr", type=float, default=1e-2, help="stage 3 exact: planners' Adam learning rate")
+    ap.add_argument("--entropy-coef", type=float, default=0.01, help="stage 3: entropy bonus, decayed to 0")
+    ap.add_argument("--stage3-epochs", type=float, default=1.0, help="stage 3 rl: epochs")
     ap.add_argument("--stage3-batch-size", type=int, default=8, help="inputs per stage-3 batch (each drawn --samples times)")
     ap.add_argument("--samples", type=int, default=4, help="paths drawn per input in stage 3 (leave-one-out baseline)")
     ap.add_argument("--cost", type=float, default=0.05, help="starting price of a layer (dual ascent moves it)")
@@ -78,7 +84,8 @@ def main() -> None:
             lr=args.lr, stage3_lr=args.stage3_lr, planner_lr=args.planner_lr, evals_per_epoch=args.evals_per_epoch,
             stage3_batch_size=args.stage3_batch_size, samples=args.samples, cost=args.cost, dual_lr=args.dual_lr,
             reward=args.reward, rate_control=args.rate_control, planner_features=args.planner_features,
-            progress=False,
+            stage3=args.stage3, exact_epochs=args.exact_epochs, exact_lr=args.exact_lr,
+            entropy_coef=args.entropy_coef, progress=False,
             **TASK_SETTINGS.get(task, {}),
         )
         report = run_pipeline(cfg)
@@ -104,12 +111,16 @@ def main() -> None:
             "latency_ms_dpbert": report["latency_ms_dpbert"],
             "throughput_speedup": report["throughput_speedup"],
             "dev_examples": report["num_examples"],
-            "epochs": [args.stage1_epochs, args.stage2_epochs, args.stage3_epochs],
+            "stage3": args.stage3,
+            "checkpoint": report["checkpoint"],
+            "epochs": [args.stage1_epochs, args.stage2_epochs,
+                       args.exact_epochs if args.stage3 == "exact" else args.stage3_epochs],
             "target_rate": args.target_rate,
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
                                                               "target_rate", "evals_per_epoch", "stage3_batch_size",
                                                               "samples", "cost", "dual_lr", "reward", "rate_control",
-                                                              "planner_features")},
+                                                              "planner_features", "stage3", "exact_epochs",
+                                                              "exact_lr", "entropy_coef")},
             "machine": machine_info(),
         }
         results = [r for r in results if r["task"] != row["task"]] + [row]

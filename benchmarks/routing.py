@@ -72,7 +72,9 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/bench-pipeline", help="the pipeline benchmark's output directory")
     ap.add_argument("--model", help="score this checkpoint instead of the pipeline's stage-3 model (one task)")
     ap.add_argument("--learner", default="dpbert", help="the row's learner name")
-    ap.add_argument("--backbone-mode", default="joint", help="the row's backbone_mode: joint (stage 3) or frozen")
+    ap.add_argument("--backbone-mode", default="frozen",
+                    help="with --model, the row's backbone_mode: frozen or joint (for the pipeline's runs it follows "
+                         "their stage 3: exact is frozen, rl is joint)")
     ap.add_argument("--probe-train", type=int, default=2000, help="training inputs for the linear probe")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the margin's interval")
     ap.add_argument("--threads", type=int, default=2)
@@ -88,7 +90,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        model_dir = Path(args.model) if args.model else Path(args.runs) / name / "stage3_rl" / "model"
+        mode = args.backbone_mode
+        if args.model:
+            model_dir = Path(args.model)
+        else:  # the pipeline's stage 3: exact (frozen backbone) or rl (joint)
+            model_dir = Path(args.runs) / name / "stage3_exact" / "model"
+            mode = "frozen"
+            if not model_dir.is_dir():
+                model_dir, mode = Path(args.runs) / name / "stage3_rl" / "model", "joint"
         if not (model_dir / "DONE").is_file():
             print(f"[routing] {name}: no finished stage-3 model at {model_dir}; skipped")
             continue
@@ -101,7 +110,7 @@ def main() -> None:
         fit = tokenize(load_split(task, "fit", args.data_dir, args.probe_train, shuffle_seed=0), model.tokenizer, seq)
         learner = run_dataset(model, dev, collate, 64, "hard")
         rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True)
-        row = {"task": task.name, "learner": args.learner, "backbone_mode": args.backbone_mode,
+        row = {"task": task.name, "learner": args.learner, "backbone_mode": mode,
                "features": model.planner_features,
                **rep, "threshold": model.threshold, "dev_examples": len(dev), "select_examples": len(select),
                "checkpoint": str(model_dir), "commit": commit(), "command": command(), "machine": machine_info()}

@@ -27,8 +27,8 @@ from .checks import arg_type
 THRESHOLD = arg_type(float, 0.0, 1.0)  # eq. (5)'s threshold: NaN or 2 would silently skip every layer
 EPILOG = """examples (offline, with the packaged MiniLM and a local GLUE directory):
   dpbert-rl pipeline --task rte --data-dir ../shared/data/glue --output-dir runs/rte
-  dpbert-rl evaluate runs/rte/stage3_rl/model --data-dir ../shared/data/glue
-  dpbert-rl predict runs/rte/stage3_rl/model "A man is playing." "Someone plays."
+  dpbert-rl evaluate runs/rte/stage3_exact/model --data-dir ../shared/data/glue
+  dpbert-rl predict runs/rte/stage3_exact/model "A man is playing." "Someone plays."
   tensorboard --logdir runs/rte
 
 more commands: dpbert-rl agents {train,compare} --help   (policy-learning agents in the environment)
@@ -119,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_args(p, TrainConfig)
         p.set_defaults(stage=stage)
     p = sub.add_parser("pipeline", help="stages 1-3 and the evaluation, resumable",
-                       description="Fine-tune, initialise the planners, train jointly with REINFORCE, then "
-                                   "evaluate (dev score, layers executed, batch-1 speed-up). Finished stages "
-                                   "are reused and an interrupted stage resumes when the command is re-run.")
+                       description="Fine-tune, initialise the planners, train them on the exact expected reward "
+                                   "over every path of the frozen backbone (--stage3 exact, the default) or jointly "
+                                   "with REINFORCE (--stage3 rl, the paper's), then evaluate (dev score, layers "
+                                   "executed, batch-1 speed-up). Finished stages are reused and an interrupted "
+                                   "stage resumes when the command is re-run.")
     add_dataclass_args(p, PipelineConfig, skip=("epochs",))
 
     p = sub.add_parser("calibrate", help="set a trained checkpoint's execute threshold for a target skip rate",

@@ -118,7 +118,13 @@ def test_pipeline_evaluate_and_predict_from_the_cli(tiny_ckpt, tiny_glue, tmp_pa
         assert key in report, key
     assert len(report["layer_frequency"]) == 4 and report["num_examples"] == 24
     assert "speed-up measured" in capsys.readouterr().out
-    model_dir = out / "stage3_rl" / "model"
+    model_dir = out / "stage3_exact" / "model"  # the default stage 3: exact expectation, frozen backbone
+    assert not (out / "stage3_rl").exists() and report["checkpoint"] == str(model_dir)
+    stage2 = DPBert.load(out / "stage2_planner_init" / "model")
+    stage3 = DPBert.load(model_dir)
+    for name, t in stage2.backbone.state_dict().items():  # frozen: only the planners changed
+        assert torch.equal(t, stage3.backbone.state_dict()[name]), name
+    assert any(not torch.equal(a, b) for a, b in zip(stage2.planners.parameters(), stage3.planners.parameters()))
     assert main(["evaluate", str(model_dir), "--data-dir", str(tiny_glue), "--repeats", "1",
                  "--latency-samples", "3", "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["task"] == "rte"
@@ -181,3 +187,27 @@ def test_threshold_calibration_reaches_the_target_rate(tiny_ckpt, tiny_glue):
         assert reached == pytest.approx(rate) and lo < threshold <= hi, (target, threshold, reached)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         calibrate_threshold(model, ds, collate, 1.2)
+
+
+def test_pipeline_stage3_rl_is_the_papers_joint_stage(tiny_ckpt, tiny_glue, tmp_path):
+    from dpbert_rl.train import PipelineConfig, run_pipeline
+
+    out = tmp_path / "rl"
+    cfg = PipelineConfig(task="rte", backbone=str(tiny_ckpt), data_dir=str(tiny_glue), output_dir=str(out),
+                         stage3="rl", max_steps=2, batch_size=8, progress=False, latency_samples=4,
+                         latency_repeats=1)
+    report = run_pipeline(cfg)
+    assert report["checkpoint"] == str(out / "stage3_rl" / "model") and not (out / "stage3_exact").exists()
+    stage2 = DPBert.load(out / "stage2_planner_init" / "model")
+    stage3 = DPBert.load(out / "stage3_rl" / "model")
+    assert any(not torch.equal(t, stage3.backbone.state_dict()[n]) for n, t in stage2.backbone.state_dict().items())
+
+
+@pytest.mark.parametrize("kw, message", [({"stage3": "joint"}, "unknown stage3"),
+                                         ({"rate_control": "penalty"}, "not 'penalty'"),
+                                         ({"exact_epochs": 0}, "exact_epochs")])
+def test_pipeline_config_refuses_bad_stage3_settings(kw, message):
+    from dpbert_rl.train import PipelineConfig
+
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(**kw).validate()
