@@ -52,6 +52,11 @@ class Agent:
     def act(self, obs, deterministic: bool = True) -> np.ndarray:
         raise NotImplementedError
 
+    def execute_probability(self, obs) -> Optional[np.ndarray]:
+        """The policy's probability of action 1 (execute) per row of ``obs``, or None for an agent without
+        one (e.g. DQN's argmax, or a fixed reference). Used for the hesitant-gate diagnostic."""
+        return None
+
     def state(self) -> dict:
         """JSON-serialisable constructor arguments (enough to rebuild a stateless agent)."""
         return {}

@@ -42,22 +42,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-eval-samples", type=count, help="first N dev examples")
         p.add_argument("--lam", type=weight, default=5.0, help="lambda of the reward (eq. 9), >= 0")
         p.add_argument("--cost", type=weight, default=1.0, help="c of the reward (eq. 9), >= 0")
-        p.add_argument("--target-rate", type=arg_type(float, 0.0, 1.0), help="REINFORCE's skip-rate penalty target r")
+        p.add_argument("--target-rate", type=arg_type(float, 0.0, 1.0),
+                       help="target fraction of layers skipped, r (held as --rate-control says)")
+        p.add_argument("--rate-control", default="dual", choices=("dual", "penalty", "none"),
+                       help="with --target-rate: dual (every agent: the env's layer price follows dual ascent on "
+                            "the skip rate of the training episodes, starting at --cost), penalty (REINFORCE "
+                            "only: beta (S - r)^2 of eq. 11) or none")
+        p.add_argument("--dual-lr", type=arg_type(float, 0.0), default=0.002,
+                       help="dual step size per batch of finished episodes (--rate-control dual)")
+        p.add_argument("--agent-kwargs", type=_json_object, default={},
+                       help='JSON: keyword arguments per agent name, e.g. \'{"ppo": {"batch_size": 256}, '
+                            '"reinforce": {"baseline": "loo", "samples": 4}}\' (SB3 agents: the algorithm\'s '
+                            'constructor; reinforce: ReinforceConfig fields)')
         p.add_argument("--latency-samples", type=count, default=200, help="dev inputs timed at batch 1")
         p.add_argument("--seed", type=arg_type(int, 0), default=0)
         p.add_argument("--output-dir", default="runs/agents", help="one TensorBoard run per agent, results, plot")
     return parser
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at character {err.pos}): {text!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of objects, {{agent: {{keyword: value}}}}; got {text!r}")
+    return value
+
+
 def run_agent(name: str, args, progress=None) -> dict:
     """Train one agent in a fresh environment on a fresh copy of the checkpoint, then evaluate it."""
-    from dpbert_rl.data import collator, get_task, load_split, tokenize
+    return evaluate_trained(train_agent(name, args, progress), args)
+
+
+def train_agent(name: str, args, progress=None) -> dict:
+    """Train one agent in a fresh environment on a fresh copy of the checkpoint; returns ``agent``,
+    ``env``, ``model`` (after training: in joint mode its backbone has moved), ``task``, ``name``,
+    ``train_seconds`` and the rate ``control`` (or None)."""
+    from dpbert_rl.data import get_task
     from dpbert_rl.model import DPBert
     from envs.layer_skip import BatchedLayerSkipEnv
 
     from .base import make_agent
-    from .evaluate import evaluate_agent, score_agent
-    from .references import RandomSkip
 
     model = DPBert.load(args.model)
     if not (args.task or model.task_info.task):
@@ -71,12 +97,14 @@ def run_agent(name: str, args, progress=None) -> dict:
             raise ValueError("--env tree replays a frozen backbone; --backbone-mode joint needs --env live")
         from envs.layer_skip_tree import BatchedLayerSkipTreeEnv
 
-        env = BatchedLayerSkipTreeEnv(**env_kwargs, cache_dir=args.cache_dir)
+        # the checkpoint's directory, not the loaded model: its caches are keyed by the files, so the caches
+        # another run built for this checkpoint (e.g. the pipeline's exact stage) are found and reused
+        env = BatchedLayerSkipTreeEnv(**{**env_kwargs, "model": args.model}, cache_dir=args.cache_dir)
     else:
         env = BatchedLayerSkipEnv(**env_kwargs)
-    collate = collator(model.tokenizer)
-    kwargs = {"seed": args.seed}  # learning agents take a seed; references know the depth instead
-    if name == "reinforce" and args.target_rate is not None:
+    rate_control = getattr(args, "rate_control", "penalty" if args.target_rate is not None else "none")
+    kwargs = {"seed": args.seed, **(getattr(args, "agent_kwargs", None) or {}).get(name, {})}
+    if name == "reinforce" and args.target_rate is not None and rate_control == "penalty":
         kwargs["target_rate"] = args.target_rate
     elif name in ("always", "first-k", "every-other"):
         kwargs = {"num_layers": env.num_layers}
@@ -84,19 +112,48 @@ def run_agent(name: str, args, progress=None) -> dict:
         kwargs["num_layers"] = env.num_layers
     agent = make_agent(name, **kwargs)
     out = Path(args.output_dir)
+    control = None
+    if rate_control == "dual" and args.target_rate is not None and args.total_steps > 0:
+        from .rate import DualRateControl
+
+        control = progress = DualRateControl(env, args.target_rate, getattr(args, "dual_lr", 0.002), progress)
     t = time.time()
     agent.learn(env, args.total_steps, callback=progress, log_dir=str(out / "tb" / name))
     train_seconds = time.time() - t
     agent.save(out / "agents" / name)
+    return {"agent": agent, "env": env, "model": model, "task": task, "name": name, "train_seconds": train_seconds,
+            "control": control, "rate_control": rate_control}
+
+
+def evaluate_trained(trained: dict, args) -> dict:
+    """Dev score, layers, measured speed-up and random skipping at the same rate, of a :func:`train_agent`."""
+    from dpbert_rl.data import collator, load_split, tokenize
+
+    from .evaluate import evaluate_agent, score_agent
+    from .references import RandomSkip
+
+    agent, env, model, task, name = (trained[k] for k in ("agent", "env", "model", "task", "name"))
+    control, rate_control, train_seconds = trained["control"], trained["rate_control"], trained["train_seconds"]
+    out = Path(args.output_dir)
+    collate = collator(model.tokenizer)
     dev = tokenize(load_split(task, "dev", args.data_dir, args.max_eval_samples), model.tokenizer,
                    model.task_info.max_seq_length)
-    res = evaluate_agent(agent, model, task, dev, collate, latency_samples=args.latency_samples,
-                         observer=env.observer)
+    if args.latency_samples:
+        res = evaluate_agent(agent, model, task, dev, collate, latency_samples=args.latency_samples,
+                             observer=env.observer)
+    else:  # not timed here (e.g. the CPU is busy): the speed-up is left for a later measurement
+        from dpbert_rl.evaluate import speedup_ideal_fields
+
+        res = score_agent(agent, model, task, dev, collate, observer=env.observer)
+        res.update({"speedup_measured": None, **speedup_ideal_fields(res["layers_executed_mean"], model.num_layers)})
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / "tb" / name)) as writer:  # the dev score next to the training curves
         writer.add_scalar("eval/dev_score", res["score"], args.total_steps)
         writer.add_scalar("eval/layers_executed", res["layers_executed_mean"], args.total_steps)
+        for steps, price, execute in (control.history if control else [])[::10]:
+            writer.add_scalar("charts/layer_price", price, steps)
+            writer.add_scalar("charts/train_execute_rate", execute, steps)
     # the floor at the same budget: random skipping at this agent's skip rate, on the same backbone
     reference = RandomSkip(rate=res["skip_rate"], num_layers=model.num_layers, seed=args.seed)
     random_score = score_agent(reference, model, task, dev, collate, observer=env.observer)["score"]
@@ -106,7 +163,8 @@ def run_agent(name: str, args, progress=None) -> dict:
             "layer_frequency": res["layer_frequency"], "speedup_measured": res["speedup_measured"],
             "speedup_ideal": res["speedup_ideal"], "random_same_rate_score": random_score,
             **({"speedup_ideal_note": res["speedup_ideal_note"]} if "speedup_ideal_note" in res else {}),
-            "env_steps": args.total_steps, "train_seconds": train_seconds,
+            "env_steps": args.total_steps, "train_seconds": train_seconds, "rate_control": rate_control,
+            "layer_price": env.layer_price, "lam": args.lam,
             "model": args.model}
 
 

@@ -66,3 +66,24 @@ def evaluate_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch
         "latency_ms_agent": lat["agent"]["latency_ms"],
     })
     return result
+
+
+def tree_run(agent: Agent, env) -> dict:
+    """The agent's greedy paths over every input of a tree env's split, replayed from its cache (no model
+    call; equal to driving the frozen model live): ``predictions``, ``labels``, ``actions`` ``(N, L)`` and,
+    where the agent has them, ``probs`` ``(N, L)``, as :func:`dpbert_rl.evaluate.run_dataset` returns them.
+
+    :param env: a :class:`~envs.layer_skip_tree.LayerSkipTreeEnv` or its vector form, on the split to score.
+    """
+    core = env.core
+    obs = core.start(np.arange(core.N))
+    actions, probs = [], []
+    for _ in range(core.L):
+        probs.append(agent.execute_probability(obs))
+        actions.append(np.asarray(agent.act(obs, deterministic=True)).reshape(-1))
+        obs, _, _, final = core.step(actions[-1])
+    run = {"predictions": np.asarray(final["prediction"]), "labels": np.asarray(final["label"]),
+           "actions": np.stack(actions, 1)}
+    if all(p is not None for p in probs):
+        run["probs"] = np.stack(probs, 1)
+    return run

@@ -102,6 +102,10 @@ class ReinforceAgent(Agent):
         layer = torch.as_tensor(layer, dtype=torch.long)
         return (cls * self.planners.weight[layer]).sum(-1) + self.planners.bias[layer]
 
+    def execute_probability(self, obs) -> np.ndarray:
+        with torch.no_grad():
+            return torch.sigmoid(self.logits(obs)).numpy()
+
     def act(self, obs, deterministic: bool = True) -> np.ndarray:
         with torch.no_grad():
             logit = self.logits(obs)

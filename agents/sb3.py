@@ -84,6 +84,18 @@ class SB3Agent(Agent):
         actions, _ = self.model.predict(obs, deterministic=deterministic)
         return np.asarray(actions, dtype=np.int64).reshape(-1)
 
+    def execute_probability(self, obs) -> Optional[np.ndarray]:
+        """P(execute) of an actor-critic's categorical policy (PPO, A2C); None for value-based DQN."""
+        import torch
+
+        policy = self.model.policy
+        if not hasattr(policy, "get_distribution"):
+            return None
+        with torch.no_grad():
+            tensor, _ = policy.obs_to_tensor(np.asarray(obs))
+            dist = policy.get_distribution(tensor).distribution
+        return dist.probs[..., 1].cpu().numpy().reshape(-1) if hasattr(dist, "probs") else None
+
     def save(self, path) -> None:
         super().save(path)
         self.model.save(str(Path(path) / "model.zip"))

@@ -4,7 +4,10 @@ On SST-2 dev with the MiniLM default, it measures
 - the single env (one input per episode, batch 1);
 - the vectorised env at N = 1, 16 and 64 (one batched forward per step);
 - the raw batched forward (``DPBert(..., mode="path")``) over the same inputs with the same action
-  sequences, as the reference the environment should come close to.
+  sequences, as the reference the environment should come close to;
+- the path-tree env (``dpbert_rl/LayerSkipTree-v0``, the same frozen game replayed from its cache):
+  single, and vectorised at N = 1, 16, 64, 1024 and 4096. Its cache is built first (not timed) under
+  ``--cache-dir``.
 
 Actions are drawn once (execute with probability ``--p-execute``) and replayed identically in the
 env and the reference. Writes ``benchmarks/results/env_throughput.json``.
@@ -30,6 +33,9 @@ from _common import RESULTS, command, commit  # noqa: E402
 from dpbert_rl.latency import machine_info  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
 from envs.layer_skip import BatchedLayerSkipEnv, LayerSkipEnv  # noqa: E402
+from envs.layer_skip_tree import BatchedLayerSkipTreeEnv, LayerSkipTreeEnv  # noqa: E402
+
+TREE_SIZES = (1, 16, 64, 1024, 4096)
 
 
 def run_vec(env: BatchedLayerSkipEnv, episodes: int, rng: np.random.Generator, p: float):
@@ -84,6 +90,10 @@ def main() -> None:
     ap.add_argument("--vec-steps", type=int, default=3000, help="about this many env steps per vector measurement")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="median over this many measurements")
+    ap.add_argument("--tree-single-episodes", type=int, default=20_000, help="episodes of the single tree env")
+    ap.add_argument("--tree-vec-steps", type=int, default=2_000_000,
+                    help="about this many env steps per vectorised tree measurement")
+    ap.add_argument("--cache-dir", default="runs/pathtree", help="where the tree env's cache is built and kept")
     ap.add_argument("--output", default=str(RESULTS / "env_throughput.json"))
     args = ap.parse_args()
     commit()  # pin the commit this run starts from
@@ -109,12 +119,29 @@ def main() -> None:
                 ratio.append(sps / raw[-1])
         results[str(n)] = float(np.median(runs))
         print(f"vec N={n}: {results[str(n)]:.0f} steps/s")
+
+    # the path-tree env: the same game from the cache (built here once, outside the timing)
+    tree_common = dict(common, cache_dir=args.cache_dir)
+    tree_single = LayerSkipTreeEnv(**tree_common)
+    tree_singles = [run_single(tree_single, args.tree_single_episodes, rng, args.p_execute)
+                    for _ in range(args.repeats)]
+    print(f"tree single: {np.median(tree_singles):.0f} steps/s")
+    tree = {}
+    for n in TREE_SIZES:
+        env = BatchedLayerSkipTreeEnv(num_envs=n, **tree_common)
+        episodes = max(2, args.tree_vec_steps // (n * L))
+        tree[str(n)] = float(np.median([run_vec(env, episodes, rng, args.p_execute)[0] for _ in range(args.repeats)]))
+        print(f"tree vec N={n}: {tree[str(n)]:.0f} steps/s")
     out = {
         "steps_per_s_single": float(np.median(singles)),
         "steps_per_s_vec": results,
         "steps_per_s_raw_64": float(np.median(raw)),
         "vec64_over_raw": float(np.median(ratio)),
         "vec64_over_single": results["64"] / float(np.median(singles)),
+        "tree_steps_per_s_single": float(np.median(tree_singles)),
+        "tree_steps_per_s_vec": tree,
+        "tree_over_live_single": float(np.median(tree_singles)) / float(np.median(singles)),
+        "tree_vec_best_over_live_vec64": max(tree.values()) / results["64"],
         "task": args.task, "split": "dev", "model": args.model, "num_layers": L, "p_execute": args.p_execute,
         "repeats": args.repeats, "commit": commit(), "command": command(), "machine": machine_info(),
     }

@@ -30,6 +30,7 @@ from dpbert_rl.diagnostics import routing_report  # noqa: E402
 from dpbert_rl.evaluate import run_dataset  # noqa: E402
 from dpbert_rl.latency import machine_info  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
+from dpbert_rl.pathtree import tree_cache  # noqa: E402
 
 KEY = ("task", "learner", "backbone_mode", "features")
 
@@ -109,7 +110,15 @@ def main() -> None:
         select = tokenize(load_split(task, "select", args.data_dir), model.tokenizer, seq)
         fit = tokenize(load_split(task, "fit", args.data_dir, args.probe_train, shuffle_seed=0), model.tokenizer, seq)
         learner = run_dataset(model, dev, collate, 64, "hard")
-        rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True)
+        runs = {}
+        stage2 = model_dir.parent.parent / "stage2_planner_init" / "model"
+        if mode == "frozen" and not args.model and (model_dir.parent / "pathtree").is_dir() and stage2.is_dir():
+            # the exact stage's frozen backbone is stage 2's: every path's outcome is in its path-tree caches
+            # (the selection split's built by the exact stage, dev's built here once and shared with agents.py)
+            runs = {f"{s}_run": tree_cache(str(stage2), task.name, s, args.data_dir, None, seq, model.planner_features,
+                                           model_dir.parent / "pathtree").oracle_run() for s in ("select", "dev")}
+        rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True,
+                             **runs)
         row = {"task": task.name, "learner": args.learner, "backbone_mode": mode,
                "features": model.planner_features,
                **rep, "threshold": model.threshold, "dev_examples": len(dev), "select_examples": len(select),

@@ -169,6 +169,12 @@ def parse_args(argv=None):
                    help=f"training subset for every task (default per task: {TASK_SETTINGS})")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-4, help="stage-1 (and stage-2) learning rate")
+    g.add_argument("--dpbert-stage3", default="exact", choices=("exact", "rl"),
+                   help="DPBERT's stage 3 (as the pipeline's --stage3): exact, the planners on the exact expected "
+                        "reward over the frozen stage-2 backbone's path tree (one cache for every r); rl, joint "
+                        "REINFORCE for (1 - stage2-share) of --extra-epochs")
+    g.add_argument("--exact-epochs", type=float, default=20.0, help="stage 3 exact: passes over the path tree")
+    g.add_argument("--exact-lr", type=float, default=1e-2, help="stage 3 exact: the planners' Adam learning rate")
     g.add_argument("--stage3-lr", type=float, default=2e-5, help="backbone lr in DPBERT's stage 3 and DPBERT-soft")
     g.add_argument("--stage3-batch-size", type=int, default=8, help="inputs per stage-3 batch (each drawn --samples times)")
     g.add_argument("--samples", type=int, default=4, help="paths drawn per input in stage 3")

@@ -31,7 +31,7 @@ from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal_fields
 from dpbert_rl.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.metrics import compute_metrics
 from dpbert_rl.model import DPBert
-from dpbert_rl.train import TrainConfig, load_data, stage_done, train_stage
+from dpbert_rl.train import TrainConfig, exact_stage, load_data, stage_done, train_stage
 
 # Training subsets, chosen so that the clean run fits about 4 hours on 2 cores (README)
 TASK_SETTINGS = {"rte": {}, "mrpc": {}, "sst2": {"max_train_samples": 5000}, "stsb": {}}
@@ -276,8 +276,13 @@ def m_dpbert(run: TaskRun) -> dict:
     s2 = _stage2(run)
     settings, training = [], {}
     for r in a.target_rates:
-        s3 = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=a.extra_epochs * (1 - a.stage2_share),
-                                          lr=a.stage3_lr, target_rate=r, batch_size=a.stage3_batch_size), init=str(s2))
+        if getattr(a, "dpbert_stage3", "rl") == "exact":  # the planners only: the backbone stays stage 2's
+            s3 = exact_stage(run.config(f"stage3_exact_r{r:g}", target_rate=r), s2, run.root / f"stage3_exact_r{r:g}",
+                             a.exact_epochs, a.exact_lr, cache_dir=run.root / "pathtree")
+        else:
+            s3 = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=a.extra_epochs * (1 - a.stage2_share),
+                                              lr=a.stage3_lr, target_rate=r, batch_size=a.stage3_batch_size),
+                             init=str(s2))
         training[f"r={r:g}"] = _done(s3)
         settings += _planner_settings(run, s3, f"r={r:g}")
     return run.result(settings, training={"stage2": _done(s2), **training})

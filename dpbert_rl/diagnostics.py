@@ -19,6 +19,8 @@ the agents and every benchmark.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -262,19 +264,26 @@ __all__ = ["skip_one_losses", "inspect_features", "format_inspection", "fixed_fr
 
 
 def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set, dev_set, fit_set, collate_fn,
-                   batch_size: int = 64, n_boot: int = 1000, seed: int = 0, progress: bool = False) -> dict:
+                   batch_size: int = 64, n_boot: int = 1000, seed: int = 0, progress: bool = False,
+                   select_run: Optional[dict] = None, dev_run: Optional[dict] = None,
+                   probe: Optional[dict] = None) -> dict:
     """Everything a routing row reports for one learner on one (frozen) backbone.
 
     :param learner_run: the learner's :func:`dpbert_rl.evaluate.run_dataset` on ``dev_set`` (predictions,
         actions, and probs where the learner has gate probabilities).
+    :param select_run, dev_run: every path's predictions on the two splits, when already known (e.g.
+        :func:`dpbert_rl.pathtree.PathTree.oracle_run` of a cache); else enumerated here.
+    :param probe: a dict that memoises the linear probe per layer count across calls (same model, same sets).
     :return: ``score``, ``layers_executed_mean``, ``fixed_frontier_score``, ``margin``, ``margin_ci95``,
         ``distinct_paths``, ``mid_gate_fraction``, ``probe_score``, ``probe_layers`` and the frontier's paths.
     """
     from .evaluate import distinct_paths, mid_gate_fraction
     from .oracle import enumerate_paths
 
-    select_run = enumerate_paths(model, select_set, collate_fn, batch_size, progress=progress)
-    dev_run = enumerate_paths(model, dev_set, collate_fn, batch_size, progress=progress)
+    if select_run is None:
+        select_run = enumerate_paths(model, select_set, collate_fn, batch_size, progress=progress)
+    if dev_run is None:
+        dev_run = enumerate_paths(model, dev_set, collate_fn, batch_size, progress=progress)
     hull = fixed_frontier(task, select_run)
     layers = float(np.asarray(learner_run["actions"]).sum(1).mean())
     out = frontier_margin(task, np.asarray(learner_run["predictions"]), layers, dev_run, hull, n_boot, seed)
@@ -284,5 +293,9 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
         "mid_gate_fraction": mid_gate_fraction(learner_run["probs"]) if "probs" in learner_run else None,
         "frontier_hull": [[int(k), int(p), float(s)] for k, p, s in hull],
     })
-    out.update(linear_probe(model, task, fit_set, dev_set, collate_fn, int(round(layers)), batch_size))
+    k = int(round(layers))
+    out.update(probe[k] if probe and k in probe else linear_probe(model, task, fit_set, dev_set, collate_fn, k,
+                                                                 batch_size))
+    if probe is not None:
+        probe[k] = {"probe_score": out["probe_score"], "probe_layers": out["probe_layers"]}
     return out

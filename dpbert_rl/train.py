@@ -727,18 +727,22 @@ class PipelineConfig(TrainConfig):
             raise ValueError(f"exact_epochs and exact_lr must be positive; got {self.exact_epochs}, {self.exact_lr}")
 
 
-def _exact_stage3(cfg: PipelineConfig, s2: Path, out: Path) -> Path:
-    """Stage 3 'exact': the stage-2 planners trained on the exact expectation over the path tree of the
-    stage-2 (frozen) backbone, with the pipeline's reward, rate control and features. The path-tree
-    caches go to ``<out>/pathtree`` (the tree env can read them: ``cache_dir``)."""
+def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
+                cache_dir: Optional[Path] = None) -> Path:
+    """Stage 3 'exact': the planners of ``init`` (a stage-2 model) trained on the exact expectation over the
+    path tree of its frozen backbone (:func:`dpbert_rl.pathtree.train_exact`), with ``cfg``'s reward, rate
+    control, features and selection rule. The path-tree caches go to ``cache_dir`` (default
+    ``<out>/pathtree``; runs on the same backbone can share it, and the tree env can read it). Returns
+    ``<out>/model``."""
     from .pathtree import ExactConfig, train_exact
 
-    return train_exact(str(s2), ExactConfig(
-        task=cfg.task, data_dir=cfg.data_dir, output_dir=str(out), cache_dir=str(out / "pathtree"),
+    return train_exact(str(init), ExactConfig(
+        task=cfg.task, data_dir=cfg.data_dir, output_dir=str(out),
+        cache_dir=str(cache_dir or Path(out) / "pathtree"),
         max_seq_length=cfg.max_seq_length, max_steps=cfg.max_steps,
         max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
         planner_features=cfg.planner_features, feature_stats_samples=cfg.feature_stats_samples,
-        lr=cfg.exact_lr, epochs=cfg.exact_epochs, cost=cfg.cost, lam=cfg.lam, reward=cfg.reward,
+        lr=lr, epochs=epochs, cost=cfg.cost, lam=cfg.lam, reward=cfg.reward,
         rate_control=cfg.rate_control, target_rate=cfg.target_rate, dual_lr=cfg.dual_lr,
         entropy_coef=cfg.entropy_coef, select_tolerance=cfg.select_tolerance, seed=cfg.seed,
         progress=cfg.progress))
@@ -758,7 +762,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     s1 = train_stage("finetune", stage_cfg("stage1_finetune", epochs=cfg.stage1_epochs))
     s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(s1))
     if cfg.stage3 == "exact":
-        s3 = _exact_stage3(cfg, s2, out / "stage3_exact")
+        s3 = exact_stage(cfg, s2, out / "stage3_exact", cfg.exact_epochs, cfg.exact_lr)
     else:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
                                          batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))

@@ -6,6 +6,7 @@ calls (``embed``, ``execute``, ``classify``); it never re-implements the forward
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -216,6 +217,19 @@ class _ModelAccess:
     def feature_dim(self) -> int:
         """``F``: the width of the observation's feature part."""
         return self.core.d
+
+    @property
+    def layer_price(self) -> float:
+        """``c``: every executed layer is rewarded ``-c``. It may be changed between steps, e.g. by a rate
+        controller (:class:`agents.rate.DualRateControl`), and applies from the next step on. Unlike the
+        constructor's ``c`` it may be negative: a price set by dual ascent is a signed multiplier."""
+        return self.core.c
+
+    @layer_price.setter
+    def layer_price(self, value: float) -> None:
+        if not math.isfinite(float(value)):
+            raise ValueError(f"the layer price must be finite; got {value!r}")
+        self.core.c = float(value)
 
     @property
     def observer(self):

@@ -239,3 +239,47 @@ def test_readme_plugin_example_runs_as_written(glue_dir, monkeypatch):
     scope = run_readme_example("class LayerBandit(Agent)", glue_dir, monkeypatch)
     assert scope["agent"].value.shape == (2, 6)
     assert np.abs(scope["agent"].value).sum() > 0  # it learned values from the rewards
+
+
+def test_layer_price_is_settable_and_prices_the_next_steps(tiny_model_dir, tiny_glue):
+    env = vec(tiny_model_dir, tiny_glue, n=4, c=1.0, lambda_=0.0)
+    env.reset(seed=0)
+    _, r, *_ = env.step(np.ones(4, dtype=np.int64))
+    assert np.allclose(r, -1.0)
+    env.layer_price = -0.25  # signed: a dual price may pay for executing
+    _, r, *_ = env.step(np.array([1, 0, 1, 0]))
+    assert np.allclose(r, [0.25, 0.0, 0.25, 0.0]) and env.layer_price == -0.25
+    with pytest.raises(ValueError, match="finite"):
+        env.layer_price = float("nan")
+
+
+def test_dual_rate_control_moves_the_env_price_against_the_violation():
+    from agents.rate import DualRateControl
+
+    class Env:
+        layer_price = 0.1
+
+    env, seen = Env(), []
+    control = DualRateControl(env, target_rate=0.25, lr=0.5, callback=seen.append)
+    control({"steps": 8, "charts/skip_rate": 0.0})  # executes 1.0 > 0.75: a layer gets dearer
+    assert env.layer_price == pytest.approx(0.1 + 0.5 * 0.25)
+    control({"steps": 16, "charts/skip_rate": 0.75})  # executes 0.25 < 0.75: cheaper, past zero
+    assert env.layer_price == pytest.approx(0.225 - 0.5 * 0.5) and env.layer_price < 0
+    assert [h[0] for h in control.history] == [8, 16] and seen[-1]["charts/layer_price"] == env.layer_price
+
+
+def test_agents_cli_dual_rate_control_and_agent_kwargs(tiny_model_dir, tiny_glue, tmp_path, capsys):
+    from dpbert_rl.cli import main
+
+    out = tmp_path / "dual"
+    assert main(["agents", "train", "--agent", "ppo", "--model", tiny_model_dir, "--task", "rte",
+                 "--data-dir", str(tiny_glue), "--total-steps", "96", "--num-envs", "4", "--latency-samples", "2",
+                 "--target-rate", "0.5", "--dual-lr", "0.5", "--cost", "0.0",
+                 "--agent-kwargs", '{"ppo": {"n_steps": 8, "batch_size": 16}}', "--output-dir", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())[0]
+    assert row["rate_control"] == "dual" and row["layer_price"] != 0.0
+    assert Agent.load(out / "agents" / "ppo").model.n_steps == 8
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # argparse's own error: usage, message, exit status 2
+        main(["agents", "train", "--model", tiny_model_dir, "--agent-kwargs", "{ppo: 1}"])
+    assert exc.value.code == 2 and "not valid JSON" in capsys.readouterr().err

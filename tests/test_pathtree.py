@@ -455,6 +455,37 @@ def test_agents_learn_on_the_tree_env(name, tiny_model_dir, tiny_glue, cache_dir
         assert seen and seen[-1]["steps"] >= 64
 
 
+@pytest.mark.parametrize("name", ["reinforce", "ppo", "dqn"])
+def test_an_agents_greedy_run_on_the_tree_equals_driving_the_model_live(name, tiny_model_dir, tiny_glue, cache_dir):
+    from agents.base import make_agent
+    from agents.evaluate import agent_forward, tree_run
+    from dpbert_rl.data import get_task
+    from dpbert_rl.evaluate import run_dataset
+    from tests.test_agents import AGENTS
+
+    kw = dict(task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, cache_dir=cache_dir, progress=False)
+    train = BatchedLayerSkipTreeEnv(num_envs=4, **kw)
+    agent = make_agent(name, **AGENTS[name])
+    agent.learn(train, total_steps=64)
+    dev_env = BatchedLayerSkipTreeEnv(num_envs=1, split="dev", **kw)
+    run = tree_run(agent, dev_env)
+    model = DPBert.load(tiny_model_dir)
+    dev = tokenize(load_split(get_task("rte"), "dev", str(tiny_glue)), model.tokenizer, 128)
+
+    def forward(b):
+        return agent_forward(model, agent, b["input_ids"], b["attention_mask"], b.get("token_type_ids"),
+                             dev_env.observer)
+
+    live = run_dataset(model, dev, collator(model.tokenizer), 8, forward=forward)
+    assert np.array_equal(run["actions"], live["actions"]) and np.array_equal(run["predictions"], live["predictions"])
+    assert np.array_equal(run["labels"], live["labels"])
+    if name == "dqn":
+        assert "probs" not in run  # no gate probabilities: the hesitant-gate diagnostic is left blank
+    else:
+        p = run["probs"]
+        assert p.shape == run["actions"].shape and np.array_equal(p >= 0.5, run["actions"] == 1)
+
+
 def test_reinforce_loo_normalised_entropy_gradient_equals_the_objective(tiny_model_dir, tiny_glue, cache_dir):
     """K episodes per input from the tree env, grouped by input: the agent's planner gradient with the loo
     baseline, normalised advantages and an entropy bonus is that of dpbert_objective on the same paths."""
