@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml
 # The main job on the offline defaults: the full DPBERT pipeline on RTE with the packaged MiniLM.
 demo: install
 	$(BIN)/dpbert-rl pipeline --task rte --data-dir $(GLUE_DIR) --output-dir runs/demo-rte \
-		--stage1-epochs 3 --stage2-epochs 1 --stage3-epochs 1 --lr 1e-4 --stage3-lr 2e-5 \
-		--stage3-batch-size 8 --target-rate 0.35 --lam 1 --cost 0.05 --dual-lr 0.02 --evals-per-epoch 3
+		--stage1-epochs 3 --stage2-epochs 1 --lr 1e-4 --target-rate 0.35 --lam 1 --cost 0.05 --dual-lr 0.02 \
+		--evals-per-epoch 3
 
 # -rs: every skipped test is listed with its reason (with GLUE_DIR set, missing GLUE files fail, not skip)
 test: install

@@ -125,6 +125,18 @@ def train_agent(name: str, args, progress=None) -> dict:
             "control": control, "rate_control": rate_control}
 
 
+def log_evaluation(log_dir: Path, steps: int, res: dict, control=None) -> None:
+    """The dev score next to the training curves in TensorBoard, and the rate control's price history."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_scalar("eval/dev_score", res["score"], steps)
+        writer.add_scalar("eval/layers_executed", res["layers_executed_mean"], steps)
+        for step, price, execute in (control.history if control else [])[::10]:
+            writer.add_scalar("charts/layer_price", price, step)
+            writer.add_scalar("charts/train_execute_rate", execute, step)
+
+
 def evaluate_trained(trained: dict, args) -> dict:
     """Dev score, layers, measured speed-up and random skipping at the same rate, of a :func:`train_agent`."""
     from dpbert_rl.data import collator, load_split, tokenize
@@ -146,14 +158,7 @@ def evaluate_trained(trained: dict, args) -> dict:
 
         res = score_agent(agent, model, task, dev, collate, observer=env.observer)
         res.update({"speedup_measured": None, **speedup_ideal_fields(res["layers_executed_mean"], model.num_layers)})
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(out / "tb" / name)) as writer:  # the dev score next to the training curves
-        writer.add_scalar("eval/dev_score", res["score"], args.total_steps)
-        writer.add_scalar("eval/layers_executed", res["layers_executed_mean"], args.total_steps)
-        for steps, price, execute in (control.history if control else [])[::10]:
-            writer.add_scalar("charts/layer_price", price, steps)
-            writer.add_scalar("charts/train_execute_rate", execute, steps)
+    log_evaluation(out / "tb" / name, args.total_steps, res, control)
     # the floor at the same budget: random skipping at this agent's skip rate, on the same backbone
     reference = RandomSkip(rate=res["skip_rate"], num_layers=model.num_layers, seed=args.seed)
     random_score = score_agent(reference, model, task, dev, collate, observer=env.observer)["score"]

@@ -47,7 +47,7 @@ from routing import write_markdown as write_routing  # noqa: E402
 
 from agents.evaluate import tree_run  # noqa: E402
 from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
-from dpbert_rl.diagnostics import fixed_frontier, routing_report  # noqa: E402
+from dpbert_rl.diagnostics import fixed_frontier, routing_report, tree_probe  # noqa: E402
 from dpbert_rl.latency import machine_info  # noqa: E402
 from dpbert_rl.metrics import compute_metrics  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
@@ -64,6 +64,34 @@ AGENT_SETTINGS = {
             "gradient_steps": 4, "learning_rate": 5e-4, "target_update_interval": 5_000,
             "exploration_fraction": 0.2, "exploration_final_eps": 0.02, "gamma": 1.0},
 }
+
+
+def tree_row(trained: dict, ns, learner: dict, dev_run: dict, seed: int) -> dict:
+    """A frozen agent's agents.json row from its greedy paths on the dev tree (the fields a live evaluation
+    writes; the batch-1 speed-up comes from a live measurement, now or with --retime)."""
+    from agents.cli import log_evaluation
+    from dpbert_rl.evaluate import speedup_ideal_fields
+
+    task, acts = trained["task"], np.asarray(learner["actions"])
+    L = acts.shape[1]
+    res = {"score": score(task, learner["predictions"], learner["labels"]),
+           "layers_executed_mean": float(acts.sum(1).mean())}
+    log_evaluation(Path(ns.output_dir) / "tb" / trained["name"], ns.total_steps, res, trained["control"])
+    rate = 1.0 - float(acts.mean())
+    bits = 1 << np.arange(L - 1, -1, -1)
+    rng, n = np.random.default_rng(seed), len(acts)
+    draws = [score(task, dev_run["predictions"][np.arange(n), (rng.random((n, L)) >= rate).astype(np.int64) @ bits],
+                   dev_run["labels"]) for _ in range(20)]
+    env = trained["env"]
+    return {"task": task.name, "agent": trained["name"], "backbone_mode": "frozen", "env": "tree",
+            "features": env.observer.features, "reward": ns.reward, "dev_score": res["score"],
+            "layers_executed_mean": res["layers_executed_mean"], "skip_rate": rate,
+            "layer_frequency": acts.mean(0).tolist(), "speedup_measured": None,
+            **speedup_ideal_fields(res["layers_executed_mean"], L),
+            "random_same_rate_score": float(np.mean(draws)), "random_draws": len(draws),
+            "env_steps": ns.total_steps, "train_seconds": trained["train_seconds"],
+            "rate_control": trained["rate_control"], "layer_price": env.layer_price, "lam": ns.lam,
+            "model": ns.model}
 
 
 def score(task, predictions, labels) -> float:
@@ -184,8 +212,13 @@ def main() -> None:
             runs = {s: t.oracle_run() for s, t in trees.items()}
             sets = {s: tokenize(load_split(task, s, args.data_dir, n, shuffle_seed=0 if s == "fit" else None),
                                 model.tokenizer, seq) for s, n in (("select", None), ("dev", None), ("fit", 2000))}
+            # the probe of the frozen rows is read from the trees (the first 2,000 fit inputs); joint rows'
+            # backbones moved, so theirs is computed live on `sets["fit"]` (2,000 seeded fit inputs)
             hull = fixed_frontier(task, runs["select"])
-            shared[task_name] = dict(model=model, runs=runs, sets=sets, probe={}, hull=hull, feats=feats, seq=seq)
+            fit_tree = tree_cache(str(model_dir), task.name, "fit", args.data_dir, exact_cfg["max_train_samples"], seq,
+                                  feats, exact_dir / "pathtree")
+            probe = {k: tree_probe(model, task, fit_tree, trees["dev"], k) for k in range(model.num_layers + 1)}
+            shared[task_name] = dict(model=model, runs=runs, sets=sets, probe=probe, hull=hull, feats=feats, seq=seq)
             curves[task_name] = references(task, runs["dev"], hull, args.seed)
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.output_dir) / "references.json").write_text(json.dumps(curves))
@@ -200,19 +233,23 @@ def main() -> None:
             seed=args.seed, output_dir=f"{args.output_dir}/{task.name}-{mode}")
         print(f"[agents] {task.name} {mode} {agent}: {ns.total_steps} steps", flush=True)
         trained = train_agent(agent, ns)
-        row = evaluate_trained(trained, ns)  # live dev: score, layers, batch-1 speed-up, random at the rate
         collate = collator(trained["model"].tokenizer)
-        if mode == "frozen":  # the greedy paths from the trees: equal to the live run, and gate probabilities
+        if mode == "frozen":  # the greedy paths replayed from the trees: equal to driving the model (tested)
             kw = dict(task=task.name, data_dir=args.data_dir, model=str(model_dir), cache_dir=ns.cache_dir,
                       features=sh["feats"], reward=args.reward, c=0.0, lambda_=args.lam, progress=False)
             learner = tree_run(trained["agent"], BatchedLayerSkipTreeEnv(num_envs=1, split="dev", **kw))
             select = tree_run(trained["agent"], BatchedLayerSkipTreeEnv(num_envs=1, split="select", **kw))
-            row["tree_dev_score"] = score(task, learner["predictions"], learner["labels"])
+            row = tree_row(trained, ns, learner, sh["runs"]["dev"], args.seed)
             row["select_score"] = score(task, select["predictions"], select["labels"])
+            if args.latency_samples:  # timed now, live (else: --retime, which also checks the live score)
+                timed = evaluate_trained(trained, ns)
+                row.update({k: timed[k] for k in ("speedup_measured", "latency_ms_full", "latency_ms_agent")
+                            if k in timed})
             rep = routing_report(sh["model"], task, learner, sh["sets"]["select"], sh["sets"]["dev"],
                                  sh["sets"]["fit"], collate, n_boot=args.bootstrap, select_run=sh["runs"]["select"],
                                  dev_run=sh["runs"]["dev"], probe=sh["probe"])
         else:  # joint: the backbone moved, so its paths are enumerated live on the trained model
+            row = evaluate_trained(trained, ns)  # live dev: score, layers, batch-1 speed-up, random at the rate
             from agents.evaluate import agent_forward
             from dpbert_rl.evaluate import run_dataset
 

@@ -26,7 +26,7 @@ from _common import RESULTS, command, markdown_table  # noqa: E402
 from _common import pinned_code_commit as commit  # noqa: E402  (the last commit that changed code)
 
 from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
-from dpbert_rl.diagnostics import routing_report  # noqa: E402
+from dpbert_rl.diagnostics import routing_report, tree_probe  # noqa: E402
 from dpbert_rl.evaluate import run_dataset  # noqa: E402
 from dpbert_rl.latency import machine_info  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
@@ -115,8 +115,13 @@ def main() -> None:
         if mode == "frozen" and not args.model and (model_dir.parent / "pathtree").is_dir() and stage2.is_dir():
             # the exact stage's frozen backbone is stage 2's: every path's outcome is in its path-tree caches
             # (the selection split's built by the exact stage, dev's built here once and shared with agents.py)
-            runs = {f"{s}_run": tree_cache(str(stage2), task.name, s, args.data_dir, None, seq, model.planner_features,
-                                           model_dir.parent / "pathtree").oracle_run() for s in ("select", "dev")}
+            cfg = json.loads((model_dir.parent / "config.json").read_text())
+            trees = {s: tree_cache(str(stage2), task.name, s, args.data_dir, n, seq, model.planner_features,
+                                   model_dir.parent / "pathtree")
+                     for s, n in (("select", None), ("dev", None), ("fit", cfg["max_train_samples"]))}
+            runs = {"select_run": trees["select"].oracle_run(), "dev_run": trees["dev"].oracle_run(),
+                    "probe": {k: tree_probe(model, task, trees["fit"], trees["dev"], k)
+                              for k in range(model.num_layers + 1)}}
         rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True,
                              **runs)
         row = {"task": task.name, "learner": args.learner, "backbone_mode": mode,

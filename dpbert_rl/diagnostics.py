@@ -242,15 +242,33 @@ def linear_probe(model: DPBert, task: GlueTask, fit_set, dev_set, collate_fn, k:
                  batch_size: int = 64) -> dict:
     """A logistic-regression (ridge for regression) probe on the planner features after ``k`` layers,
     fitted on training inputs and scored on dev: what ``k`` layers plus a linear read-out get."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-
     x_fit, y_fit = layer_features(model, fit_set, collate_fn, k, batch_size)
     x_dev, y_dev = layer_features(model, dev_set, collate_fn, k, batch_size)
+    return _probe(task, x_fit, y_fit, x_dev, y_dev, k)
+
+
+def _probe(task: GlueTask, x_fit, y_fit, x_dev, y_dev, k: int) -> dict:
+    from sklearn.linear_model import LogisticRegression, Ridge
+
     if task.is_regression:
         probe = Ridge(alpha=1.0).fit(x_fit, y_fit)
     else:
         probe = LogisticRegression(max_iter=2000, C=1.0).fit(x_fit, y_fit.astype(int))
     return {"probe_score": _score(task, probe.predict(x_dev), y_dev), "probe_layers": int(k)}
+
+
+def tree_probe(model: DPBert, task: GlueTask, fit_tree, dev_tree, k: int, max_fit: int = 2000) -> dict:
+    """:func:`linear_probe` read from path-tree caches of ``model``'s frozen backbone (no model call): the
+    features after the first ``k`` layers are the tree's node with those ``k`` bits set (skipped layers
+    leave the state unchanged), for the first ``max_fit`` inputs of ``fit_tree`` and all of ``dev_tree``."""
+    L = fit_tree.num_layers
+    node, i = ((1 << k) - 1) << (L - k), min(k, L - 1)
+
+    def read(tree, n=None):
+        x = torch.from_numpy(np.array(tree.raw(model.planner_features)[:n, node], dtype=np.float32))
+        return model.planners.standardise(i, x).numpy(), np.asarray(tree.labels[:n], dtype=np.float32)
+
+    return _probe(task, *read(fit_tree, max_fit), *read(dev_tree), k)
 
 
 def check_spread(stats: dict, threshold: float = 1e-3) -> list:
@@ -259,7 +277,8 @@ def check_spread(stats: dict, threshold: float = 1e-3) -> list:
 
 
 __all__ = ["skip_one_losses", "inspect_features", "format_inspection", "fixed_frontier", "frontier_mixture",
-           "frontier_margin", "layer_features", "linear_probe", "check_spread", "feature_stats", "skip_all_check",
+           "frontier_margin", "layer_features", "linear_probe", "tree_probe", "check_spread", "feature_stats",
+           "skip_all_check",
            "routing_report"]
 
 

@@ -582,3 +582,18 @@ def test_tree_env_equals_the_live_env_on_minilm(glue_dir, tmp_path):
     for observation, features, reward in (("box", "mean", "loss"), ("dict", "cls", "correct")):
         kw = dict(common, model=model, observation=observation, features=features, reward=reward)
         play_both(LayerSkipEnv(**kw), LayerSkipTreeEnv(**kw, cache_dir=str(tmp_path), progress=False), episodes=6)
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+def test_probe_read_from_the_trees_equals_the_live_probe(k, tiny_model_dir, tiny_glue, tmp_path):
+    from dpbert_rl.data import get_task
+    from dpbert_rl.diagnostics import linear_probe, tree_probe
+
+    model, _ = _trained_like(tiny_model_dir, tiny_glue)
+    task = get_task("rte")
+    fit = tokenize(load_split(task, "fit", str(tiny_glue), 24), model.tokenizer, 128)
+    dev = tokenize(load_split(task, "dev", str(tiny_glue)), model.tokenizer, 128)
+    trees = {s: tree_cache(model, "rte", s, str(tiny_glue), n, 128, "mean", tmp_path, progress=False)
+             for s, n in (("fit", 24), ("dev", None))}
+    live = linear_probe(model, task, fit, dev, collator(model.tokenizer), k)
+    assert tree_probe(model, task, trees["fit"], trees["dev"], k, max_fit=24) == pytest.approx(live, abs=1e-6)
