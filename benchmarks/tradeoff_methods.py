@@ -492,11 +492,14 @@ def plan(args, sizes: dict) -> list:
 
         r3 = args.samples * 0.8  # a stage-3 epoch runs `samples` paths per input, some layers skipped
         L = 6
+        if getattr(args, "dpbert_stage3", "rl") == "exact":  # one path-tree cache (fit + select), ~60 s per r
+            stage3 = infer(n + sel) * 10.5 + len(args.target_rates) * 60
+        else:
+            stage3 = len(args.target_rates) * E * (1 - sh) * ep * r3 + evals(E * len(args.target_rates))
         est = {
             "stage1": args.stage1_epochs * ep + evals(args.stage1_epochs),
             "backbone": timing(1),
-            "dpbert": E * sh * ep + len(args.target_rates) * E * (1 - sh) * ep * r3 + evals(E * (1 + len(args.target_rates)))
-            + len(args.target_rates) * (n_targets * 6 + n_targets + 1) * infer(cal) + timing(len(args.target_rates) * (n_targets + 1)),
+            "dpbert": E * sh * ep + stage3 + evals(E) + len(args.target_rates) * (n_targets * 6 + n_targets + 1) * infer(cal) + timing(len(args.target_rates) * (n_targets + 1)),
             "dpbert_soft": E * (1 - sh) * ep + evals(E) + (n_targets * 7 + 1) * infer(cal) + timing(n_targets + 1),
             "deebert": infer(n + 2 * sel) + timing(n_targets),
             "pabee": 1.05 * E * ep + evals(E) * 1.2 + timing(L - 1),
