@@ -157,6 +157,8 @@ def fixed_frontier(task: GlueTask, select_run: dict) -> list:
     for p in range(len(P)):
         s = _score(task, select_run["predictions"][:, p], select_run["labels"])
         k = int(cost[p])
+        if not np.isfinite(s):  # e.g. a correlation of constant predictions: no score, not a hull point
+            continue
         if k not in best or s > best[k][1]:
             best[k] = (p, s)
     pts = sorted((k, p, s) for k, (p, s) in best.items())

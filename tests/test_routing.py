@@ -254,6 +254,20 @@ def test_fixed_frontier_is_the_rising_upper_hull():
     assert frontier_mixture(hull, 0.5) == [(0, 0.5), (best1, 0.5)]
 
 
+def test_fixed_frontier_skips_paths_without_a_score():
+    """STS-B: a path whose score is NaN (seen for skip-all on MiniLM: a correlation of near-constant
+    predictions) must not become the frontier (it did: every comparison with NaN is False, so the hull
+    stopped at that point and the frontier read 0)."""
+    task = get_task("stsb")
+    labels = np.linspace(0, 5, 12)
+    preds = np.stack([np.full(12, np.nan),                  # 00: no score
+                      labels + np.sin(np.arange(12)),         # 01
+                      labels + 0.5 * np.cos(np.arange(12)),   # 10: better
+                      labels + 0.1 * np.arange(12) % 3], 1)   # 11: best
+    hull = fixed_frontier(task, _run(preds, labels))
+    assert [h[0] for h in hull] == [1, 2] and hull[0][1] == 2 and np.isfinite([h[2] for h in hull]).all()
+
+
 def test_frontier_margin_and_its_interval():
     task = get_task("sst2")
     rng = np.random.RandomState(1)
