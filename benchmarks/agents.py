@@ -296,7 +296,7 @@ def retime(rows: list, args, results: Path) -> None:
         dev = tokenize(load_split(task, "dev", args.data_dir), model.tokenizer, model.task_info.max_seq_length)
         agent = Agent.load(Path(args.output_dir) / f"{task.name}-frozen" / "agents" / row["agent"])
         res = evaluate_agent(agent, model, task, dev, collator(model.tokenizer), latency_samples=args.latency_samples)
-        if abs(res["score"] - row["dev_score"]) > 1e-6:
+        if abs(res["score"] - row["dev_score"]) > 1e-4:  # the trees hold float32 predictions (STS-B: ~1e-6 apart)
             raise SystemExit(f"{task.name}/{row['agent']}: the reloaded agent scores {res['score']}, its row "
                              f"{row['dev_score']}: not the same agent")
         row.update(speedup_measured=res["speedup_measured"], latency_ms_full=res["latency_ms_full"],
