@@ -49,7 +49,19 @@ def path_states(model: DPBert, batch: dict) -> tuple:
 
 
 @torch.no_grad()
-def enumerate_paths(model: DPBert, dataset, collate_fn, batch_size: int = 8, progress: bool = True) -> dict:
+def first_k_path(k: int, num_layers: int) -> int:
+    """The index of the path that executes layers 1..k and skips the rest (layer 1 the most significant
+    bit); in a path tree it is also the node of the state after the first ``k`` layers."""
+    return ((1 << k) - 1) << (num_layers - k)
+
+
+def path_indices(actions: np.ndarray) -> np.ndarray:
+    """Path indices of 0/1 action rows ``(N, L)``, layer 1 the most significant bit."""
+    actions = np.asarray(actions, dtype=np.int64)
+    return actions @ (1 << np.arange(actions.shape[1] - 1, -1, -1))
+
+
+model: DPBert, dataset, collate_fn, batch_size: int = 8, progress: bool = True) -> dict:
     """Run every path for every input of a tokenised dataset.
 
     :return: ``predictions`` ``(N, 2^L)`` (class ids, or values for regression), ``labels`` ``(N,)``,
