@@ -48,7 +48,6 @@ def path_states(model: DPBert, batch: dict) -> tuple:
     return h, mask
 
 
-@torch.no_grad()
 def first_k_path(k: int, num_layers: int) -> int:
     """The index of the path that executes layers 1..k and skips the rest (layer 1 the most significant
     bit); in a path tree it is also the node of the state after the first ``k`` layers."""
@@ -61,7 +60,8 @@ def path_indices(actions: np.ndarray) -> np.ndarray:
     return actions @ (1 << np.arange(actions.shape[1] - 1, -1, -1))
 
 
-model: DPBert, dataset, collate_fn, batch_size: int = 8, progress: bool = True) -> dict:
+@torch.no_grad()
+def enumerate_paths(model: DPBert, dataset, collate_fn, batch_size: int = 8, progress: bool = True) -> dict:
     """Run every path for every input of a tokenised dataset.
 
     :return: ``predictions`` ``(N, 2^L)`` (class ids, or values for regression), ``labels`` ``(N,)``,
@@ -115,4 +115,4 @@ def best_static_paths(run: dict, score_fn) -> dict:
     return best
 
 
-__all__ = ["paths", "path_states", "enumerate_paths", "oracle_choices", "best_static_paths"]
+__all__ = ["paths", "first_k_path", "path_indices", "path_states", "enumerate_paths", "oracle_choices", "best_static_paths"]
