@@ -47,9 +47,9 @@ from routing import write_markdown as write_routing  # noqa: E402
 
 from agents.evaluate import tree_run  # noqa: E402
 from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
-from dpbert_rl.diagnostics import fixed_frontier, routing_report, tree_probe  # noqa: E402
+from dpbert_rl.diagnostics import fixed_frontier, random_skip_score, routing_report, task_score, tree_probe  # noqa: E402
+from dpbert_rl.oracle import first_k_path  # noqa: E402
 from dpbert_rl.latency import machine_info  # noqa: E402
-from dpbert_rl.metrics import compute_metrics  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
 from dpbert_rl.pathtree import tree_cache  # noqa: E402
 from envs.layer_skip_tree import BatchedLayerSkipTreeEnv  # noqa: E402
@@ -74,46 +74,30 @@ def tree_row(trained: dict, ns, learner: dict, dev_run: dict, seed: int) -> dict
 
     task, acts = trained["task"], np.asarray(learner["actions"])
     L = acts.shape[1]
-    res = {"score": score(task, learner["predictions"], learner["labels"]),
+    res = {"score": task_score(task, learner["predictions"], learner["labels"]),
            "layers_executed_mean": float(acts.sum(1).mean())}
     log_evaluation(Path(ns.output_dir) / "tb" / trained["name"], ns.total_steps, res, trained["control"])
     rate = 1.0 - float(acts.mean())
-    bits = 1 << np.arange(L - 1, -1, -1)
-    rng, n = np.random.default_rng(seed), len(acts)
-    draws = [score(task, dev_run["predictions"][np.arange(n), (rng.random((n, L)) >= rate).astype(np.int64) @ bits],
-                   dev_run["labels"]) for _ in range(20)]
     env = trained["env"]
     return {"task": task.name, "agent": trained["name"], "backbone_mode": "frozen", "env": "tree",
             "features": env.observer.features, "reward": ns.reward, "dev_score": res["score"],
             "layers_executed_mean": res["layers_executed_mean"], "skip_rate": rate,
             "layer_frequency": acts.mean(0).tolist(), "speedup_measured": None,
             **speedup_ideal_fields(res["layers_executed_mean"], L),
-            "random_same_rate_score": float(np.mean(draws)), "random_draws": len(draws),
+            "random_same_rate_score": random_skip_score(task, dev_run, rate, seed), "random_draws": 20,
             "env_steps": ns.total_steps, "train_seconds": trained["train_seconds"],
             "rate_control": trained["rate_control"], "layer_price": env.layer_price, "lam": ns.lam,
             "model": ns.model}
 
 
-def score(task, predictions, labels) -> float:
-    return compute_metrics(task.metric, np.asarray(predictions), np.asarray(labels))["score"]
-
-
 def references(task, dev_run: dict, hull: list, seed: int) -> dict:
     """Dev score against mean layers of the fixed-path frontier (paths chosen on the selection split),
     first-k, and random skipping (20 draws per rate), all read from the dev path tree."""
-    preds, labels, P = dev_run["predictions"], dev_run["labels"], dev_run["paths"]
-    L = P.shape[1]
-    bits = 1 << np.arange(L - 1, -1, -1)
-    first_k = [(k, score(task, preds[:, int(((1 << k) - 1) << (L - k))], labels)) for k in range(1, L + 1)]
-    rng = np.random.default_rng(seed)
-    rand = []
-    for rate in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
-        draws = []
-        for _ in range(20):
-            acts = (rng.random((len(labels), L)) >= rate).astype(np.int64)
-            draws.append(score(task, preds[np.arange(len(labels)), acts @ bits], labels))
-        rand.append((L * (1 - rate), float(np.mean(draws))))
-    frontier = [(int(k), score(task, preds[:, int(p)], labels)) for k, p, _ in hull]
+    preds, labels = dev_run["predictions"], dev_run["labels"]
+    L = dev_run["paths"].shape[1]
+    first_k = [(k, task_score(task, preds[:, first_k_path(k, L)], labels)) for k in range(1, L + 1)]
+    rand = [(L * (1 - r), random_skip_score(task, dev_run, r, seed)) for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
+    frontier = [(int(k), task_score(task, preds[:, int(p)], labels)) for k, p, _ in hull]
     return {"fixed frontier (paths chosen on selection)": frontier, "first-k": first_k, "random": rand}
 
 
@@ -240,7 +224,7 @@ def main() -> None:
             learner = tree_run(trained["agent"], BatchedLayerSkipTreeEnv(num_envs=1, split="dev", **kw))
             select = tree_run(trained["agent"], BatchedLayerSkipTreeEnv(num_envs=1, split="select", **kw))
             row = tree_row(trained, ns, learner, sh["runs"]["dev"], args.seed)
-            row["select_score"] = score(task, select["predictions"], select["labels"])
+            row["select_score"] = task_score(task, select["predictions"], select["labels"])
             if args.latency_samples:  # timed now, live (else: --retime, which also checks the live score)
                 timed = evaluate_trained(trained, ns)
                 row.update({k: timed[k] for k in ("speedup_measured", "latency_ms_full", "latency_ms_agent")

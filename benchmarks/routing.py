@@ -116,12 +116,12 @@ def main() -> None:
             # the exact stage's frozen backbone is stage 2's: every path's outcome is in its path-tree caches
             # (the selection split's built by the exact stage, dev's built here once and shared with agents.py)
             cfg = json.loads((model_dir.parent / "config.json").read_text())
+            k = int(round(float(learner["actions"].sum(1).mean())))  # the probe's layer count, as routing_report
             trees = {s: tree_cache(str(stage2), task.name, s, args.data_dir, n, seq, model.planner_features,
                                    model_dir.parent / "pathtree")
                      for s, n in (("select", None), ("dev", None), ("fit", cfg["max_train_samples"]))}
             runs = {"select_run": trees["select"].oracle_run(), "dev_run": trees["dev"].oracle_run(),
-                    "probe": {k: tree_probe(model, task, trees["fit"], trees["dev"], k)
-                              for k in range(model.num_layers + 1)}}
+                    "probe": {k: tree_probe(model, task, trees["fit"], trees["dev"], k)}}  # the one k needed
         rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True,
                              **runs)
         row = {"task": task.name, "learner": args.learner, "backbone_mode": mode,

@@ -139,7 +139,8 @@ def skip_all_check(model: DPBert, dataset, collate_fn, reward: str, cost: float,
 
 
 # ---------------------------------------------------------------------- the fixed-path frontier
-def _score(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> float:
+def task_score(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> float:
+    """The task's GLUE score of predictions (class ids, or values for regression) against labels."""
     if not task.is_regression:
         preds, labels = preds.astype(int), labels.astype(int)
     return float(compute_metrics(task.metric, preds, labels)["score"])
@@ -155,7 +156,7 @@ def fixed_frontier(task: GlueTask, select_run: dict) -> list:
     cost = P.sum(1).astype(int)
     best: dict = {}
     for p in range(len(P)):
-        s = _score(task, select_run["predictions"][:, p], select_run["labels"])
+        s = task_score(task, select_run["predictions"][:, p], select_run["labels"])
         k = int(cost[p])
         if not np.isfinite(s):  # e.g. a correlation of constant predictions: no score, not a hull point
             continue
@@ -205,8 +206,8 @@ def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: f
     mix = frontier_mixture(hull, learner_layers)
 
     def scores(idx):
-        learner = _score(task, learner_preds[idx], labels[idx])
-        frontier = sum(w * _score(task, dev_run["predictions"][idx, p], labels[idx]) for p, w in mix)
+        learner = task_score(task, learner_preds[idx], labels[idx])
+        frontier = sum(w * task_score(task, dev_run["predictions"][idx, p], labels[idx]) for p, w in mix)
         return learner, frontier
 
     everything = np.arange(len(labels))
@@ -219,6 +220,18 @@ def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: f
     lo, hi = np.nanpercentile(margins, [2.5, 97.5])
     return {"score": learner, "fixed_frontier_score": frontier, "margin": learner - frontier,
             "margin_ci95": [float(lo), float(hi)], "frontier_paths": [[int(p), float(w)] for p, w in mix]}
+
+
+def random_skip_score(task: GlueTask, run: dict, rate: float, seed: int = 0, draws: int = 20) -> float:
+    """Mean score of random skipping (each layer skipped with probability ``rate``, independently per input),
+    read from every path's predictions (:func:`dpbert_rl.oracle.enumerate_paths`, or a tree's ``oracle_run``)."""
+    from .oracle import path_indices
+
+    preds, labels = run["predictions"], run["labels"]
+    n, L = preds.shape[0], run["paths"].shape[1]
+    rng = np.random.default_rng(seed)
+    return float(np.mean([task_score(task, preds[np.arange(n), path_indices(rng.random((n, L)) >= rate)], labels)
+                          for _ in range(draws)]))
 
 
 # ---------------------------------------------------------------------- the linear probe
@@ -256,15 +269,17 @@ def _probe(task: GlueTask, x_fit, y_fit, x_dev, y_dev, k: int) -> dict:
         probe = Ridge(alpha=1.0).fit(x_fit, y_fit)
     else:
         probe = LogisticRegression(max_iter=2000, C=1.0).fit(x_fit, y_fit.astype(int))
-    return {"probe_score": _score(task, probe.predict(x_dev), y_dev), "probe_layers": int(k)}
+    return {"probe_score": task_score(task, probe.predict(x_dev), y_dev), "probe_layers": int(k)}
 
 
 def tree_probe(model: DPBert, task: GlueTask, fit_tree, dev_tree, k: int, max_fit: int = 2000) -> dict:
     """:func:`linear_probe` read from path-tree caches of ``model``'s frozen backbone (no model call): the
     features after the first ``k`` layers are the tree's node with those ``k`` bits set (skipped layers
     leave the state unchanged), for the first ``max_fit`` inputs of ``fit_tree`` and all of ``dev_tree``."""
+    from .oracle import first_k_path
+
     L = fit_tree.num_layers
-    node, i = ((1 << k) - 1) << (L - k), min(k, L - 1)
+    node, i = first_k_path(k, L), min(k, L - 1)
 
     def read(tree, n=None):
         x = torch.from_numpy(np.array(tree.raw(model.planner_features)[:n, node], dtype=np.float32))
@@ -279,7 +294,7 @@ def check_spread(stats: dict, threshold: float = 1e-3) -> list:
 
 
 __all__ = ["skip_one_losses", "inspect_features", "format_inspection", "fixed_frontier", "frontier_mixture",
-           "frontier_margin", "layer_features", "linear_probe", "tree_probe", "check_spread", "feature_stats",
+           "frontier_margin", "random_skip_score", "task_score", "layer_features", "linear_probe", "tree_probe", "check_spread", "feature_stats",
            "skip_all_check",
            "routing_report"]
 

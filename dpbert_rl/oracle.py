@@ -48,6 +48,18 @@ def path_states(model: DPBert, batch: dict) -> tuple:
     return h, mask
 
 
+def first_k_path(k: int, num_layers: int) -> int:
+    """The index of the path that executes layers 1..k and skips the rest (layer 1 the most significant
+    bit); in a path tree it is also the node of the state after the first ``k`` layers."""
+    return ((1 << k) - 1) << (num_layers - k)
+
+
+def path_indices(actions: np.ndarray) -> np.ndarray:
+    """Path indices of 0/1 action rows ``(N, L)``, layer 1 the most significant bit."""
+    actions = np.asarray(actions, dtype=np.int64)
+    return actions @ (1 << np.arange(actions.shape[1] - 1, -1, -1))
+
+
 @torch.no_grad()
 def enumerate_paths(model: DPBert, dataset, collate_fn, batch_size: int = 8, progress: bool = True) -> dict:
     """Run every path for every input of a tokenised dataset.
@@ -103,4 +115,4 @@ def best_static_paths(run: dict, score_fn) -> dict:
     return best
 
 
-__all__ = ["paths", "path_states", "enumerate_paths", "oracle_choices", "best_static_paths"]
+__all__ = ["paths", "first_k_path", "path_indices", "path_states", "enumerate_paths", "oracle_choices", "best_static_paths"]

@@ -305,3 +305,21 @@ def test_stage3_dual_price_moves_and_resumes(tiny_ckpt, tiny_glue, tmp_path):
     prices = [r["charts/layer_price"] for r in rows if "charts/layer_price" in r]
     assert prices and max(prices) > 0.0  # gates start open (p = 0.88 > 0.5 executes): the price rises
     assert DPBert.load(out).planner_features == "mean"
+
+
+def test_path_indices_first_k_and_random_skipping_read_the_right_paths():
+    from dpbert_rl.diagnostics import random_skip_score, task_score
+    from dpbert_rl.oracle import first_k_path, path_indices, paths
+
+    P = paths(4).numpy()
+    assert (path_indices(P) == np.arange(16)).all()
+    assert [P[first_k_path(k, 4)].tolist() for k in (0, 2, 4)] == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    task = get_task("sst2")
+    rng = np.random.RandomState(0)
+    labels = rng.randint(0, 2, 50)
+    preds = rng.randint(0, 2, (50, 4))
+    run = {"predictions": preds, "labels": labels, "paths": np.array([[0, 0], [0, 1], [1, 0], [1, 1]])}
+    assert random_skip_score(task, run, 0.0) == task_score(task, preds[:, 3], labels)  # nothing skipped
+    assert random_skip_score(task, run, 1.0) == task_score(task, preds[:, 0], labels)  # everything skipped
+    half = random_skip_score(task, run, 0.5, draws=200)
+    assert abs(half - np.mean([task_score(task, preds[:, p], labels) for p in range(4)])) < 3
