@@ -41,7 +41,7 @@ where that error is acceptable; the default keeps the replay equal to the live e
 
 Files live in ``runs/pathtree/<task>_<split>_<features>_<key>/`` (``.npy``, no pickle, memory-mapped on
 load; ``meta.json``), keyed by the checkpoint (weights file path, mtime and size; or a hash of the
-weights of an in-memory model), the task, split, data file, ``max_samples``, ``max_seq_length``,
+weights of an in-memory model), the task, split, the data file's content (SHA-256), ``max_samples``, ``max_seq_length``,
 features and dtype. :func:`tree_cache` reuses a cache when present and builds it otherwise.
 
 On top of the cache: :func:`train_exact`, planner training by the exact expected reward over all
@@ -52,6 +52,7 @@ paths (no sampling, so a gradient without variance; ``dpbert-rl exact``), and th
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -294,15 +295,28 @@ def checkpoint_fingerprint(model) -> str:
 
 
 def data_fingerprint(task, split: str, data_dir: Optional[str]) -> str:
-    """The data file a split is read from (path, mtime, size), or ``hub``."""
+    """The data file a split is read from: its name, size and the SHA-256 of its content, or ``hub``.
+
+    Content, not path or modification time: a GLUE directory that is copied or restored again (same
+    files, new times) keeps its caches, and a file edited in place does not."""
     from .data import DERIVED_SPLITS, resolve_data_dir
 
     root = resolve_data_dir(data_dir)
     if root is None:
         return "hub"
-    f = root / task.dir_name / dict(task.splits)[DERIVED_SPLITS.get(split, split)]
+    f = (root / task.dir_name / dict(task.splits)[DERIVED_SPLITS.get(split, split)]).resolve()
     st = f.stat()
-    return f"{f.resolve()}:{st.st_mtime_ns}:{st.st_size}"
+    return f"{f.name}:{st.st_size}:sha256:{_file_sha256(str(f), st.st_mtime_ns, st.st_size)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """SHA-256 of a file's bytes, memoised per (path, mtime, size): a GLUE file is hashed once per process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def cache_key(fingerprint: str, task: str, split: str, data: str, max_samples: Optional[int],

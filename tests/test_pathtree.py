@@ -75,6 +75,26 @@ def test_cache_is_built_once_and_reused(tiny_model_dir, tiny_glue, tmp_path, lay
     assert layer_calls and np.allclose(rebuilt.features, tree.features) and np.array_equal(rebuilt.labels, tree.labels)
 
 
+def test_cache_is_keyed_by_the_data_files_content(tiny_model_dir, tiny_glue, tmp_path, layer_calls):
+    """A GLUE directory copied elsewhere or restored with new file times keeps its caches; a data file
+    whose content changed gets a new cache."""
+    import os
+    import shutil
+
+    kw = dict(task="rte", split="train", features="mean", cache_dir=tmp_path / "c", progress=False)
+    tree_cache(tiny_model_dir, data_dir=str(tiny_glue), **kw)
+    copy = shutil.copytree(tiny_glue, tmp_path / "glue_copy")
+    f = copy / "RTE" / "train.tsv"
+    os.utime(f, ns=(1, 1))  # same bytes, another time and place
+    layer_calls.clear()
+    tree_cache(tiny_model_dir, data_dir=str(copy), **kw)
+    assert layer_calls == []
+    lines = f.read_text().splitlines(keepends=True)
+    f.write_text("".join(lines[:-1]))  # one input fewer
+    rebuilt = tree_cache(tiny_model_dir, data_dir=str(copy), **kw)
+    assert layer_calls and rebuilt.num_inputs == 47
+
+
 def test_cache_holds_the_outcome_of_every_path(tiny_model_dir, tiny_glue, tmp_path):
     """Losses and predictions equal the oracle's; the state of node (layer i, prefix s) is the state of
     path s << (L - i), whose raw features equal those of the model's own path execution."""
