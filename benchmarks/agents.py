@@ -17,10 +17,14 @@ frontier at the same mean layers (fixed paths chosen on the selection split, nev
 bootstrap), distinct paths, hesitant gates and a linear probe. Writes ``agents.json``/``.md``/``.png``
 (dev score against layers, with the frontier, first-k and random references), ``agents_curves.png``
 (each agent's TensorBoard reward curve on the first task) and the ``routing.json``/``.md`` rows.
-No hyperparameter is chosen on dev; the settings are ``AGENT_SETTINGS`` below.
+No hyperparameter is chosen on dev. The settings are ``AGENT_SETTINGS`` below, or (``--settings tuned``) the
+change to them that ``--tune`` chose per task and agent on the selection split (``TUNING_GRID``; trials are
+shorter than the final runs, ``--tune-steps``).
 
     python benchmarks/agents.py --data-dir ../shared/data/glue
     python benchmarks/agents.py --data-dir ../shared/data/glue --tasks mrpc --agents ppo --joint-tasks ""
+    python benchmarks/agents.py --data-dir ../shared/data/glue --tune                 # choose on the selection split
+    python benchmarks/agents.py --data-dir ../shared/data/glue --settings tuned --joint-tasks ""
 """
 
 from __future__ import annotations
@@ -96,12 +100,26 @@ def agent_settings(agent: str, change: dict, dual_lr: float) -> tuple:
         change.get("dual_lr", dual_lr)
 
 
-def tuned_settings(results: Path) -> dict:
-    """``{(task, agent): change}`` chosen by an earlier ``--tune`` (``agents_tuning.json``)."""
+TUNED_UNDER = ("target_rate", "reward", "lam", "dual_lr", "num_envs", "pipeline_dir")
+"""The arguments a tuning choice depends on: ``--settings tuned`` refuses choices made under others."""
+
+
+def tuned_settings(results: Path, args=None, pairs=()) -> dict:
+    """``{(task, agent): change}`` chosen by an earlier ``--tune`` (``agents_tuning.json``). With ``args``,
+    every pair of ``pairs`` must have a choice made under the same :data:`TUNED_UNDER` arguments."""
     path = results / "agents_tuning.json"
-    if not path.is_file():
-        return {}
-    return {(r["task"], r["agent"]): r["trials"][r["chosen"]]["change"] for r in json.loads(path.read_text())}
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    chosen = {(r["task"], r["agent"]): r for r in rows}
+    for pair in pairs:
+        if pair not in chosen:
+            raise SystemExit(f"--settings tuned: {path} has no choice for {pair[0]}/{pair[1]}; run --tune "
+                             f"--tasks {pair[0]} --agents {pair[1]} first")
+        diff = {k: (chosen[pair].get("tuned_under", {}).get(k), getattr(args, k)) for k in TUNED_UNDER
+                if chosen[pair].get("tuned_under", {}).get(k) != getattr(args, k)}
+        if diff:
+            raise SystemExit(f"--settings tuned: {pair[0]}/{pair[1]} was tuned under other arguments "
+                             f"(tuned, now): {diff}; run --tune again")
+    return {k: r["trials"][r["chosen"]]["change"] for k, r in chosen.items()}
 
 
 def tune(args, results: Path) -> None:
@@ -130,7 +148,7 @@ def tune(args, results: Path) -> None:
                 print(f"[tune]   selection {trials[-1]['select_score']:.2f} at {trials[-1]['select_layers']:.2f} layers",
                       flush=True)
             row = {"task": task.name, "agent": agent, "trials": trials, "chosen": choose_setting(trials, args.target_rate),
-                   "env_steps": args.tune_steps, "target_rate": args.target_rate,
+                   "env_steps": args.tune_steps, "tuned_under": {k: getattr(args, k) for k in TUNED_UNDER},
                    "rule": f"best selection score with skip rate >= target_rate - {SELECT_TOLERANCE}",
                    "commit": commit(), "command": command()}
             rows = [r for r in rows if (r["task"], r["agent"]) != (task.name, agent)] + [row]
@@ -147,7 +165,8 @@ def write_tuning(rows: list, path: Path) -> None:
         for i, t in enumerate(r["trials"]):
             lines.append(f"| {r['task']} | {r['agent']} | {json.dumps(t['change']) if t['change'] else 'as fixed'} | "
                          f"{t['select_score']:.2f} | {t['select_layers']:.2f} | {'yes' if i == r['chosen'] else ''} |")
-    lines += ["", *sorted({f"- `{r['command']}` at {r['commit'][:12]}, {r['env_steps']} steps per trial" for r in rows})]
+    lines += ["", *sorted({f"- `{r['command']}` at {r['commit'][:12]}, {r['env_steps']} env steps per trial (the final "
+                           "runs are longer: agents.md)" for r in rows})]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -277,7 +296,8 @@ def main() -> None:
     ap.add_argument("--tune-steps", type=int, default=300_000, help="env steps per --tune trial")
     ap.add_argument("--settings", default="fixed", choices=("fixed", "tuned"),
                     help="fixed: AGENT_SETTINGS; tuned: the settings --tune chose (agents_tuning.json), per task and "
-                         "agent (frozen rows; fixed where none was chosen)")
+                         "agent (frozen rows; refused where none was chosen, or where it was chosen under other "
+                         "--target-rate/--reward/--lam/--dual-lr/--num-envs/--pipeline-dir)")
     ap.add_argument("--retime", action="store_true",
                     help="only measure the batch-1 speed-up of the saved frozen agents whose rows have none "
                          "(loads each from --output-dir), and rewrite the results")
@@ -296,6 +316,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = results / "agents.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
+    if args.retime and args.tune:
+        ap.error("--retime and --tune are separate runs: pass one of them")
     if args.retime:
         retime(rows, args, results)
         return
@@ -307,7 +329,8 @@ def main() -> None:
     plan = [(t, "frozen", a) for t in args.tasks.split(",") if t for a in args.agents.split(",")] + \
            [(t, "joint", a) for t in args.joint_tasks.split(",") if t for a in args.joint_agents.split(",")]
     shared: dict = {}
-    tuned = tuned_settings(results) if args.settings == "tuned" else {}
+    tuned = tuned_settings(results, args, [(t, a) for t, m, a in plan if m == "frozen"]) \
+        if args.settings == "tuned" else {}
     for task_name, mode, agent in plan:
         setup = task_setup(task_name, args)
         model_dir, exact_dir, exact_cfg = setup["model_dir"], setup["exact_dir"], setup["exact_cfg"]
@@ -331,11 +354,12 @@ def main() -> None:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.output_dir) / "references.json").write_text(json.dumps(curves))
         sh = shared[task_name]
-        change = tuned.get((task.name, agent), {}) if mode == "frozen" else {}  # tuning ran on the tree env
+        is_tuned = mode == "frozen" and (task.name, agent) in tuned  # tuning runs on the tree env
+        change = tuned[(task.name, agent)] if is_tuned else {}
         kwargs, dual_lr = agent_settings(agent, change, args.dual_lr)
         ns = agent_namespace(task.name, agent, mode, setup, args, kwargs, dual_lr,
                              args.total_steps if mode == "frozen" else args.joint_steps,
-                             f"{args.output_dir}/{task.name}-{mode}")
+                             f"{args.output_dir}/{task.name}-{mode}" + ("-tuned" if is_tuned else ""))
         print(f"[agents] {task.name} {mode} {agent}: {ns.total_steps} steps", flush=True)
         trained = train_agent(agent, ns)
         collate = collator(trained["model"].tokenizer)
@@ -366,7 +390,8 @@ def main() -> None:
                                  collate, n_boot=args.bootstrap)
         stamp = {"commit": commit(), "command": command(), "machine": machine_info()}
         row.update({"target_rate": args.target_rate, "dual_lr": dual_lr, "settings": kwargs,
-                    "settings_source": "tuned on the selection split" if change else "fixed (AGENT_SETTINGS)",
+                    "settings_source": "tuned" if is_tuned else "fixed",
+                    "agent_dir": str(Path(ns.output_dir) / "agents" / agent),
                     "margin": rep["margin"], "margin_ci95": rep["margin_ci95"], **stamp})
         rows = [r for r in rows if (r["task"], r["agent"], r["backbone_mode"]) != (task.name, agent, mode)] + [row]
         path.write_text(json.dumps(rows, indent=2))
@@ -398,7 +423,7 @@ def retime(rows: list, args, results: Path) -> None:
         task = get_task(row["task"])
         model = DPBert.load(row["model"]).eval()  # frozen: the checkpoint is the model the agent drove
         dev = tokenize(load_split(task, "dev", args.data_dir), model.tokenizer, model.task_info.max_seq_length)
-        agent = Agent.load(Path(args.output_dir) / f"{task.name}-frozen" / "agents" / row["agent"])
+        agent = Agent.load(row.get("agent_dir") or Path(args.output_dir) / f"{task.name}-frozen" / "agents" / row["agent"])
         res = evaluate_agent(agent, model, task, dev, collator(model.tokenizer), latency_samples=args.latency_samples)
         if abs(res["score"] - row["dev_score"]) > 1e-4:  # the trees hold float32 predictions (STS-B: ~1e-6 apart)
             raise SystemExit(f"{task.name}/{row['agent']}: the reloaded agent scores {res['score']}, its row "
@@ -428,7 +453,7 @@ def write_report(rows: list, curves: dict, results: Path) -> None:
             ("dev score", "dev_score", ".2f"), ("random, same rate", "random_same_rate_score", ".2f"),
             ("margin vs fixed", "margin", "+.2f"), ("layers", "layers_executed_mean", ".2f"),
             ("speed-up", "speedup_measured", ".2f"), ("env steps", "env_steps", ""), ("train s", "train_seconds", ".0f"),
-            ("commit", "commit", "")]
+            ("settings", "settings_source", ""), ("commit", "commit", "")]
     (results / "agents.md").write_text(
         "# Agents on fine-tuned MiniLM-L6 (dev sets)\n\nWritten by `benchmarks/agents.py`; do not edit by hand. "
         "Frozen rows trained on the path-tree env, joint rows on the live env; the margin is over the fixed-path "

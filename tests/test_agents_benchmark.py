@@ -27,6 +27,8 @@ def test_the_best_selection_score_among_settings_that_skip_enough_is_chosen(benc
     # 90.0 skips too little (0.10 < 0.35 - 0.05); 82.0 at 0.31 is within the tolerance
     assert bench.choose_setting(trials, target_rate=0.35) == 2
     assert bench.choose_setting(trials, target_rate=0.45) == 3
+    # exactly target_rate - tolerance is enough
+    assert bench.choose_setting([trial(70.0, 0.40), trial(75.0, 0.30)], target_rate=0.35) == 1
     # none skips enough: the one that skips most
     assert bench.choose_setting([trial(70.0, 0.1), trial(60.0, 0.2)], target_rate=0.5) == 1
 
@@ -41,11 +43,21 @@ def test_a_tuned_change_overrides_the_fixed_settings_and_the_dual_step(bench):
             assert set(change) <= set(bench.AGENT_SETTINGS[agent]) | {"dual_lr"}, (agent, change)
 
 
-def test_tuned_settings_are_read_back_per_task_and_agent(bench, tmp_path):
+def test_tuned_settings_are_read_back_and_stale_or_missing_choices_refused(bench, tmp_path):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(target_rate=0.35, reward="correct", lam=1.0, dual_lr=0.002, num_envs=64,
+                           pipeline_dir="runs/p")
     rows = [{"task": "rte", "agent": "ppo", "chosen": 1, "trials": [trial(1, 0.3), trial(2, 0.3, {"ent_coef": 0.03})],
-             "env_steps": 10, "commit": "abc", "command": "python benchmarks/agents.py --tune"}]
+             "env_steps": 10, "tuned_under": {k: getattr(args, k) for k in bench.TUNED_UNDER}, "commit": "abc",
+             "command": "python benchmarks/agents.py --tune"}]
     (tmp_path / "agents_tuning.json").write_text(json.dumps(rows))
-    assert bench.tuned_settings(tmp_path) == {("rte", "ppo"): {"ent_coef": 0.03}}
+    assert bench.tuned_settings(tmp_path, args, [("rte", "ppo")]) == {("rte", "ppo"): {"ent_coef": 0.03}}
     assert bench.tuned_settings(tmp_path / "nothing") == {}
+    with pytest.raises(SystemExit, match="no choice for rte/a2c"):
+        bench.tuned_settings(tmp_path, args, [("rte", "ppo"), ("rte", "a2c")])
+    args.target_rate = 0.5
+    with pytest.raises(SystemExit, match="tuned under other arguments.*target_rate"):
+        bench.tuned_settings(tmp_path, args, [("rte", "ppo")])
     bench.write_tuning(rows, tmp_path / "agents_tuning.md")
     assert "| rte | ppo | {\"ent_coef\": 0.03} | 2.00 | 4.20 | yes |" in (tmp_path / "agents_tuning.md").read_text()
