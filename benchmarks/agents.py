@@ -383,7 +383,8 @@ def main() -> None:
             m, ag, obs = trained["model"].eval(), trained["agent"], trained["env"].observer
 
             def forward(b, m=m, ag=ag, obs=obs):
-                return agent_forward(m, ag, b["input_ids"], b["attention_mask"], b.get("token_type_ids"), obs)
+                return agent_forward(m, ag, b["input_ids"], b["attention_mask"], b.get("token_type_ids"), obs,
+                                     with_probs=True)
 
             learner = run_dataset(m, sh["sets"]["dev"], collate, 64, forward=forward)
             rep = routing_report(m, task, learner, sh["sets"]["select"], sh["sets"]["dev"], sh["sets"]["fit"],
