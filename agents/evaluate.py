@@ -21,20 +21,29 @@ from .base import Agent
 
 
 @torch.inference_mode()
-def agent_forward(model: DPBert, agent: Agent, input_ids, attention_mask, token_type_ids=None, observer=None):
-    """Logits ``(N, C)`` and actions ``(N, L)`` of the path the agent (greedy) chooses per input.
+def agent_forward(model: DPBert, agent: Agent, input_ids, attention_mask, token_type_ids=None, observer=None,
+                  with_probs: bool = False):
+    """Logits ``(N, C)`` and actions ``(N, L)`` of the path the agent (greedy) chooses per input; with
+    ``with_probs`` also its execute probabilities ``(N, L)`` at the states it met (None for an agent that
+    has none, e.g. DQN), for the hesitant-gate diagnostic.
 
     :param observer: the :class:`~dpbert_rl.planner.Planners` whose features and statistics the agent was
         trained on (the training env's ``observer``); default the model's own planners."""
     state = model.embed(input_ids, attention_mask, token_type_ids)
     h, L = state.hidden, model.num_layers
     observer = observer if observer is not None else model.planners
-    actions = []
+    actions, probs = [], []
     for i in range(L):
-        a = np.asarray(agent.act(observe(observer, h, state.mask, i), deterministic=True)).reshape(-1)
+        obs = observe(observer, h, state.mask, i)
+        if with_probs:
+            probs.append(agent.execute_probability(obs))
+        a = np.asarray(agent.act(obs, deterministic=True)).reshape(-1)
         actions.append(a)
         h = model.execute(i, h, state.mask, torch.from_numpy(a.astype(bool)))
-    return model.classify(h), np.stack(actions, 1)
+    if not with_probs:
+        return model.classify(h), np.stack(actions, 1)
+    p = np.stack(probs, 1) if all(q is not None for q in probs) else None
+    return model.classify(h), np.stack(actions, 1), p
 
 
 def score_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch_size: int = 64, observer=None) -> dict:

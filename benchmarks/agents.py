@@ -17,10 +17,14 @@ frontier at the same mean layers (fixed paths chosen on the selection split, nev
 bootstrap), distinct paths, hesitant gates and a linear probe. Writes ``agents.json``/``.md``/``.png``
 (dev score against layers, with the frontier, first-k and random references), ``agents_curves.png``
 (each agent's TensorBoard reward curve on the first task) and the ``routing.json``/``.md`` rows.
-No hyperparameter is chosen on dev; the settings are ``AGENT_SETTINGS`` below.
+No hyperparameter is chosen on dev. The settings are ``AGENT_SETTINGS`` below, or (``--settings tuned``) the
+change to them that ``--tune`` chose per task and agent on the selection split (``TUNING_GRID``; trials are
+shorter than the final runs, ``--tune-steps``).
 
     python benchmarks/agents.py --data-dir ../shared/data/glue
     python benchmarks/agents.py --data-dir ../shared/data/glue --tasks mrpc --agents ppo --joint-tasks ""
+    python benchmarks/agents.py --data-dir ../shared/data/glue --tune                 # choose on the selection split
+    python benchmarks/agents.py --data-dir ../shared/data/glue --settings tuned --joint-tasks ""
 """
 
 from __future__ import annotations
@@ -64,6 +68,139 @@ AGENT_SETTINGS = {
             "gradient_steps": 4, "learning_rate": 5e-4, "target_update_interval": 5_000,
             "exploration_fraction": 0.2, "exploration_final_eps": 0.02, "gamma": 1.0},
 }
+
+
+# ``--tune``: the settings tried per agent and task, each a change to AGENT_SETTINGS (``{}``: as fixed). Reward
+# scale (the layer price is set by the dual, so the step of the dual is what scales it), entropy and
+# learning rate are what matter; every choice is made on the selection split's tree, never on dev.
+TUNING_GRID = {
+    "reinforce": [{}, {"lr": 3e-3}, {"lr": 3e-2}, {"entropy_coef": 0.03}],
+    "ppo": [{}, {"learning_rate": 1e-4}, {"learning_rate": 1e-3}, {"ent_coef": 0.03}],
+    "a2c": [{}, {"learning_rate": 2e-4}, {"learning_rate": 2e-3}, {"ent_coef": 0.03}],
+    "dqn": [{}, {"learning_rate": 2e-4}, {"dual_lr": 5e-4}, {"exploration_fraction": 0.4}],
+}
+SELECT_TOLERANCE = 0.05
+"""A tuned setting must skip at least ``target_rate - SELECT_TOLERANCE`` of the layers on the selection split
+(the planners' selection rule)."""
+
+
+def choose_setting(trials: list, target_rate: float) -> int:
+    """Index of the trial with the best selection score among those that skip at least
+    ``target_rate - SELECT_TOLERANCE`` on the selection split; without any, the one that skips most."""
+    ok = [i for i, t in enumerate(trials) if t["select_skip_rate"] >= target_rate - SELECT_TOLERANCE]
+    if ok:
+        return max(ok, key=lambda i: trials[i]["select_score"])
+    return max(range(len(trials)), key=lambda i: trials[i]["select_skip_rate"])
+
+
+def agent_settings(agent: str, change: dict, dual_lr: float) -> tuple:
+    """``(agent kwargs, dual step)``: AGENT_SETTINGS with ``change`` applied (``dual_lr`` is the rate control's)."""
+    change = dict(change)
+    return {**AGENT_SETTINGS.get(agent, {}), **{k: v for k, v in change.items() if k != "dual_lr"}}, \
+        change.get("dual_lr", dual_lr)
+
+
+TUNED_UNDER = ("target_rate", "reward", "lam", "dual_lr", "num_envs", "pipeline_dir")
+"""The arguments a tuning choice depends on: ``--settings tuned`` refuses choices made under others."""
+
+
+def tuned_settings(results: Path, args=None, pairs=()) -> dict:
+    """``{(task, agent): change}`` chosen by an earlier ``--tune`` (``agents_tuning.json``). With ``args``,
+    every pair of ``pairs`` must have a choice made under the same :data:`TUNED_UNDER` arguments."""
+    path = results / "agents_tuning.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    chosen = {(r["task"], r["agent"]): r for r in rows}
+    for pair in pairs:
+        if pair not in chosen:
+            raise SystemExit(f"--settings tuned: {path} has no choice for {pair[0]}/{pair[1]}; run --tune "
+                             f"--tasks {pair[0]} --agents {pair[1]} first")
+        diff = {k: (chosen[pair].get("tuned_under", {}).get(k), getattr(args, k)) for k in TUNED_UNDER
+                if chosen[pair].get("tuned_under", {}).get(k) != getattr(args, k)}
+        if diff:
+            raise SystemExit(f"--settings tuned: {pair[0]}/{pair[1]} was tuned under other arguments "
+                             f"(tuned, now): {diff}; run --tune again")
+    return {k: r["trials"][r["chosen"]]["change"] for k, r in chosen.items()}
+
+
+def tune(args, results: Path) -> None:
+    """For every task and agent, train each TUNING_GRID setting for ``--tune-steps`` on the tree env of the
+    fit split, score its greedy policy on the selection split's tree, and choose (:func:`choose_setting`).
+    Writes ``agents_tuning.json`` and ``.md``; dev is not read."""
+    path = results / "agents_tuning.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    for task_name in [t for t in args.tasks.split(",") if t]:
+        setup = task_setup(task_name, args)
+        task = get_task(task_name)
+        for agent in [a for a in args.agents.split(",") if a]:
+            trials = []
+            for i, change in enumerate(TUNING_GRID.get(agent, [{}])):
+                kwargs, dual_lr = agent_settings(agent, change, args.dual_lr)
+                ns = agent_namespace(task.name, agent, "frozen", setup, args, kwargs, dual_lr, args.tune_steps,
+                                     f"{args.output_dir}/{task.name}-tune/{agent}-{i}")
+                print(f"[tune] {task.name} {agent} {change or 'as fixed'}: {ns.total_steps} steps", flush=True)
+                trained = train_agent(agent, ns)
+                select = tree_run(trained["agent"], tree_env(setup, ns, "select"))
+                acts = np.asarray(select["actions"])
+                trials.append({"change": change, "select_score": task_score(task, select["predictions"],
+                                                                            select["labels"]),
+                               "select_layers": float(acts.sum(1).mean()), "select_skip_rate": 1.0 - float(acts.mean()),
+                               "train_seconds": trained["train_seconds"]})
+                print(f"[tune]   selection {trials[-1]['select_score']:.2f} at {trials[-1]['select_layers']:.2f} layers",
+                      flush=True)
+            row = {"task": task.name, "agent": agent, "trials": trials, "chosen": choose_setting(trials, args.target_rate),
+                   "env_steps": args.tune_steps, "tuned_under": {k: getattr(args, k) for k in TUNED_UNDER},
+                   "rule": f"best selection score with skip rate >= target_rate - {SELECT_TOLERANCE}",
+                   "commit": commit(), "command": command()}
+            rows = [r for r in rows if (r["task"], r["agent"]) != (task.name, agent)] + [row]
+            path.write_text(json.dumps(rows, indent=2))
+            write_tuning(rows, results / "agents_tuning.md")
+
+
+def write_tuning(rows: list, path: Path) -> None:
+    lines = ["# Agents tuned on the selection split (tree env; dev not read)", "",
+             "Written by `benchmarks/agents.py --tune`; do not edit by hand. Chosen: the best selection score "
+             f"among settings that skip at least target_rate - {SELECT_TOLERANCE}.", "",
+             "| task | agent | change to AGENT_SETTINGS | selection score | layers | chosen |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        for i, t in enumerate(r["trials"]):
+            lines.append(f"| {r['task']} | {r['agent']} | {json.dumps(t['change']) if t['change'] else 'as fixed'} | "
+                         f"{t['select_score']:.2f} | {t['select_layers']:.2f} | {'yes' if i == r['chosen'] else ''} |")
+    lines += ["", *sorted({f"- `{r['command']}` at {r['commit'][:12]}, {r['env_steps']} env steps per trial (the final "
+                           "runs are longer: agents.md)" for r in rows})]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def task_setup(task_name: str, args) -> dict:
+    """The pipeline run an agent starts from: its stage-2 checkpoint, the exact stage's directory and
+    config (features, caches), and the starting layer price (where the exact stage's dual ascent ended;
+    an env's c must be >= 0 to start)."""
+    run_dir = Path(args.pipeline_dir) / task_name
+    model_dir, exact_dir = run_dir / "stage2_planner_init" / "model", run_dir / "stage3_exact"
+    if not (exact_dir / "model" / "DONE").is_file():
+        raise SystemExit(f"{exact_dir} is not finished: run benchmarks/pipeline.py --tasks {task_name} first")
+    exact_cfg = json.loads((exact_dir / "config.json").read_text())
+    price0 = max(0.0, json.loads((exact_dir / "model" / "selection.json").read_text())["price"])
+    return {"model_dir": model_dir, "exact_dir": exact_dir, "exact_cfg": exact_cfg, "price0": price0}
+
+
+def agent_namespace(task: str, agent: str, mode: str, setup: dict, args, kwargs: dict, dual_lr: float,
+                    total_steps: int, output_dir: str) -> SimpleNamespace:
+    """The arguments :func:`agents.cli.train_agent` reads, for one agent on one task."""
+    cfg = setup["exact_cfg"]
+    return SimpleNamespace(
+        model=str(setup["model_dir"]), task=task, data_dir=args.data_dir, backbone_mode=mode,
+        env="tree" if mode == "frozen" else "live", features=cfg["planner_features"], reward=args.reward,
+        cache_dir=str(setup["exact_dir"] / "pathtree"), total_steps=total_steps, num_envs=args.num_envs,
+        max_train_samples=cfg["max_train_samples"], max_eval_samples=None, lam=args.lam, cost=setup["price0"],
+        target_rate=args.target_rate, rate_control="dual", dual_lr=dual_lr, agent_kwargs={agent: kwargs},
+        latency_samples=args.latency_samples, seed=args.seed, output_dir=output_dir)
+
+
+def tree_env(setup: dict, ns, split: str) -> BatchedLayerSkipTreeEnv:
+    """A one-env replay of ``split`` from the exact stage's caches (price 0: greedy paths only)."""
+    return BatchedLayerSkipTreeEnv(num_envs=1, split=split, task=ns.task, data_dir=ns.data_dir, model=ns.model,
+                                   cache_dir=ns.cache_dir, features=ns.features, reward=ns.reward, c=0.0,
+                                   lambda_=ns.lam, progress=False)
 
 
 def tree_row(trained: dict, ns, learner: dict, dev_run: dict, seed: int) -> dict:
@@ -153,6 +290,14 @@ def main() -> None:
     ap.add_argument("--dual-lr", type=float, default=0.002, help="dual step per batch of finished episodes")
     ap.add_argument("--latency-samples", type=int, default=200,
                     help="dev inputs timed at batch 1; 0: no timing now (run --retime later on an idle CPU)")
+    ap.add_argument("--tune", action="store_true",
+                    help="only tune: train every TUNING_GRID setting per task and agent for --tune-steps on the tree "
+                         "env, score it on the selection split, choose; writes agents_tuning.json/.md (dev not read)")
+    ap.add_argument("--tune-steps", type=int, default=300_000, help="env steps per --tune trial")
+    ap.add_argument("--settings", default="fixed", choices=("fixed", "tuned"),
+                    help="fixed: AGENT_SETTINGS; tuned: the settings --tune chose (agents_tuning.json), per task and "
+                         "agent (frozen rows; refused where none was chosen, or where it was chosen under other "
+                         "--target-rate/--reward/--lam/--dual-lr/--num-envs/--pipeline-dir)")
     ap.add_argument("--retime", action="store_true",
                     help="only measure the batch-1 speed-up of the saved frozen agents whose rows have none "
                          "(loads each from --output-dir), and rewrite the results")
@@ -171,22 +316,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = results / "agents.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
+    if args.retime and args.tune:
+        ap.error("--retime and --tune are separate runs: pass one of them")
     if args.retime:
         retime(rows, args, results)
+        return
+    if args.tune:
+        tune(args, results)
         return
     rows = [r for r in rows if r.get("env") in ("tree", "live") and r.get("rate_control") == "dual"]  # this protocol
     curves = load_references(args)  # earlier invocations' tasks stay in the plot
     plan = [(t, "frozen", a) for t in args.tasks.split(",") if t for a in args.agents.split(",")] + \
            [(t, "joint", a) for t in args.joint_tasks.split(",") if t for a in args.joint_agents.split(",")]
     shared: dict = {}
+    tuned = tuned_settings(results, args, [(t, a) for t, m, a in plan if m == "frozen"]) \
+        if args.settings == "tuned" else {}
     for task_name, mode, agent in plan:
-        run_dir = Path(args.pipeline_dir) / task_name
-        model_dir, exact_dir = run_dir / "stage2_planner_init" / "model", run_dir / "stage3_exact"
-        if not (exact_dir / "model" / "DONE").is_file():
-            raise SystemExit(f"{exact_dir} is not finished: run benchmarks/pipeline.py --tasks {task_name} first")
-        exact_cfg = json.loads((exact_dir / "config.json").read_text())
-        # the starting price: where the exact stage's dual ascent ended (an env's c must be >= 0 to start)
-        price0 = max(0.0, json.loads((exact_dir / "model" / "selection.json").read_text())["price"])
+        setup = task_setup(task_name, args)
+        model_dir, exact_dir, exact_cfg = setup["model_dir"], setup["exact_dir"], setup["exact_cfg"]
         task = get_task(task_name)
         if task_name not in shared:  # per task: the frozen model, the trees, the sets, the probe memo
             model = DPBert.load(model_dir).eval()
@@ -207,22 +354,18 @@ def main() -> None:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.output_dir) / "references.json").write_text(json.dumps(curves))
         sh = shared[task_name]
-        ns = SimpleNamespace(
-            model=str(model_dir), task=task.name, data_dir=args.data_dir, backbone_mode=mode,
-            env="tree" if mode == "frozen" else "live", features=sh["feats"], reward=args.reward,
-            cache_dir=str(exact_dir / "pathtree"), total_steps=args.total_steps if mode == "frozen" else args.joint_steps,
-            num_envs=args.num_envs, max_train_samples=exact_cfg["max_train_samples"], max_eval_samples=None,
-            lam=args.lam, cost=price0, target_rate=args.target_rate, rate_control="dual", dual_lr=args.dual_lr,
-            agent_kwargs={agent: AGENT_SETTINGS.get(agent, {})}, latency_samples=args.latency_samples,
-            seed=args.seed, output_dir=f"{args.output_dir}/{task.name}-{mode}")
+        is_tuned = mode == "frozen" and (task.name, agent) in tuned  # tuning runs on the tree env
+        change = tuned[(task.name, agent)] if is_tuned else {}
+        kwargs, dual_lr = agent_settings(agent, change, args.dual_lr)
+        ns = agent_namespace(task.name, agent, mode, setup, args, kwargs, dual_lr,
+                             args.total_steps if mode == "frozen" else args.joint_steps,
+                             f"{args.output_dir}/{task.name}-{mode}" + ("-tuned" if is_tuned else ""))
         print(f"[agents] {task.name} {mode} {agent}: {ns.total_steps} steps", flush=True)
         trained = train_agent(agent, ns)
         collate = collator(trained["model"].tokenizer)
         if mode == "frozen":  # the greedy paths replayed from the trees: equal to driving the model (tested)
-            kw = dict(task=task.name, data_dir=args.data_dir, model=str(model_dir), cache_dir=ns.cache_dir,
-                      features=sh["feats"], reward=args.reward, c=0.0, lambda_=args.lam, progress=False)
-            learner = tree_run(trained["agent"], BatchedLayerSkipTreeEnv(num_envs=1, split="dev", **kw))
-            select = tree_run(trained["agent"], BatchedLayerSkipTreeEnv(num_envs=1, split="select", **kw))
+            learner = tree_run(trained["agent"], tree_env(setup, ns, "dev"))
+            select = tree_run(trained["agent"], tree_env(setup, ns, "select"))
             row = tree_row(trained, ns, learner, sh["runs"]["dev"], args.seed)
             row["select_score"] = task_score(task, select["predictions"], select["labels"])
             if args.latency_samples:  # timed now, live (else: --retime, which also checks the live score)
@@ -240,13 +383,16 @@ def main() -> None:
             m, ag, obs = trained["model"].eval(), trained["agent"], trained["env"].observer
 
             def forward(b, m=m, ag=ag, obs=obs):
-                return agent_forward(m, ag, b["input_ids"], b["attention_mask"], b.get("token_type_ids"), obs)
+                return agent_forward(m, ag, b["input_ids"], b["attention_mask"], b.get("token_type_ids"), obs,
+                                     with_probs=True)
 
             learner = run_dataset(m, sh["sets"]["dev"], collate, 64, forward=forward)
             rep = routing_report(m, task, learner, sh["sets"]["select"], sh["sets"]["dev"], sh["sets"]["fit"],
                                  collate, n_boot=args.bootstrap)
         stamp = {"commit": commit(), "command": command(), "machine": machine_info()}
-        row.update({"target_rate": args.target_rate, "dual_lr": args.dual_lr, "settings": AGENT_SETTINGS.get(agent),
+        row.update({"target_rate": args.target_rate, "dual_lr": dual_lr, "settings": kwargs,
+                    "settings_source": "tuned" if is_tuned else "fixed",
+                    "agent_dir": str(Path(ns.output_dir) / "agents" / agent),
                     "margin": rep["margin"], "margin_ci95": rep["margin_ci95"], **stamp})
         rows = [r for r in rows if (r["task"], r["agent"], r["backbone_mode"]) != (task.name, agent, mode)] + [row]
         path.write_text(json.dumps(rows, indent=2))
@@ -278,7 +424,7 @@ def retime(rows: list, args, results: Path) -> None:
         task = get_task(row["task"])
         model = DPBert.load(row["model"]).eval()  # frozen: the checkpoint is the model the agent drove
         dev = tokenize(load_split(task, "dev", args.data_dir), model.tokenizer, model.task_info.max_seq_length)
-        agent = Agent.load(Path(args.output_dir) / f"{task.name}-frozen" / "agents" / row["agent"])
+        agent = Agent.load(row.get("agent_dir") or Path(args.output_dir) / f"{task.name}-frozen" / "agents" / row["agent"])
         res = evaluate_agent(agent, model, task, dev, collator(model.tokenizer), latency_samples=args.latency_samples)
         if abs(res["score"] - row["dev_score"]) > 1e-4:  # the trees hold float32 predictions (STS-B: ~1e-6 apart)
             raise SystemExit(f"{task.name}/{row['agent']}: the reloaded agent scores {res['score']}, its row "
@@ -308,7 +454,7 @@ def write_report(rows: list, curves: dict, results: Path) -> None:
             ("dev score", "dev_score", ".2f"), ("random, same rate", "random_same_rate_score", ".2f"),
             ("margin vs fixed", "margin", "+.2f"), ("layers", "layers_executed_mean", ".2f"),
             ("speed-up", "speedup_measured", ".2f"), ("env steps", "env_steps", ""), ("train s", "train_seconds", ".0f"),
-            ("commit", "commit", "")]
+            ("settings", "settings_source", ""), ("commit", "commit", "")]
     (results / "agents.md").write_text(
         "# Agents on fine-tuned MiniLM-L6 (dev sets)\n\nWritten by `benchmarks/agents.py`; do not edit by hand. "
         "Frozen rows trained on the path-tree env, joint rows on the live env; the margin is over the fixed-path "

@@ -294,9 +294,8 @@ def check_spread(stats: dict, threshold: float = 1e-3) -> list:
 
 
 __all__ = ["skip_one_losses", "inspect_features", "format_inspection", "fixed_frontier", "frontier_mixture",
-           "frontier_margin", "random_skip_score", "task_score", "layer_features", "linear_probe", "tree_probe", "check_spread", "feature_stats",
-           "skip_all_check",
-           "routing_report"]
+           "frontier_margin", "random_skip_score", "task_score", "layer_features", "linear_probe", "tree_probe",
+           "check_spread", "feature_stats", "skip_all_check", "routing_report"]
 
 
 def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set, dev_set, fit_set, collate_fn,

@@ -29,8 +29,8 @@ def run_dataset(
     """Run ``model`` over a tokenised dataset; returns numpy ``predictions``, ``labels``,
     ``actions`` ``(N, L)`` and (when the paths come from the planners) ``probs`` ``(N, L)``.
 
-    :param forward: replaces the model's own path choice: ``batch -> (logits, actions)``, e.g. an
-        agent driving the layers (:func:`agents.evaluate.agent_forward`).
+    :param forward: replaces the model's own path choice: ``batch -> (logits, actions)`` or
+        ``(logits, actions, probs)``, e.g. an agent driving the layers (:func:`agents.evaluate.agent_forward`).
     :param with_loss: also return the task loss of every input, ``losses`` ``(N,)``.
     """
     was_training = model.training
@@ -50,7 +50,9 @@ def run_dataset(
             logits, act = out.logits, out.actions
             probs.append(out.probs.float().cpu())
         else:
-            logits, act = forward(batch)
+            logits, act, *p = forward(batch)
+            if p and p[0] is not None:
+                probs.append(torch.as_tensor(p[0]).float().cpu())
         preds.append(model.predict(logits).float().cpu())
         if with_loss:
             losses.append(model.task_loss(logits, batch["labels"]).float().cpu())

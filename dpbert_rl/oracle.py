@@ -115,4 +115,5 @@ def best_static_paths(run: dict, score_fn) -> dict:
     return best
 
 
-__all__ = ["paths", "first_k_path", "path_indices", "path_states", "enumerate_paths", "oracle_choices", "best_static_paths"]
+__all__ = ["paths", "first_k_path", "path_indices", "path_states", "enumerate_paths", "oracle_choices",
+           "best_static_paths"]

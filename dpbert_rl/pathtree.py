@@ -41,8 +41,8 @@ where that error is acceptable; the default keeps the replay equal to the live e
 
 Files live in ``runs/pathtree/<task>_<split>_<features>_<key>/`` (``.npy``, no pickle, memory-mapped on
 load; ``meta.json``), keyed by the checkpoint (weights file path, mtime and size; or a hash of the
-weights of an in-memory model), the task, split, the data file's content (SHA-256), ``max_samples``, ``max_seq_length``,
-features and dtype. :func:`tree_cache` reuses a cache when present and builds it otherwise.
+weights of an in-memory model), the task, split, the data file's content (SHA-256), ``max_samples``,
+``max_seq_length``, features and dtype. :func:`tree_cache` reuses a cache when present and builds it otherwise.
 
 On top of the cache: :func:`train_exact`, planner training by the exact expected reward over all
 paths (no sampling, so a gradient without variance; ``dpbert-rl exact``), and the replay environment

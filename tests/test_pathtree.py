@@ -494,16 +494,17 @@ def test_an_agents_greedy_run_on_the_tree_equals_driving_the_model_live(name, ti
 
     def forward(b):
         return agent_forward(model, agent, b["input_ids"], b["attention_mask"], b.get("token_type_ids"),
-                             dev_env.observer)
+                             dev_env.observer, with_probs=True)
 
     live = run_dataset(model, dev, collator(model.tokenizer), 8, forward=forward)
     assert np.array_equal(run["actions"], live["actions"]) and np.array_equal(run["predictions"], live["predictions"])
     assert np.array_equal(run["labels"], live["labels"])
     if name == "dqn":
-        assert "probs" not in run  # no gate probabilities: the hesitant-gate diagnostic is left blank
+        assert "probs" not in run and "probs" not in live  # no gate probabilities: the diagnostic is left blank
     else:
         p = run["probs"]
         assert p.shape == run["actions"].shape and np.array_equal(p >= 0.5, run["actions"] == 1)
+        np.testing.assert_allclose(live["probs"], p, atol=1e-4)  # the live run records the same gates
 
 
 def test_reinforce_loo_normalised_entropy_gradient_equals_the_objective(tiny_model_dir, tiny_glue, cache_dir):
