@@ -33,7 +33,8 @@ from dpbert_rl.metrics import compute_metrics
 from dpbert_rl.model import DPBert
 from dpbert_rl.train import TrainConfig, exact_stage, load_data, stage_done, train_stage
 
-# Training subsets, chosen so that the clean run fits about 4 hours on 2 cores (README)
+# Training subsets, chosen to fit the clean run into about 4 hours on 2 cores by the first (too low) time
+# estimate; the run at these subsets takes about 5.5 h there (README, `--plan`)
 TASK_SETTINGS = {"rte": {}, "mrpc": {}, "sst2": {"max_train_samples": 5000}, "stsb": {}}
 # For --plan only: seconds of one batch-32 training step and ms of one batch-1 forward of the full
 # MiniLM-L6 on the 2-core machine at 2 threads. RTE from the clean run at 2a69ab6 (25.5 ms batch-1, its
