@@ -305,6 +305,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--curves-task", default="mrpc", help="the task whose TensorBoard curves go to agents_curves.png")
+    ap.add_argument("--curves-only", action="store_true",
+                    help="only redraw agents_curves.png from the TensorBoard logs of --curves-task's frozen runs "
+                         "under --output-dir (those of --settings), and stop")
     ap.add_argument("--output-dir", default="runs/bench-agents-v2")
     ap.add_argument("--results-dir", default=str(RESULTS), help="where the results files go (a trial run: elsewhere)")
     args = ap.parse_args()
@@ -318,6 +321,9 @@ def main() -> None:
     rows = json.loads(path.read_text()) if path.is_file() else []
     if args.retime and args.tune:
         ap.error("--retime and --tune are separate runs: pass one of them")
+    if args.curves_only:
+        draw_curves(args, results)
+        return
     if args.retime:
         retime(rows, args, results)
         return
@@ -407,9 +413,17 @@ def main() -> None:
               flush=True)
         write_report(rows, curves, results)
     if args.curves_task in args.tasks.split(","):
-        t = args.curves_task
-        plot_curves(Path(args.output_dir) / f"{t}-frozen" / "tb", args.agents.split(","), results / "agents_curves.png",
-                    f"{t}, frozen backbone, tree env: training curves (TensorBoard)")
+        draw_curves(args, results)
+
+
+def draw_curves(args, results: Path) -> None:
+    """agents_curves.png from the TensorBoard logs of ``--curves-task``'s frozen runs of this ``--settings``."""
+    t, tuned = args.curves_task, args.settings == "tuned"
+    tb = Path(args.output_dir) / (f"{t}-frozen" + ("-tuned" if tuned else "")) / "tb"
+    if not tb.is_dir():
+        raise SystemExit(f"no TensorBoard logs at {tb}: run the frozen {t} agents (--settings {args.settings}) first")
+    plot_curves(tb, args.agents.split(","), results / "agents_curves.png",
+                f"{t}, frozen backbone, tree env, {'tuned' if tuned else 'fixed'} settings: training curves (TensorBoard)")
 
 
 def retime(rows: list, args, results: Path) -> None:

@@ -53,7 +53,7 @@ from tradeoff_analysis import (LABELS, METHODS, TARGET_WINDOW, WINDOW, best_in_w
                                chosen_summary, envelope_at, front, headline, is_noisy, merge, oracle_gap,
                                target_check, task_noise, write_report)
 from tradeoff_figures import plot  # noqa: E402
-from tradeoff_methods import RUNNERS, TASK_SETTINGS, TaskRun, keep_paths, plan  # noqa: E402
+from tradeoff_methods import RUNNERS, TASK_SETTINGS, TaskRun, keep_paths, measured_seconds, plan  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -257,7 +257,12 @@ def main(argv=None) -> None:
         print("| task | " + " | ".join(cols) + " |")
         for r in rows:
             print(f"| {r['task']} | " + " | ".join(f"{r[k]:.0f}" for k in cols) + " |")
-        print(f"estimated total: {sum(r['total'] for r in rows) / 3600:.2f} h (seconds per column above)")
+            seen = measured_seconds(Path(args.output_dir) / r["task"])
+            if seen:  # an earlier run's wall clock beside the estimate, where it has one
+                print(f"| {r['task']} measured | " + " | ".join(
+                    f"{seen[k]:.0f}" if k in seen else "" for k in cols) + " |")
+        print(f"estimated total: {sum(r['total'] for r in rows) / 3600:.2f} h (seconds per column above; "
+              f"'measured': what the run under {args.output_dir} took, per method)")
         return
     args.code_commit = getattr(args, "code_commit", None) or pinned_code_commit()
     check_one_commit([], args.code_commit, args.allow_mixed, "this run")  # a dirty tree stops here, not hours later

@@ -390,7 +390,7 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
         if ok and (state["best"] is None or res["score"] > state["best"]):
             state["best"], state["best_step"] = res["score"], step
             if main:
-                _save_atomic(raw, model_dir, extra={"step": step, "dev": res})
+                _save_atomic(raw, model_dir, extra={"step": step, "select": res})
         return res
 
     # ---- the loop

@@ -61,3 +61,18 @@ def test_tuned_settings_are_read_back_and_stale_or_missing_choices_refused(bench
         bench.tuned_settings(tmp_path, args, [("rte", "ppo")])
     bench.write_tuning(rows, tmp_path / "agents_tuning.md")
     assert "| rte | ppo | {\"ent_coef\": 0.03} | 2.00 | 4.20 | yes |" in (tmp_path / "agents_tuning.md").read_text()
+
+
+def test_the_curves_figure_reads_the_runs_of_the_settings_it_is_drawn_for(bench, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(bench, "plot_curves", lambda tb, agents, path, title: drawn.append((tb, title)))
+    for d in ("mrpc-frozen", "mrpc-frozen-tuned"):
+        (tmp_path / d / "tb").mkdir(parents=True)
+    for settings in ("fixed", "tuned"):
+        args = type("A", (), dict(curves_task="mrpc", settings=settings, output_dir=str(tmp_path), agents="ppo,a2c"))
+        bench.draw_curves(args, tmp_path)
+    assert [tb for tb, _ in drawn] == [tmp_path / "mrpc-frozen" / "tb", tmp_path / "mrpc-frozen-tuned" / "tb"]
+    assert "tuned settings" in drawn[1][1] and "fixed settings" in drawn[0][1]
+    args = type("A", (), dict(curves_task="rte", settings="tuned", output_dir=str(tmp_path), agents="ppo"))
+    with pytest.raises(SystemExit, match="no TensorBoard logs at .*rte-frozen-tuned"):
+        bench.draw_curves(args, tmp_path)

@@ -130,6 +130,24 @@ def test_noisy_timing_is_marked(tmp_path):
     assert not an.task_noise(entry)["noisy"]
 
 
+def test_plan_prints_an_earlier_runs_wall_clock_beside_its_estimate(tiny_glue, tmp_path, capsys):
+    task_dir = tmp_path / "runs" / "rte"
+    (task_dir / "points").mkdir(parents=True)
+    (task_dir / "points" / "deebert.json").write_text(json.dumps({"seconds": 252.4, "points": []}))
+    (task_dir / "stage1_finetune" / "model").mkdir(parents=True)
+    (task_dir / "stage1_finetune" / "model" / "DONE").write_text(json.dumps({"seconds": 790.0}))
+    assert bench("tradeoff_methods").measured_seconds(task_dir) == {"stage1": 790.0, "deebert": 252.4}
+    bench("tradeoff").main(["--data-dir", str(tiny_glue), "--tasks", "rte,mrpc", "--plan",
+                            "--output-dir", str(tmp_path / "runs")])
+    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ")]
+    header, rows = lines[0], {r[0]: dict(zip(lines[0], r)) for r in lines[1:]}
+    assert header[0] == "task" and set(rows) == {"rte", "rte measured", "mrpc"}  # mrpc never ran
+    seen = rows["rte measured"]
+    assert seen["stage1"] == "790" and seen["deebert"] == "252" and seen["pabee"] == "" and seen["total"] == ""
+    assert float(rows["rte"]["stage1"]) > 0
+
+
 def test_choices_read_only_the_selection_split():
     an = bench("tradeoff_analysis")
     pts = [{"setting": "a", "score": 90, "speedup_measured": 1.5, "select_score": 60, "select_speedup_ideal": 1.5},

@@ -40,6 +40,8 @@ def test_finetune_writes_config_metrics_tensorboard_and_model(tiny_ckpt, tiny_gl
     assert not any("eval/dev_score" in r for r in rows)  # dev chooses nothing, so it is not watched either
     done = json.loads((out / "DONE").read_text())
     assert done["dev"]["num_examples"] == 24 and conf["select_examples"] == 5 and conf["train_examples"] == 43
+    chosen = json.loads((out / "selection.json").read_text())  # what the choice was made on, named as such
+    assert chosen["select"]["num_examples"] == 5 and "dev" not in chosen
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = list((tmp_path / "ft" / "tb").rglob("events.out.tfevents*"))
