@@ -159,6 +159,10 @@ def test_choices_read_only_the_selection_split():
     (check,) = an.target_check({"methods": {"dpbert": {"points": pts}, "pabee": {"points": other}}})
     # up to 1.5x DPBERT's choice is b (selection 70 > 65; dev 50 < 60); from 1.55x on only c is that fast
     assert [s for s, _, _ in check["below_at"]] == [1.3, 1.35, 1.4, 1.45, 1.5] and check["compared"] == 7
+    # the target is against every early-exit baseline of Table 1: DeeBERT, PABEE and BERxiT
+    checks = an.target_check({"methods": {"dpbert": {"points": pts}, **{m: {"points": other} for m in
+                                                                          ("deebert", "pabee", "berxit", "layerdrop")}}})
+    assert [c["against"] for c in checks] == ["deebert", "pabee", "berxit"]
 
 
 # ---------------------------------------------------------------------- held-out exit statistics
