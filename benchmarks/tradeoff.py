@@ -106,14 +106,31 @@ def run_task(task: str, args, results: dict, save) -> None:
 # ---------------------------------------------------------------------- the same models on another device
 def retime(args, out_dir: Path) -> Path:
     """Time the settings of ``tradeoff.json`` again on ``args.device`` at every ``args.batch_sizes``
-    (the models under ``--output-dir``, nothing trained); writes ``tradeoff_<device>.json``."""
+    (the models under ``--output-dir``, nothing trained); writes ``tradeoff_<device>.json``, merged into
+    the one there (other tasks and methods kept; a file of other code commits is refused unless
+    ``--allow-mixed``, ``--fresh`` starts a new one). Each point also gets the layers it runs on this
+    device (``layers_executed_mean_device``, ``speedup_ideal_device``) beside those of the run that
+    made it: equal when the same models take the same paths here."""
     results = json.loads((out_dir / "tradeoff.json").read_text())
     check_one_commit([results.get("commit")], args.code_commit, args.allow_mixed, "re-timing tradeoff.json")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["cpu"]
     tag = re.sub(r"[^a-z0-9]+", "-", f"{device.type}-{name}".lower()).strip("-")
+    path = out_dir / f"tradeoff_{tag}.json"
     out = {"device": str(device), "device_name": name, "batch_sizes": args.batch_sizes, "commit": args.code_commit,
            "source_commit": results.get("commit"), "machine": machine_info(), "command": command(), "tasks": {}}
+    if args.note:
+        out["note"] = args.note
+    if path.is_file() and not args.fresh:
+        old = json.loads(path.read_text())
+        check_one_commit([old.get("commit")], args.code_commit, args.allow_mixed, f"re-timing into {path}")
+        if old.get("batch_sizes") != args.batch_sizes:
+            raise ValueError(f"{path} was timed at batch sizes {old.get('batch_sizes')}, not {args.batch_sizes}: "
+                             "use the same --batch-sizes, or --fresh")
+        out["tasks"] = old.get("tasks", {})
+        out["commands"] = old.get("commands", [old.get("command")]) + [out["command"]]
+        if old.get("note") and old.get("note") != args.note:
+            out["note"] = " | ".join(x for x in (old.get("note"), args.note) if x)
     for task in args.tasks:
         if task not in results.get("tasks", {}):
             continue
@@ -126,7 +143,14 @@ def retime(args, out_dir: Path) -> Path:
             specs = [(p["setting"], p["spec"]) for p in src["points"] if p.get("spec")]
             m = {"self_speedup": {}, "points": [{k: p.get(k) for k in ("setting", "score", "speedup_ideal",
                                                                           "select_score", "select_speedup_ideal")}
-                                                for p in src["points"]]}
+                                                for p in src["points"] if p.get("spec")]}
+            L = run.full.num_layers
+            for p in m["points"]:
+                spec = dict(specs)[p["setting"]]
+                layers = run.layers_on_device(spec, batch_size=max(args.batch_sizes))
+                cpu = next(q for q in src["points"] if q["setting"] == p["setting"])
+                p.update({"layers_executed_mean_device": layers, "speedup_ideal_device": L / layers if layers else None,
+                          "layers_executed_mean_source": L / cpu["speedup_ideal"] if cpu.get("speedup_ideal") else None})
             for bs in args.batch_sizes:
                 lat = run.time_specs(specs, batch_size=bs)
                 m["self_speedup"][str(bs)] = lat["__self__"]["speedup"]
@@ -138,9 +162,8 @@ def retime(args, out_dir: Path) -> Path:
             entry["methods"][mname] = m
             print(f"[{task}] {mname} on {name}: " + ", ".join(
                 f"b{bs} self {m['self_speedup'][str(bs)]:.3f}x" for bs in args.batch_sizes), flush=True)
-        path = out_dir / f"tradeoff_{tag}.json"
         path.write_text(json.dumps(out, indent=2))
-    return out_dir / f"tradeoff_{tag}.json"
+    return path
 
 
 # ---------------------------------------------------------------------- main
@@ -207,6 +230,8 @@ def parse_args(argv=None):
                    help="only time the settings of tradeoff.json again (on --device, at --batch-sizes)")
     m.add_argument("--device", default="cpu", help="where --retime times: cpu or cuda (implies --retime)")
     m.add_argument("--batch-sizes", default=None, help="--retime: batch sizes timed (default 1 on cpu, 1,64 on cuda)")
+    m.add_argument("--note", default=None,
+                   help="--retime: a note kept in the device's results file (e.g. how the models were brought there)")
     args = ap.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.methods = [x.strip() for x in args.methods.split(",") if x.strip()]

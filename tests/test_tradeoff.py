@@ -510,5 +510,17 @@ def test_no_choice_reads_dev_end_to_end(tiny_glue_big, spread_ckpt, tmp_path, mo
     t = json.loads(timed.read_text())
     pts = t["tasks"]["sst2"]["methods"]["oracle"]["points"]
     assert t["batch_sizes"] == [1, 4] and all("speedup_measured_b4" in p for p in pts)
+    # the same models on the same device take the same paths as in the run that made them
+    for m in t["tasks"]["sst2"]["methods"].values():
+        for p in m["points"]:
+            assert p["layers_executed_mean_device"] == pytest.approx(p["layers_executed_mean_source"], abs=1e-9)
+    # a second re-timing of other methods is merged into the device's file, its note kept
+    tb.main(["--data-dir", str(tiny_glue_big), "--backbone", str(ckpt), "--output-dir", str(tmp_path / "a" / "runs"),
+             "--results-dir", str(tmp_path / "a" / "results"), *TINY_ARGS, "--methods", "dpbert",
+             "--retime", "--batch-sizes", "1,4", "--note", "carried as is"])
+    t2 = json.loads(timed.read_text())
+    assert set(t2["tasks"]["sst2"]["methods"]) == {"backbone", "pabee", "oracle", "dpbert"}
+    assert t2["tasks"]["sst2"]["methods"]["pabee"] == t["tasks"]["sst2"]["methods"]["pabee"]
+    assert t2["note"] == "carried as is" and len(t2["commands"]) == 2
     md = (tmp_path / "a" / "results" / "tradeoff.md").read_text()
     assert "Table 1" in md and "selection split" in md
