@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, check_one_commit, command, pinned_code_commit  # noqa: E402
 from tradeoff_analysis import (LABELS, METHODS, TARGET_WINDOW, WINDOW, best_in_window, choose,  # noqa: E402,F401
                                chosen_summary, envelope_at, front, headline, is_noisy, merge, oracle_gap,
-                               target_check, task_noise, write_report)
-from tradeoff_figures import plot  # noqa: E402
+                               target_check, task_noise, write_device_report, write_report)
+from tradeoff_figures import plot, plot_device  # noqa: E402
 from tradeoff_methods import RUNNERS, TASK_SETTINGS, TaskRun, keep_paths, measured_seconds, plan  # noqa: E402
 
 import torch  # noqa: E402
@@ -163,6 +163,8 @@ def retime(args, out_dir: Path) -> Path:
             print(f"[{task}] {mname} on {name}: " + ", ".join(
                 f"b{bs} self {m['self_speedup'][str(bs)]:.3f}x" for bs in args.batch_sizes), flush=True)
         path.write_text(json.dumps(out, indent=2))
+    write_device_report(out, results, path.with_suffix(".md"))
+    plot_device(out, path.with_suffix(".png"))
     return path
 
 
@@ -269,6 +271,10 @@ def main(argv=None) -> None:
         results = json.loads(path.read_text()) if path.is_file() else {}
         write_report(results, out_dir)
         plot(results, out_dir)
+        for f in sorted(out_dir.glob("tradeoff_*.json")):  # the same models timed on other devices (--retime)
+            device = json.loads(f.read_text())
+            write_device_report(device, results, f.with_suffix(".md"))
+            plot_device(device, f.with_suffix(".png"))
         return
     if args.plan:
         sizes = {}

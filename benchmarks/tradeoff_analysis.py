@@ -303,3 +303,66 @@ def write_report(results: dict, out_dir: Path) -> None:
                 + (" (noisy)" if tasks.get(t, {}).get("noisy") else "") for t, s in sel.get("tasks", {}).items()],
               f"- budget: {results.get('budget', '-')}", ""]
     (out_dir / "tradeoff.md").write_text("\n".join(lines))
+
+
+def device_rows(device: dict, source: dict, task: str) -> list:
+    """One row per method of ``task`` re-timed on a device (``tradeoff_<device>.json``): the setting chosen
+    on the selection split (``source``'s, i.e. tradeoff.json's) with its dev score and its speed-ups here
+    at every batch size, the range over all its settings, and whether its paths here are those of the
+    run that made it."""
+    bss = device.get("batch_sizes", [])
+    src = source.get("tasks", {}).get(task, {}).get("methods", {})
+    rows = []
+    for n in METHODS:
+        m = device.get("tasks", {}).get(task, {}).get("methods", {}).get(n)
+        if not m or not m.get("points"):
+            continue
+        pts = {p["setting"]: p for p in m["points"]}
+        chosen = (src.get(n) or {}).get("chosen") or {}
+        pick = pts.get(chosen.get("setting")) if chosen else (m["points"][0] if n == "backbone" else None)
+        drift = max(abs(p["layers_executed_mean_device"] - p["layers_executed_mean_source"]) for p in m["points"]
+                    if p.get("layers_executed_mean_source") is not None)
+        row = {"method": LABELS[n], "setting": pick["setting"] if pick else "-", "score": pick["score"] if pick else None,
+               "ideal": pick["speedup_ideal"] if pick else None,
+               "cpu": (chosen or {}).get("speedup_measured", 1.0 if n == "backbone" else None),
+               "paths": "same" if drift < 1e-9 else f"same but up to {drift:.3f} layers per input apart"}
+        for bs in bss:
+            vals = [p[f"speedup_measured_b{bs}"] for p in m["points"]]
+            row[f"b{bs}"] = pick[f"speedup_measured_b{bs}"] if pick else None
+            row[f"range_b{bs}"] = f"{min(vals):.2f}-{max(vals):.2f}"
+        rows.append(row)
+    return rows
+
+
+def write_device_report(device: dict, source: dict, path: Path) -> None:
+    """``tradeoff_<device>.md``: the chosen settings' speed-ups on another device (``--retime``)."""
+    bss = device.get("batch_sizes", [])
+    lines = [f"# The trade-off benchmark's models timed on {device.get('device_name')} ({device.get('device')})", "",
+             "Written by `benchmarks/tradeoff.py --retime`; do not edit by hand. The models of `tradeoff.json` "
+             f"(code commit {str(device.get('source_commit'))[:12]}) timed again here against the full backbone, "
+             "interleaved, on the same seeded sample of dev inputs, at batch sizes "
+             f"{', '.join(map(str, bss))}; nothing is trained, scores are those of `tradeoff.json`.", ""]
+    if device.get("note"):
+        lines += [f"How the models came here: {device['note']}", ""]
+    for t in device.get("tasks", {}):
+        rows = device_rows(device, source, t)
+        full = next((p for m in device["tasks"][t]["methods"].values() for p in m["points"]), None)
+        lines += [f"## {t}", ""]
+        if full:
+            lines += ["Full backbone: " + ", ".join(f"{full[f'latency_ms_full_b{bs}']:.2f} ms per batch of {bs}"
+                                                    for bs in bss) + ".", ""]
+        cols = [("method", "method", ""), ("setting chosen on the selection split", "setting", ""),
+                ("dev score", "score", ".2f"), ("ideal", "ideal", ".2f"), ("CPU batch 1", "cpu", ".2f")]
+        for bs in bss:
+            cols += [(f"here, batch {bs}", f"b{bs}", ".2f"), (f"all settings, batch {bs}", f"range_b{bs}", "")]
+        lines += [markdown_table(rows, cols + [("paths here", "paths", "")]), ""]
+        self_s = {n: m.get("self_speedup") for n, m in device["tasks"][t]["methods"].items()}
+        lines += ["Backbone timed against itself, per method's run: " + "; ".join(
+            f"{LABELS[n]} " + ", ".join(f"b{bs} {v:.3f}x" for bs, v in s.items()) for n, s in self_s.items() if s)
+            + ".", ""]
+    cmds = device.get("commands") or [device.get("command")]
+    mach = device.get("machine", {})
+    lines += ["## Provenance", "", f"- code commit: {device.get('commit')}; models from {device.get('source_commit')}",
+              *[f"- command: `{c}`" for c in cmds if c],
+              f"- machine: {mach.get('cpu') or mach.get('processor')}, torch {mach.get('torch')}", ""]
+    path.write_text("\n".join(lines))

@@ -96,3 +96,39 @@ def plot(results: dict, out_dir: Path) -> None:
     if rows:  # Fig. 4
         layer_heatmap([f"{t} ({p['speedup_measured']:.2f}x)" for t, p in rows], [p["layer_frequency"] for _, p in rows],
                       out_dir / "tradeoff_layers.png", "DPBERT: fraction of dev inputs that execute each layer")
+
+
+def plot_device(device: dict, path: Path) -> None:
+    """Score against the speed-up measured on another device (``--retime``), one panel per task and
+    batch size; the grey line is the full backbone's speed (1x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, bss = device.get("tasks", {}), device.get("batch_sizes", [])
+    if not tasks or not bss:
+        return
+    fig, axes = plt.subplots(len(tasks), len(bss), figsize=(5.2 * len(bss) + 2.2, 3.8 * len(tasks)), squeeze=False)
+    for row, (t, e) in zip(axes, tasks.items()):
+        for ax, bs in zip(row, bss):
+            ax.axvline(1.0, color="0.5", lw=0.8, ls="--")
+            for n, (fmt, col) in STYLE.items():
+                pts = sorted(e["methods"].get(n, {}).get("points", []), key=lambda p: p[f"speedup_measured_b{bs}"])
+                if pts and n != "oracle":
+                    ax.plot([p[f"speedup_measured_b{bs}"] for p in pts], [p["score"] for p in pts], fmt[0],
+                            color=col, ms=4, label=LABELS[n], alpha=0.85)
+            ax.set_xlabel(f"measured speed-up, batch {bs}, {device.get('device_name')}")
+            ax.set_ylabel("dev score")
+            ax.set_title(f"{t}, batch {bs}", fontsize=10)
+            ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8)
+    fig.suptitle(f"The trade-off benchmark's models on {device.get('device_name')} (left of the dashed line: "
+                 "slower than the full backbone)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (5.2 * len(bss) + 2.2), 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -522,5 +522,17 @@ def test_no_choice_reads_dev_end_to_end(tiny_glue_big, spread_ckpt, tmp_path, mo
     assert set(t2["tasks"]["sst2"]["methods"]) == {"backbone", "pabee", "oracle", "dpbert"}
     assert t2["tasks"]["sst2"]["methods"]["pabee"] == t["tasks"]["sst2"]["methods"]["pabee"]
     assert t2["note"] == "carried as is" and len(t2["commands"]) == 2
+    # its report: the setting chosen on the selection split, timed at each batch size, and a figure
+    dev_md = timed.with_suffix(".md")
+    timed.with_suffix(".md").unlink()
+    tb.main(["--report-only", "--results-dir", str(tmp_path / "a" / "results")])
+    md_dev = dev_md.read_text()
+    labels = bench("tradeoff_analysis").LABELS
+    picks = [(n, res["tasks"]["sst2"]["methods"][n]["chosen"]) for n in ("pabee", "dpbert")]
+    assert any(c for _, c in picks)
+    for n, c in picks:
+        assert f"| {labels[n]} | {c['setting'] if c else '-'} |" in md_dev
+    assert "here, batch 4" in md_dev and "carried as is" in md_dev
+    assert timed.with_suffix(".png").is_file()
     md = (tmp_path / "a" / "results" / "tradeoff.md").read_text()
     assert "Table 1" in md and "selection split" in md
