@@ -59,6 +59,15 @@ def draw_task(ax, t: str, e: dict, title: str, legend: bool = True) -> None:
         ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
+def shared_legend(fig, axes) -> None:
+    """One legend on the right for every panel's methods (each label once)."""
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8)
+
+
 def plot(results: dict, out_dir: Path) -> None:
     import matplotlib
 
@@ -82,11 +91,7 @@ def plot(results: dict, out_dir: Path) -> None:
             draw_task(ax, t, e, t, legend=False)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        handles = {}
-        for ax in axes.flat:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(lab, h)
-        fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8)
+        shared_legend(fig, axes)
         fig.suptitle(f"Best dev score at each batch-1 speed-up or faster, MiniLM-L6 on CPU "
                      f"(shaded: {WINDOW[0]}-{WINDOW[1]}x)", fontsize=11)
         fig.tight_layout(rect=(0, 0, 1 - 2.0 / (6.2 * cols + 2.2), 0.96))
@@ -122,11 +127,7 @@ def plot_device(device: dict, path: Path) -> None:
             ax.set_ylabel("dev score")
             ax.set_title(f"{t}, batch {bs}", fontsize=10)
             ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8)
+    shared_legend(fig, axes)
     fig.suptitle(f"The trade-off benchmark's models on {device.get('device_name')} (left of the dashed line: "
                  "slower than the full backbone)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.0 / (5.2 * len(bss) + 2.2), 0.95))
