@@ -160,7 +160,7 @@ class TaskRun:
             per_ex = torch.as_tensor(self.oracle_paths(spec["max_layers"]), dtype=torch.float32, device=self.device)
             m = self.full
             return lambda b: m(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), mode="path",
-                               actions=per_ex[b["index"]])
+                               actions=per_ex[b["index"]], planners=False)
         m = self.model(spec["model"])
         if kind == "full":
             return lambda b: m(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), mode="full")
@@ -169,7 +169,8 @@ class TaskRun:
             return lambda b: m(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), mode="hard", threshold=thr)
         if kind == "path":
             path = torch.tensor(spec["path"], dtype=torch.float32, device=self.device)
-            return lambda b: m(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), mode="path", actions=path)
+            return lambda b: m(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), mode="path", actions=path,
+                               planners=False)  # a fixed path pays for no planner
         raise ValueError(f"unknown setting kind {kind!r}")
 
     def time_specs(self, specs: list, batch_size: int = 1) -> dict:

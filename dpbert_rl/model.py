@@ -216,6 +216,7 @@ class DPBert(nn.Module):
         actions: Optional[torch.Tensor] = None,
         threshold: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
+        planners: bool = True,
     ) -> DPBertOutput:
         """Run one batch along the paths chosen by ``mode`` (see the module docstring).
 
@@ -225,6 +226,9 @@ class DPBert(nn.Module):
         :param actions: ``(L,)`` or ``(batch, L)`` of 0/1 for ``mode="path"``.
         :param threshold: overrides ``self.threshold`` in hard mode.
         :param generator: random source for ``mode="sample"``.
+        :param planners: ``mode="path"`` only: False runs the given path without the planners (a fixed
+            path needs no decisions; what its timing should cost); ``probs``, ``log_probs`` and
+            ``entropy`` are then NaN.
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -241,6 +245,8 @@ class DPBert(nn.Module):
             if actions.shape != (B, L):
                 raise ValueError(f"actions must have shape ({L},) or ({B}, {L}); got {tuple(actions.shape)}")
         thr = check_threshold(self.threshold if threshold is None else threshold)  # NaN would skip every layer
+        if not planners and mode != "path":
+            raise ValueError(f"planners=False is for mode='path' only (mode {mode!r} reads the planners)")
 
         acts, logits_per_layer = [], []
         logit_thr = math.log(thr / (1.0 - thr)) if 0.0 < thr < 1.0 else (-math.inf if thr <= 0 else math.inf)
@@ -248,6 +254,9 @@ class DPBert(nn.Module):
             if mode == "full":
                 a = torch.ones(B, dtype=torch.bool, device=h.device)
                 h = self.execute(i, h, mask, None)
+            elif not planners:  # a given path, no decisions to make
+                a = actions[:, i].bool()
+                h = self.execute(i, h, mask, a)
             else:
                 logit = self.plan(i, h, mask)  # (B,)
                 if mode == "soft":
@@ -272,6 +281,8 @@ class DPBert(nn.Module):
             probs_t = torch.ones_like(act)
             logp_t = torch.zeros_like(act)
             ent_t = torch.zeros_like(act)
+        elif not planners:
+            probs_t = logp_t = ent_t = torch.full_like(act, float("nan"))
         else:  # computed once for all layers, off the per-layer path
             planner_logits = torch.stack(logits_per_layer, 1)  # (B, L)
             probs_t = torch.sigmoid(planner_logits)

@@ -113,6 +113,26 @@ def test_a_skipped_layer_is_never_computed_and_gets_only_executing_rows(tiny_ckp
     assert out.layers_executed.tolist() == [2, 1, 2, 2]
 
 
+def test_a_fixed_path_can_run_without_its_planners(tiny_ckpt, monkeypatch):
+    """planners=False (what the benchmarks time for fixed paths): the same prediction and layers, and
+    the planners are never called; their outputs are NaN rather than made up."""
+    m = load(tiny_ckpt)
+    b = batch(m.tokenizer, SENTENCES[:4])
+    actions = torch.tensor([[1, 0, 1, 0], [1, 0, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad():
+        ref = m(b["input_ids"], b["attention_mask"], mode="path", actions=actions)
+        calls = []
+        plan = m.plan
+        monkeypatch.setattr(m, "plan", lambda *a, **k: calls.append(1) or plan(*a, **k))
+        out = m(b["input_ids"], b["attention_mask"], mode="path", actions=actions, planners=False)
+    assert calls == []
+    assert torch.allclose(out.logits, ref.logits, atol=1e-6)
+    assert out.actions.tolist() == ref.actions.tolist() and out.layers_executed.tolist() == [2, 1, 2, 4]
+    assert torch.isnan(out.probs).all() and torch.isnan(out.log_probs).all()
+    with pytest.raises(ValueError, match="mode='path' only"):
+        m(b["input_ids"], b["attention_mask"], mode="hard", planners=False)
+
+
 def test_skipping_every_layer_leaves_the_embedding(tiny_ckpt):
     m = load(tiny_ckpt)
     b = batch(m.tokenizer, SENTENCES[:2])
