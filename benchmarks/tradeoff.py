@@ -58,6 +58,7 @@ from tradeoff_methods import RUNNERS, TASK_SETTINGS, TaskRun, keep_paths, measur
 import torch  # noqa: E402
 
 from dpbert_rl.data import SELECTION_FRACTION, SELECTION_MAX, SELECTION_SEED, load_split  # noqa: E402
+from dpbert_rl.evaluate import speedup_ideal_fields  # noqa: E402
 from dpbert_rl.latency import machine_info  # noqa: E402
 
 
@@ -129,8 +130,9 @@ def retime(args, out_dir: Path) -> Path:
                              "use the same --batch-sizes, or --fresh")
         out["tasks"] = old.get("tasks", {})
         out["commands"] = old.get("commands", [old.get("command")]) + [out["command"]]
-        if old.get("note") and old.get("note") != args.note:
-            out["note"] = " | ".join(x for x in (old.get("note"), args.note) if x)
+        notes = list(dict.fromkeys(x for x in (old.get("note"), args.note) if x))
+        if notes:
+            out["note"] = " | ".join(notes)
     for task in args.tasks:
         if task not in results.get("tasks", {}):
             continue
@@ -140,17 +142,17 @@ def retime(args, out_dir: Path) -> Path:
             src = results["tasks"][task]["methods"].get(mname)
             if not src or not src.get("points"):
                 continue
-            specs = [(p["setting"], p["spec"]) for p in src["points"] if p.get("spec")]
-            m = {"self_speedup": {}, "points": [{k: p.get(k) for k in ("setting", "score", "speedup_ideal",
-                                                                          "select_score", "select_speedup_ideal")}
-                                                for p in src["points"] if p.get("spec")]}
+            timed = [p for p in src["points"] if p.get("spec")]
+            specs = [(p["setting"], p["spec"]) for p in timed]
+            here = run.layers_on_device(specs, batch_size=max(args.batch_sizes))
             L = run.full.num_layers
-            for p in m["points"]:
-                spec = dict(specs)[p["setting"]]
-                layers = run.layers_on_device(spec, batch_size=max(args.batch_sizes))
-                cpu = next(q for q in src["points"] if q["setting"] == p["setting"])
-                p.update({"layers_executed_mean_device": layers, "speedup_ideal_device": L / layers if layers else None,
-                          "layers_executed_mean_source": L / cpu["speedup_ideal"] if cpu.get("speedup_ideal") else None})
+            m = {"self_speedup": {}, "points": [{
+                **{k: p.get(k) for k in ("setting", "score", "speedup_ideal", "select_score", "select_speedup_ideal")},
+                "layers_executed_mean_device": here[p["setting"]],
+                "speedup_ideal_device": speedup_ideal_fields(here[p["setting"]], L)["speedup_ideal"],
+                # the source's layers on the same timed sample (its speedup_ideal is L / those)
+                "layers_executed_mean_source": L / p["speedup_ideal"] if p.get("speedup_ideal") else 0.0,
+            } for p in timed]}
             for bs in args.batch_sizes:
                 lat = run.time_specs(specs, batch_size=bs)
                 m["self_speedup"][str(bs)] = lat["__self__"]["speedup"]
@@ -183,7 +185,8 @@ def parse_args(argv=None):
     ap.add_argument("--allow-mixed", action="store_true",
                     help="merge results of other code commits or of a dirty tree (they are marked)")
     ap.add_argument("--fresh", action="store_true",
-                    help="start a new tradeoff.json instead of merging into the one there (its results are dropped)")
+                    help="start a new tradeoff.json (with --retime: a new tradeoff_<device>.json) instead of merging "
+                         "into the one there (its results are dropped)")
     g = ap.add_argument_group("training budget (2-core CPU defaults)")
     g.add_argument("--stage1-epochs", type=float, default=3.0, help="the backbone every method starts from")
     g.add_argument("--extra-epochs", type=float, default=1.0,

@@ -187,17 +187,17 @@ class TaskRun:
                                    synchronize=sync)
 
     @torch.inference_mode()
-    def layers_on_device(self, spec: dict, batch_size: int = 64) -> float:
-        """Mean layers a setting runs per input of the timed dev sample on this run's device: where the
-        models were carried to another machine (``--retime``), this shows whether they still take the
-        paths they took where they were trained (their ``speedup_ideal``)."""
+    def layers_on_device(self, specs: list, batch_size: int = 64) -> dict:
+        """Per ``(label, spec)``: the mean layers it runs per input of the timed dev sample on this run's
+        device. Where the models were carried to another machine (``--retime``), this shows whether they
+        still take the paths they took where they were trained (their ``speedup_ideal``)."""
         self.dev  # noqa: B018
-        fn, n, total = self.fn_for(spec), 0, 0.0
-        for b in encode_batches(self.dev, self.timed, batch_size, self.collate, self.device):
-            out = fn(b)
-            total += float(out.actions.float().sum())
-            n += len(b["index"])
-        return total / n
+        batches = encode_batches(self.dev, self.timed, batch_size, self.collate, self.device)
+        out = {}
+        for label, spec in specs:
+            fn = self.fn_for(spec)
+            out[label] = sum(float(fn(b).actions.float().sum()) for b in batches) / len(self.timed)
+        return out
 
     def result(self, settings: list, **extra) -> dict:
         """Time ``settings`` (one interleaved run) and return the method's points and ``self_speedup``."""

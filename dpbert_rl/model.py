@@ -254,11 +254,8 @@ class DPBert(nn.Module):
             if mode == "full":
                 a = torch.ones(B, dtype=torch.bool, device=h.device)
                 h = self.execute(i, h, mask, None)
-            elif not planners:  # a given path, no decisions to make
-                a = actions[:, i].bool()
-                h = self.execute(i, h, mask, a)
             else:
-                logit = self.plan(i, h, mask)  # (B,)
+                logit = self.plan(i, h, mask) if planners else None  # (B,); a given path needs no decision
                 if mode == "soft":
                     p = torch.sigmoid(logit)
                     a = p >= 0.5
@@ -272,7 +269,8 @@ class DPBert(nn.Module):
                     else:  # path
                         a = actions[:, i].bool()
                     h = self.execute(i, h, mask, a)
-                logits_per_layer.append(logit)
+                if planners:
+                    logits_per_layer.append(logit)
             acts.append(a)
 
         logits = self.classify(h)

@@ -524,7 +524,7 @@ def test_no_choice_reads_dev_end_to_end(tiny_glue_big, spread_ckpt, tmp_path, mo
     assert t2["note"] == "carried as is" and len(t2["commands"]) == 2
     # its report: the setting chosen on the selection split, timed at each batch size, and a figure
     dev_md = timed.with_suffix(".md")
-    timed.with_suffix(".md").unlink()
+    dev_md.unlink()
     tb.main(["--report-only", "--results-dir", str(tmp_path / "a" / "results")])
     md_dev = dev_md.read_text()
     labels = bench("tradeoff_analysis").LABELS
