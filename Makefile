@@ -36,7 +36,7 @@ benchmark: install
 	$(BIN)/python benchmarks/pipeline.py --data-dir $(GLUE_DIR)
 
 # DPBERT against the early-exit baselines: Fig. 3, Tables 1-3, Fig. 4 and the oracle. One run from one code
-# commit: every task and method one after another at a fixed thread count (about 3.6 h on 2 cores; add
+# commit: every task and method one after another at a fixed thread count (about 5.5 h on 2 cores; add
 # TRADEOFF_ARGS=--plan for the estimate). Re-running resumes where it stopped.
 TRADEOFF_THREADS ?= 2
 TRADEOFF_ARGS ?=
