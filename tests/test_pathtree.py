@@ -233,10 +233,19 @@ def test_exact_config_errors_are_clear(tiny_model_dir, tiny_glue, tmp_path):
 
 # ---------------------------------------------------------------------------------------- the tree env
 OBS_ATOL = 1e-3
-"""Observations agree to 1e-3, not bit for bit: the live env computes its feature statistics on padded
-batches (and the vector env its states too), so raw features differ in their last bits (~1e-7); the
-standardisation divides by the std, which is tiny (or clamped to 1e-6) where a feature hardly varies
-([CLS] at the embedding output is the same for every input), and that magnifies them to ~1e-4."""
+RAW_RTOL = 1e-6
+"""Observations agree to float32 rounding, not bit for bit: the live env computes its feature statistics
+on padded batches (and the vector env its states too), so raw features and their means differ in their
+last bits (relative ~1e-7); the standardisation divides by the std, which is tiny where a feature
+hardly varies ([CLS] of MiniLM is the same for nearly every input), and that magnifies them: one
+float32 step of a mean of 8 with a std of 4e-4 is 1.2e-3 in the observation. So a feature may differ
+by OBS_ATOL + RAW_RTOL * |mean| / std (its largest over the layers), the layer part by OBS_ATOL."""
+
+
+def obs_tolerance(env) -> np.ndarray:
+    """Per-feature tolerance ``(F,)`` from the env's standardisation statistics (see RAW_RTOL)."""
+    p = env.core.planners
+    return OBS_ATOL + RAW_RTOL * (p.feature_mean.abs() / p.feature_std).amax(0).double().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -261,14 +270,20 @@ def tiny_regression_dir(tmp_path_factory):
     return str(DPBert.from_backbone(str(ckpt), num_labels=1).save(tmp_path_factory.mktemp("tiny_reg")))
 
 
-def assert_same_obs(a, b):
+def assert_same_obs(a, b, feature_tol=None):
+    """``feature_tol`` (F,): per-feature tolerance (:func:`obs_tolerance`); default OBS_ATOL everywhere."""
     if isinstance(a, dict):
         assert a.keys() == b.keys()
         for k in a:
-            assert_same_obs(a[k], b[k])
+            assert_same_obs(a[k], b[k], feature_tol if k == "features" else None)
         return
     assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
-    assert np.allclose(a, b, atol=OBS_ATOL, rtol=0), np.abs(a - b).max()
+    tol = np.full(a.shape[-1], OBS_ATOL)
+    if feature_tol is not None:  # a box observation is the features, then the layer part
+        tol[: len(feature_tol)] = feature_tol
+    excess = np.abs(a.astype(np.float64) - b) - tol
+    where = np.unravel_index(excess.argmax(), a.shape)
+    assert (excess <= 0).all(), f"difference beyond the tolerance by {excess.max():.3g} at {where}"
 
 
 def assert_same_info(a, b):
@@ -294,12 +309,13 @@ def play_both(live, tree, episodes=12, seed=0):
             kw = {}  # no seed: the env's own generator goes on
         (lo, li), (to, ti) = live.reset(**kw), tree.reset(**kw)
         assert li == ti
-        assert_same_obs(lo, to)
+        tol = obs_tolerance(tree)
+        assert_same_obs(lo, to, tol)
         for _ in range(live.num_layers):
             a = int(rng.integers(2))
             lo, lr, lterm, ltrunc, linfo = live.step(a)
             to, tr, tterm, ttrunc, tinfo = tree.step(a)
-            assert_same_obs(lo, to)
+            assert_same_obs(lo, to, tol)
             assert type(lr) is type(tr) is float and lr == pytest.approx(tr, abs=1e-5)
             assert (lterm, ltrunc) == (tterm, ttrunc)
             assert_same_info(linfo, tinfo)
