@@ -149,11 +149,10 @@ def merge(existing: dict, incoming: dict, allow_mixed: bool = False) -> dict:
     commits += [e.get("commit") for t in incoming.get("tasks", {}).values() for e in t.get("methods", {}).values()]
     seen = check_one_commit([c for c in commits if c], incoming["commit"], allow_mixed, "tradeoff.json")
     merged = {k: v for k, v in existing.items() if k != "tasks"}
-    merged.update({k: v for k, v in incoming.items() if k not in ("tasks", "selection")})
-    sel = dict(existing.get("selection", {}))
-    sel.update({k: v for k, v in incoming.get("selection", {}).items() if k != "tasks"})
-    sel["tasks"] = {**existing.get("selection", {}).get("tasks", {}), **incoming.get("selection", {}).get("tasks", {})}
-    merged["selection"] = sel
+    merged.update({k: v for k, v in incoming.items() if k not in ("tasks", "selection", "budget")})
+    for key, per_task in (("selection", "tasks"), ("budget", "train_subsets")):  # a resumed run adds tasks
+        old, new = existing.get(key, {}), incoming.get(key, {})
+        merged[key] = {**old, **new, per_task: {**old.get(per_task, {}), **new.get(per_task, {})}}
     merged["tasks"] = {t: dict(e) for t, e in existing.get("tasks", {}).items()}
     for task, entry in incoming.get("tasks", {}).items():
         into = merged["tasks"].setdefault(task, {})
@@ -301,7 +300,8 @@ def write_report(results: dict, out_dir: Path) -> None:
               *[f"- {t}: {s.get('select_examples')} selection / {s.get('train_examples')} training examples; backbone "
                 f"against itself {tasks.get(t, {}).get('self_speedup') or float('nan'):.3f}x"
                 + (" (noisy)" if tasks.get(t, {}).get("noisy") else "") for t, s in sel.get("tasks", {}).items()],
-              f"- budget: {results.get('budget', '-')}", ""]
+              f"- budget: {({k: v for k, v in results.get('budget', {}).items() if k != 'train_subsets'}) or '-'} "
+              "(training examples per task above)", ""]
     (out_dir / "tradeoff.md").write_text("\n".join(lines))
 
 

@@ -303,13 +303,13 @@ def play_both(live, tree, episodes=12, seed=0):
     rng = np.random.default_rng(seed)
     n = len(live.core.data)
     assert tree.core.N == n
+    tol = obs_tolerance(tree)
     for ep in range(episodes):
         kw = {"options": {"index": int(rng.integers(n))}} if ep % 3 == 2 else {"seed": int(rng.integers(1000))}
         if ep % 3 == 1:
             kw = {}  # no seed: the env's own generator goes on
         (lo, li), (to, ti) = live.reset(**kw), tree.reset(**kw)
         assert li == ti
-        tol = obs_tolerance(tree)
         assert_same_obs(lo, to, tol)
         for _ in range(live.num_layers):
             a = int(rng.integers(2))
@@ -356,14 +356,14 @@ def test_tree_env_equals_the_live_env_on_regression(tiny_regression_dir, tiny_gl
     live, tree = LayerSkipEnv(**kw), LayerSkipTreeEnv(**kw, cache_dir=cache_dir, progress=False)
     assert tree.core.regression
     play_both(live, tree, episodes=6)
-    rng = np.random.default_rng(0)
+    rng, tol = np.random.default_rng(0), obs_tolerance(tree)
     for k in range(len(live.core.data)):  # every input once, for the outcome terms of many labels
         (lo, _), (to, _) = live.reset(options={"index": k}), tree.reset(options={"index": k})
         for a in rng.integers(0, 2, size=live.num_layers):
             lo, lr, _, _, linfo = live.step(int(a))
             to, tr, _, _, tinfo = tree.step(int(a))
             assert lr == pytest.approx(tr, abs=1e-5)
-        assert_same_obs(lo, to)
+        assert_same_obs(lo, to, tol)
         assert_same_info(linfo, tinfo)
     assert 0 < np.mean(tree.tree.correct) < 1  # both kinds of outcome occur
 
@@ -388,7 +388,8 @@ def test_vector_tree_env_yields_the_transitions_of_n_single_tree_envs(tiny_model
         assert np.array_equal(vinfo["indices"], indices)
         sobs = [s.reset(options={"index": int(k)})[0] for s, k in zip(singles, indices)]
         lobs, _ = live.reset(options={"indices": indices})
-        assert np.allclose(vobs, np.stack(sobs)) and np.allclose(vobs, lobs, atol=OBS_ATOL)
+        assert np.allclose(vobs, np.stack(sobs))
+        assert_same_obs(vobs, lobs, obs_tolerance(singles[0]))
         actions = rng.integers(0, 2, size=(vec.unwrapped.num_layers, n))
         for step in range(vec.unwrapped.num_layers):
             vobs, vrew, vterm, vtrunc, vinfo = vec.step(actions[step])

@@ -83,6 +83,9 @@ def test_results_of_other_commits_or_a_dirty_tree_are_refused_unless_allowed(tmp
     same = an.merge(res(a, "pabee"), res(a, "deebert"))  # one commit: merged method by method
     assert set(same["tasks"]["rte"]["methods"]) == {"pabee", "deebert"} and "mixed_commits" not in same
     assert same["commit"] == a and same["selection"]["tasks"]["rte"]["select_examples"] == 9
+    resumed = an.merge({**res(a, "pabee"), "budget": {"stage1_epochs": 3.0, "train_subsets": {"rte": None}}},
+                       {**res(a, "deebert"), "budget": {"stage1_epochs": 3.0, "train_subsets": {"sst2": 5000}}})
+    assert resumed["budget"] == {"stage1_epochs": 3.0, "train_subsets": {"rte": None, "sst2": 5000}}
     with pytest.raises(common.MixedRunError, match="other code commits"):
         an.merge(res(a, "pabee"), res(b, "deebert"))
     with pytest.raises(common.MixedRunError, match="dirty"):
