@@ -154,7 +154,7 @@ def evaluate_trained(trained: dict, args) -> dict:
         res = evaluate_agent(agent, model, task, dev, collate, latency_samples=args.latency_samples,
                              observer=env.observer)
     else:  # not timed here (e.g. the CPU is busy): the speed-up is left for a later measurement
-        from dpbert_rl.evaluate import speedup_ideal_fields
+        from dpbert_rl.evaluation.evaluate import speedup_ideal_fields
 
         res = score_agent(agent, model, task, dev, collate, observer=env.observer)
         res.update({"speedup_measured": None, **speedup_ideal_fields(res["layers_executed_mean"], model.num_layers)})

@@ -2,7 +2,7 @@
 
 The agent acts between layers exactly as in the environment (the observation comes from
 :func:`envs.layer_skip.observe`), and layer ``i`` runs only for the rows whose action is 1. Batch-1
-latency uses the same interleaved measurement as the model (:mod:`dpbert_rl.latency`).
+latency uses the same interleaved measurement as the model (:mod:`dpbert_rl.evaluation.latency`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal_fields
-from dpbert_rl.latency import encode_examples, interleaved_latency
+from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_fields
+from dpbert_rl.evaluation.latency import encode_examples, interleaved_latency
 from dpbert_rl.model import DPBert
 from envs.layer_skip import observe
 
@@ -27,7 +27,7 @@ def agent_forward(model: DPBert, agent: Agent, input_ids, attention_mask, token_
     ``with_probs`` also its execute probabilities ``(N, L)`` at the states it met (None for an agent that
     has none, e.g. DQN), for the hesitant-gate diagnostic.
 
-    :param observer: the :class:`~dpbert_rl.planner.Planners` whose features and statistics the agent was
+    :param observer: the :class:`~dpbert_rl.model.planner.Planners` whose features and statistics the agent was
         trained on (the training env's ``observer``); default the model's own planners."""
     state = model.embed(input_ids, attention_mask, token_type_ids)
     h, L = state.hidden, model.num_layers
@@ -80,7 +80,7 @@ def evaluate_agent(agent: Agent, model: DPBert, task, dataset, collate_fn, batch
 def tree_run(agent: Agent, env) -> dict:
     """The agent's greedy paths over every input of a tree env's split, replayed from its cache (no model
     call; equal to driving the frozen model live): ``predictions``, ``labels``, ``actions`` ``(N, L)`` and,
-    where the agent has them, ``probs`` ``(N, L)``, as :func:`dpbert_rl.evaluate.run_dataset` returns them.
+    where the agent has them, ``probs`` ``(N, L)``, as :func:`dpbert_rl.evaluation.evaluate.run_dataset` returns them.
 
     :param env: a :class:`~envs.layer_skip_tree.LayerSkipTreeEnv` or its vector form, on the split to score.
     """

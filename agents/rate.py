@@ -1,7 +1,7 @@
 """Rate control for any agent: the environment's layer price set by dual ascent.
 
 The planners of ``dpbert_rl`` hold their skip rate with a price per executed layer that follows dual
-ascent (:class:`dpbert_rl.objectives.DualPrice`). :class:`DualRateControl` gives every agent the same
+ascent (:class:`dpbert_rl.model.objectives.DualPrice`). :class:`DualRateControl` gives every agent the same
 control without touching the algorithm: it is the ``callback`` of :meth:`agents.base.Agent.learn`, reads
 the skip rate of each batch of finished episodes, and moves the environment's ``layer_price``::
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dpbert_rl.objectives import DualPrice
+from dpbert_rl.model.objectives import DualPrice
 
 from .base import Callback
 

@@ -8,7 +8,7 @@ and builds the same REINFORCE term from the environment's rewards, whose returns
 On the same batch and the same sampled actions the two give the same planner gradient (tested).
 
 The trainer's variance reductions are here too, through the same functions of
-:mod:`dpbert_rl.objectives`: the leave-one-out baseline over K episodes per input (``baseline="loo"``,
+:mod:`dpbert_rl.model.objectives`: the leave-one-out baseline over K episodes per input (``baseline="loo"``,
 ``samples=K``; the agent replays the inputs by resetting the environment to them, which
 ``dpbert_rl/LayerSkipTree-v0`` makes nearly free), advantage normalisation and an entropy bonus.
 """
@@ -22,8 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dpbert_rl.objectives import BASELINES, advantages, normalise_advantages, reinforce_loss, skip_penalty
-from dpbert_rl.planner import Planners, bernoulli_entropy, bernoulli_log_prob
+from dpbert_rl.model.objectives import BASELINES, advantages, normalise_advantages, reinforce_loss, skip_penalty
+from dpbert_rl.model.planner import Planners, bernoulli_entropy, bernoulli_log_prob
 
 from .base import Agent, Callback, split_obs
 
@@ -54,7 +54,7 @@ class ReinforceConfig:
 def _check_config(cfg: ReinforceConfig) -> None:
     """A learning rate > 0 and a penalty weight >= 0 (a negative one would reward leaving the target rate)."""
     from dpbert_rl.checks import check_number
-    from dpbert_rl.objectives import BASELINES, check_rate
+    from dpbert_rl.model.objectives import BASELINES, check_rate
 
     check_number(cfg.lr, "lr", low=0.0, low_open=True)
     check_number(cfg.beta, "beta", low=0.0)

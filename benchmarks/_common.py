@@ -38,7 +38,7 @@ def _read_commit() -> str:
 
 # What is not code: a commit that changes only these does not change what a benchmark computes, so
 # results written before and after it belong to one run (an interrupted run resumes across it).
-NOT_CODE = ("benchmarks/results", "README.md", "docs")
+NOT_CODE = ("benchmarks/results", "README.md", "benchmarks/README.md", "docs")
 
 
 class MixedRunError(RuntimeError):

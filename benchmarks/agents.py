@@ -51,9 +51,9 @@ from routing import write_markdown as write_routing  # noqa: E402
 
 from agents.evaluate import tree_run  # noqa: E402
 from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
-from dpbert_rl.diagnostics import fixed_frontier, random_skip_score, routing_report, task_score, tree_probe  # noqa: E402
-from dpbert_rl.oracle import first_k_path  # noqa: E402
-from dpbert_rl.latency import machine_info  # noqa: E402
+from dpbert_rl.evaluation.diagnostics import fixed_frontier, random_skip_score, routing_report, task_score, tree_probe  # noqa: E402
+from dpbert_rl.pathtree.oracle import first_k_path  # noqa: E402
+from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
 from dpbert_rl.pathtree import tree_cache  # noqa: E402
 from envs.layer_skip_tree import BatchedLayerSkipTreeEnv  # noqa: E402
@@ -207,7 +207,7 @@ def tree_row(trained: dict, ns, learner: dict, dev_run: dict, seed: int) -> dict
     """A frozen agent's agents.json row from its greedy paths on the dev tree (the fields a live evaluation
     writes; the batch-1 speed-up comes from a live measurement, now or with --retime)."""
     from agents.cli import log_evaluation
-    from dpbert_rl.evaluate import speedup_ideal_fields
+    from dpbert_rl.evaluation.evaluate import speedup_ideal_fields
 
     task, acts = trained["task"], np.asarray(learner["actions"])
     L = acts.shape[1]
@@ -384,7 +384,7 @@ def main() -> None:
         else:  # joint: the backbone moved, so its paths are enumerated live on the trained model
             row = evaluate_trained(trained, ns)  # live dev: score, layers, batch-1 speed-up, random at the rate
             from agents.evaluate import agent_forward
-            from dpbert_rl.evaluate import run_dataset
+            from dpbert_rl.evaluation.evaluate import run_dataset
 
             m, ag, obs = trained["model"].eval(), trained["agent"], trained["env"].observer
 

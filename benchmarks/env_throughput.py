@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command  # noqa: E402
 from _common import pinned_code_commit as commit  # noqa: E402  (the last commit that changed code)
 
-from dpbert_rl.latency import machine_info  # noqa: E402
+from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
 from envs.layer_skip import BatchedLayerSkipEnv, LayerSkipEnv  # noqa: E402
 from envs.layer_skip_tree import BatchedLayerSkipTreeEnv, LayerSkipTreeEnv  # noqa: E402

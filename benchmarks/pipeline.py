@@ -1,6 +1,6 @@
 """Benchmark: the DPBERT pipeline (stages 1-3 + evaluation) on RTE, MRPC, SST-2 and STS-B.
 
-Runs ``dpbert_rl.train.run_pipeline`` with the packaged MiniLM-L6 backbone on the local GLUE
+Runs ``dpbert_rl.training.run_pipeline`` with the packaged MiniLM-L6 backbone on the local GLUE
 files, then writes ``benchmarks/results/pipeline.json`` (one object per task) and
 ``pipeline.md``. Each task's runs live under ``runs/bench-pipeline/<task>`` and resume when the
 script is run again; the results files are rewritten after every task.
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command, layer_heatmap, markdown_table  # noqa: E402
 from _common import pinned_code_commit as commit  # noqa: E402  (the last commit that changed code)
 
-from dpbert_rl.latency import machine_info  # noqa: E402
-from dpbert_rl.train import PipelineConfig, run_pipeline  # noqa: E402
+from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
+from dpbert_rl.training import PipelineConfig, run_pipeline  # noqa: E402
 
 # Per-task budget for a 2-core CPU. The paper runs 5 epochs per stage; we run fewer (see README).
 TASK_SETTINGS = {

@@ -26,9 +26,9 @@ from _common import RESULTS, command, markdown_table  # noqa: E402
 from _common import pinned_code_commit as commit  # noqa: E402  (the last commit that changed code)
 
 from dpbert_rl.data import collator, get_task, load_split, tokenize  # noqa: E402
-from dpbert_rl.diagnostics import routing_report, tree_probe  # noqa: E402
-from dpbert_rl.evaluate import run_dataset  # noqa: E402
-from dpbert_rl.latency import machine_info  # noqa: E402
+from dpbert_rl.evaluation.diagnostics import routing_report, tree_probe  # noqa: E402
+from dpbert_rl.evaluation.evaluate import run_dataset  # noqa: E402
+from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
 from dpbert_rl.pathtree import tree_cache  # noqa: E402
 

@@ -58,8 +58,8 @@ from tradeoff_methods import RUNNERS, TASK_SETTINGS, TaskRun, keep_paths, measur
 import torch  # noqa: E402
 
 from dpbert_rl.data import SELECTION_FRACTION, SELECTION_MAX, SELECTION_SEED, load_split  # noqa: E402
-from dpbert_rl.evaluate import speedup_ideal_fields  # noqa: E402
-from dpbert_rl.latency import machine_info  # noqa: E402
+from dpbert_rl.evaluation.evaluate import speedup_ideal_fields  # noqa: E402
+from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 
 
 # ---------------------------------------------------------------------- one task

@@ -24,14 +24,14 @@ import torch
 
 from _common import MixedRunError
 
-from dpbert_rl import early_exit as ee
-from dpbert_rl import oracle
+from dpbert_rl import baselines as ee
+from dpbert_rl.pathtree import oracle
 from dpbert_rl.data import collator, get_task, load_split, tokenize
-from dpbert_rl.evaluate import run_dataset, score_run, speedup_ideal_fields
-from dpbert_rl.latency import encode_batches, interleaved_latency, sample_indices
-from dpbert_rl.metrics import compute_metrics
+from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_fields
+from dpbert_rl.evaluation.latency import encode_batches, interleaved_latency, sample_indices
+from dpbert_rl.evaluation.metrics import compute_metrics
 from dpbert_rl.model import DPBert
-from dpbert_rl.train import TrainConfig, exact_stage, load_data, stage_done, train_stage
+from dpbert_rl.training import TrainConfig, exact_stage, load_data, stage_done, train_stage
 
 # Training subsets, chosen to fit the clean run into about 4 hours on 2 cores by the first (too low) time
 # estimate; the run at these subsets takes about 5.5 h there (README, `--plan`)
@@ -82,7 +82,7 @@ class TaskRun:
         self.full = self.model(self.s1)
         tok = self.full.tokenizer
         self.collate = collator(tok)
-        # the same fit / selection sets every DPBERT stage reads (dpbert_rl.train.load_data)
+        # the same fit / selection sets every DPBERT stage reads (dpbert_rl.training.load_data)
         data = load_data(self.config("stage1_finetune"), tok, splits=("train", "select"))
         self.train, self.select = data["train"], data["select"]
         n = args.calibration_samples

@@ -97,7 +97,7 @@ def _from_args(cls, ns: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import PipelineConfig, TrainConfig
+    from .training import PipelineConfig, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="dpbert-rl",
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=arg_type(int, 1), help="torch threads during timing")
     p.add_argument("--output", help="write the JSON report here (default: <checkpoint>/eval_<split>.json)")
 
-    from .pathtree import ExactConfig
+    from .training.exact import ExactConfig
 
     p = sub.add_parser("exact", help="train planners by the exact expected reward over all paths (frozen backbone)",
                        description="Train the planners of a fine-tuned checkpoint, backbone frozen, by gradient ascent "
@@ -200,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(plugins[argv[0]].load()(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     from .data import DataError
-    from .train import TrainingError
+    from .training import TrainingError
 
     try:
         return _dispatch(args)
@@ -210,8 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from .latency import evaluate_checkpoint, format_report
-    from .train import PipelineConfig, TrainConfig, run_pipeline, train_stage
+    from .evaluation.latency import evaluate_checkpoint, format_report
+    from .training import PipelineConfig, TrainConfig, run_pipeline, train_stage
 
     if args.command in ("finetune", "init-planners", "rl", "soft"):
         path = train_stage(args.stage, _from_args(TrainConfig, args), init=args.init)
@@ -222,7 +222,7 @@ def _dispatch(args) -> int:
         print(f"report written to {Path(args.output_dir) / 'report.json'}")
     elif args.command == "calibrate":
         from .model import DPBert
-        from .train import calibrate_checkpoint
+        from .training import calibrate_checkpoint
 
         from .checks import check_task_compatible
         from .data import get_task
@@ -247,7 +247,7 @@ def _dispatch(args) -> int:
         print(format_report(report))
         print(f"report written to {output}")
     elif args.command == "exact":
-        from .pathtree import ExactConfig, train_exact
+        from .training.exact import ExactConfig, train_exact
 
         path = train_exact(args.checkpoint, _from_args(ExactConfig, args))
         print(f"model written to {path}")
@@ -260,7 +260,7 @@ def _dispatch(args) -> int:
 
 def _inspect(args) -> str:
     from .data import collator, get_task, load_split, tokenize
-    from .diagnostics import format_inspection, inspect_features
+    from .evaluation.diagnostics import format_inspection, inspect_features
     from .model import DPBert, META_FILE
 
     trained = Path(args.checkpoint, META_FILE).is_file()

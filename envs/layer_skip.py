@@ -18,7 +18,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from dpbert_rl.objectives import final_reward
+from dpbert_rl.model.objectives import final_reward
 
 OBS_MODES = ("box", "dict")
 BACKBONE_MODES = ("frozen", "joint")
@@ -26,7 +26,7 @@ BACKBONE_MODES = ("frozen", "joint")
 
 def observe(planners, hidden: torch.Tensor, mask: torch.Tensor, i: int, observation: str = "box") -> Any:
     """The observation before layer ``i`` (0-based; ``i = L`` after the last): the planner features of
-    ``hidden`` ``(N, seq, d)`` (standardised, :meth:`dpbert_rl.planner.Planners.observe`) and the layer's
+    ``hidden`` ``(N, seq, d)`` (standardised, :meth:`dpbert_rl.model.planner.Planners.observe`) and the layer's
     one-hot, as ``(N, F + L)`` float32 or a dict of the two parts. After the last layer the features are
     those that layer ``L``'s statistics standardise (the episode is over; nothing acts on them)."""
     L = planners.num_layers
@@ -42,7 +42,7 @@ def observe(planners, hidden: torch.Tensor, mask: torch.Tensor, i: int, observat
 
 def observation_space(feature_dim: int, num_layers: int, observation: str = "box") -> spaces.Space:
     """Standardised features clipped to [-CLIP, CLIP] and the layer's one-hot: ``Box(F + L)`` or a Dict."""
-    from dpbert_rl.planner import CLIP
+    from dpbert_rl.model.planner import CLIP
 
     feats = spaces.Box(-CLIP, CLIP, (feature_dim,), np.float32)
     layer = spaces.Box(0.0, 1.0, (num_layers,), np.float32)
@@ -66,8 +66,8 @@ class _Episodes:
                  reward="loss", stats_samples=1000, check_reward=True):
         from dpbert_rl.data import collator, get_task, load_split, tokenize
         from dpbert_rl.model import DPBert, feature_stats
-        from dpbert_rl.objectives import REWARDS, check_rate
-        from dpbert_rl.planner import FEATURES, Planners
+        from dpbert_rl.model.objectives import REWARDS, check_rate
+        from dpbert_rl.model.planner import FEATURES, Planners
 
         if observation not in OBS_MODES:
             raise ValueError(f"observation must be one of {OBS_MODES}; got {observation!r}")
@@ -111,7 +111,7 @@ class _Episodes:
         self.planners.to(self.device)
         self.d = self.planners.feature_dim
         if check_reward:  # a reward whose optimum is to skip everything is worth a warning, not a silent run
-            from dpbert_rl.diagnostics import skip_all_check
+            from dpbert_rl.evaluation.diagnostics import skip_all_check
 
             skip_all_check(self.model, self.data, self.collate, reward, c, lambda_, samples=256)
         self.c, self.lambda_ = float(c), float(lambda_)
@@ -233,7 +233,7 @@ class _ModelAccess:
 
     @property
     def observer(self):
-        """The :class:`~dpbert_rl.planner.Planners` whose features and statistics make the observations;
+        """The :class:`~dpbert_rl.model.planner.Planners` whose features and statistics make the observations;
         pass it to :func:`agents.evaluate.agent_forward` to drive the model as in this env."""
         return self.core.planners
 
@@ -262,7 +262,7 @@ class LayerSkipEnv(_ModelAccess, gym.Env):
     The features are what the model's planners read (``features``): ``cls`` (the ``[CLS]`` row, the
     paper's; ``F = d``), ``mean`` (masked mean of the token states; ``F = d``) or ``cls+mean``
     (``F = 2d``), standardised per layer with statistics of training inputs and clipped to [-10, 10]
-    (:meth:`dpbert_rl.planner.Planners.observe`). With ``features="auto"`` they are the model's own
+    (:meth:`dpbert_rl.model.planner.Planners.observe`). With ``features="auto"`` they are the model's own
     (statistics from its checkpoint), or ``mean`` for a model whose planners were never trained;
     otherwise, or when the model has no statistics, statistics are computed on
     the first ``stats_samples`` inputs of this env's split. After the last step the one-hot part is all

@@ -37,9 +37,9 @@ class _TreeEpisodes:
                  cache_dtype="float32"):
         import torch
 
-        from dpbert_rl.objectives import REWARDS, check_rate, final_reward
+        from dpbert_rl.model.objectives import REWARDS, check_rate, final_reward
         from dpbert_rl.pathtree import DEFAULT_CACHE_DIR, planner_info, tree_cache
-        from dpbert_rl.planner import CLIP, FEATURES, Planners
+        from dpbert_rl.model.planner import CLIP, FEATURES, Planners
 
         if observation not in OBS_MODES:
             raise ValueError(f"observation must be one of {OBS_MODES}; got {observation!r}")
@@ -266,7 +266,7 @@ class LayerSkipTreeEnv(_TreeAccess, gym.Env):
     ## Rewards
     ``-c * a_i`` at every step, and at the last step additionally ``lambda_ * q``: ``q = -loss`` with
     ``reward="loss"`` (eq. 9), or the bounded ``q`` of ``reward="correct"``
-    (:func:`dpbert_rl.objectives.final_reward`). With ``target_rate`` and ``rate_coef`` set, the last step
+    (:func:`dpbert_rl.model.objectives.final_reward`). With ``target_rate`` and ``rate_coef`` set, the last step
     also gets ``-rate_coef * (skipped fraction - target_rate)^2``.
 
     ## Starting State

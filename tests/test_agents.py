@@ -10,7 +10,7 @@ from agents.base import REGISTRY, Agent, make_agent, resolve
 from agents.reinforce import ReinforceAgent
 from dpbert_rl.data import collator, load_split, tokenize
 from dpbert_rl.model import DPBert
-from dpbert_rl.objectives import dpbert_objective
+from dpbert_rl.model.objectives import dpbert_objective
 from envs.layer_skip import BatchedLayerSkipEnv
 from tests.conftest import run_readme_example
 

@@ -4,7 +4,7 @@ import pytest
 
 from dpbert_rl import data as data_mod
 from dpbert_rl.data import DataError, encode_one, get_task, load_split, read_glue_tsv
-from dpbert_rl.metrics import compute_metrics
+from dpbert_rl.evaluation.metrics import compute_metrics
 
 
 @pytest.mark.parametrize("task,n_labels", [("rte", 2), ("SST-2", 2), ("sts-b", 1), ("MRPC", 2), ("cola", 2)])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpbert_rl import early_exit as ee
-from dpbert_rl import oracle
+from dpbert_rl import baselines as ee
+from dpbert_rl.pathtree import oracle
 from dpbert_rl.data import collator, load_split, tokenize
 from dpbert_rl.model import DPBert
 from tests.conftest import make_tiny_checkpoint
@@ -257,7 +257,7 @@ def test_truncate_is_the_first_k_layers(ckpt, tmp_path):
 def test_layerdrop_stage_trains_on_random_layer_subsets(tiny_model_dir, tiny_glue, tmp_path):
     import json
 
-    from dpbert_rl.train import TrainConfig, train_stage
+    from dpbert_rl.training import TrainConfig, train_stage
 
     cfg = TrainConfig(task="sst2", backbone=tiny_model_dir, data_dir=str(tiny_glue), output_dir=str(tmp_path / "ld"),
                       max_steps=6, batch_size=8, layerdrop=0.5, logging_steps=1, progress=False)

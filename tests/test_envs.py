@@ -83,7 +83,7 @@ def test_same_seed_same_episodes(tiny_model_dir, tiny_glue):
 
 @pytest.mark.parametrize("features", ["cls", "mean", "cls+mean"])
 def test_skip_leaves_the_observed_state_unchanged(tiny_model_dir, tiny_glue, features):
-    from dpbert_rl.planner import raw_features
+    from dpbert_rl.model.planner import raw_features
 
     env = make(tiny_model_dir, tiny_glue, features=features)
     obs, _ = env.reset(seed=0)

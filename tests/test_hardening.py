@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import dpbert_rl.data as data_mod
-import dpbert_rl.train as train_mod
+import dpbert_rl.training.stages as train_mod
 from dpbert_rl.checks import CheckpointError, NonFiniteError, max_positions
 from dpbert_rl.cli import main
 from dpbert_rl.data import DataError, load_split, selection_size
 from dpbert_rl.model import DPBert, TaskInfo
-from dpbert_rl.train import TrainConfig, TrainingError, train_stage
+from dpbert_rl.training import TrainConfig, TrainingError, train_stage
 from tests.conftest import make_tiny_checkpoint
 
 RTE_LABELS = ["entailment", "not_entailment"]
@@ -139,7 +139,7 @@ def test_2_tokenizer_of_another_size_is_refused(tiny_ckpt, tmp_path):
 
 # ---------------------------------------------------------------------- 3. another task's label count or type
 def test_3_task_with_other_labels_is_refused_everywhere(rte_model_dir, tiny_glue, tmp_path, capsys):
-    from dpbert_rl.latency import evaluate_checkpoint
+    from dpbert_rl.evaluation.latency import evaluate_checkpoint
     from envs.layer_skip import BatchedLayerSkipEnv
 
     message = r"head for rte \(classification, 2 labels\); task stsb needs regression, 1 output"
@@ -182,8 +182,8 @@ def test_4_zero_layers_have_no_finite_ideal_speedup(rte_model_dir, tiny_glue):
     from agents.evaluate import evaluate_agent
     from agents.references import FixedPath
     from dpbert_rl.data import collator, get_task, tokenize
-    from dpbert_rl.evaluate import speedup_ideal
-    from dpbert_rl.latency import evaluate_checkpoint, format_report
+    from dpbert_rl.evaluation.evaluate import speedup_ideal
+    from dpbert_rl.evaluation.latency import evaluate_checkpoint, format_report
 
     assert speedup_ideal(0.0, 6) == math.inf and speedup_ideal(3.0, 6) == 2.0
     # threshold 1: p >= 1 never holds for a finite logit, so no layer runs
@@ -381,7 +381,7 @@ def test_9_non_utf8_bytes_name_file_line_and_byte(tmp_path, capsys):
 # ---------------------------------------------------------------------- 10. longer than the position embeddings
 def test_10_max_seq_length_beyond_the_positions_is_refused_up_front(tiny_ckpt, tiny_glue, tmp_path, capsys,
                                                                     rte_model_dir):
-    from dpbert_rl.latency import evaluate_checkpoint
+    from dpbert_rl.evaluation.latency import evaluate_checkpoint
     from envs.layer_skip import LayerSkipEnv
 
     out = tmp_path / "long"
@@ -503,7 +503,7 @@ def spy_on_splits(monkeypatch) -> list:
     import sys
 
     events = []
-    real_load, real_save = data_mod.load_split, train_mod._save_atomic
+    real_load, real_save = data_mod.load_split, train_mod.save_atomic
 
     def load_split_spy(task, split="train", *args, **kwargs):
         events.append(("load", split))
@@ -516,12 +516,12 @@ def spy_on_splits(monkeypatch) -> list:
     for name, module in list(sys.modules.items()):
         if name.split(".")[0] in ("dpbert_rl", "envs", "agents") and getattr(module, "load_split", None) is real_load:
             monkeypatch.setattr(module, "load_split", load_split_spy)
-    monkeypatch.setattr(train_mod, "_save_atomic", save_spy)
+    monkeypatch.setattr(train_mod, "save_atomic", save_spy)
     return events
 
 
 def test_threshold_calibration_never_reads_dev(rte_model_dir, tiny_glue, monkeypatch):
-    from dpbert_rl.train import calibrate_checkpoint
+    from dpbert_rl.training import calibrate_checkpoint
 
     events = spy_on_splits(monkeypatch)
     calibrate_checkpoint(rte_model_dir, TrainConfig(task="rte", data_dir=str(tiny_glue), target_rate=0.3), samples=16)

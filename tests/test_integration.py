@@ -7,7 +7,7 @@ import torch
 
 from dpbert_rl.data import collator, load_split, tokenize
 from dpbert_rl.model import DPBert
-from dpbert_rl.train import PipelineConfig, run_pipeline
+from dpbert_rl.training import PipelineConfig, run_pipeline
 from tests.test_model import split_planners
 
 pytestmark = pytest.mark.integration
@@ -73,7 +73,7 @@ def test_readme_python_api_example_runs_as_written(glue_dir, monkeypatch):
 
 
 def test_readme_early_exit_example_runs_as_written(glue_dir, monkeypatch):
-    from dpbert_rl.early_exit import EarlyExitBert
+    from dpbert_rl.baselines import EarlyExitBert
     from tests.conftest import run_readme_example
 
     scope = run_readme_example("EarlyExitBert(DPBert", glue_dir, monkeypatch)
@@ -89,7 +89,7 @@ def test_early_exit_batch_equals_batch_of_one_on_minilm(glue_dir):
     """Real backbone, real sentences of different lengths: per-example exits in a padded batch give
     the predictions of batch size 1."""
     from dpbert_rl.data import load_split
-    from dpbert_rl.early_exit import EarlyExitBert
+    from dpbert_rl.baselines import EarlyExitBert
     from dpbert_rl.model import DPBert
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpbert_rl.backbone import Backbone
+from dpbert_rl.model.backbone import Backbone
 from dpbert_rl.model import DPBert
 from tests.conftest import make_tiny_checkpoint
 

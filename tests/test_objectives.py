@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpbert_rl.objectives import (advantages, dpbert_objective, reinforce_loss, returns_to_go, skip_penalty,
+from dpbert_rl.model.objectives import (advantages, dpbert_objective, reinforce_loss, returns_to_go, skip_penalty,
                                   skip_rate)
 
 

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpbert_rl import oracle, pathtree
+from dpbert_rl import pathtree
+from dpbert_rl.pathtree import oracle
 from dpbert_rl.data import collator, load_split, tokenize
 from dpbert_rl.model import DPBert
-from dpbert_rl.objectives import final_reward
-from dpbert_rl.pathtree import ExactConfig, PathTree, expected_return, greedy_paths, train_exact, tree_cache
+from dpbert_rl.model.objectives import final_reward
+from dpbert_rl.pathtree import PathTree, expected_return, greedy_paths, tree_cache
+from dpbert_rl.training.exact import ExactConfig, train_exact
 from envs.layer_skip import BatchedLayerSkipEnv, LayerSkipEnv
 from envs.layer_skip_tree import BatchedLayerSkipTreeEnv, LayerSkipTreeEnv
 
@@ -34,7 +36,7 @@ def layer_calls(monkeypatch):
 def _trained_like(tiny_model_dir, tiny_glue, features="mean", seed=0):
     """The tiny checkpoint with planners that have statistics and non-trivial weights."""
     model = DPBert.load(tiny_model_dir).eval()
-    from dpbert_rl.planner import Planners
+    from dpbert_rl.model.planner import Planners
 
     model.planners = Planners(model.num_layers, model.backbone.hidden_size, 0.0, features=features)
     ds = tokenize(load_split("rte", "train", str(tiny_glue)), model.tokenizer, 128)
@@ -98,7 +100,7 @@ def test_cache_is_keyed_by_the_data_files_content(tiny_model_dir, tiny_glue, tmp
 def test_cache_holds_the_outcome_of_every_path(tiny_model_dir, tiny_glue, tmp_path):
     """Losses and predictions equal the oracle's; the state of node (layer i, prefix s) is the state of
     path s << (L - i), whose raw features equal those of the model's own path execution."""
-    from dpbert_rl.planner import raw_features
+    from dpbert_rl.model.planner import raw_features
 
     model = DPBert.load(tiny_model_dir).eval()
     tree = tree_cache(model, "rte", "train", str(tiny_glue), max_samples=6, features="cls+mean", cache_dir=tmp_path,
@@ -497,7 +499,7 @@ def test_an_agents_greedy_run_on_the_tree_equals_driving_the_model_live(name, ti
     from agents.base import make_agent
     from agents.evaluate import agent_forward, tree_run
     from dpbert_rl.data import get_task
-    from dpbert_rl.evaluate import run_dataset
+    from dpbert_rl.evaluation.evaluate import run_dataset
     from tests.test_agents import AGENTS
 
     kw = dict(task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, cache_dir=cache_dir, progress=False)
@@ -528,7 +530,7 @@ def test_reinforce_loo_normalised_entropy_gradient_equals_the_objective(tiny_mod
     """K episodes per input from the tree env, grouped by input: the agent's planner gradient with the loo
     baseline, normalised advantages and an entropy bonus is that of dpbert_objective on the same paths."""
     from agents.reinforce import ReinforceAgent, _group
-    from dpbert_rl.objectives import dpbert_objective
+    from dpbert_rl.model.objectives import dpbert_objective
 
     n, K, c, lam, coef = 3, 2, 0.5, 4.0, 0.1
     env = BatchedLayerSkipTreeEnv(num_envs=n, task="rte", data_dir=str(tiny_glue), model=tiny_model_dir, c=c,
@@ -625,7 +627,7 @@ def test_tree_env_equals_the_live_env_on_minilm(glue_dir, tmp_path):
 @pytest.mark.parametrize("k", [0, 2, 4])
 def test_probe_read_from_the_trees_equals_the_live_probe(k, tiny_model_dir, tiny_glue, tmp_path):
     from dpbert_rl.data import get_task
-    from dpbert_rl.diagnostics import linear_probe, tree_probe
+    from dpbert_rl.evaluation.diagnostics import linear_probe, tree_probe
 
     model, _ = _trained_like(tiny_model_dir, tiny_glue)
     task = get_task("rte")

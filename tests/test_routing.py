@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dpbert_rl.data import carve_selection, collator, get_task, load_split, selection_size, tokenize
-from dpbert_rl.diagnostics import (fixed_frontier, frontier_margin, frontier_mixture, inspect_features,
+from dpbert_rl.evaluation.diagnostics import (fixed_frontier, frontier_margin, frontier_mixture, inspect_features,
                                    linear_probe, skip_all_check)
-from dpbert_rl.evaluate import distinct_paths, mid_gate_fraction
+from dpbert_rl.evaluation.evaluate import distinct_paths, mid_gate_fraction
 from dpbert_rl.model import DPBert
-from dpbert_rl.objectives import DualPrice, advantages, final_reward, normalise_advantages
-from dpbert_rl.planner import raw_features
+from dpbert_rl.model.objectives import DualPrice, advantages, final_reward, normalise_advantages
+from dpbert_rl.model.planner import raw_features
 
 
 def data(model, tiny_glue, split="train", task="rte"):
@@ -70,7 +70,7 @@ def test_feature_statistics_round_trip_through_a_checkpoint(tiny_model_dir, tiny
 
 
 def test_training_warns_when_the_planner_input_is_constant(tiny_model_dir, tiny_glue):
-    from dpbert_rl.train import warn_if_constant
+    from dpbert_rl.evaluation.diagnostics import warn_if_constant
 
     model = DPBert.load(tiny_model_dir)
     stats = model.fit_feature_stats(data(model, tiny_glue), collator(model.tokenizer))
@@ -213,7 +213,7 @@ def test_warning_when_skipping_everything_wins(tiny_model_dir, tiny_glue):
 
 
 def _losses(model, ds, path):
-    from dpbert_rl.evaluate import run_dataset
+    from dpbert_rl.evaluation.evaluate import run_dataset
 
     return run_dataset(model, ds, collator(model.tokenizer), 16, "path", actions=path, with_loss=True)["losses"]
 
@@ -295,7 +295,7 @@ def test_linear_probe_learns_a_feature_that_gives_the_label(tiny_model_dir, tiny
 
 
 def test_stage3_dual_price_moves_and_resumes(tiny_ckpt, tiny_glue, tmp_path):
-    from dpbert_rl.train import TrainConfig, train_stage
+    from dpbert_rl.training import TrainConfig, train_stage
 
     cfg = TrainConfig(task="rte", backbone=str(tiny_ckpt), data_dir=str(tiny_glue), output_dir=str(tmp_path / "rl"),
                       batch_size=4, epochs=1, target_rate=0.5, cost=0.0, dual_lr=0.5, samples=2,
@@ -308,8 +308,8 @@ def test_stage3_dual_price_moves_and_resumes(tiny_ckpt, tiny_glue, tmp_path):
 
 
 def test_path_indices_first_k_and_random_skipping_read_the_right_paths():
-    from dpbert_rl.diagnostics import random_skip_score, task_score
-    from dpbert_rl.oracle import first_k_path, path_indices, paths
+    from dpbert_rl.evaluation.diagnostics import random_skip_score, task_score
+    from dpbert_rl.pathtree.oracle import first_k_path, path_indices, paths
 
     P = paths(4).numpy()
     assert (path_indices(P) == np.arange(16)).all()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpbert_rl import early_exit as ee
+from dpbert_rl import baselines as ee
 from dpbert_rl.data import collator, load_split, tokenize
 from dpbert_rl.model import DPBert
 from tests.conftest import make_tiny_checkpoint
@@ -186,7 +186,7 @@ def test_replayed_exits_equal_the_batched_forward(ckpt):
     ds = _more_ds(m)
     stats = ee.exit_statistics(m, ds, collator(m.tokenizer), batch_size=5)
     b = batch(m.tokenizer, MORE)
-    rules = [dict(rule="entropy", threshold=t) for t in _between(ee._entropy(stats["logits"][:, :-1]))]
+    rules = [dict(rule="entropy", threshold=t) for t in _between(ee.early_exit._entropy(stats["logits"][:, :-1]))]
     rules += [dict(rule="learned", threshold=t) for t in _between(stats["scores"][:, :-1])]
     rules += [dict(rule="patience", patience=t) for t in (0, 1, 2)]
     varied = 0
@@ -221,7 +221,7 @@ def test_exit_thresholds_calibrated_to_target_layers(ckpt, rule):
         return float(ee.exits_from_statistics(stats, rule, t).float().mean())
 
     # the layer count only changes where the threshold passes an input's value: try between every two
-    values = ee._entropy(stats["logits"][:, :-1]) if rule == "entropy" else stats["scores"][:, :-1]
+    values = ee.early_exit._entropy(stats["logits"][:, :-1]) if rule == "entropy" else stats["scores"][:, :-1]
     v = np.unique(np.asarray(values, dtype=float))
     reachable = _achievable(layers, [0.0, hi, *((v[1:] + v[:-1]) / 2), v[0] - 1e-6, v[-1] + 1e-6])
     assert len(reachable) >= 4  # the thresholds do trade layers on this model

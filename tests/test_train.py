@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-import dpbert_rl.train as train_mod
+import dpbert_rl.training.stages as train_mod
 from dpbert_rl.cli import main
 from dpbert_rl.model import DPBert
-from dpbert_rl.train import TrainConfig, TrainingError, train_stage
+from dpbert_rl.training import TrainConfig, TrainingError, train_stage
 
 
 def cfg(tiny_ckpt, tiny_glue, out, **kw):
@@ -174,7 +174,7 @@ def test_threshold_calibration_reaches_the_target_rate(tiny_ckpt, tiny_glue):
     """Planners with zero weights give every input the same p_i = sigmoid(b_i), so the greedy skip rate
     at threshold t is, by hand, the fraction of layers with p_i < t: a staircase the bisection must hit."""
     from dpbert_rl.data import collator, load_split, tokenize
-    from dpbert_rl.train import calibrate_threshold
+    from dpbert_rl.training import calibrate_threshold
 
     model = DPBert.from_backbone(str(tiny_ckpt)).eval()
     with torch.no_grad():
@@ -192,7 +192,7 @@ def test_threshold_calibration_reaches_the_target_rate(tiny_ckpt, tiny_glue):
 
 
 def test_pipeline_stage3_rl_is_the_papers_joint_stage(tiny_ckpt, tiny_glue, tmp_path):
-    from dpbert_rl.train import PipelineConfig, run_pipeline
+    from dpbert_rl.training import PipelineConfig, run_pipeline
 
     out = tmp_path / "rl"
     cfg = PipelineConfig(task="rte", backbone=str(tiny_ckpt), data_dir=str(tiny_glue), output_dir=str(out),
@@ -209,7 +209,7 @@ def test_pipeline_stage3_rl_is_the_papers_joint_stage(tiny_ckpt, tiny_glue, tmp_
                                          ({"rate_control": "penalty"}, "not 'penalty'"),
                                          ({"exact_epochs": 0}, "exact_epochs")])
 def test_pipeline_config_refuses_bad_stage3_settings(kw, message):
-    from dpbert_rl.train import PipelineConfig
+    from dpbert_rl.training import PipelineConfig
 
     with pytest.raises(ValueError, match=message):
         PipelineConfig(**kw).validate()

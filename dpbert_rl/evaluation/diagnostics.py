@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import GlueTask
+from ..data import GlueTask
 from .metrics import compute_metrics
-from .model import DPBert, feature_stats
-from .planner import FEATURES, raw_features
+from ..model.dpbert import DPBert, feature_stats
+from ..model.planner import FEATURES, raw_features
 
 
 # ---------------------------------------------------------------------- what the planners see
@@ -117,7 +117,7 @@ def skip_all_check(model: DPBert, dataset, collate_fn, reward: str, cost: float,
     import warnings
 
     from .evaluate import run_dataset
-    from .objectives import final_reward
+    from ..model.objectives import final_reward
 
     sample = dataset.select(range(min(samples, len(dataset))))
     L = model.num_layers
@@ -225,7 +225,7 @@ def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: f
 def random_skip_score(task: GlueTask, run: dict, rate: float, seed: int = 0, draws: int = 20) -> float:
     """Mean score of random skipping (each layer skipped with probability ``rate``, independently per input),
     read from every path's predictions (:func:`dpbert_rl.oracle.enumerate_paths`, or a tree's ``oracle_run``)."""
-    from .oracle import path_indices
+    from ..pathtree.oracle import path_indices
 
     preds, labels = run["predictions"], run["labels"]
     n, L = preds.shape[0], run["paths"].shape[1]
@@ -276,7 +276,7 @@ def tree_probe(model: DPBert, task: GlueTask, fit_tree, dev_tree, k: int, max_fi
     """:func:`linear_probe` read from path-tree caches of ``model``'s frozen backbone (no model call): the
     features after the first ``k`` layers are the tree's node with those ``k`` bits set (skipped layers
     leave the state unchanged), for the first ``max_fit`` inputs of ``fit_tree`` and all of ``dev_tree``."""
-    from .oracle import first_k_path
+    from ..pathtree.oracle import first_k_path
 
     L = fit_tree.num_layers
     node, i = first_k_path(k, L), min(k, L - 1)
@@ -293,7 +293,7 @@ def check_spread(stats: dict, threshold: float = 1e-3) -> list:
     return [i + 1 for i, v in enumerate(stats["spread"]) if v < threshold]
 
 
-__all__ = ["skip_one_losses", "inspect_features", "format_inspection", "fixed_frontier", "frontier_mixture",
+__all__ = ["warn_if_constant", "skip_one_losses", "inspect_features", "format_inspection", "fixed_frontier", "frontier_mixture",
            "frontier_margin", "random_skip_score", "task_score", "layer_features", "linear_probe", "tree_probe",
            "check_spread", "feature_stats", "skip_all_check", "routing_report"]
 
@@ -313,7 +313,7 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
         ``distinct_paths``, ``mid_gate_fraction``, ``probe_score``, ``probe_layers`` and the frontier's paths.
     """
     from .evaluate import distinct_paths, mid_gate_fraction
-    from .oracle import enumerate_paths
+    from ..pathtree.oracle import enumerate_paths
 
     if select_run is None:
         select_run = enumerate_paths(model, select_set, collate_fn, batch_size, progress=progress)
@@ -334,3 +334,18 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
     if probe is not None:
         probe[k] = {"probe_score": out["probe_score"], "probe_layers": out["probe_layers"]}
     return out
+
+
+def warn_if_constant(stats: dict, threshold: float = 1e-3) -> list:
+    """Warn when the planner input hardly varies across inputs before some layers (``spread`` below
+    ``threshold``): planners there can only learn a fixed decision. Returns those layers (1-based)."""
+    import warnings
+
+    flat = check_spread(stats, threshold)
+    if flat:
+        warnings.warn(
+            f"the planners' {stats['features']!r} features are nearly constant across inputs before layer(s) "
+            f"{flat} (variance / |mean|^2 < {threshold:g} on {stats['examples']} training inputs): planners there "
+            "can only learn a fixed decision. Try --planner-features mean (see `dpbert-rl inspect`).",
+            stacklevel=3)
+    return flat

@@ -17,10 +17,10 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from .data import collator, get_task, load_split, tokenize
-from .checks import check_max_seq_length, check_task_compatible, check_threshold
+from ..data import collator, get_task, load_split, tokenize
+from ..checks import check_max_seq_length, check_task_compatible, check_threshold
 from .evaluate import evaluate_model, speedup_ideal_fields
-from .model import DPBert
+from ..model.dpbert import DPBert
 
 
 def sample_indices(n: int, k: Optional[int], seed: int = 0) -> list:

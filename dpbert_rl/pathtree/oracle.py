@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .model import DPBert
+from ..model.dpbert import DPBert
 
 
 def paths(num_layers: int) -> torch.Tensor:

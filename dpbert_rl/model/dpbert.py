@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DEFAULT_BACKBONE, Backbone, Embedded
-from .checks import (check_checkpoint_files, check_finite_logits, check_state_shapes, check_threshold, read_json,
+from ..checks import (check_checkpoint_files, check_finite_logits, check_state_shapes, check_threshold, read_json,
                      read_safetensors)
 from .planner import Planners, bernoulli_entropy, bernoulli_log_prob, feature_dim, raw_features
 

@@ -8,9 +8,9 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from .data import GlueTask
+from ..data import GlueTask
 from .metrics import compute_metrics
-from .model import DPBert
+from ..model.dpbert import DPBert
 
 
 @torch.no_grad()

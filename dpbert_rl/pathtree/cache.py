@@ -1,7 +1,7 @@
 """The path-tree cache: with a frozen backbone, an input's whole skipping game, computed once.
 
 A path's state after layer ``i`` depends only on its first ``i`` decisions, so the ``2^L`` paths of an
-input form a binary tree, walked once by :func:`dpbert_rl.oracle.path_states` (``2^L - 1`` layer calls
+input form a binary tree, walked once by :func:`dpbert_rl.pathtree.oracle.path_states` (``2^L - 1`` layer calls
 per input: 63 for a 6-layer model, for all 64 paths). A skipped layer leaves the state unchanged, so
 the tree holds only ``2^L`` distinct states, one per path: the state at decision node (layer ``i``,
 prefix ``s``) is the state of path ``s << (L - i)`` (the prefix, then skips only). The cache stores, per
@@ -19,7 +19,7 @@ array           shape           what
 ``indices``     ``(N,)``        the input's index in the split
 ==============  ==============  =========================================================================
 
-Path ``p``'s decisions are the bits of ``p``, layer 1 the most significant (:func:`dpbert_rl.oracle.paths`).
+Path ``p``'s decisions are the bits of ``p``, layer 1 the most significant (:func:`dpbert_rl.pathtree.oracle.paths`).
 Keeping the 2^L states rather than the 2^(L+1) - 1 nodes (decision nodes and leaves) halves the size
 and still serves every observation the live environment makes, the final one included.
 
@@ -44,28 +44,26 @@ load; ``meta.json``), keyed by the checkpoint (weights file path, mtime and size
 weights of an in-memory model), the task, split, the data file's content (SHA-256), ``max_samples``,
 ``max_seq_length``, features and dtype. :func:`tree_cache` reuses a cache when present and builds it otherwise.
 
-On top of the cache: :func:`train_exact`, planner training by the exact expected reward over all
+On top of the cache: :func:`dpbert_rl.training.exact.train_exact`, planner training by the exact expected reward over all
 paths (no sampling, so a gradient without variance; ``dpbert-rl exact``), and the replay environment
 ``dpbert_rl/LayerSkipTree-v0`` (:mod:`envs.layer_skip_tree`).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
 import math
 import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from .planner import Planners, bernoulli_log_prob, check_features
+from ..model.planner import Planners, bernoulli_log_prob, check_features
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = "runs/pathtree"
@@ -139,7 +137,7 @@ class PathTree:
                          f"{features!r} or 'cls+mean' cache")
 
     def oracle_run(self) -> dict:
-        """The cache in the form :func:`dpbert_rl.oracle.enumerate_paths` returns, for
+        """The cache in the form :func:`dpbert_rl.pathtree.oracle.enumerate_paths` returns, for
         :func:`~dpbert_rl.oracle.oracle_choices` and :func:`~dpbert_rl.oracle.best_static_paths`."""
         from .oracle import paths
 
@@ -207,7 +205,7 @@ def parts(features: str) -> tuple:
 @torch.no_grad()
 def build_tree(model, dataset, collate_fn, features: str = "cls+mean", batch_size: int = 1,
                dtype: str = "float32", progress: bool = True, meta: Optional[dict] = None) -> PathTree:
-    """Walk the path tree of every input of a tokenised ``dataset`` (:func:`dpbert_rl.oracle.path_states`)
+    """Walk the path tree of every input of a tokenised ``dataset`` (:func:`dpbert_rl.pathtree.oracle.path_states`)
     and collect the cache's arrays.
 
     :param model: a :class:`~dpbert_rl.model.DPBert` (run in eval mode: no dropout).
@@ -220,7 +218,7 @@ def build_tree(model, dataset, collate_fn, features: str = "cls+mean", batch_siz
     from torch.utils.data import DataLoader
 
     from .oracle import path_states
-    from .planner import raw_features
+    from ..model.planner import raw_features
 
     check_features(features)
     if dtype not in ("float32", "float16"):
@@ -299,7 +297,7 @@ def data_fingerprint(task, split: str, data_dir: Optional[str]) -> str:
 
     Content, not path or modification time: a GLUE directory that is copied or restored again (same
     files, new times) keeps its caches, and a file edited in place does not."""
-    from .data import DERIVED_SPLITS, resolve_data_dir
+    from ..data import DERIVED_SPLITS, resolve_data_dir
 
     root = resolve_data_dir(data_dir)
     if root is None:
@@ -343,7 +341,7 @@ def tree_cache(model, task: str, split: str = "train", data_dir: Optional[str] =
         :class:`~dpbert_rl.model.DPBert`.
     :param fingerprint: overrides :func:`checkpoint_fingerprint` (e.g. a checkpoint's, for its loaded model).
     """
-    from .data import get_task
+    from ..data import get_task
 
     check_features(features)
     t = get_task(task)
@@ -356,7 +354,7 @@ def tree_cache(model, task: str, split: str = "train", data_dir: Optional[str] =
             return PathTree.load(root / name, mmap=mmap)
     name, key = cache_key(fp, t.name, split, data, max_samples, max_seq_length, features, dtype)
     dpbert = _as_model(model, t)
-    from .data import collator, load_split, tokenize
+    from ..data import collator, load_split, tokenize
 
     ds = tokenize(load_split(t, split, data_dir, max_samples), dpbert.tokenizer, max_seq_length)
     dpbert.to(torch.device(device))
@@ -367,7 +365,7 @@ def tree_cache(model, task: str, split: str = "train", data_dir: Optional[str] =
 
 
 def _as_model(model, task):
-    from .model import DPBert
+    from ..model.dpbert import DPBert
 
     if isinstance(model, DPBert):
         return model
@@ -459,292 +457,5 @@ def greedy_paths(planners: Planners, raw: torch.Tensor, threshold: float = 0.5) 
     return s
 
 
-@dataclass
-class ExactConfig:
-    """Planner training by the exact expected reward over the path tree (frozen backbone)."""
-
-    task: Optional[str] = None
-    """GLUE task (default: the checkpoint's)."""
-    data_dir: Optional[str] = None
-    """Local GLUE directory; default $GLUE_DIR, else the hub."""
-    output_dir: str = "runs/exact"
-    """Where config, metrics, TensorBoard events and the model/ checkpoint go."""
-    cache_dir: str = DEFAULT_CACHE_DIR
-    """Where the path-tree caches are kept (and reused)."""
-    max_seq_length: Optional[int] = None
-    """Tokenisation length (default: the checkpoint's, 128)."""
-    max_train_samples: Optional[int] = None
-    """The first N inputs of the fit split (as the environments read it)."""
-    max_eval_samples: Optional[int] = None
-    """The first N inputs of the selection split and of dev."""
-    planner_features: str = "mean"
-    """What the planners read: cls, mean or cls+mean."""
-    fresh_planners: bool = False
-    """Start from fresh planners even when the checkpoint has planners of these features."""
-    feature_stats_samples: int = 1000
-    """Fit inputs for the standardisation statistics of fresh planners."""
-    planner_init_bias: float = 2.0
-    """Initial bias of fresh planners (p = 0.88)."""
-    lr: float = 1e-2
-    """Adam learning rate of the planners. Higher than stage 3's 1e-3: the exact gradient has no
-    sampling noise to average out."""
-    batch_size: int = 64
-    """Inputs per step (each carries all 2^L paths)."""
-    epochs: float = 20.0
-    """Passes over the fit split (steps are cheap: array lookups and L small matrix products)."""
-    max_steps: Optional[int] = None
-    """Stop after this many steps (overrides epochs)."""
-    cost: float = 1.0
-    """c: price of an executed layer (with rate_control 'dual', its starting value)."""
-    lam: float = 5.0
-    """lambda: weight of the outcome term q."""
-    reward: str = "correct"
-    """The outcome term q: 'loss' (-task loss, eq. 9) or 'correct' (bounded)."""
-    rate_control: str = "dual"
-    """'dual': the layer price follows dual ascent (DualPrice) so that the greedy paths skip
-    target_rate of the layers; 'none': the fixed price cost."""
-    target_rate: Optional[float] = 0.3
-    """Target fraction of layers skipped (rate_control 'dual', and the selection rule)."""
-    dual_lr: float = 0.05
-    """Step size of the dual ascent on the layer price."""
-    entropy_coef: float = 0.0
-    """Weight of an entropy bonus (path entropy / L, nats per decision), decayed linearly to 0."""
-    threshold: float = 0.5
-    """Hard-mode threshold used for the greedy paths (dual price, selection) and saved in the checkpoint."""
-    select_tolerance: float = 0.05
-    """Keep the best selection-split score among evaluations whose skip rate is at least
-    target_rate - select_tolerance; without target_rate, the best greedy return lambda q - c |p|."""
-    eval_steps: Optional[int] = None
-    """Evaluate on the selection split every N steps (default: once per epoch)."""
-    build_batch_size: int = 1
-    """Inputs per batch when a cache is built (1: an input's tree is already a batch of up to 2^(L-1) rows
-    per layer call; more inputs per batch only add padding)."""
-    score_dev: bool = True
-    """Score the chosen model on dev once, with the live model in hard mode (reported, chooses nothing)."""
-    seed: int = 42
-    device: str = "cpu"
-    """Device for building caches (training runs on the CPU)."""
-    progress: bool = True
-
-    def validate(self) -> None:
-        from .objectives import REWARDS, check_rate
-
-        check_features(self.planner_features)
-        if self.reward not in REWARDS:
-            raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
-        if self.rate_control not in ("dual", "none"):
-            raise ValueError(f"rate_control must be 'dual' or 'none'; got {self.rate_control!r}")
-        if self.rate_control == "dual" and self.target_rate is None:
-            raise ValueError("rate_control 'dual' needs a target_rate")
-        if self.target_rate is not None:
-            check_rate(self.target_rate)
-        if self.batch_size <= 0 or self.lr <= 0 or self.dual_lr <= 0 or self.entropy_coef < 0:
-            raise ValueError("batch_size, lr and dual_lr must be positive and entropy_coef >= 0")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must lie in (0, 1); got {self.threshold}")
-        if self.epochs <= 0 and not self.max_steps:
-            raise ValueError(f"epochs must be positive; got {self.epochs}")
-
-
-def evaluate_tree(planners: Planners, tree: PathTree, task, cfg: ExactConfig, price: float,
-                  index: Optional[dict] = None) -> dict:
-    """Greedy paths of ``planners`` on a cached split: score, layers, skip rate, distinct paths, and the
-    mean greedy return ``lambda q - price |p|``."""
-    from .evaluate import score_run
-    from .objectives import final_reward
-    from .oracle import paths
-
-    index = index or tree_index(tree.num_layers)
-    raw = torch.from_numpy(np.array(tree.raw(planners.features), dtype=np.float32))
-    with torch.no_grad():
-        chosen = greedy_paths(planners, raw, cfg.threshold).numpy()
-    rows = np.arange(tree.num_inputs)
-    run = {"predictions": tree.predictions[rows, chosen], "labels": np.asarray(tree.labels),
-           "actions": paths(tree.num_layers).numpy()[chosen]}
-    res = score_run(task, run)
-    q = final_reward(cfg.reward, torch.from_numpy(np.asarray(tree.losses[rows, chosen])),
-                     torch.from_numpy(run["predictions"]), torch.from_numpy(run["labels"]), tree.regression)
-    res["greedy_return"] = float((cfg.lam * q - price * torch.as_tensor(index["path_layers"][chosen])).mean())
-    return res
-
-
-def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
-    """Train the planners of a frozen checkpoint by gradient ascent on the exact expected reward.
-
-    Reads the ``fit`` split's path tree (built once, :func:`tree_cache`), chooses the planners on the
-    ``select`` split's tree (never dev), and writes ``<output_dir>/model``: a normal DPBert checkpoint
-    (the checkpoint's backbone and head, the trained planners with their statistics, the threshold),
-    with ``selection.json`` and ``DONE`` (the dev score, measured once by the live model). Also
-    ``config.json``, ``metrics.jsonl`` and TensorBoard events (``charts/...``, ``losses/...``,
-    ``eval/...``) in ``<output_dir>/tb``. A finished run (``model/DONE``) is not run again.
-    """
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
-
-    from .data import get_task
-    from .model import DPBert, TaskInfo
-    from .objectives import DualPrice, final_reward
-    from .train import DONE_FILE, _save_atomic, warn_if_constant
-
-    t_start = time.time()
-    cfg = cfg or ExactConfig()
-    cfg.validate()
-    out_dir = Path(cfg.output_dir)
-    model_dir = out_dir / "model"
-    if (model_dir / DONE_FILE).is_file():
-        print(f"[exact] already complete: {model_dir}")
-        return model_dir
-    if not Path(checkpoint, "config.json").is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint!r}: expected a fine-tuned dpbert_rl model/ directory")
-    model = DPBert.load(checkpoint)
-    if not (cfg.task or model.task_info.task):
-        raise ValueError(f"{checkpoint} does not name its task; pass --task")
-    task = get_task(cfg.task or model.task_info.task)
-    if model.backbone.num_labels != task.num_labels:
-        raise ValueError(f"checkpoint {checkpoint} has {model.backbone.num_labels} labels; task {task.name} needs "
-                         f"{task.num_labels}")
-    max_len = cfg.max_seq_length or model.task_info.max_seq_length
-    model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, max_len)
-    model.threshold = cfg.threshold
-    torch.manual_seed(cfg.seed)
-    fp = checkpoint_fingerprint(checkpoint) if Path(checkpoint, "dpbert.json").is_file() else None
-
-    def cache(split, n):
-        return tree_cache(model, task.name, split, cfg.data_dir, n, max_len, cfg.planner_features, cfg.cache_dir,
-                          batch_size=cfg.build_batch_size, device=cfg.device, progress=cfg.progress,
-                          fingerprint=fp, mmap=False)
-
-    fit, select = cache("fit", cfg.max_train_samples), cache("select", cfg.max_eval_samples)
-    model.to("cpu")
-
-    # ---- the planners: continue the checkpoint's, or fresh ones standardised on fit inputs
-    own = model.planners
-    if cfg.fresh_planners or own.features != cfg.planner_features or not bool(own.stats_set):
-        model.planners = Planners(model.num_layers, model.backbone.hidden_size, cfg.planner_init_bias,
-                                  features=cfg.planner_features)
-        stats = fit.feature_stats(cfg.planner_features, cfg.feature_stats_samples)
-        model.planners.set_feature_stats(stats.pop("mean"), stats.pop("std"))
-        warn_if_constant(stats)
-    planners = model.planners
-    planners.requires_grad_(True)
-    optimizer = torch.optim.Adam(planners.parameters(), lr=cfg.lr)
-
-    # ---- the fixed parts of the objective: every path's outcome q, and the features
-    index = tree_index(fit.num_layers)
-    raw_fit = torch.from_numpy(np.array(fit.raw(cfg.planner_features), dtype=np.float32))
-    losses = torch.from_numpy(np.asarray(fit.losses))  # (N, P)
-    q_fit = final_reward(cfg.reward, losses, torch.from_numpy(np.asarray(fit.predictions)),
-                         torch.from_numpy(np.asarray(fit.labels))[:, None].expand_as(losses), fit.regression)  # (N, P)
-    N, L = fit.num_inputs, fit.num_layers
-    steps_per_epoch = math.ceil(N / cfg.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    eval_steps = cfg.eval_steps or steps_per_epoch
-    dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost) if cfg.rate_control == "dual" else None
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"stage": "exact", "init": str(checkpoint), **asdict(cfg), "max_seq_length": max_len,
-                "task": task.name, "fit_examples": N, "select_examples": select.num_inputs,
-                "steps_per_epoch": steps_per_epoch, "total_steps": total,
-                "caches": {"fit": fit.meta.get("key"), "select": select.meta.get("key")}}
-    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-    writer = SummaryWriter(str(out_dir / "tb"))
-    metrics = open(out_dir / "metrics.jsonl", "a")
-
-    def log(scalars: dict, step: int) -> None:
-        for k, v in scalars.items():
-            writer.add_scalar(k, v, step)
-        metrics.write(json.dumps({"step": step, **scalars}) + "\n")
-
-    best = {"criterion": None, "step": None, "state": None, "res": None}
-
-    def evaluate(step: int, price: float) -> dict:
-        res = evaluate_tree(planners, select, task, cfg, price, index)
-        if cfg.target_rate is not None:
-            ok, crit = res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance, res["score"]
-        else:
-            ok, crit = True, res["greedy_return"]
-        if ok and (best["criterion"] is None or crit > best["criterion"]):
-            best.update(criterion=crit, step=step, state=copy.deepcopy(planners.state_dict()), res=res)
-        log({"eval/select_score": res["score"], "eval/layers_executed": res["layers_executed_mean"],
-             "eval/skip_rate": res["skip_rate"], "eval/distinct_paths": res["distinct_paths"],
-             "eval/greedy_return": res["greedy_return"]}, step)
-        return res
-
-    # ---- the loop: gradient ascent on E[R] (+ entropy bonus), the price by dual ascent
-    t0 = time.time()
-    rng = np.random.default_rng(cfg.seed)
-    bar = tqdm(total=total, desc=f"exact {task.name}", disable=not cfg.progress, dynamic_ncols=True)
-    step, order = 0, np.empty(0, dtype=np.int64)
-    while step < total:
-        if len(order) == 0:
-            order = rng.permutation(N)
-        rows, order = torch.from_numpy(order[:cfg.batch_size]), order[cfg.batch_size:]
-        price = dual.price if dual is not None else cfg.cost
-        out = expected_return(planners, raw_fit[rows], q_fit[rows], price, cfg.lam, index)
-        coef = cfg.entropy_coef * max(0.0, 1.0 - step / total)
-        objective = out["expected_return"].mean() + coef * out["entropy"].mean() / L
-        loss = -objective
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            greedy = greedy_paths(planners, raw_fit[rows], cfg.threshold)
-            greedy_rate = float(torch.as_tensor(index["path_layers"])[greedy].float().mean()) / L
-        if dual is not None:
-            dual.update(greedy_rate)
-        step += 1
-        bar.update(1)
-        ret, layers = out["expected_return"].mean().item(), out["expected_layers"].mean().item()
-        entropy = out["entropy"].mean().item() / L
-        scalars = {"charts/expected_return": ret, "charts/expected_layers": layers,
-                   "charts/expected_skip_rate": 1.0 - layers / L, "charts/greedy_execute_rate": greedy_rate,
-                   "charts/layer_price": price, "losses/policy_loss": loss.item(), "losses/entropy": entropy,
-                   "losses/entropy_bonus": coef * entropy}
-        if step % 10 == 0 or step == total:
-            log(scalars, step)
-            bar.set_postfix({"E[R]": f"{scalars['charts/expected_return']:.3g}",
-                             "layers": f"{scalars['charts/expected_layers']:.2f}"})
-        if step % eval_steps == 0 or step == total:
-            res = evaluate(step, price)
-            bar.write(f"[exact] step {step}: selection {task.metric} {res['score']:.2f}, "
-                      f"layers {res['layers_executed_mean']:.2f}/{L}")
-    bar.close()
-    seconds = time.time() - t0
-
-    # ---- the chosen planners into a normal checkpoint; dev once, live
-    note = None
-    if best["state"] is None:
-        best.update(step=step, state=copy.deepcopy(planners.state_dict()))
-        note = "last (no evaluation met the skip-rate rule)"
-    planners.load_state_dict(best["state"])
-    planners.requires_grad_(False)
-    _save_atomic(model, model_dir, extra={"step": best["step"], "select": best["res"], "note": note,
-                                          "price": dual.price if dual is not None else cfg.cost})
-    done = {"best_select": best["res"]["score"] if best["res"] else None, "best_step": best["step"],
-            "steps": step, "train_seconds": seconds, "seconds": time.time() - t_start}  # seconds: caches included
-    if cfg.score_dev:
-        done["dev"] = score_dev_live(model_dir, task, cfg.data_dir, cfg.max_eval_samples, max_len)
-        log({"eval/dev_score": done["dev"]["score"]}, step)
-        print(f"[exact] chosen model (step {best['step']}): dev {task.metric} {done['dev']['score']:.2f}, "
-              f"layers {done['dev']['layers_executed_mean']:.2f}/{L}")
-    (model_dir / DONE_FILE).write_text(json.dumps(done))
-    writer.close()
-    metrics.close()
-    return model_dir
-
-
-def score_dev_live(model_dir, task, data_dir, max_samples, max_seq_length) -> dict:
-    """The dev score of a saved checkpoint in hard mode, by the live model (reported, chooses nothing)."""
-    from .data import collator, load_split, tokenize
-    from .evaluate import evaluate_model
-    from .model import DPBert
-
-    model = DPBert.load(model_dir, require_planners=True)
-    dev = tokenize(load_split(task, "dev", data_dir, max_samples), model.tokenizer, max_seq_length)
-    res = evaluate_model(model, task, dev, collator(model.tokenizer), mode="hard")
-    return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
-
-
 __all__ = ["PathTree", "build_tree", "tree_cache", "tree_index", "checkpoint_fingerprint", "planner_info",
-           "path_log_probs", "path_rewards", "expected_return", "greedy_paths", "ExactConfig", "train_exact",
-           "evaluate_tree"]
+           "path_log_probs", "path_rewards", "expected_return", "greedy_paths", "ARRAYS", "DEFAULT_CACHE_DIR"]

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .checks import check_tokenizer
+from ..checks import check_tokenizer
 
 #: Name of the offline default backbone: the packaged, pretrained all-MiniLM-L6-v2.
 DEFAULT_BACKBONE = "minilm"

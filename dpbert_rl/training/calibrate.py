@@ -1,0 +1,57 @@
+"""The hard-mode threshold of eq. (5) set so that the greedy skip rate on the selection split is a target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..data import collator, load_split, tokenize
+from ..evaluation.evaluate import run_dataset
+from ..model.dpbert import DPBert
+from ..model.objectives import check_rate
+from .config import TrainConfig
+
+
+@torch.no_grad()
+def calibrate_threshold(model: DPBert, dataset, collate_fn, target_rate: float, batch_size: int = 64,
+                        iterations: int = 14) -> tuple:
+    """Bisection for the hard-mode threshold whose skip rate on ``dataset`` is ``target_rate``.
+
+    Returns ``(threshold, skip_rate reached)``. Raising the threshold skips more at every layer."""
+    check_rate(target_rate)
+
+    def rate(t: float) -> float:
+        return float(1.0 - run_dataset(model, dataset, collate_fn, batch_size, "hard", threshold=t)["actions"].mean())
+
+    lo, hi = 0.0, 1.0
+    best = (0.5, rate(0.5))
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        r = rate(mid)
+        if abs(r - target_rate) < abs(best[1] - target_rate):
+            best = (mid, r)
+        if r < target_rate:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = None) -> dict:
+    """Calibrate the threshold of a trained checkpoint on the selection split and save it in place."""
+    model = DPBert.load(model_dir).eval()
+    n = samples or getattr(cfg, "calibration_samples", 1000)
+    # calibration is a choice: it reads the held-out selection split, never dev
+    ds = tokenize(load_split(cfg.task, "select", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
+                  model.tokenizer, cfg.max_seq_length)
+    threshold, reached = calibrate_threshold(model, ds, collator(model.tokenizer), cfg.target_rate,
+                                             cfg.eval_batch_size)
+    model.threshold = threshold
+    model.save(model_dir)
+    info = {"threshold": threshold, "train_skip_rate": reached, "target_rate": cfg.target_rate, "examples": len(ds)}
+    (Path(model_dir) / "calibration.json").write_text(json.dumps(info, indent=2))
+    print(f"[calibration] threshold {threshold:.4f}: skip rate {reached:.3f} on {len(ds)} selection inputs")
+    return info

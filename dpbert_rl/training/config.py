@@ -1,0 +1,233 @@
+"""What a training stage is told: its configuration, the stages' names, and whether a directory holds the
+same run (a stage that was started or finished with other settings is refused, never silently reused)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..checks import check_config_numbers, read_json
+from ..data import get_task
+from ..model.backbone import DEFAULT_BACKBONE
+from ..model.objectives import BASELINES, RATE_CONTROLS, REWARDS, check_rate
+from ..model.planner import FEATURES
+
+STAGES = ("finetune", "planner_init", "rl", "soft", "layerdrop")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a mismatched checkpoint)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training stage needs. Defaults follow the paper unless marked [choice]."""
+
+    task: str = "rte"
+    """GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli or rte."""
+    backbone: str = DEFAULT_BACKBONE
+    """Starting point: 'minilm' (packaged all-MiniLM-L6-v2), a hub name, an HF checkpoint directory,
+    or the model/ directory of an earlier stage."""
+    data_dir: Optional[str] = None
+    """Local GLUE directory (<dir>/RTE/train.tsv ...); default $GLUE_DIR, else the HF hub."""
+    output_dir: str = "runs/dpbert"
+    """Where config, metrics, TensorBoard events and checkpoints go."""
+    max_seq_length: int = 128
+    """Inputs are truncated to this many tokens; batches are padded only to their longest input."""
+    max_train_samples: Optional[int] = None
+    """Train on a seeded random subset of this size (quick runs, SST-2 on a CPU)."""
+    max_eval_samples: Optional[int] = None
+    """Score only the first N examples of the selection split and of dev."""
+    batch_size: int = 32
+    """Per-process training batch size (paper grid: 8, 16, 32)."""
+    eval_batch_size: int = 64
+    epochs: float = 5.0
+    """Passes over the training data (the paper: 5 per stage)."""
+    lr: float = 2e-5
+    """AdamW learning rate of backbone and head (paper: 2e-5)."""
+    planner_lr: float = 1e-3
+    """[choice] AdamW learning rate of the planners. The paper uses one rate of 2e-5; linear planners
+    trained from scratch need far more steps at that rate than a CPU budget allows."""
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    """Linear warm-up over this fraction of the steps, then linear decay."""
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    cost: float = 1.0
+    """c of eq. (9): the reward is -c for every executed layer. With rate_control 'dual' it is only the
+    starting price of a layer, which dual ascent then moves."""
+    lam: float = 5.0
+    """lambda of eq. (9): weight of the outcome term in the reward (paper grid: 5, 20, 35, 50)."""
+    reward: str = "correct"
+    """[choice] The reward's outcome term: 'loss' (eq. 9, -lambda * task loss) or 'correct' (bounded:
+    lambda * 1[correct]; lambda * (1 - tanh|error|) for regression). Under 'loss' the spread of the
+    loss between inputs dwarfs the layer costs, and on a fine-tuned backbone skipping everything can
+    win (README)."""
+    rate_control: str = "dual"
+    """[choice] How the skip rate is held at target_rate: 'dual' (a price per executed layer set by dual
+    ascent, so that the greedy policy at threshold 0.5 hits the rate), 'penalty' (beta (S - r)^2 of
+    eq. 11, the paper's) or 'none'."""
+    dual_lr: float = 0.05
+    """Step size of the dual ascent on the layer price (rate_control 'dual')."""
+    planner_features: str = "mean"
+    """[choice] What the planners read: 'cls' (the paper's [CLS] row), 'mean' (masked mean of the token
+    states) or 'cls+mean'; standardised per layer with statistics of training inputs (README)."""
+    feature_stats_samples: int = 1000
+    """Training inputs used for the features' standardisation statistics (stage 2, or the first planner
+    stage)."""
+    samples: int = 4
+    """[choice] Paths drawn per input in stage 3 (the 'loo' baseline's K); batch_size counts inputs."""
+    normalise_advantages: bool = True
+    """[choice] Scale stage 3's advantages to zero mean and unit variance per batch."""
+    entropy_coef: float = 0.01
+    """[choice] Weight of an entropy bonus on the planners in stage 3, decayed linearly to 0."""
+    detach_planner_input: bool = True
+    """[choice] In stage 3, keep the policy gradient out of the backbone: the planners read the states
+    without passing gradients into them (the backbone still trains on the task loss)."""
+    beta: float = 200.0
+    """[choice] beta of eq. (12): weight of the skip-rate penalty. The paper's grid is 0.1-1.5, but
+    with S of eq. (10) a mean over layers and examples, P is tiny (0.2^2 = 0.04): at 0.5 the planners
+    stayed open, at 20 the REINFORCE term still pulled S away from r; 200 holds S at r (README)."""
+    target_rate: Optional[float] = 0.3
+    """r of eq. (11): target fraction of layers skipped, in [0, 1]; None drops the penalty."""
+    baseline: str = "loo"
+    """[choice] REINFORCE baseline b_i of eq. (12): none, batch-mean, self-critical, or loo (leave-one-out
+    over the `samples` paths of the same input)."""
+    init_penalty: bool = True
+    """[choice] Add beta*P to the task loss in stage 2 as well, so that the planners start stage 3
+    near the target rate. The paper's stage 2 uses the task loss alone (set False)."""
+    planner_init_bias: float = 2.0
+    """[choice] Initial planner bias (p = 0.88): gates start nearly open."""
+    layerdrop: float = 0.3
+    """Stage ``layerdrop`` only: probability that a layer is dropped for a training batch (the same
+    layers for the whole batch: structured dropout, Fan et al. 2020)."""
+    select_tolerance: float = 0.05
+    """Stages with planners keep the best selection-split score among evaluations whose skip rate is at
+    least target_rate - select_tolerance (else the last one)."""
+    eval_steps: Optional[int] = None
+    """Evaluate every N optimizer steps (default: evals_per_epoch times per epoch)."""
+    evals_per_epoch: int = 1
+    """Selection-split evaluations per epoch when eval_steps is not given."""
+    save_steps: int = 50
+    """Write the resumable checkpoint every N steps (and at every evaluation)."""
+    logging_steps: int = 10
+    max_steps: Optional[int] = None
+    """Stop after this many steps in all (overrides epochs; for tests and smoke runs)."""
+    bad_rows: str = "error"
+    """What a malformed data row does: 'error' (stop, naming file and line) or 'skip' (training rows only:
+    their line numbers go to stderr and config.json; a bad dev row is always an error)."""
+    cpu: bool = False
+    """Force the CPU even where a GPU is present."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def validate(self) -> None:
+        get_task(self.task)
+        check_config_numbers(self)  # learning rates > 0; lambda, c, beta >= 0; step counts whole and >= 1; ...
+        if self.target_rate is not None:
+            check_rate(self.target_rate)
+        if not 0.0 <= self.layerdrop < 1.0:
+            raise ValueError(f"layerdrop must be in [0, 1); got {self.layerdrop}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
+        for name, allowed in (("reward", REWARDS), ("rate_control", RATE_CONTROLS), ("planner_features", FEATURES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {allowed}")
+        if self.baseline == "loo" and self.samples < 2:
+            raise ValueError(f"baseline 'loo' needs samples >= 2; got {self.samples}")
+        if self.samples < 1 or self.feature_stats_samples < 2:
+            raise ValueError("samples must be >= 1 and feature_stats_samples >= 2")
+        if self.entropy_coef < 0 or self.dual_lr <= 0:
+            raise ValueError(f"entropy_coef must be >= 0 and dual_lr > 0; got {self.entropy_coef}, {self.dual_lr}")
+        if self.bad_rows not in ("error", "skip"):
+            raise ValueError(f"bad_rows must be 'error' or 'skip'; got {self.bad_rows!r}")
+        for name in ("batch_size", "eval_batch_size", "save_steps", "logging_steps", "max_seq_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError(f"epochs must be positive; got {self.epochs}")
+
+
+# ---------------------------------------------------------------------- the pipeline
+@dataclass
+class PipelineConfig(TrainConfig):
+    """Stages 1-3 and the evaluation; ``epochs``/``lr`` are replaced by per-stage values."""
+
+    stage1_epochs: float = 5.0
+    """Stage 1, backbone fine-tuning (paper: 5)."""
+    stage2_epochs: float = 5.0
+    """Stage 2, planner initialisation with soft gates (paper: 5)."""
+    stage3: str = "exact"
+    """[choice] Stage 3: 'exact' trains the planners on the exact expected reward over all 2^L paths of the
+    frozen stage-2 backbone (``dpbert-rl exact``: the same reward, dual price and entropy bonus as 'rl',
+    its gradient without sampling noise); 'rl' is the paper's joint REINFORCE of backbone, head and
+    planners (eq. 12). On the RTE selection split 'exact' held the target rate (3.9 of 6 layers at
+    r = 0.35) while 'rl' ended at 5.3 layers with a lower score (README, "Choices")."""
+    stage3_epochs: float = 5.0
+    """Stage 3 with 'rl': joint REINFORCE epochs (paper: not given; 5)."""
+    exact_epochs: float = 20.0
+    """Stage 3 with 'exact': passes over the fit split's path tree (a step is array lookups)."""
+    exact_lr: float = 1e-2
+    """Stage 3 with 'exact': Adam learning rate of the planners."""
+    stage3_lr: Optional[float] = None
+    """Backbone learning rate in stage 3 (default: lr)."""
+    stage3_batch_size: Optional[int] = None
+    """Inputs per batch in stage 3 (default: batch_size); each is drawn `samples` times."""
+    calibrate_threshold: bool = False
+    """After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy skip rate
+    on the selection split matches target_rate. Needed with rate_control 'penalty', whose gates stay near
+    p = 1 - r; with 'dual' (the default) the greedy policy at 0.5 already holds the rate."""
+    calibration_samples: int = 1000
+    """Training inputs used to calibrate the threshold."""
+    latency_repeats: int = 3
+    """Batch-1 latency: passes over the dev set, full and DPBERT interleaved; the median is kept."""
+    latency_samples: Optional[int] = None
+    """Time only the first N dev examples (default: all)."""
+    threads: Optional[int] = None
+    """torch threads for the latency measurement (default: as set)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stage3 not in ("exact", "rl"):
+            raise ValueError(f"unknown stage3 {self.stage3!r}; expected 'exact' or 'rl'")
+        if self.stage3 == "exact" and self.rate_control == "penalty":
+            raise ValueError("stage3 'exact' holds the rate with rate_control 'dual' (or 'none'), not 'penalty'")
+        if self.exact_epochs <= 0 or self.exact_lr <= 0:
+            raise ValueError(f"exact_epochs and exact_lr must be positive; got {self.exact_epochs}, {self.exact_lr}")
+
+
+# fields that do not change what a stage computes (bookkeeping), and those a stage does not read
+_BOOKKEEPING = {"output_dir", "progress", "eval_steps", "evals_per_epoch", "save_steps", "logging_steps", "cpu",
+                "eval_batch_size", "select_tolerance"}
+
+
+_RL_ONLY = {"cost", "lam", "baseline", "reward", "rate_control", "dual_lr", "samples", "normalise_advantages",
+            "entropy_coef", "detach_planner_input"}
+_NO_PLANNERS = _RL_ONLY | {"beta", "target_rate", "init_penalty", "planner_lr", "planner_init_bias", "planner_features",
+                           "feature_stats_samples"}
+_UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
+           "layerdrop": _NO_PLANNERS,
+           "planner_init": _RL_ONLY | {"lr", "layerdrop"},
+           "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop"},
+           "rl": {"init_penalty", "layerdrop"}}
+
+
+# settings a resumed (unfinished) stage may change: after a NaN stop, re-run with a lower learning rate
+RESUME_MAY_CHANGE = {"lr", "planner_lr"}
+
+
+def check_same_run(stage: str, cfg: TrainConfig, init: Optional[str], out_dir: Path, resuming: bool = False) -> None:
+    """Refuse to resume or reuse a stage that was started with different settings (a resumed one may change
+    its learning rates, :data:`RESUME_MAY_CHANGE`)."""
+    saved_path = out_dir / "config.json"
+    if not saved_path.is_file():
+        return
+    saved = read_json(saved_path)
+    ignore = _BOOKKEEPING | _UNUSED.get(stage, set()) | (RESUME_MAY_CHANGE if resuming else set())
+    current = {"init": init, **asdict(cfg)}
+    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and k in saved and saved[k] != v}
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise TrainingError(f"[{stage}] {out_dir} holds a run with other settings ({detail}); "
+                            "use another --output-dir, or delete that directory to start over")

@@ -1,0 +1,331 @@
+"""Stage 3 'exact': the planners of a frozen checkpoint trained by gradient ascent on the exact expected
+reward over all ``2^L`` paths, read from the path-tree cache (:mod:`dpbert_rl.pathtree.cache`). No sampling,
+so the gradient has no variance; the same reward, dual price and entropy bonus as the 'rl' stage.
+
+``dpbert-rl exact CKPT`` runs it; ``dpbert-rl pipeline`` uses it as stage 3 by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..data import GlueTask, collator, get_task, load_split, tokenize
+from ..evaluation.diagnostics import warn_if_constant
+from ..evaluation.evaluate import evaluate_model, score_run
+from ..model.dpbert import DPBert, TaskInfo
+from ..model.objectives import REWARDS, DualPrice, check_rate, final_reward
+from ..model.planner import Planners, check_features
+from ..pathtree.cache import (DEFAULT_CACHE_DIR, PathTree, checkpoint_fingerprint, expected_return, greedy_paths,
+                              tree_cache, tree_index)
+from ..pathtree.oracle import paths
+from .checkpoint import DONE_FILE, save_atomic, stage_done
+
+
+@dataclass
+class ExactConfig:
+    """Planner training by the exact expected reward over the path tree (frozen backbone)."""
+
+    task: Optional[str] = None
+    """GLUE task (default: the checkpoint's)."""
+    data_dir: Optional[str] = None
+    """Local GLUE directory; default $GLUE_DIR, else the hub."""
+    output_dir: str = "runs/exact"
+    """Where config, metrics, TensorBoard events and the model/ checkpoint go."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Where the path-tree caches are kept (and reused)."""
+    max_seq_length: Optional[int] = None
+    """Tokenisation length (default: the checkpoint's, 128)."""
+    max_train_samples: Optional[int] = None
+    """The first N inputs of the fit split (as the environments read it)."""
+    max_eval_samples: Optional[int] = None
+    """The first N inputs of the selection split and of dev."""
+    planner_features: str = "mean"
+    """What the planners read: cls, mean or cls+mean."""
+    fresh_planners: bool = False
+    """Start from fresh planners even when the checkpoint has planners of these features."""
+    feature_stats_samples: int = 1000
+    """Fit inputs for the standardisation statistics of fresh planners."""
+    planner_init_bias: float = 2.0
+    """Initial bias of fresh planners (p = 0.88)."""
+    lr: float = 1e-2
+    """Adam learning rate of the planners. Higher than stage 3's 1e-3: the exact gradient has no
+    sampling noise to average out."""
+    batch_size: int = 64
+    """Inputs per step (each carries all 2^L paths)."""
+    epochs: float = 20.0
+    """Passes over the fit split (steps are cheap: array lookups and L small matrix products)."""
+    max_steps: Optional[int] = None
+    """Stop after this many steps (overrides epochs)."""
+    cost: float = 1.0
+    """c: price of an executed layer (with rate_control 'dual', its starting value)."""
+    lam: float = 5.0
+    """lambda: weight of the outcome term q."""
+    reward: str = "correct"
+    """The outcome term q: 'loss' (-task loss, eq. 9) or 'correct' (bounded)."""
+    rate_control: str = "dual"
+    """'dual': the layer price follows dual ascent (DualPrice) so that the greedy paths skip
+    target_rate of the layers; 'none': the fixed price cost."""
+    target_rate: Optional[float] = 0.3
+    """Target fraction of layers skipped (rate_control 'dual', and the selection rule)."""
+    dual_lr: float = 0.05
+    """Step size of the dual ascent on the layer price."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus (path entropy / L, nats per decision), decayed linearly to 0."""
+    threshold: float = 0.5
+    """Hard-mode threshold used for the greedy paths (dual price, selection) and saved in the checkpoint."""
+    select_tolerance: float = 0.05
+    """Keep the best selection-split score among evaluations whose skip rate is at least
+    target_rate - select_tolerance; without target_rate, the best greedy return lambda q - c |p|."""
+    eval_steps: Optional[int] = None
+    """Evaluate on the selection split every N steps (default: once per epoch)."""
+    build_batch_size: int = 1
+    """Inputs per batch when a cache is built (1: an input's tree is already a batch of up to 2^(L-1) rows
+    per layer call; more inputs per batch only add padding)."""
+    score_dev: bool = True
+    """Score the chosen model on dev once, with the live model in hard mode (reported, chooses nothing)."""
+    seed: int = 42
+    device: str = "cpu"
+    """Device for building caches (training runs on the CPU)."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_features(self.planner_features)
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
+        if self.rate_control not in ("dual", "none"):
+            raise ValueError(f"rate_control must be 'dual' or 'none'; got {self.rate_control!r}")
+        if self.rate_control == "dual" and self.target_rate is None:
+            raise ValueError("rate_control 'dual' needs a target_rate")
+        if self.target_rate is not None:
+            check_rate(self.target_rate)
+        if self.batch_size <= 0 or self.lr <= 0 or self.dual_lr <= 0 or self.entropy_coef < 0:
+            raise ValueError("batch_size, lr and dual_lr must be positive and entropy_coef >= 0")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1); got {self.threshold}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError(f"epochs must be positive; got {self.epochs}")
+
+
+def evaluate_tree(planners: Planners, tree: PathTree, task, cfg: ExactConfig, price: float,
+                  index: Optional[dict] = None) -> dict:
+    """Greedy paths of ``planners`` on a cached split: score, layers, skip rate, distinct paths, and the
+    mean greedy return ``lambda q - price |p|``."""
+    index = index or tree_index(tree.num_layers)
+    raw = torch.from_numpy(np.array(tree.raw(planners.features), dtype=np.float32))
+    with torch.no_grad():
+        chosen = greedy_paths(planners, raw, cfg.threshold).numpy()
+    rows = np.arange(tree.num_inputs)
+    run = {"predictions": tree.predictions[rows, chosen], "labels": np.asarray(tree.labels),
+           "actions": paths(tree.num_layers).numpy()[chosen]}
+    res = score_run(task, run)
+    q = final_reward(cfg.reward, torch.from_numpy(np.asarray(tree.losses[rows, chosen])),
+                     torch.from_numpy(run["predictions"]), torch.from_numpy(run["labels"]), tree.regression)
+    res["greedy_return"] = float((cfg.lam * q - price * torch.as_tensor(index["path_layers"][chosen])).mean())
+    return res
+
+
+class RunLog:
+    """The scalars of a run, to TensorBoard (``<output_dir>/tb``) and to ``metrics.jsonl`` alike."""
+
+    def __init__(self, out_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out_dir / "tb"))
+        self.metrics = open(out_dir / "metrics.jsonl", "a")
+
+    def __call__(self, scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def close(self) -> None:
+        self.writer.close()
+        self.metrics.close()
+
+
+def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
+    """Train the planners of a frozen checkpoint by gradient ascent on the exact expected reward.
+
+    Reads the ``fit`` split's path tree (built once, :func:`tree_cache`), chooses the planners on the
+    ``select`` split's tree (never dev), and writes ``<output_dir>/model``: a normal DPBert checkpoint
+    (the checkpoint's backbone and head, the trained planners with their statistics, the threshold),
+    with ``selection.json`` and ``DONE`` (the dev score, measured once by the live model). Also
+    ``config.json``, ``metrics.jsonl`` and TensorBoard events (``charts/...``, ``losses/...``,
+    ``eval/...``) in ``<output_dir>/tb``. A finished run (``model/DONE``) is not run again.
+    """
+    t_start = time.time()
+    cfg = cfg or ExactConfig()
+    cfg.validate()
+    out_dir = Path(cfg.output_dir)
+    model_dir = out_dir / "model"
+    if stage_done(out_dir):
+        print(f"[exact] already complete: {model_dir}")
+        return model_dir
+    model, task, max_len = load_frozen(checkpoint, cfg)
+    torch.manual_seed(cfg.seed)
+    fp = checkpoint_fingerprint(checkpoint) if Path(checkpoint, "dpbert.json").is_file() else None
+    fit, select = (tree_cache(model, task.name, split, cfg.data_dir, n, max_len, cfg.planner_features,
+                              cfg.cache_dir, batch_size=cfg.build_batch_size, device=cfg.device,
+                              progress=cfg.progress, fingerprint=fp, mmap=False)
+                   for split, n in (("fit", cfg.max_train_samples), ("select", cfg.max_eval_samples)))
+    model.to("cpu")
+    planners = exact_planners(model, fit, cfg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = math.ceil(fit.num_inputs / cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    resolved = {"stage": "exact", "init": str(checkpoint), **asdict(cfg), "max_seq_length": max_len,
+                "task": task.name, "fit_examples": fit.num_inputs, "select_examples": select.num_inputs,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total,
+                "caches": {"fit": fit.meta.get("key"), "select": select.meta.get("key")}}
+    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    log = RunLog(out_dir)
+    t0 = time.time()
+    best, step, price = ascend(planners, fit, select, task, cfg, total, cfg.eval_steps or steps_per_epoch, log)
+    seconds = time.time() - t0
+
+    # ---- the chosen planners into a normal checkpoint; dev once, live
+    note = None
+    if best["state"] is None:
+        best.update(step=step, state=copy.deepcopy(planners.state_dict()))
+        note = "last (no evaluation met the skip-rate rule)"
+    planners.load_state_dict(best["state"])
+    planners.requires_grad_(False)
+    save_atomic(model, model_dir, extra={"step": best["step"], "select": best["res"], "note": note, "price": price})
+    done = {"best_select": best["res"]["score"] if best["res"] else None, "best_step": best["step"],
+            "steps": step, "train_seconds": seconds, "seconds": time.time() - t_start}  # seconds: caches included
+    if cfg.score_dev:
+        done["dev"] = score_dev_live(model_dir, task, cfg.data_dir, cfg.max_eval_samples, max_len)
+        log({"eval/dev_score": done["dev"]["score"]}, step)
+        print(f"[exact] chosen model (step {best['step']}): dev {task.metric} {done['dev']['score']:.2f}, "
+              f"layers {done['dev']['layers_executed_mean']:.2f}/{model.num_layers}")
+    (model_dir / DONE_FILE).write_text(json.dumps(done))
+    log.close()
+    return model_dir
+
+
+def load_frozen(checkpoint: str, cfg: ExactConfig) -> tuple:
+    """The checkpoint whose backbone stays frozen, its task and sequence length, checked against ``cfg``.
+
+    Returns ``(model, task, max_seq_length)``; the model's threshold and task info are set from ``cfg``."""
+    if not Path(checkpoint, "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint!r}: expected a fine-tuned dpbert_rl model/ directory")
+    model = DPBert.load(checkpoint)
+    if not (cfg.task or model.task_info.task):
+        raise ValueError(f"{checkpoint} does not name its task; pass --task")
+    task = get_task(cfg.task or model.task_info.task)
+    if model.backbone.num_labels != task.num_labels:
+        raise ValueError(f"checkpoint {checkpoint} has {model.backbone.num_labels} labels; task {task.name} needs "
+                         f"{task.num_labels}")
+    max_len = cfg.max_seq_length or model.task_info.max_seq_length
+    model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, max_len)
+    model.threshold = cfg.threshold
+    return model, task, max_len
+
+
+def exact_planners(model: DPBert, fit: PathTree, cfg: ExactConfig) -> Planners:
+    """The planners to train: the checkpoint's, or fresh ones standardised on fit inputs."""
+    own = model.planners
+    if cfg.fresh_planners or own.features != cfg.planner_features or not bool(own.stats_set):
+        model.planners = Planners(model.num_layers, model.backbone.hidden_size, cfg.planner_init_bias,
+                                  features=cfg.planner_features)
+        stats = fit.feature_stats(cfg.planner_features, cfg.feature_stats_samples)
+        model.planners.set_feature_stats(stats.pop("mean"), stats.pop("std"))
+        warn_if_constant(stats)
+    model.planners.requires_grad_(True)
+    return model.planners
+
+
+def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, cfg: ExactConfig, total: int,
+           eval_steps: int, log: RunLog) -> tuple:
+    """The loop: gradient ascent on E[R] (+ entropy bonus) over the fit tree, the layer price by dual ascent,
+    the planners chosen on the selection tree every ``eval_steps``.
+
+    Returns ``(best, steps, price)``: the best evaluation (``state``, ``step``, ``res``; ``state`` None when
+    none met the rule), the steps taken and the final layer price."""
+    from tqdm.auto import tqdm
+
+    # the fixed parts of the objective: every path's outcome q, and the features
+    index = tree_index(fit.num_layers)
+    raw_fit = torch.from_numpy(np.array(fit.raw(cfg.planner_features), dtype=np.float32))
+    losses = torch.from_numpy(np.asarray(fit.losses))  # (N, P)
+    q_fit = final_reward(cfg.reward, losses, torch.from_numpy(np.asarray(fit.predictions)),
+                         torch.from_numpy(np.asarray(fit.labels))[:, None].expand_as(losses), fit.regression)  # (N, P)
+    N, L = fit.num_inputs, fit.num_layers
+    optimizer = torch.optim.Adam(planners.parameters(), lr=cfg.lr)
+    dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost) if cfg.rate_control == "dual" else None
+    best = {"criterion": None, "step": None, "state": None, "res": None}
+
+    rng = np.random.default_rng(cfg.seed)
+    bar = tqdm(total=total, desc=f"exact {task.name}", disable=not cfg.progress, dynamic_ncols=True)
+    step, order = 0, np.empty(0, dtype=np.int64)
+    while step < total:
+        if len(order) == 0:
+            order = rng.permutation(N)
+        rows, order = torch.from_numpy(order[:cfg.batch_size]), order[cfg.batch_size:]
+        price = dual.price if dual is not None else cfg.cost
+        out = expected_return(planners, raw_fit[rows], q_fit[rows], price, cfg.lam, index)
+        coef = cfg.entropy_coef * max(0.0, 1.0 - step / total)
+        loss = -(out["expected_return"].mean() + coef * out["entropy"].mean() / L)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            greedy = greedy_paths(planners, raw_fit[rows], cfg.threshold)
+            greedy_rate = float(torch.as_tensor(index["path_layers"])[greedy].float().mean()) / L
+        if dual is not None:
+            dual.update(greedy_rate)
+        step += 1
+        bar.update(1)
+        layers, entropy = out["expected_layers"].mean().item(), out["entropy"].mean().item() / L
+        scalars = {"charts/expected_return": out["expected_return"].mean().item(), "charts/expected_layers": layers,
+                   "charts/expected_skip_rate": 1.0 - layers / L, "charts/greedy_execute_rate": greedy_rate,
+                   "charts/layer_price": price, "losses/policy_loss": loss.item(), "losses/entropy": entropy,
+                   "losses/entropy_bonus": coef * entropy}
+        if step % 10 == 0 or step == total:
+            log(scalars, step)
+            bar.set_postfix({"E[R]": f"{scalars['charts/expected_return']:.3g}", "layers": f"{layers:.2f}"})
+        if step % eval_steps == 0 or step == total:
+            res = select_step(planners, select, task, cfg, price, index, step, best)
+            log({"eval/select_score": res["score"], "eval/layers_executed": res["layers_executed_mean"],
+                 "eval/skip_rate": res["skip_rate"], "eval/distinct_paths": res["distinct_paths"],
+                 "eval/greedy_return": res["greedy_return"]}, step)
+            bar.write(f"[exact] step {step}: selection {task.metric} {res['score']:.2f}, "
+                      f"layers {res['layers_executed_mean']:.2f}/{L}")
+    bar.close()
+    return best, step, dual.price if dual is not None else cfg.cost
+
+
+def select_step(planners: Planners, select: PathTree, task: GlueTask, cfg: ExactConfig, price: float, index: dict,
+                step: int, best: dict) -> dict:
+    """Score the planners on the selection tree and keep them in ``best`` when they beat it: the best score
+    among evaluations that skip at least ``target_rate - select_tolerance`` (without a target rate, the best
+    greedy return)."""
+    res = evaluate_tree(planners, select, task, cfg, price, index)
+    if cfg.target_rate is not None:
+        ok, crit = res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance, res["score"]
+    else:
+        ok, crit = True, res["greedy_return"]
+    if ok and (best["criterion"] is None or crit > best["criterion"]):
+        best.update(criterion=crit, step=step, state=copy.deepcopy(planners.state_dict()), res=res)
+    return res
+
+
+def score_dev_live(model_dir, task, data_dir, max_samples, max_seq_length) -> dict:
+    """The dev score of a saved checkpoint in hard mode, by the live model (reported, chooses nothing)."""
+    model = DPBert.load(model_dir, require_planners=True)
+    dev = tokenize(load_split(task, "dev", data_dir, max_samples), model.tokenizer, max_seq_length)
+    res = evaluate_model(model, task, dev, collator(model.tokenizer), mode="hard")
+    return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+
+
+__all__ = ["ExactConfig", "train_exact", "evaluate_tree", "score_dev_live"]

@@ -1,0 +1,70 @@
+"""The whole method in one call: stage 1 -> 2 -> 3 -> evaluation, each finished stage reused when re-run."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Optional
+
+from ..evaluation.latency import evaluate_checkpoint
+from .calibrate import calibrate_checkpoint
+from .checkpoint import DONE_FILE
+from .config import PipelineConfig, TrainConfig
+from .exact import ExactConfig, train_exact
+from .stages import train_stage
+
+
+def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
+                cache_dir: Optional[Path] = None) -> Path:
+    """Stage 3 'exact': the planners of ``init`` (a stage-2 model) trained on the exact expectation over the
+    path tree of its frozen backbone (:func:`dpbert_rl.pathtree.train_exact`), with ``cfg``'s reward, rate
+    control, features and selection rule. The path-tree caches go to ``cache_dir`` (default
+    ``<out>/pathtree``; runs on the same backbone can share it, and the tree env can read it). Returns
+    ``<out>/model``."""
+    return train_exact(str(init), ExactConfig(
+        task=cfg.task, data_dir=cfg.data_dir, output_dir=str(out),
+        cache_dir=str(cache_dir or Path(out) / "pathtree"),
+        max_seq_length=cfg.max_seq_length, max_steps=cfg.max_steps,
+        max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples,
+        planner_features=cfg.planner_features, feature_stats_samples=cfg.feature_stats_samples,
+        lr=lr, epochs=epochs, cost=cfg.cost, lam=cfg.lam, reward=cfg.reward,
+        rate_control=cfg.rate_control, target_rate=cfg.target_rate, dual_lr=cfg.dual_lr,
+        entropy_coef=cfg.entropy_coef, select_tolerance=cfg.select_tolerance, seed=cfg.seed,
+        progress=cfg.progress))
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Stage 1 -> 2 -> 3 -> evaluation; each finished stage is reused when re-run.
+
+    Returns the evaluation report (also written to ``<output_dir>/report.json``).
+    """
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    base = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
+    stage_cfg = lambda sub, **kw: replace(TrainConfig(**base), output_dir=str(out / sub), **kw)  # noqa: E731
+    s1 = train_stage("finetune", stage_cfg("stage1_finetune", epochs=cfg.stage1_epochs))
+    s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(s1))
+    if cfg.stage3 == "exact":
+        s3 = exact_stage(cfg, s2, out / "stage3_exact", cfg.exact_epochs, cfg.exact_lr)
+    else:
+        s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
+                                         batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))
+    calibration = None
+    if cfg.calibrate_threshold and cfg.target_rate is not None:
+        calibration = calibrate_checkpoint(s3, cfg)
+    t_eval = time.time()
+    report = evaluate_checkpoint(
+        str(s3), baseline_checkpoint=str(s1), data_dir=cfg.data_dir, max_eval_samples=cfg.max_eval_samples,
+        repeats=cfg.latency_repeats, latency_samples=cfg.latency_samples, threads=cfg.threads,
+        batch_size=cfg.eval_batch_size, progress=cfg.progress,
+    )
+    report["train_examples"] = json.loads((Path(s1).parent / "config.json").read_text())["train_examples"]
+    # training time of every stage (also when a finished stage was reused) plus this evaluation
+    report["seconds"] = sum(json.loads((Path(s) / DONE_FILE).read_text())["seconds"] for s in (s1, s2, s3)) \
+        + (time.time() - t_eval)
+    report["seed"] = cfg.seed
+    report["calibration"] = calibration
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
