@@ -9,7 +9,12 @@ of a batch. This module is the only place that knows Hugging Face's attribute na
 * :meth:`Backbone.head`  -- the task head ``f`` (pooler + classifier, or the family's own head).
 
 BERT, RoBERTa and ELECTRA (and other families with ``<prefix>.embeddings`` and
-``<prefix>.encoder.layer``) are supported, on transformers 4.x and 5.x.
+``<prefix>.encoder.layer``) are supported, on transformers 4.x and 5.x. MPNet too: its layers also take a
+relative-position bias, which :meth:`Backbone.embed` computes once, as the family's encoder does, and which
+travels with the state in :class:`Embedded`.
+
+At construction, a probe input is run through the per-layer loop and through the model's own forward; a
+family whose loop does not give the same logits is refused (:class:`BackboneError`), never run silently wrong.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class Embedded:
 
     hidden: torch.Tensor
     mask: torch.Tensor
+    #: MPNet's relative-position bias ``(batch, heads, seq, seq)``, None for families without one. It has a
+    #: batch dimension: rows of it are gathered with the rows of ``hidden``, like the mask's.
+    position_bias: Optional[torch.Tensor] = None
 
 
 class Backbone(nn.Module):
@@ -90,6 +98,9 @@ class Backbone(nn.Module):
         # RoBERTa/ELECTRA-style heads: a module that reads the whole sequence output itself.
         self._linear_head = isinstance(classifier, nn.Linear)
         self._pooler = getattr(base, "pooler", None) if self._linear_head else None
+        # MPNet: the encoder computes a relative-position bias once and passes it to every layer.
+        self._has_position_bias = callable(getattr(base.encoder, "compute_position_bias", None))
+        self.check_against_forward()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -170,12 +181,30 @@ class Backbone(nn.Module):
             hidden = self._embed_project(hidden)
         dtype = hidden.dtype
         mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-        return Embedded(hidden, mask)
+        return Embedded(hidden, mask, self.position_bias(hidden))
 
-    def layer(self, i: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def position_bias(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """MPNet's relative-position bias ``(rows, heads, seq, seq)`` for a state ``(rows, seq, hidden)``, as its
+        encoder computes it (it depends on the sequence length only); None for families without one."""
+        if not self._has_position_bias:
+            return None
+        return self._base.encoder.compute_position_bias(hidden)
+
+    def layer(
+        self, i: int, hidden: torch.Tensor, mask: torch.Tensor, position_bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Eq. (2): ``T_i`` (0-based ``i``) on ``hidden`` ``(rows, seq, hidden)`` with ``mask``
-        ``(rows, 1, 1, seq)``. Any subset of a batch's rows may be passed."""
-        out = self._layers[i](hidden, attention_mask=mask)
+        ``(rows, 1, 1, seq)``. Any subset of a batch's rows may be passed.
+
+        :param position_bias: the same rows of :attr:`Embedded.position_bias` (MPNet). Where a family needs
+            one and the caller carries only the mask, it is computed here for these rows (the same values).
+        """
+        if not self._has_position_bias:
+            out = self._layers[i](hidden, attention_mask=mask)
+        else:
+            if position_bias is None:
+                position_bias = self.position_bias(hidden)
+            out = self._layers[i](hidden, attention_mask=mask, position_bias=position_bias)
         return out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -184,6 +213,69 @@ class Backbone(nn.Module):
             pooled = self._pooler(hidden) if self._pooler is not None else hidden[:, 0]
             return self.model.classifier(self.model.dropout(pooled))
         return self.model.classifier(hidden)
+
+    # ------------------------------------------------------------------ the load-time check
+    #: Relative tolerance of :meth:`check_against_forward`, per parameter dtype (float32 and wider: 1e-4).
+    CHECK_RTOL = {torch.float16: 2e-2, torch.bfloat16: 2e-2}
+    CHECK_RTOL_DEFAULT = 1e-4
+
+    def probe_input(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The check's input: deterministic ids ``(2, 6)``, the second row ending in two pads, and its mask.
+        No random numbers are drawn."""
+        vocab = int(getattr(self.config, "vocab_size", 0) or 0)
+        pad = getattr(self.config, "pad_token_id", None)
+        pad = 0 if pad is None else int(pad)
+        usable = [t for t in range(vocab // 2, vocab) if t != pad] or [t for t in range(vocab) if t != pad] or [0]
+        ids = torch.tensor([[usable[(5 * k + 3 * r) % len(usable)] for k in range(6)] for r in range(2)])
+        attention = torch.ones_like(ids)
+        attention[1, 4:] = 0
+        ids[1, 4:] = pad
+        return ids.to(device), attention.to(device)
+
+    @torch.no_grad()
+    def check_against_forward(self) -> dict:
+        """Run a probe (2 rows of 6 tokens, one padded) through this loop (:meth:`embed`, every :meth:`layer`,
+        :meth:`head`) and through the model's own forward, in eval mode, and raise :class:`BackboneError` when
+        the final hidden states (on real tokens) or the logits differ by more than ``rtol * max(1, scale)``.
+        The model's train/eval modes (module by module) and the random-number state are left as they were.
+
+        :return: ``{"logits": max abs difference, "hidden": ..., "tolerance": ...}`` (relative tolerance).
+        """
+        model = self.model
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else None
+            rtol = self.CHECK_RTOL.get(param.dtype if param is not None else None, self.CHECK_RTOL_DEFAULT)
+            ids, attention = self.probe_input(device)
+            state = self.embed(ids, attention)
+            h = state.hidden
+            for i in range(self.num_layers):
+                h = self.layer(i, h, state.mask, state.position_bias)
+            ours = self.head(h)
+            out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True, return_dict=True)
+        finally:
+            for module, training in modes:
+                module.training = training
+        theirs, theirs_h = out.logits, out.hidden_states[-1]
+        real = attention.bool()
+        if not (torch.isfinite(theirs).all() and torch.isfinite(theirs_h[real]).all()):
+            return {"logits": float("nan"), "hidden": float("nan"), "tolerance": rtol}  # not the loop's doing
+        family = getattr(self.config, "model_type", None) or type(model).__name__
+        report = {"logits": float((ours.float() - theirs.float()).abs().max()),
+                  "hidden": float((h[real].float() - theirs_h[real].float()).abs().max()), "tolerance": rtol}
+        for what, scale in (("logits", theirs), ("hidden", theirs_h[real])):
+            tol = rtol * max(1.0, float(scale.float().abs().max()))
+            if not report[what] <= tol:  # NaN fails too
+                raise BackboneError(
+                    f"{family} backbone ({type(model).__name__}): DPBERT's per-layer loop (embed, {self.num_layers} "
+                    f"layers, head) differs from the model's own forward on a probe input: max abs difference "
+                    f"{report['logits']:.3g} in the logits, {report['hidden']:.3g} in the final hidden states "
+                    f"(tolerance {tol:.3g} on the {what}: {rtol:g} relative to their scale). Its layers need "
+                    "something backbone.py does not pass them; refusing to run it silently wrong"
+                )
+        return report
 
     def set_label_names(self, names: Optional[Sequence[str]]) -> None:
         """Write a classification task's label names into the config (``id2label``/``label2id``), so that
