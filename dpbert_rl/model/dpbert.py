@@ -169,27 +169,31 @@ class DPBert(nn.Module):
         return stats
 
     def execute(
-        self, i: int, hidden: torch.Tensor, mask: torch.Tensor, execute: Optional[torch.Tensor] = None
+        self, i: int, hidden: torch.Tensor, mask: torch.Tensor, execute: Optional[torch.Tensor] = None,
+        position_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Eq. (6): run layer ``i`` on the rows where ``execute`` (bool ``(batch,)``) is true.
 
         The other rows are returned unchanged and are never computed. ``execute=None`` runs all.
+        ``position_bias`` (MPNet, :attr:`Embedded.position_bias`) is gathered with the rows, like ``mask``.
         """
         if execute is None:
-            return self.backbone.layer(i, hidden, mask)
+            return self.backbone.layer(i, hidden, mask, position_bias)
         n = int(execute.sum())
         if n == hidden.shape[0]:
-            return self.backbone.layer(i, hidden, mask)
+            return self.backbone.layer(i, hidden, mask, position_bias)
         if n == 0:
             return hidden
         rows = execute.nonzero(as_tuple=True)[0]
-        out = self.backbone.layer(i, hidden.index_select(0, rows), mask.index_select(0, rows))
+        bias = position_bias.index_select(0, rows) if position_bias is not None else None
+        out = self.backbone.layer(i, hidden.index_select(0, rows), mask.index_select(0, rows), bias)
         return hidden.index_copy(0, rows, out)  # out of place: autograd keeps both paths
 
-    def soft_execute(self, i: int, hidden: torch.Tensor, mask: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    def soft_execute(self, i: int, hidden: torch.Tensor, mask: torch.Tensor, prob: torch.Tensor,
+                     position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Relaxed gate of stage 2 / DPBERT-soft: ``p T_i(h) + (1 - p) h``."""
         p = prob[:, None, None].to(hidden.dtype)
-        return p * self.backbone.layer(i, hidden, mask) + (1.0 - p) * hidden
+        return p * self.backbone.layer(i, hidden, mask, position_bias) + (1.0 - p) * hidden
 
     def classify(self, hidden: torch.Tensor) -> torch.Tensor:
         """``f(h_L)``: logits ``(batch, num_labels)``."""
@@ -235,6 +239,7 @@ class DPBert(nn.Module):
         L = self.num_layers
         state = self.embed(input_ids, attention_mask, token_type_ids)
         h, mask = state.hidden, state.mask  # (B, T, d), (B, 1, 1, T)
+        bias = state.position_bias  # (B, heads, T, T) for MPNet, else None
         B = h.shape[0]
         if mode == "path":
             if actions is None:
@@ -253,13 +258,13 @@ class DPBert(nn.Module):
         for i in range(L):
             if mode == "full":
                 a = torch.ones(B, dtype=torch.bool, device=h.device)
-                h = self.execute(i, h, mask, None)
+                h = self.execute(i, h, mask, None, bias)
             else:
                 logit = self.plan(i, h, mask) if planners else None  # (B,); a given path needs no decision
                 if mode == "soft":
                     p = torch.sigmoid(logit)
                     a = p >= 0.5
-                    h = self.soft_execute(i, h, mask, p)
+                    h = self.soft_execute(i, h, mask, p, bias)
                 else:
                     if mode == "hard":
                         a = logit >= logit_thr  # p_i >= thr, eq. (5)
@@ -268,7 +273,7 @@ class DPBert(nn.Module):
                         a = torch.bernoulli(torch.sigmoid(logit.detach()), generator=generator).bool()
                     else:  # path
                         a = actions[:, i].bool()
-                    h = self.execute(i, h, mask, a)
+                    h = self.execute(i, h, mask, a, bias)
                 if planners:
                     logits_per_layer.append(logit)
             acts.append(a)
