@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpbert_rl.backbone import Backbone, BackboneError
+from dpbert_rl.model.backbone import Backbone, BackboneError
 from dpbert_rl.model import DPBert
 from tests.conftest import WORDS
 
@@ -190,7 +190,7 @@ def fake_pieces(tmp_path: Path, n: int = 3):
 
 
 def test_the_pieces_are_joined_verified_unpacked_once_and_reused(tmp_path):
-    from dpbert_rl.backbone import mpnet_checkpoint
+    from dpbert_rl.model.backbone import mpnet_checkpoint
 
     pieces, sha, weights = fake_pieces(tmp_path)
     dest = tmp_path / "cache" / "mpnet-base"
@@ -206,7 +206,7 @@ def test_the_pieces_are_joined_verified_unpacked_once_and_reused(tmp_path):
 
 
 def test_pieces_whose_weights_do_not_match_the_hash_are_refused(tmp_path):
-    from dpbert_rl.backbone import mpnet_checkpoint
+    from dpbert_rl.model.backbone import mpnet_checkpoint
 
     pieces, sha, _ = fake_pieces(tmp_path)
     dest = tmp_path / "cache" / "mpnet-base"
@@ -224,7 +224,7 @@ def test_pieces_whose_weights_do_not_match_the_hash_are_refused(tmp_path):
 
 
 def test_the_cache_directory_follows_dpbert_rl_cache(tmp_path, monkeypatch):
-    from dpbert_rl.backbone import mpnet_checkpoint
+    from dpbert_rl.model.backbone import mpnet_checkpoint
 
     pieces, sha, _ = fake_pieces(tmp_path)
     monkeypatch.setenv("DPBERT_RL_CACHE", str(tmp_path / "elsewhere"))
@@ -232,7 +232,7 @@ def test_the_cache_directory_follows_dpbert_rl_cache(tmp_path, monkeypatch):
 
 
 def test_without_the_pieces_the_alias_says_how_to_get_them(tmp_path, monkeypatch):
-    from dpbert_rl import backbone
+    from dpbert_rl.model import backbone
 
     monkeypatch.setenv("DPBERT_RL_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(backbone, "MPNET_PIECES", (("no-such-dist-h2-xyz", "no_such_dir_h2/piece.001"),))
