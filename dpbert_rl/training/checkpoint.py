@@ -1,11 +1,27 @@
-"""Writing a stage's results so that a crash loses nothing: the chosen model swapped in atomically, the
-resumable ``checkpoint/`` (model, optimizer, scheduler, RNG; loaded without unpickling), ``DONE``, and the
-metrics log cut back to the step resumed from. Every stage (the training loop and the exact stage) writes
-through this module."""
+"""Writing a stage's results so that a crash loses nothing and nothing of the user's is touched.
+
+* **Ownership.** A stage writes only into an output folder that carries this project's marker file
+  (:data:`MARKER`), written when the folder is new or empty. A folder that holds anything else is refused:
+  ``--output-dir .`` in a project root never has its ``model/`` or ``checkpoint/`` removed.
+* **One run per folder.** :func:`claim_output_dir` takes an exclusive lock (``flock``) on the folder's lock
+  file for the run's lifetime; a second run into it is refused, naming the first one's pid. The lock goes
+  with the process, so a killed run leaves no stale lock.
+* **Swaps that a kill cannot lose.** The chosen model and the resumable ``checkpoint/`` are written to
+  ``<name>.tmp``, renamed to ``<name>.new`` once complete, and then swapped in (``<name>`` -> ``<name>.old``,
+  ``<name>.new`` -> ``<name>``, ``<name>.old`` removed). :func:`recover_swap`, run at every start, finishes
+  a swap that a kill interrupted, or rolls it back: a complete model is never lost.
+* The resumable ``checkpoint/`` (model, optimizer, scheduler, RNG) is loaded without unpickling, ``DONE``
+  is written last, and the metrics log is cut back to the step resumed from.
+
+Every stage (the training loop and the exact stage) writes through this module.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -17,6 +33,134 @@ from ..model.dpbert import DPBert
 from .config import TrainingError
 
 DONE_FILE = "DONE"
+#: The marker file of an output folder this project owns.
+MARKER = ".dpbert-rl"
+#: The lock file held while a run writes into its output folder.
+LOCK_FILE = ".dpbert-rl.lock"
+_LOCKS: dict = {}  # output folder -> open lock file, held until the process ends or release_output_dir
+
+
+# ---------------------------------------------------------------------- the output folder
+def claim_output_dir(out_dir: Path, stage: str) -> None:
+    """Make ``out_dir`` this run's: create it (with the marker) when new, adopt it when empty or written by
+    an earlier version of this project (a ``config.json`` naming a stage), refuse it when it holds anything
+    else, then lock it against a second run (only the main process of a multi-process run locks).
+
+    :raises TrainingError: a regular file, a folder that cannot be written, one this project did not write,
+        or one another run is writing to.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"--output-dir {out_dir} is a file, not a folder: give a folder (new or empty)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"--output-dir {out_dir}: cannot create it ({err.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise TrainingError(f"--output-dir {out_dir} is not writable: give a folder this user can write to")
+    if not (out_dir / MARKER).is_file():
+        if any(out_dir.iterdir()) and not _written_by_us(out_dir):
+            shown = ", ".join(sorted(p.name for p in out_dir.iterdir())[:5])
+            raise TrainingError(
+                f"--output-dir {out_dir} holds files this project did not write ({shown}, ...): a stage removes and "
+                f"replaces model/ and checkpoint/ in its folder, so it writes only into a new or empty folder, or one "
+                f"of its own (marked by {MARKER}); give another --output-dir")
+        (out_dir / MARKER).write_text(json.dumps({"written_by": "dpbert-rl", "stage": stage}) + "\n")
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock_output_dir(out_dir)
+
+
+def _written_by_us(out_dir: Path) -> bool:
+    """A folder of this project from before the marker: its config.json names a stage."""
+    try:
+        saved = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("stage"), str)
+
+
+def lock_output_dir(out_dir: Path) -> None:
+    """Hold an exclusive lock on ``out_dir`` for the rest of the process (re-entrant within it)."""
+    import fcntl
+
+    key = str(Path(out_dir).resolve())
+    if key in _LOCKS:
+        return
+    f = open(Path(out_dir) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise TrainingError(f"--output-dir {out_dir} is in use by another run (pid {holder}); wait for it to end, "
+                            "or give another --output-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS[key] = f
+
+
+def release_output_dir(out_dir: Path) -> None:
+    """Let go of the lock on ``out_dir`` (at the end of a stage, so that the next one may take it)."""
+    f = _LOCKS.pop(str(Path(out_dir).resolve()), None)
+    if f is not None:
+        f.close()
+
+
+@contextlib.contextmanager
+def stage_dir(out_dir: Path, stage: str):
+    """The output folder of a stage for the time it runs: claimed and locked (:func:`claim_output_dir`), its
+    interrupted swaps finished or rolled back (:func:`recover_swap`), the lock released at the end."""
+    out_dir = Path(out_dir)
+    claim_output_dir(out_dir, stage)
+    try:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for name in ("model", "checkpoint"):
+                recover_swap(out_dir / name)
+        yield out_dir
+    finally:
+        release_output_dir(out_dir)
+
+
+# ---------------------------------------------------------------------- swaps a kill cannot lose
+def _swap_names(path: Path) -> tuple:
+    return tuple(path.with_name(path.name + ext) for ext in (".tmp", ".new", ".old"))
+
+
+def recover_swap(path: Path) -> None:
+    """Finish or roll back a swap of ``path`` that a kill interrupted (see the module docstring): a partial
+    ``.tmp`` is removed; a complete ``.new`` is swapped in; a lone ``.old`` (the kill fell between the two
+    renames and ``.new`` is gone) is put back."""
+    path = Path(path)
+    tmp, new, old = _swap_names(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if new.is_dir():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        new.rename(path)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(path)
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by the complete folder ``tmp`` (``<path>.tmp``) so that a kill at any point leaves a
+    complete one for :func:`recover_swap`."""
+    _, new, old = _swap_names(path)
+    shutil.rmtree(new, ignore_errors=True)
+    tmp.rename(new)  # from here on, new is complete
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_checkpoint(path) -> bool:
@@ -28,13 +172,13 @@ def stage_done(output_dir) -> bool:
 
 
 def save_atomic(model: DPBert, path: Path, extra: Optional[dict] = None) -> None:
+    """Save ``model`` (and ``extra`` as ``selection.json``) as ``path``, swapped in only once complete."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp)
     if extra:
         (tmp / "selection.json").write_text(json.dumps(extra, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    swap_in(tmp, path)
 
 
 def save_checkpoint(path: Path, model: DPBert, optimizer, scheduler, state: dict) -> None:
@@ -50,8 +194,7 @@ def save_checkpoint(path: Path, model: DPBert, optimizer, scheduler, state: dict
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    swap_in(tmp, path)
 
 
 def load_checkpoint(path: Path, model: DPBert, optimizer, scheduler) -> dict:

@@ -3,11 +3,12 @@ same run (a stage that was started or finished with other settings is refused, n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from ..checks import check_config_numbers, read_json
+from ..checks import check_config_numbers, check_number, read_json
 from ..data import get_task
 from ..model.backbone import DEFAULT_BACKBONE
 from ..model.objectives import BASELINES, RATE_CONTROLS, REWARDS, check_rate
@@ -193,8 +194,13 @@ class PipelineConfig(TrainConfig):
             raise ValueError(f"unknown stage3 {self.stage3!r}; expected 'exact' or 'rl'")
         if self.stage3 == "exact" and self.rate_control == "penalty":
             raise ValueError("stage3 'exact' holds the rate with rate_control 'dual' (or 'none'), not 'penalty'")
-        if self.exact_epochs <= 0 or self.exact_lr <= 0:
-            raise ValueError(f"exact_epochs and exact_lr must be positive; got {self.exact_epochs}, {self.exact_lr}")
+        check_number(self.exact_epochs, "exact_epochs (--exact-epochs)", low=0.0, low_open=True)
+        check_number(self.exact_lr, "exact_lr (--exact-lr)", low=0.0, low_open=True)
+        if self.stage3 == "exact":
+            ignored = [f"--{k.replace('_', '-')}" for k in _RL_ONLY_PIPELINE if getattr(self, k) != _DEFAULTS[k]]
+            if ignored:
+                warnings.warn(f"--stage3 exact does not read {', '.join(ignored)} (joint REINFORCE settings, "
+                              "for --stage3 rl); they are ignored", stacklevel=2)
 
 
 # fields that do not change what a stage computes (bookkeeping), and those a stage does not read
@@ -217,17 +223,38 @@ _UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
 RESUME_MAY_CHANGE = {"lr", "planner_lr"}
 
 
-def check_same_run(stage: str, cfg: TrainConfig, init: Optional[str], out_dir: Path, resuming: bool = False) -> None:
-    """Refuse to resume or reuse a stage that was started with different settings (a resumed one may change
-    its learning rates, :data:`RESUME_MAY_CHANGE`)."""
+def check_same_run(stage: str, cfg, init: Optional[str], out_dir: Path, resuming: bool = False,
+                   ignore: Optional[set] = None, resolved: frozenset = frozenset()) -> None:
+    """Refuse to resume or reuse a stage that was started or finished as another stage or with different
+    settings (a resumed one may change its learning rates, :data:`RESUME_MAY_CHANGE`).
+
+    :param cfg: the stage's configuration (a dataclass): :class:`TrainConfig`, or the exact stage's.
+    :param ignore: settings that do not change what the stage computes (default: those of
+        :class:`TrainConfig` that ``stage`` does not read, and bookkeeping).
+    :param resolved: settings whose None means "resolved at run time" (the exact stage's task and length: the
+        checkpoint's); left at None they match whatever the saved run resolved.
+    """
     saved_path = out_dir / "config.json"
     if not saved_path.is_file():
         return
     saved = read_json(saved_path)
-    ignore = _BOOKKEEPING | _UNUSED.get(stage, set()) | (RESUME_MAY_CHANGE if resuming else set())
+    if saved.get("stage", stage) != stage:
+        raise TrainingError(f"[{stage}] {out_dir} holds a {saved.get('stage')!r} run, not {stage!r}; use another "
+                            "--output-dir")
+    if ignore is None:
+        ignore = _BOOKKEEPING | _UNUSED.get(stage, set())
+    ignore = ignore | (RESUME_MAY_CHANGE if resuming else set())
     current = {"init": init, **asdict(cfg)}
-    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and k in saved and saved[k] != v}
+    diff = {k: (saved.get(k), v) for k, v in current.items()
+            if k not in ignore and k in saved and saved[k] != v and not (v is None and k in resolved)}
     if diff:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise TrainingError(f"[{stage}] {out_dir} holds a run with other settings ({detail}); "
                             "use another --output-dir, or delete that directory to start over")
+
+
+# the pipeline's settings that only the 'rl' stage 3 reads (the exact stage reads reward, cost, lam, dual_lr,
+# entropy_coef and target_rate too), and their defaults
+_RL_ONLY_PIPELINE = ("stage3_lr", "stage3_batch_size", "stage3_epochs", "baseline", "samples", "normalise_advantages",
+                     "detach_planner_input")
+_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}

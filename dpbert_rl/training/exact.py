@@ -11,13 +11,14 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from ..checks import check_config_numbers, check_max_seq_length, nonfinite
 from ..data import GlueTask, collator, get_task, load_split, tokenize
 from ..evaluation.diagnostics import warn_if_constant
 from ..evaluation.evaluate import evaluate_model, score_run
@@ -27,7 +28,11 @@ from ..model.planner import Planners, check_features
 from ..pathtree.cache import (DEFAULT_CACHE_DIR, PathTree, checkpoint_fingerprint, expected_return, greedy_paths,
                               tree_cache, tree_index)
 from ..pathtree.oracle import paths
-from .checkpoint import DONE_FILE, save_atomic, stage_done
+from .checkpoint import DONE_FILE, save_atomic, stage_dir, stage_done, truncate_metrics
+from .config import TrainingError, check_same_run
+
+# settings that do not change what the exact stage computes
+_EXACT_BOOKKEEPING = {"output_dir", "cache_dir", "progress", "build_batch_size", "device", "score_dev"}
 
 
 @dataclass
@@ -98,6 +103,9 @@ class ExactConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        # the numeric checks every stage shares (lr > 0, lambda and c >= 0, whole step counts >= 1, finite
+        # numbers); the length None means "the checkpoint's", checked against the backbone at load
+        check_config_numbers(replace(self, max_seq_length=self.max_seq_length or 128))
         check_features(self.planner_features)
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
@@ -136,10 +144,10 @@ def evaluate_tree(planners: Planners, tree: PathTree, task, cfg: ExactConfig, pr
 class RunLog:
     """The scalars of a run, to TensorBoard (``<output_dir>/tb``) and to ``metrics.jsonl`` alike."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, purge_step: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out_dir / "tb"))
+        self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=purge_step)
         self.metrics = open(out_dir / "metrics.jsonl", "a")
 
     def __call__(self, scalars: dict, step: int) -> None:
@@ -162,14 +170,21 @@ def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
     ``config.json``, ``metrics.jsonl`` and TensorBoard events (``charts/...``, ``losses/...``,
     ``eval/...``) in ``<output_dir>/tb``. A finished run (``model/DONE``) is not run again.
     """
-    t_start = time.time()
     cfg = cfg or ExactConfig()
     cfg.validate()
     out_dir = Path(cfg.output_dir)
+    with stage_dir(out_dir, "exact"):
+        check_same_run("exact", cfg, str(checkpoint), out_dir, ignore=_EXACT_BOOKKEEPING,
+                       resolved=frozenset({"task", "max_seq_length"}))
+        if stage_done(out_dir):
+            print(f"[exact] already complete: {out_dir / 'model'}")
+            return out_dir / "model"
+        return _train_exact(checkpoint, cfg, out_dir)
+
+
+def _train_exact(checkpoint: str, cfg: ExactConfig, out_dir: Path) -> Path:
+    t_start = time.time()
     model_dir = out_dir / "model"
-    if stage_done(out_dir):
-        print(f"[exact] already complete: {model_dir}")
-        return model_dir
     model, task, max_len = load_frozen(checkpoint, cfg)
     torch.manual_seed(cfg.seed)
     fp = checkpoint_fingerprint(checkpoint) if Path(checkpoint, "dpbert.json").is_file() else None
@@ -188,7 +203,9 @@ def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
                 "steps_per_epoch": steps_per_epoch, "total_steps": total,
                 "caches": {"fit": fit.meta.get("key"), "select": select.meta.get("key")}}
     (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-    log = RunLog(out_dir)
+    # the stage restarts from step 0 after a kill (a step is array lookups): drop what the killed run logged
+    truncate_metrics(out_dir / "metrics.jsonl", 0)
+    log = RunLog(out_dir, purge_step=1)
     t0 = time.time()
     best, step, price = ascend(planners, fit, select, task, cfg, total, cfg.eval_steps or steps_per_epoch, log)
     seconds = time.time() - t0
@@ -200,6 +217,10 @@ def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
         note = "last (no evaluation met the skip-rate rule)"
     planners.load_state_dict(best["state"])
     planners.requires_grad_(False)
+    bad = nonfinite(planners.named_parameters())
+    if bad:
+        raise TrainingError(f"[exact] the chosen planners hold non-finite values ({', '.join(bad)}); nothing saved. "
+                            "Check the path-tree cache's features and the settings (--lr, --planner-init-bias)")
     save_atomic(model, model_dir, extra={"step": best["step"], "select": best["res"], "note": note, "price": price})
     done = {"best_select": best["res"]["score"] if best["res"] else None, "best_step": best["step"],
             "steps": step, "train_seconds": seconds, "seconds": time.time() - t_start}  # seconds: caches included
@@ -227,6 +248,7 @@ def load_frozen(checkpoint: str, cfg: ExactConfig) -> tuple:
         raise ValueError(f"checkpoint {checkpoint} has {model.backbone.num_labels} labels; task {task.name} needs "
                          f"{task.num_labels}")
     max_len = cfg.max_seq_length or model.task_info.max_seq_length
+    check_max_seq_length(model, max_len, checkpoint)  # before any cache is built or step taken
     model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, max_len)
     model.threshold = cfg.threshold
     return model, task, max_len
@@ -276,6 +298,9 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
         out = expected_return(planners, raw_fit[rows], q_fit[rows], price, cfg.lam, index)
         coef = cfg.entropy_coef * max(0.0, 1.0 - step / total)
         loss = -(out["expected_return"].mean() + coef * out["entropy"].mean() / L)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"[exact] the objective is {loss.item()} at step {step + 1} (non-finite features in "
+                                "the path-tree cache, or planners that diverged); stopped, nothing saved")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
