@@ -61,6 +61,17 @@ class Agent:
         """JSON-serialisable constructor arguments (enough to rebuild a stateless agent)."""
         return {}
 
+    @classmethod
+    def keywords(cls) -> Optional[set]:
+        """The keyword arguments the constructor takes (what ``--agent-kwargs`` may give); None when it takes
+        any (``**kwargs``) and the subclass does not say which."""
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return {p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
     def save(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

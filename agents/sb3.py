@@ -60,6 +60,15 @@ class SB3Agent(Agent):
         self.num_layers = num_layers
 
     @classmethod
+    def keywords(cls) -> set:
+        """``policy`` and the SB3 algorithm's constructor arguments (``env`` is the agent's to give)."""
+        import inspect
+
+        params = inspect.signature(cls._algo().__init__).parameters.values()
+        return {"policy", "num_layers"} | {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                                           and p.name not in ("self", "env", "_init_setup_model")}
+
+    @classmethod
     def _algo(cls):
         import importlib
 
