@@ -169,7 +169,8 @@ def test_1_agent_json_class_outside_the_registry_and_agents_is_refused_before_im
     monkeypatch.syspath_prepend(str(plant))
     (tmp_path / "agent").mkdir()
     (tmp_path / "agent" / "agent.json").write_text(json.dumps({"class": target, "state": {}}))
-    with pytest.raises(ValueError, match=r"agent\.json.*" + target.split(":")[0] + r".*agents\.references:AlwaysExecute"):
+    module = target.split(":")[0]
+    with pytest.raises(ValueError, match=rf"agent\.json.*{module}.*agents\.references:AlwaysExecute"):
         Agent.load(tmp_path / "agent")
     assert not marker.exists(), "the module named in agent.json was imported"
     for module in ("planted_module", "agents_planted"):
@@ -295,8 +296,8 @@ BAD_ENV_ARGS = [
     (dict(lambda_=float("nan")), r"lambda_ must be a finite number >= 0; got nan"),
     (dict(rate_coef=-1.0), r"rate_coef must be a finite number >= 0"),
     (dict(max_samples=0), r"max_samples must be a whole number >= 1"),
-    (dict(stats_samples=0.5), r"stats_samples must be a whole number >= 1"),
-    (dict(target_rate=1.5), r"target skip rate must lie in \[0, 1\]"),
+    (dict(stats_samples=0.5), r"stats_samples must be a whole number >= 2"),
+    (dict(target_rate=1.5), r"target_rate must be a finite number in \[0, 1\] \(or none\); got 1.5"),
     (dict(observation="image"), r"observation must be one of"),
     (dict(reward="accuracy"), r"reward must be one of"),
     (dict(features="pooled"), r"features must be 'auto' or one of"),
