@@ -61,6 +61,17 @@ class Agent:
         """JSON-serialisable constructor arguments (enough to rebuild a stateless agent)."""
         return {}
 
+    @classmethod
+    def keywords(cls) -> Optional[set]:
+        """The keyword arguments the constructor takes (what ``--agent-kwargs`` may give); None when it takes
+        any (``**kwargs``) and the subclass does not say which."""
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return {p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
     def save(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -69,13 +80,38 @@ class Agent:
 
     @classmethod
     def load(cls, path) -> "Agent":
-        meta = json.loads((Path(path) / "agent.json").read_text())
-        klass = resolve(meta["class"])
-        return klass._restore(Path(path), meta["state"])
+        """The agent saved at ``path``. ``agent.json``'s ``class`` must be a registered agent's or a class of a
+        module under ``agents/`` (anything else is refused before it is imported: an import runs code); each
+        agent then reads its own files without unpickling (SB3 agents: :meth:`agents.sb3.SB3Agent._restore`)."""
+        from dpbert_rl.checks import read_json
+
+        path = Path(path)
+        meta_path = path / "agent.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: not a saved agent directory")
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict) or not isinstance(meta.get("class"), str) or \
+                not isinstance(meta.get("state", {}), dict):
+            raise ValueError(f"{meta_path}: expected an object with \"class\" (\"module:Class\") and \"state\" "
+                             f"(an object)")
+        check_loadable(meta["class"], meta_path)
+        return resolve(meta["class"])._restore(path, meta.get("state", {}))
 
     @classmethod
     def _restore(cls, path: Path, state: dict) -> "Agent":
         return cls(**state)
+
+
+def check_loadable(target: str, source) -> None:
+    """Refuse an agent class that a saved agent (``source``, its ``agent.json``) may not name: only the
+    registry's classes and classes of modules under ``agents/`` are imported when an agent is loaded."""
+    module, _, attr = target.partition(":")
+    allowed = sorted(set(REGISTRY.values()))
+    if target in allowed or (attr and module.startswith("agents.") and
+                             all(part.isidentifier() for part in module.split(".")) and attr.isidentifier()):
+        return
+    raise ValueError(f"{source}: class {target!r} is neither a registered agent nor a class of a module under "
+                     f"agents/, and is not imported; expected one of {allowed} or 'agents.<module>:<Class>'")
 
 
 def resolve(name: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="target fraction of layers skipped, r (held as --rate-control says)")
         p.add_argument("--rate-control", default="dual", choices=("dual", "penalty", "none"),
                        help="with --target-rate: dual (every agent: the env's layer price follows dual ascent on "
-                            "the skip rate of the training episodes, starting at --cost), penalty (REINFORCE "
-                            "only: beta (S - r)^2 of eq. 11) or none")
+                            "the skip rate of the training episodes, starting at --cost), penalty (beta (S - r)^2 "
+                            "of eq. 11, beta 200: REINFORCE on each batch's skip probability, every other agent in "
+                            "the env's reward at each episode's end) or none")
         p.add_argument("--dual-lr", type=arg_type(float, 0.0), default=0.002,
                        help="dual step size per batch of finished episodes (--rate-control dual)")
         p.add_argument("--agent-kwargs", type=_json_object, default={},
@@ -70,6 +72,27 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def check_agent_kwargs(names: list, agent_kwargs: dict) -> None:
+    """Refuse ``--agent-kwargs`` for agents this run does not train, and keywords an agent does not take
+    (one error naming the agent, the keywords and those it accepts), before anything is trained."""
+    from .base import resolve
+
+    extra = [k for k in agent_kwargs if k not in names]
+    if extra:
+        raise ValueError(f"--agent-kwargs: {extra} {'is' if len(extra) == 1 else 'are'} not trained in this run "
+                         f"(agents: {', '.join(names)}); its keys must name agents of --agent/--agents")
+    for name in names:
+        given = agent_kwargs.get(name) or {}
+        accepted = resolve(name).keywords()
+        if accepted is None or not given:
+            continue
+        accepted = accepted - {"num_layers"}  # the environment's
+        bad = sorted(set(given) - accepted)
+        if bad:
+            raise ValueError(f"--agent-kwargs: agent {name!r} does not take {', '.join(map(repr, bad))}; it "
+                             f"accepts {', '.join(sorted(accepted))}")
+
+
 def run_agent(name: str, args, progress=None) -> dict:
     """Train one agent in a fresh environment on a fresh copy of the checkpoint, then evaluate it."""
     return evaluate_trained(train_agent(name, args, progress), args)
@@ -83,15 +106,25 @@ def train_agent(name: str, args, progress=None) -> dict:
     from dpbert_rl.model import DPBert
     from envs.layer_skip import BatchedLayerSkipEnv
 
-    from .base import make_agent
+    from .base import resolve
+    from .reinforce import ReinforceAgent, ReinforceConfig
 
+    agent_kwargs = getattr(args, "agent_kwargs", None) or {}
+    check_agent_kwargs([name], {k: v for k, v in agent_kwargs.items() if k == name})
+    klass = resolve(name)
+    rate_control = getattr(args, "rate_control", "penalty" if args.target_rate is not None else "none")
+    penalty = rate_control == "penalty" and args.target_rate is not None
+    # --rate-control penalty: REINFORCE adds eq. (11) on each batch's skip probability to its loss; every other
+    # agent gets it from the env, -beta (S - r)^2 at each episode's end (S: that episode's skipped fraction)
+    env_penalty = penalty and not issubclass(klass, ReinforceAgent)
     model = DPBert.load(args.model)
     if not (args.task or model.task_info.task):
         raise ValueError(f"{args.model} does not name its task; pass --task")
     task = get_task(args.task or model.task_info.task)
     env_kwargs = dict(num_envs=args.num_envs, task=task.name, data_dir=args.data_dir, split="fit", model=model,
                       c=args.cost, lambda_=args.lam, max_samples=args.max_train_samples,
-                      backbone_mode=args.backbone_mode, features=args.features, reward=args.reward)
+                      backbone_mode=args.backbone_mode, features=args.features, reward=args.reward,
+                      **({"target_rate": args.target_rate, "rate_coef": ReinforceConfig.beta} if env_penalty else {}))
     if args.env == "tree":
         if args.backbone_mode != "frozen":
             raise ValueError("--env tree replays a frozen backbone; --backbone-mode joint needs --env live")
@@ -102,15 +135,15 @@ def train_agent(name: str, args, progress=None) -> dict:
         env = BatchedLayerSkipTreeEnv(**{**env_kwargs, "model": args.model}, cache_dir=args.cache_dir)
     else:
         env = BatchedLayerSkipEnv(**env_kwargs)
-    rate_control = getattr(args, "rate_control", "penalty" if args.target_rate is not None else "none")
-    kwargs = {"seed": args.seed, **(getattr(args, "agent_kwargs", None) or {}).get(name, {})}
-    if name == "reinforce" and args.target_rate is not None and rate_control == "penalty":
-        kwargs["target_rate"] = args.target_rate
-    elif name in ("always", "first-k", "every-other"):
-        kwargs = {"num_layers": env.num_layers}
-    elif name == "random":
+    accepted = klass.keywords()
+    kwargs = dict(agent_kwargs.get(name, {}))
+    if accepted is None or "seed" in accepted:
+        kwargs.setdefault("seed", args.seed)
+    if "num_layers" in inspect.signature(klass.__init__).parameters:  # the references' paths, SB3's layer count
         kwargs["num_layers"] = env.num_layers
-    agent = make_agent(name, **kwargs)
+    if penalty and not env_penalty:
+        kwargs["target_rate"] = args.target_rate
+    agent = klass(**kwargs)
     out = Path(args.output_dir)
     control = None
     if rate_control == "dual" and args.target_rate is not None and args.total_steps > 0:
@@ -169,6 +202,8 @@ def evaluate_trained(trained: dict, args) -> dict:
             "speedup_ideal": res["speedup_ideal"], "random_same_rate_score": random_score,
             **({"speedup_ideal_note": res["speedup_ideal_note"]} if "speedup_ideal_note" in res else {}),
             "env_steps": args.total_steps, "train_seconds": train_seconds, "rate_control": rate_control,
+            **({"target_rate": args.target_rate} if rate_control != "none" and args.target_rate is not None else {}),
+            **({"rate_coef": env.core.rate_coef} if env.core.rate_coef else {}),
             "layer_price": env.layer_price, "lam": args.lam,
             "model": args.model}
 
@@ -186,6 +221,10 @@ def _run(args) -> int:
     from tqdm.auto import tqdm
 
     names = [args.agent] if args.command == "train" else [a.strip() for a in args.agents.split(",") if a.strip()]
+    if not names:
+        raise ValueError(f"--agents: no agent named in {args.agents!r}; expected comma-separated agent names, "
+                         "e.g. reinforce,ppo,random")
+    check_agent_kwargs(names, args.agent_kwargs)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -87,6 +87,13 @@ class ReinforceAgent(Agent):
         self.planners: Optional[Planners] = None
         self.hidden_size = None
 
+    @classmethod
+    def keywords(cls) -> set:
+        """The fields of :class:`ReinforceConfig`."""
+        from dataclasses import fields
+
+        return {f.name for f in fields(ReinforceConfig)}
+
     # -------------------------------------------------------------- the policy, eq. (4) and (7)
     def _build(self, num_layers: int, hidden_size: int) -> None:
         """``hidden_size``: the width of the observation's feature part (the env's ``feature_dim``)."""

@@ -436,9 +436,15 @@ def retime(rows: list, args, results: Path) -> None:
         if row.get("speedup_measured") is not None or row["backbone_mode"] != "frozen":
             continue
         task = get_task(row["task"])
+        agent_dir = row.get("agent_dir") or Path(args.output_dir) / f"{task.name}-frozen" / "agents" / row["agent"]
+        try:  # first: a row's agent_dir is read from a results file, so what it points at is checked before use
+            agent = Agent.load(agent_dir)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"agents.py: error: {task.name}/{row['agent']}: the agent at {agent_dir} (agent_dir of its row "
+                  f"in {results / 'agents.json'}) is refused: {' '.join(str(err).split())}", file=sys.stderr)
+            raise SystemExit(2) from None
         model = DPBert.load(row["model"]).eval()  # frozen: the checkpoint is the model the agent drove
         dev = tokenize(load_split(task, "dev", args.data_dir), model.tokenizer, model.task_info.max_seq_length)
-        agent = Agent.load(row.get("agent_dir") or Path(args.output_dir) / f"{task.name}-frozen" / "agents" / row["agent"])
         res = evaluate_agent(agent, model, task, dev, collator(model.tokenizer), latency_samples=args.latency_samples)
         if abs(res["score"] - row["dev_score"]) > 1e-4:  # the trees hold float32 predictions (STS-B: ~1e-6 apart)
             raise SystemExit(f"{task.name}/{row['agent']}: the reloaded agent scores {res['score']}, its row "

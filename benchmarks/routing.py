@@ -35,9 +35,56 @@ from dpbert_rl.pathtree import tree_cache  # noqa: E402
 KEY = ("task", "learner", "backbone_mode", "features")
 
 
+NUMBER_FIELDS = ("score", "layers_executed_mean", "fixed_frontier_score", "margin", "mid_gate_fraction", "probe_score")
+"""Fields the report formats as numbers: each a number, or null / absent (shown as "-")."""
+REQUIRED_FIELDS = ("task", "learner", "margin_ci95", "command")
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read as routing rows; the message names the file, the row and what was expected."""
+
+
+def read_rows(path: Path, check_fields: bool = True) -> list:
+    """The rows of ``path`` (``[]`` when it does not exist), each checked for what the report needs."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ResultsError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); expected "
+                           "a JSON list of rows") from None
+    except UnicodeDecodeError as err:
+        raise ResultsError(f"{path}: not valid JSON (byte {err.start} is not UTF-8)") from None
+    if not isinstance(rows, list):
+        got = "an object" if isinstance(rows, dict) else json.dumps(rows)[:60]
+        raise ResultsError(f"{path}: expected a JSON list of rows; got {got}")
+    for i, row in enumerate(rows, 1):
+        where = f"{path}: row {i}"
+        if not isinstance(row, dict):
+            raise ResultsError(f"{where}: expected an object (a row); got {json.dumps(row)[:60]}")
+        if not check_fields:
+            continue
+        missing = [k for k in REQUIRED_FIELDS if k not in row]
+        if missing:
+            raise ResultsError(f"{where} ({row.get('task')}/{row.get('learner')}): missing "
+                               f"{', '.join(map(repr, missing))}")
+        for k in NUMBER_FIELDS:
+            v = row.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ResultsError(f"{where} ({row['task']}/{row['learner']}): {k!r} must be a number (or null); "
+                                   f"got {json.dumps(v)}")
+        ci = row["margin_ci95"]
+        if not (isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                              for x in ci)):
+            raise ResultsError(f"{where} ({row['task']}/{row['learner']}): 'margin_ci95' must be a list of two numbers "
+                               f"[low, high]; got {json.dumps(ci)}")
+    return rows
+
+
 def merge_rows(path: Path, new_rows: list) -> list:
     """Replace the rows with the same (task, learner, backbone_mode, features), keep the others."""
-    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows = read_rows(path, check_fields=False)
     keys = {tuple(r[k] for k in KEY) for r in new_rows}
     rows = [r for r in rows if tuple(r.get(k) for k in KEY) not in keys] + new_rows
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +113,12 @@ def write_markdown(rows: list, path: Path) -> None:
     path.write_text(text)
 
 
+def fail(message: str) -> None:
+    """One line, ``routing.py: error: ...``, and exit status 2."""
+    print(f"routing.py: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
@@ -85,8 +138,18 @@ def main() -> None:
     commit()
     results = Path(args.results)
     if args.report_only:
-        write_markdown(json.loads(results.read_text()), results.with_suffix(".md"))
+        if not results.is_file():
+            fail(f"{results}: no such file; run the benchmark first (or pass --results)")
+        try:
+            rows = read_rows(results)
+        except ResultsError as err:
+            fail(str(err))
+        write_markdown(rows, results.with_suffix(".md"))
         return
+    try:  # a damaged results file is found now, not after the task's run
+        read_rows(results, check_fields=False)
+    except ResultsError as err:
+        fail(str(err))
     import torch
 
     torch.set_num_threads(args.threads)

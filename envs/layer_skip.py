@@ -66,17 +66,12 @@ class _Episodes:
                  reward="loss", stats_samples=1000, check_reward=True):
         from dpbert_rl.data import collator, get_task, load_split, tokenize
         from dpbert_rl.model import DPBert, feature_stats
-        from dpbert_rl.model.objectives import REWARDS, check_rate
-        from dpbert_rl.model.planner import FEATURES, Planners
+        from dpbert_rl.model.planner import Planners
 
-        if observation not in OBS_MODES:
-            raise ValueError(f"observation must be one of {OBS_MODES}; got {observation!r}")
-        if backbone_mode not in BACKBONE_MODES:
-            raise ValueError(f"backbone_mode must be one of {BACKBONE_MODES}; got {backbone_mode!r}")
-        if target_rate is not None:
-            check_rate(target_rate)
-        _check_env_numbers(c=c, lambda_=lambda_, rate_coef=rate_coef, joint_lr=joint_lr, max_samples=max_samples,
-                           joint_update_every=joint_update_every, max_seq_length=max_seq_length)
+        check_env_args(c=c, lambda_=lambda_, max_seq_length=max_seq_length, max_samples=max_samples,
+                       observation=observation, backbone_mode=backbone_mode, joint_lr=joint_lr,
+                       joint_update_every=joint_update_every, target_rate=target_rate, rate_coef=rate_coef,
+                       features=features, reward=reward, stats_samples=stats_samples)
         self.task = get_task(task)
         if isinstance(model, DPBert):
             self.model = model
@@ -92,15 +87,11 @@ class _Episodes:
                              max_seq_length)
         self.collate = collator(self.model.tokenizer)
         self.L = self.model.num_layers
-        if reward not in REWARDS:
-            raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
         self.reward = reward
         # what the agent sees: the model's own planner features when they fit, else fresh statistics
         own = self.model.planners
         if features == "auto":  # the model's own; for planners never trained, the project's default
             features = own.features if bool(own.stats_set) else "mean"
-        if features not in FEATURES:
-            raise ValueError(f"features must be 'auto' or one of {FEATURES}; got {features!r}")
         if features == own.features and bool(own.stats_set):
             self.planners = own
         else:  # standardise with statistics of this env's own inputs (training inputs when split is)
@@ -347,8 +338,9 @@ class BatchedLayerSkipEnv(_ModelAccess, VectorEnv):
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
 
     def __init__(self, num_envs: int = 16, **kwargs):
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be at least 1; got {num_envs}")
+        from dpbert_rl.checks import check_number
+
+        num_envs = int(check_number(num_envs, "num_envs", low=1, integer=True))
         kwargs.pop("render_mode", None)
         self.core = self._make_core(kwargs)
         self.num_envs = num_envs
@@ -414,15 +406,30 @@ def _core_kwargs(kwargs: dict, single: type) -> dict:
     return {**defaults, **kwargs}
 
 
-def _check_env_numbers(**values) -> None:
-    """The reward's weights and the env's counts, each against what it may be (c, lambda_ >= 0, ...)."""
+def check_env_args(*, c, lambda_, max_seq_length, max_samples, observation, backbone_mode, joint_lr,
+                   joint_update_every, target_rate, rate_coef, features, reward, stats_samples) -> None:
+    """The arguments the live and the tree env share, each against what it may be (c, lambda_ >= 0, finite;
+    counts whole; names from their lists): the one check both envs make before any model or cache is touched,
+    so that they refuse the same arguments with the same error."""
     from dpbert_rl.checks import check_number
+    from dpbert_rl.model.objectives import REWARDS
+    from dpbert_rl.model.planner import FEATURES
 
-    rules = {"c": dict(low=0.0), "lambda_": dict(low=0.0), "rate_coef": dict(low=0.0),
-             "joint_lr": dict(low=0.0, low_open=True), "joint_update_every": dict(low=1, integer=True),
-             "max_seq_length": dict(low=8, integer=True), "max_samples": dict(low=1, integer=True, optional=True)}
-    for name, value in values.items():
-        check_number(value, name, **rules[name])
+    numbers = {"c": (c, dict(low=0.0)), "lambda_": (lambda_, dict(low=0.0)), "rate_coef": (rate_coef, dict(low=0.0)),
+               "target_rate": (target_rate, dict(low=0.0, high=1.0, optional=True)),
+               "joint_lr": (joint_lr, dict(low=0.0, low_open=True)),
+               "joint_update_every": (joint_update_every, dict(low=1, integer=True)),
+               "max_seq_length": (max_seq_length, dict(low=8, integer=True)),
+               "max_samples": (max_samples, dict(low=1, integer=True, optional=True)),
+               "stats_samples": (stats_samples, dict(low=2, integer=True))}  # statistics need two inputs
+    for name, (value, rule) in numbers.items():
+        check_number(value, name, **rule)
+    for name, value, allowed in (("observation", observation, OBS_MODES), ("reward", reward, REWARDS),
+                                 ("backbone_mode", backbone_mode, BACKBONE_MODES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+    if features != "auto" and features not in FEATURES:
+        raise ValueError(f"features must be 'auto' or one of {FEATURES}; got {features!r}")
 
 
 def _check_model_fits(model, task, max_seq_length: int, source) -> None:

@@ -18,10 +18,39 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 
-from .layer_skip import (BACKBONE_MODES, OBS_MODES, BatchedLayerSkipEnv, _core_kwargs, _index_from_options,
-                         _ModelAccess, observation_space)
+from .layer_skip import (BatchedLayerSkipEnv, _check_model_fits, _core_kwargs, _index_from_options, _ModelAccess,
+                         check_env_args, observation_space)
 
 IN_MEMORY_BYTES = 2 ** 31  # caches up to this size are read into memory; larger ones stay memory-mapped
+CACHE_DTYPES = ("float32", "float16")
+# model types whose position ids start after the padding index (RoBERTa-style), as dpbert_rl.checks.max_positions
+# reads it from a loaded model's embeddings; here it is read from a checkpoint's config.json without loading it
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text", "mpnet",
+                     "roberta-prelayernorm", "xmod", "ernie_m")
+
+
+def _check_positions(model, task: str, max_seq_length: int) -> None:
+    """Refuse a ``max_seq_length`` beyond the backbone's position embeddings, as the live env does (else a long
+    input crashes inside the embeddings while the cache is built). A checkpoint directory is not loaded for
+    this: its ``config.json`` says how many positions it has."""
+    if not isinstance(model, (str, Path)):
+        from dpbert_rl.data import get_task
+
+        return _check_model_fits(model, get_task(task), max_seq_length, model)
+    config = Path(model, "config.json")
+    if not config.is_file():
+        return
+    from dpbert_rl.checks import read_json
+
+    cfg = read_json(config)
+    n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    if not isinstance(n, int):
+        return
+    if cfg.get("model_type") in _OFFSET_POSITIONS and isinstance(cfg.get("pad_token_id"), int):
+        n -= cfg["pad_token_id"] + 1
+    if max_seq_length > n:
+        raise ValueError(f"max_seq_length (--max-seq-length) {max_seq_length} exceeds the {n} positions of {model}; "
+                         f"use --max-seq-length {n} or less")
 
 
 class _TreeEpisodes:
@@ -37,21 +66,21 @@ class _TreeEpisodes:
                  cache_dtype="float32"):
         import torch
 
-        from dpbert_rl.model.objectives import REWARDS, check_rate, final_reward
+        from dpbert_rl.checks import check_number
+        from dpbert_rl.model.objectives import final_reward
         from dpbert_rl.pathtree import DEFAULT_CACHE_DIR, planner_info, tree_cache
-        from dpbert_rl.model.planner import CLIP, FEATURES, Planners
+        from dpbert_rl.model.planner import CLIP, Planners
 
-        if observation not in OBS_MODES:
-            raise ValueError(f"observation must be one of {OBS_MODES}; got {observation!r}")
-        if backbone_mode not in BACKBONE_MODES:
-            raise ValueError(f"backbone_mode must be one of {BACKBONE_MODES}; got {backbone_mode!r}")
+        check_env_args(c=c, lambda_=lambda_, max_seq_length=max_seq_length, max_samples=max_samples,
+                       observation=observation, backbone_mode=backbone_mode, joint_lr=joint_lr,
+                       joint_update_every=joint_update_every, target_rate=target_rate, rate_coef=rate_coef,
+                       features=features, reward=reward, stats_samples=stats_samples)
         if backbone_mode != "frozen":
             raise ValueError("backbone_mode='joint' trains the backbone, so its path tree cannot be cached: "
                              "use the live environment dpbert_rl/LayerSkip-v0 for joint mode")
-        if target_rate is not None:
-            check_rate(target_rate)
-        if reward not in REWARDS:
-            raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
+        check_number(build_batch_size, "build_batch_size", low=1, integer=True)
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}; got {cache_dtype!r}")
         if isinstance(model, (str, Path)) and not Path(model, "dpbert.json").is_file():
             from dpbert_rl.data import get_task
             from dpbert_rl.model import DPBert
@@ -59,12 +88,11 @@ class _TreeEpisodes:
             warnings.warn(f"{model!r} is not a fine-tuned dpbert_rl checkpoint: its classifier head is "
                           "untrained, so the final reward carries little signal", stacklevel=3)
             model = DPBert.from_source(str(model), get_task(task).num_labels)
+        _check_positions(model, task, max_seq_length)
         self.source = model
         own = planner_info(model)
         if features == "auto":  # the model's own; for planners never trained, the project's default
             features = own["features"] if own["mean"] is not None else "mean"
-        if features not in FEATURES:
-            raise ValueError(f"features must be 'auto' or one of {FEATURES}; got {features!r}")
         self.tree = tree_cache(model, task, split, data_dir, max_samples, max_seq_length, features,
                                cache_dir or DEFAULT_CACHE_DIR, cache_dtype, build_batch_size, device, progress)
         tree = self.tree
