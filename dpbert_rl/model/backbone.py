@@ -77,6 +77,13 @@ def resolve_backbone_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def backbone_layers(name_or_path: str) -> int:
+    """How many layers a backbone has, read from its config without loading its weights."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve_backbone_path(name_or_path)).num_hidden_layers)
+
+
 def cache_root() -> Path:
     """Where dpbert_rl unpacks what it needs once: ``$DPBERT_RL_CACHE``, else ``~/.cache/dpbert_rl``."""
     root = os.environ.get("DPBERT_RL_CACHE")

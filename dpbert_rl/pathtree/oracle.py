@@ -21,6 +21,21 @@ from torch.utils.data import DataLoader
 from ..model.dpbert import DPBert
 
 
+#: The most layers whose whole path tree is walked: 2^8 - 1 = 255 layer calls per input. A 12-layer model's
+#: tree takes 4,095 (65x MiniLM's 63), too many to enumerate on the inputs of a training set.
+MAX_TREE_LAYERS = 8
+
+
+def check_tree_size(num_layers: int, source="the model") -> None:
+    """Refuse to enumerate every path of a model deeper than :data:`MAX_TREE_LAYERS`, saying what scales."""
+    if num_layers > MAX_TREE_LAYERS:
+        raise ValueError(
+            f"{source} has {num_layers} layers: its path tree takes {2 ** num_layers - 1:,} layer calls per input "
+            f"(the limit is {MAX_TREE_LAYERS} layers, {2 ** MAX_TREE_LAYERS - 1} calls). Use sampled paths instead: "
+            "stage 3 'rl' (--stage3 rl, joint REINFORCE with leave-one-out baselines and the dual price) and the "
+            "live environment dpbert_rl/LayerSkip-v0")
+
+
 def paths(num_layers: int) -> torch.Tensor:
     """All ``2^L`` paths as ``(2^L, L)`` 0/1, row ``p`` the bits of ``p`` (layer 1 most significant)."""
     p = torch.arange(2 ** num_layers)
@@ -38,6 +53,7 @@ def path_states(model: DPBert, batch: dict) -> tuple:
         path ``s << (L - i)`` (the prefix followed by skips): these ``2^L`` states are every state the
         tree holds (:mod:`dpbert_rl.pathtree`).
     """
+    check_tree_size(model.num_layers)
     state = model.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
     h, mask = state.hidden[:, None], state.mask  # (B, 1, T, d): one prefix per input so far
     B, _, T, d = h.shape

@@ -27,7 +27,7 @@ from ..model.objectives import REWARDS, DualPrice, check_rate, final_reward
 from ..model.planner import Planners, check_features
 from ..pathtree.cache import (DEFAULT_CACHE_DIR, PathTree, checkpoint_fingerprint, expected_return, greedy_paths,
                               tree_cache, tree_index)
-from ..pathtree.oracle import paths
+from ..pathtree.oracle import check_tree_size, paths
 from .checkpoint import DONE_FILE, save_atomic, stage_dir, stage_done, truncate_metrics
 from .config import TrainingError, check_same_run
 
@@ -241,6 +241,7 @@ def load_frozen(checkpoint: str, cfg: ExactConfig) -> tuple:
     if not Path(checkpoint, "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint!r}: expected a fine-tuned dpbert_rl model/ directory")
     model = DPBert.load(checkpoint)
+    check_tree_size(model.num_layers, checkpoint)  # before any data is read or cache built
     if not (cfg.task or model.task_info.task):
         raise ValueError(f"{checkpoint} does not name its task; pass --task")
     task = get_task(cfg.task or model.task_info.task)

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..evaluation.latency import evaluate_checkpoint
+from ..model.backbone import backbone_layers
+from ..pathtree.oracle import check_tree_size
 from .calibrate import calibrate_checkpoint
 from .checkpoint import DONE_FILE
 from .config import PipelineConfig, TrainConfig
@@ -41,6 +43,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     Returns the evaluation report (also written to ``<output_dir>/report.json``).
     """
     cfg.validate()
+    if cfg.stage3 == "exact":  # refuse now, not after hours of stages 1 and 2
+        check_tree_size(backbone_layers(cfg.backbone), cfg.backbone)
     out = Path(cfg.output_dir)
     base = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
     stage_cfg = lambda sub, **kw: replace(TrainConfig(**base), output_dir=str(out / sub), **kw)  # noqa: E731
