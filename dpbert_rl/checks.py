@@ -11,6 +11,8 @@ import argparse
 import json
 import math
 import numbers
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -234,6 +236,40 @@ def check_checkpoint_files(path: Path) -> None:
         check_safetensors(file)
 
 
+# ---------------------------------------------------------------------- directories to write to
+def check_output_dir(path, name: str = "output_dir (--output-dir)") -> Path:
+    """Return ``path`` when a command can write there: an existing, writable directory, or a new one whose
+    nearest existing parent is a writable directory. Otherwise raise :class:`ValueError` naming ``name`` and the
+    path (a regular file, or a read-only folder), before anything is trained or built. Creates nothing.
+
+    Writability is tested by creating and removing a temporary file (so that root, ACLs and read-only
+    mounts are judged as the write itself would be)."""
+    path = Path(path)
+    target = path
+    while not target.exists():  # the nearest existing ancestor is where the first directory will be made
+        if target.parent == target:
+            break
+        target = target.parent
+    if target.exists() and not target.is_dir():
+        where = "" if target == path else f" (its parent {target} is a file)"
+        raise ValueError(f"{name} {path} is not a directory{where}; expected a directory to write to: remove the "
+                         f"file or choose another {name.split('(')[-1].rstrip(')') or 'directory'}")
+    try:
+        _probe_write(target)
+    except OSError as err:
+        what = "" if target == path else f" (it would be made in {target}, which is not writable)"
+        raise ValueError(f"{name} {path} is not writable{what}: {err.strerror or _one_line(err)}; choose another "
+                         f"{name.split('(')[-1].rstrip(')') or 'directory'} or fix its permissions") from None
+    return path
+
+
+def _probe_write(directory: Path) -> None:
+    """Create and remove a temporary file in ``directory``; an :class:`OSError` when that is refused."""
+    fd, probe = tempfile.mkstemp(prefix=".dpbert_rl_write_test.", dir=str(directory))
+    os.close(fd)
+    os.unlink(probe)
+
+
 # ---------------------------------------------------------------------- the tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model")
@@ -279,4 +315,4 @@ def _one_line(err: BaseException) -> str:
 __all__ = ["CheckpointError", "NonFiniteError", "check_number", "check_threshold", "arg_type", "check_config_numbers",
            "check_task_compatible", "check_max_seq_length", "max_positions", "read_json", "check_safetensors",
            "read_safetensors", "check_state_shapes", "check_checkpoint_files", "check_tokenizer", "nonfinite",
-           "check_finite_logits"]
+           "check_finite_logits", "check_output_dir"]
