@@ -411,13 +411,16 @@ def feature_stats(model: "DPBert", dataset, collate_fn, features: str, batch_siz
 
 def _check_planner_layers(path: Path, state: dict, meta: dict) -> None:
     """The planners were trained for the layer count ``config.json`` sets; an edited ``num_hidden_layers`` is
-    named as such (not as planners of the wrong shape)."""
+    named as such (not as planners of the wrong shape). When ``dpbert.json``'s ``num_layers`` agrees with
+    ``config.json``, the planners file is the odd one and is named by :func:`check_state_shapes` instead."""
     config = read_json(path / "config.json")
     layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
     weight = state.get("weight")
     if layers is None or weight is None or weight.dim() != 2 or int(weight.shape[0]) == int(layers):
         return
     saved = meta.get("num_layers")
+    if isinstance(saved, int) and saved == int(layers):
+        return  # config.json and dpbert.json agree: the planners file is the odd one (check_state_shapes names it)
     note = f" and {META_FILE} says num_layers {saved}" if saved is not None else ""
     raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers {layers}, but {path / PLANNERS_FILE} holds "
                           f"planners for {int(weight.shape[0])} layers{note}: config.json was edited or the files "
