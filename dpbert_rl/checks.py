@@ -11,6 +11,8 @@ import argparse
 import json
 import math
 import numbers
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -234,6 +236,110 @@ def check_checkpoint_files(path: Path) -> None:
         check_safetensors(file)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def weight_names(path: Path) -> Optional[tuple]:
+    """``(file, names)``: the first weight file of a checkpoint directory (:data:`WEIGHT_FILES`) and the names of
+    the tensors it holds, read from its header or index (no tensor is loaded); None when there is none."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    for name in WEIGHT_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if name.endswith(".index.json"):
+            index = read_json(file)
+            return file, set(index.get("weight_map", {})) if isinstance(index, dict) else set()
+        if name.endswith(".safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                return file, set(f.keys())
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise CheckpointError(f"{file}: not a readable weights file ({_one_line(err)})") from None
+        return file, set(state) if isinstance(state, dict) else set()
+    return None
+
+
+def check_layer_weights(model, layers, path: Path) -> None:
+    """Refuse a checkpoint directory whose weight file lacks tensors of encoder layers the model has, which
+    Hugging Face initialises at random (only a warning): ``num_hidden_layers`` raised in ``config.json``.
+
+    :param model: the Hugging Face model loaded from ``path``; :param layers: its ``ModuleList`` of encoder
+        layers. A fresh classification head is normal (a plain backbone has none) and is not checked."""
+    path = Path(path)
+    found = weight_names(path)
+    layers_name = next((n for n, m in model.named_modules() if m is layers), None)
+    if found is None or not layers_name:
+        return
+    file, names = found
+    # legacy LayerNorm names, and base-model checkpoints that store names without the model's prefix
+    names = {n.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+             for n in names}
+    prefix = getattr(model, "base_model_prefix", "")
+    names |= {f"{prefix}.{n}" for n in names} if prefix else set()
+    head = layers_name + "."
+    layer_of = lambda key: int(key[len(head):].split(".", 1)[0])  # noqa: E731
+    missing = [k for k in model.state_dict() if k.startswith(head) and k not in names]
+    if not missing:
+        return
+    gaps = sorted({layer_of(k) for k in missing})
+    stored = len({layer_of(k) for k in names if k.startswith(head) and k[len(head):].split(".", 1)[0].isdigit()})
+    total = len(layers)
+    where = _ranges([i + 1 for i in gaps])
+    raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers is {total}, but {file} holds weights for "
+                          f"{stored} encoder layers; layers {where} ({len(missing)} tensors) would run with random "
+                          f"weights. Restore num_hidden_layers in config.json, or use the checkpoint it belongs to")
+
+
+def _ranges(numbers: list) -> str:
+    """``[5, 6, 8]`` -> ``"5-6, 8"``."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"{start}" if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out)
+
+
+# ---------------------------------------------------------------------- directories to write to
+def check_output_dir(path, name: str = "output_dir (--output-dir)") -> Path:
+    """Return ``path`` when a command can write there: an existing, writable directory, or a new one whose
+    nearest existing parent is a writable directory. Otherwise raise :class:`ValueError` naming ``name`` and the
+    path (a regular file, or a read-only folder), before anything is trained or built. Creates nothing.
+
+    Writability is tested by creating and removing a temporary file (so that root, ACLs and read-only
+    mounts are judged as the write itself would be)."""
+    path = Path(path)
+    target = path
+    while not target.exists():  # the nearest existing ancestor is where the first directory will be made
+        if target.parent == target:
+            break
+        target = target.parent
+    if target.exists() and not target.is_dir():
+        where = "" if target == path else f" (its parent {target} is a file)"
+        raise ValueError(f"{name} {path} is not a directory{where}; expected a directory to write to: remove the "
+                         f"file or choose another {name.split('(')[-1].rstrip(')') or 'directory'}")
+    try:
+        _probe_write(target)
+    except OSError as err:
+        what = "" if target == path else f" (it would be made in {target}, which is not writable)"
+        raise ValueError(f"{name} {path} is not writable{what}: {err.strerror or _one_line(err)}; choose another "
+                         f"{name.split('(')[-1].rstrip(')') or 'directory'} or fix its permissions") from None
+    return path
+
+
+def _probe_write(directory: Path) -> None:
+    """Create and remove a temporary file in ``directory``; an :class:`OSError` when that is refused."""
+    fd, probe = tempfile.mkstemp(prefix=".dpbert_rl_write_test.", dir=str(directory))
+    os.close(fd)
+    os.unlink(probe)
+
+
 # ---------------------------------------------------------------------- the tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model")
@@ -279,4 +385,4 @@ def _one_line(err: BaseException) -> str:
 __all__ = ["CheckpointError", "NonFiniteError", "check_number", "check_threshold", "arg_type", "check_config_numbers",
            "check_task_compatible", "check_max_seq_length", "max_positions", "read_json", "check_safetensors",
            "read_safetensors", "check_state_shapes", "check_checkpoint_files", "check_tokenizer", "nonfinite",
-           "check_finite_logits"]
+           "check_finite_logits", "check_output_dir", "weight_names", "check_layer_weights"]

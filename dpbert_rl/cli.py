@@ -209,10 +209,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
+#: Subcommands that write a run directory (--output-dir), checked before anything is loaded or trained.
+WRITING_COMMANDS = ("finetune", "init-planners", "rl", "soft", "layerdrop", "pipeline", "exact")
+
+
 def _dispatch(args) -> int:
+    from .checks import check_output_dir
     from .evaluation.latency import evaluate_checkpoint, format_report
     from .training import PipelineConfig, TrainConfig, run_pipeline, train_stage
 
+    if args.command in WRITING_COMMANDS:
+        check_output_dir(args.output_dir)
+        if getattr(args, "cache_dir", None):
+            check_output_dir(args.cache_dir, "cache_dir (--cache-dir)")
     if args.command in ("finetune", "init-planners", "rl", "soft"):
         path = train_stage(args.stage, _from_args(TrainConfig, args), init=args.init)
         print(f"model written to {path}")

@@ -16,6 +16,7 @@ import csv
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -31,6 +32,7 @@ HUB_DATASET = "nyu-mll/glue"
 SELECTION_SEED = 20261128
 SELECTION_FRACTION = 0.1
 SELECTION_MAX = 2000
+SELECTION_MIN = 50  # below this many examples, load_split warns that choices made on the selection split are noise
 DERIVED_SPLITS = {"fit": "train", "select": "train"}  # derived split -> the file it is carved from
 
 
@@ -161,7 +163,7 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
     dropped: list = []
     # undecodable bytes are kept as surrogates and refused row by row, so that the error has a line
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = _rows(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), path)
         if task.has_header:
             header = next(reader, None)
             if header is None:
@@ -220,6 +222,32 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
 
 
 SHOW_SKIPPED = 20  # line numbers of skipped rows printed on stderr (the caller may record them all)
+
+
+class _rows:
+    """A ``csv.reader`` whose errors are :class:`DataError` naming the file and line. A field beyond the csv
+    module's size limit (131,072 characters; a GLUE text is a sentence or a paragraph) means a damaged file or
+    one that is not a GLUE TSV, and is an error even with ``bad_rows="skip"``."""
+
+    def __init__(self, reader, path: Path):
+        self._reader, self._path = reader, path
+
+    @property
+    def line_num(self) -> int:
+        return self._reader.line_num
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list:
+        try:
+            return next(self._reader)
+        except csv.Error as err:
+            if "field larger than field limit" in str(err):
+                raise DataError(f"{self._path}:{self.line_num}: a field longer than {csv.field_size_limit()} "
+                                "characters (the csv module's field size limit); a GLUE field is a sentence, so the "
+                                "file is damaged or not a GLUE TSV (a missing line break?)") from None
+            raise DataError(f"{self._path}:{self.line_num}: not a readable TSV line ({err})") from None
 
 
 def check_utf8(fields: Sequence[str], where: str) -> None:
@@ -291,12 +319,19 @@ def load_split(
     else:
         ds = _load_from_hub(task, source)
     if split in DERIVED_SPLITS:
-        fit, select = carve_selection(len(ds))
+        n_train = len(ds)
+        fit, select = carve_selection(n_train)
         ds = ds.select(fit if split == "fit" else select)
     if max_samples is not None and max_samples < len(ds):
         if shuffle_seed is not None:
             ds = ds.shuffle(seed=shuffle_seed)
         ds = ds.select(range(max_samples))
+    if split == "select" and len(ds) < SELECTION_MIN:
+        capped = f", capped at max_samples {max_samples}" if len(ds) < len(select) else ""
+        warnings.warn(f"{task.name}: the selection split holds {len(ds)} example{'s' if len(ds) != 1 else ''} "
+                      f"(of {n_train} training rows: fit {len(fit)}, selection {len(select)}{capped}), fewer than "
+                      f"{SELECTION_MIN}: a checkpoint, threshold or setting chosen on it is chosen by chance; use a "
+                      "larger training file", UserWarning, stacklevel=2)
     return ds
 
 

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import DEFAULT_BACKBONE, Backbone, Embedded
-from ..checks import (check_checkpoint_files, check_finite_logits, check_state_shapes, check_threshold, read_json,
-                     read_safetensors)
-from .planner import Planners, bernoulli_entropy, bernoulli_log_prob, feature_dim, raw_features
+from .backbone import DEFAULT_BACKBONE, Backbone, Embedded, resolve_backbone_path
+from ..checks import (CheckpointError, check_checkpoint_files, check_finite_logits, check_layer_weights, check_number,
+                     check_state_shapes, check_threshold, max_positions, read_json, read_safetensors)
+from .planner import FEATURES, Planners, bernoulli_entropy, bernoulli_log_prob, feature_dim, raw_features
 
 MODES = ("full", "hard", "sample", "soft", "path")
 PLANNERS_FILE = "planners.safetensors"
@@ -118,8 +118,12 @@ class DPBert(nn.Module):
     def from_backbone(
         cls, name_or_path: str = DEFAULT_BACKBONE, num_labels: int = 2, **kwargs
     ) -> "DPBert":
-        """A fresh DPBert on a pretrained backbone (hub name, local dir, or ``"minilm"``)."""
+        """A fresh DPBert on a pretrained backbone (hub name, local dir, or ``"minilm"``). A local directory whose
+        weights lack layers that its ``config.json`` sets (``num_hidden_layers`` raised) is refused."""
         backbone, tokenizer = Backbone.from_pretrained(name_or_path, num_labels=num_labels)
+        local = Path(resolve_backbone_path(name_or_path))
+        if local.is_dir():
+            check_layer_weights(backbone.model, backbone._layers, local)
         return cls(backbone, tokenizer=tokenizer, **kwargs)
 
     @classmethod
@@ -340,11 +344,19 @@ class DPBert(nn.Module):
             )
         check_checkpoint_files(path)  # a damaged JSON or safetensors file is one error that names it
         meta = read_json(path / META_FILE) if (path / META_FILE).is_file() else {}
-        backbone, tokenizer = Backbone.from_pretrained(str(path), num_labels=_num_labels(path))
-        planners = None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path / META_FILE}: expected a JSON object, found {type(meta).__name__}")
         features = meta.get("planner_features", "cls")
-        if (path / PLANNERS_FILE).is_file():
-            state = read_safetensors(path / PLANNERS_FILE)
+        if features not in FEATURES:
+            raise CheckpointError(f"{path / META_FILE}: planner_features {features!r} is not one of "
+                                  f"{', '.join(FEATURES)}")
+        state = read_safetensors(path / PLANNERS_FILE) if (path / PLANNERS_FILE).is_file() else None
+        if state is not None:
+            _check_planner_layers(path, state, meta)
+        backbone, tokenizer = Backbone.from_pretrained(str(path), num_labels=_num_labels(path))
+        check_layer_weights(backbone.model, backbone._layers, path)
+        planners = None
+        if state is not None:
             planners = Planners(backbone.num_layers, backbone.hidden_size, features=features)
             # checkpoints written before standardisation existed have no statistics: identity
             expected = {k: v for k, v in planners.state_dict().items()
@@ -353,10 +365,16 @@ class DPBert(nn.Module):
             planners.load_state_dict(state, strict=False)
         elif require_planners:
             raise FileNotFoundError(f"{str(path)!r} holds no {PLANNERS_FILE}: it is not a trained DPBERT")
-        info = TaskInfo(**meta.get("task_info", {}))
+        try:
+            info = TaskInfo(**meta.get("task_info", {}))
+        except TypeError as err:
+            raise CheckpointError(f"{path / META_FILE}: task_info does not fit ({err})") from None
         threshold = check_threshold(meta.get("threshold", 0.5), f"{path / META_FILE}: threshold")
-        return cls(backbone, planners, threshold=threshold, tokenizer=tokenizer, task_info=info,
-                   planner_features=features, detach_planner_input=meta.get("detach_planner_input", False))
+        model = cls(backbone, planners, threshold=threshold, tokenizer=tokenizer, task_info=info,
+                    planner_features=features, detach_planner_input=meta.get("detach_planner_input", False))
+        if "max_seq_length" in (meta.get("task_info") or {}):
+            _check_saved_length(path, model)
+        return model
 
 
 @torch.no_grad()
@@ -389,6 +407,36 @@ def feature_stats(model: "DPBert", dataset, collate_fn, features: str, batch_siz
     var = (s2 / n - mean ** 2).clamp_min(0.0) * n / (n - 1)
     spread = (var.sum(1) / (mean ** 2).sum(1).clamp_min(1e-30)).tolist()
     return {"mean": mean.float(), "std": var.sqrt().float(), "examples": n, "features": features, "spread": spread}
+
+
+def _check_planner_layers(path: Path, state: dict, meta: dict) -> None:
+    """The planners were trained for the layer count ``config.json`` sets; an edited ``num_hidden_layers`` is
+    named as such (not as planners of the wrong shape). When ``dpbert.json``'s ``num_layers`` agrees with
+    ``config.json``, the planners file is the odd one and is named by :func:`check_state_shapes` instead."""
+    config = read_json(path / "config.json")
+    layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    weight = state.get("weight")
+    if layers is None or weight is None or weight.dim() != 2 or int(weight.shape[0]) == int(layers):
+        return
+    saved = meta.get("num_layers")
+    if isinstance(saved, int) and saved == int(layers):
+        return  # config.json and dpbert.json agree: the planners file is the odd one (check_state_shapes names it)
+    note = f" and {META_FILE} says num_layers {saved}" if saved is not None else ""
+    raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers {layers}, but {path / PLANNERS_FILE} holds "
+                          f"planners for {int(weight.shape[0])} layers{note}: config.json was edited or the files "
+                          f"come from different checkpoints; restore num_hidden_layers {int(weight.shape[0])}")
+
+
+def _check_saved_length(path: Path, model: "DPBert") -> None:
+    """``task_info.max_seq_length`` of ``dpbert.json`` is a whole number within the backbone's positions (a
+    longer one would crash inside the embeddings on the first long input)."""
+    value = check_number(model.task_info.max_seq_length, f"{path / META_FILE}: max_seq_length (task_info)",
+                         low=1, integer=True)
+    limit = max_positions(model)
+    if limit is not None and value > limit:
+        raise CheckpointError(f"{path / META_FILE}: max_seq_length {value} (task_info) exceeds the {limit} positions "
+                              f"of the backbone ({path / 'config.json'}: max_position_embeddings); set it to "
+                              f"{limit} or less")
 
 
 def _num_labels(path: Path) -> int:

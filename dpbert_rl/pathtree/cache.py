@@ -43,6 +43,9 @@ Files live in ``runs/pathtree/<task>_<split>_<features>_<key>/`` (``.npy``, no p
 load; ``meta.json``), keyed by the checkpoint (weights file path, mtime and size; or a hash of the
 weights of an in-memory model), the task, split, the data file's content (SHA-256), ``max_samples``,
 ``max_seq_length``, features and dtype. :func:`tree_cache` reuses a cache when present and builds it otherwise.
+``meta.json`` records the SHA-256 of every ``.npy`` file and of itself; :meth:`PathTree.load` verifies them
+(and the shapes) and refuses a changed, truncated or unhashed cache with :class:`CacheError`, naming the file:
+delete the cache directory and it is built again.
 
 On top of the cache: :func:`dpbert_rl.training.exact.train_exact`, planner training by the exact expected reward over all
 paths (no sampling, so a gradient without variance; ``dpbert-rl exact``), and the replay environment
@@ -63,12 +66,111 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..checks import check_output_dir
 from ..model.planner import Planners, bernoulli_log_prob, check_features
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json holds the SHA-256 of every array file and of itself
 DEFAULT_CACHE_DIR = "runs/pathtree"
 META = "meta.json"
 ARRAYS = ("features", "losses", "predictions", "correct", "labels", "indices")
+
+
+class CacheError(ValueError):
+    """A path-tree cache file is missing, damaged, changed or of an older format; the message names the file
+    and says to delete the cache directory (which :func:`tree_cache` then rebuilds)."""
+
+
+def _damaged(directory: Path, file: Path, problem: str) -> str:
+    return (f"{file}: {problem}; the path-tree cache cannot be trusted: delete the directory {directory} to "
+            "rebuild it (tree_cache and `dpbert-rl exact` build a missing cache again)")
+
+
+def _stream_sha256(file: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks; memoised per (path, mtime, size) for this process."""
+    st = Path(file).stat()
+    return _file_sha256(str(Path(file).resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 of ``meta.json``'s content without its own ``meta_sha256`` (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_meta(directory: Path) -> dict:
+    """``meta.json`` of a cache, parsed and checked against its own hash (:class:`CacheError` otherwise)."""
+    file = directory / META
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CacheError(_damaged(directory, file, f"not valid JSON ({err.msg} at line {err.lineno}, column "
+                                                   f"{err.colno})")) from None
+    except UnicodeDecodeError as err:
+        raise CacheError(_damaged(directory, file, f"not valid JSON (byte {err.start} is not UTF-8)")) from None
+    if not isinstance(meta, dict):
+        raise CacheError(_damaged(directory, file, f"expected a JSON object, found {type(meta).__name__}"))
+    if meta.get("format") != FORMAT_VERSION:
+        older = " (written by an older dpbert_rl, without content hashes)" if meta.get("format") == 1 else ""
+        raise CacheError(_damaged(directory, file, f"path-tree cache format {meta.get('format')!r}{older}; this "
+                                                   f"code reads format {FORMAT_VERSION}"))
+    if not isinstance(meta.get("sha256"), dict) or not isinstance(meta.get("meta_sha256"), str):
+        raise CacheError(_damaged(directory, file, "no content hashes (sha256, meta_sha256), so the arrays "
+                                                   "cannot be verified"))
+    if meta["meta_sha256"] != _meta_digest(meta):
+        raise CacheError(_damaged(directory, file, "its content does not match its meta_sha256: the file was "
+                                                   "edited after the cache was written"))
+    return meta
+
+
+def _expected_arrays(directory: Path, meta: dict) -> dict:
+    """``name -> (shape, dtype)`` of every array, from ``meta.json``."""
+    try:
+        N, L, d = int(meta["num_inputs"]), int(meta["num_layers"]), int(meta["hidden_size"])
+        F_ = (2 if check_features(meta["features"]) == "cls+mean" else 1) * d
+        feature_dtype = np.dtype(meta["dtype"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CacheError(_damaged(directory, directory / META, f"cannot tell the arrays' shapes "
+                                                               f"({type(err).__name__}: {err})")) from None
+    P = 2 ** L
+    f32 = np.dtype(np.float32)
+    return {"features": ((N, P, F_), feature_dtype), "losses": ((N, P), f32), "predictions": ((N, P), f32),
+            "correct": ((N, P), np.dtype(bool)), "labels": ((N,), f32), "indices": ((N,), np.dtype(np.int64))}
+
+
+def _verify_array(directory: Path, file: Path, shape: tuple, dtype: np.dtype, sha256: Optional[str]) -> None:
+    """The ``.npy`` header says ``shape`` and ``dtype``, the file holds all of the data and nothing more, and
+    its bytes have ``sha256``; else :class:`CacheError` naming the file. Reads the header, then the file in blocks."""
+    from numpy.lib import format as npy
+
+    if not file.is_file():
+        raise CacheError(_damaged(directory, file, "missing"))
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            version = npy.read_magic(fh)
+            if version == (1, 0):
+                got_shape, fortran, got_dtype = npy.read_array_header_1_0(fh)
+            else:
+                got_shape, fortran, got_dtype = npy.read_array_header_2_0(fh)
+            offset = fh.tell()
+    except (OSError, ValueError, EOFError) as err:
+        raise CacheError(_damaged(directory, file, f"truncated or not a .npy file (its header does not read: "
+                                                   f"{' '.join(str(err).split())})")) from None
+    if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != dtype or fortran:
+        raise CacheError(_damaged(directory, file, f"an array of shape {tuple(got_shape)} {np.dtype(got_dtype)}"
+                                                   f"{' (Fortran order)' if fortran else ''} where {tuple(shape)} "
+                                                   f"{dtype} is expected (from {META})"))
+    needed = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < needed:
+        raise CacheError(_damaged(directory, file, f"truncated ({size} bytes where {needed} are expected)"))
+    if size > needed:
+        raise CacheError(_damaged(directory, file, f"{size - needed} bytes beyond the array's end"))
+    if not sha256:
+        raise CacheError(_damaged(directory, file, f"no sha256 recorded in {META}, so it cannot be verified"))
+    if _stream_sha256(file) != sha256:
+        raise CacheError(_damaged(directory, file, f"its content does not match the sha256 recorded in {META} "
+                                                   "when the cache was written (a file of another split or "
+                                                   "cache, edited or damaged)"))
 
 
 # ---------------------------------------------------------------------------------------- the tree
@@ -167,29 +269,46 @@ class PathTree:
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, Path]) -> Path:
         """Write the arrays as ``.npy`` (no pickle) and ``meta.json``; atomically (a temporary directory
-        is renamed), so that an interrupted build leaves no half cache."""
+        is renamed), so that an interrupted build leaves no half cache. ``meta.json`` records the SHA-256
+        of every ``.npy`` file (``sha256``) and of its own content (``meta_sha256``); :meth:`load` checks them."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
-        (tmp / META).write_text(json.dumps(self.meta, indent=2))
+        meta = {k: v for k, v in self.meta.items() if k not in ("sha256", "meta_sha256")}
+        meta["format"] = FORMAT_VERSION
+        meta["sha256"] = {name: _stream_sha256(tmp / f"{name}.npy") for name in ARRAYS}
+        meta["meta_sha256"] = _meta_digest(meta)
+        (tmp / META).write_text(json.dumps(meta, indent=2))
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
         return path
 
     @classmethod
     def load(cls, path: Union[str, Path], mmap: bool = True) -> "PathTree":
-        """Read a cache written by :meth:`save`; the features are memory-mapped unless ``mmap=False``."""
+        """Read a cache written by :meth:`save`; the features are memory-mapped unless ``mmap=False``.
+
+        Every file is verified first: ``meta.json`` must parse and match its own hash, and every array must
+        have the shape and dtype ``meta.json`` implies, its full length, and the SHA-256 recorded when it was
+        written (read once, in blocks; memory-mapped features are not copied). Any mismatch (a file of another
+        split, an edited or truncated one, a cache without hashes) raises :class:`CacheError` naming the file
+        and saying to delete the cache directory, which :func:`tree_cache` then rebuilds."""
         path = Path(path)
         if not (path / META).is_file():
             raise FileNotFoundError(f"no path-tree cache at {str(path)!r} (expected {META} and .npy files)")
-        meta = json.loads((path / META).read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: path-tree cache format {meta.get('format')}; this code reads {FORMAT_VERSION}")
-        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if (mmap and name == "features") else None,
-                                allow_pickle=False) for name in ARRAYS}
+        meta = _read_meta(path)
+        expected = _expected_arrays(path, meta)
+        arrays = {}
+        for name in ARRAYS:
+            f = path / f"{name}.npy"
+            _verify_array(path, f, *expected[name], meta["sha256"].get(name))
+            try:
+                arrays[name] = np.load(f, mmap_mode="r" if (mmap and name == "features") else None,
+                                       allow_pickle=False)
+            except (OSError, ValueError, EOFError) as err:
+                raise CacheError(_damaged(path, f, f"not readable ({type(err).__name__}: {err})")) from None
         return cls(meta=meta, **arrays)
 
     @property
@@ -353,6 +472,7 @@ def tree_cache(model, task: str, split: str = "train", data_dir: Optional[str] =
         if (root / name / META).is_file():
             return PathTree.load(root / name, mmap=mmap)
     name, key = cache_key(fp, t.name, split, data, max_samples, max_seq_length, features, dtype)
+    check_output_dir(root, "cache_dir (--cache-dir)")  # before the build, not after it
     dpbert = _as_model(model, t)
     from ..data import collator, load_split, tokenize
 
@@ -457,5 +577,5 @@ def greedy_paths(planners: Planners, raw: torch.Tensor, threshold: float = 0.5) 
     return s
 
 
-__all__ = ["PathTree", "build_tree", "tree_cache", "tree_index", "checkpoint_fingerprint", "planner_info",
+__all__ = ["CacheError", "PathTree", "build_tree", "tree_cache", "tree_index", "checkpoint_fingerprint", "planner_info",
            "path_log_probs", "path_rewards", "expected_return", "greedy_paths", "ARRAYS", "DEFAULT_CACHE_DIR"]
