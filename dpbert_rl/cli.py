@@ -222,7 +222,7 @@ def _dispatch(args) -> int:
         check_output_dir(args.output_dir)
         if getattr(args, "cache_dir", None):
             check_output_dir(args.cache_dir, "cache_dir (--cache-dir)")
-    if args.command in ("finetune", "init-planners", "rl", "soft"):
+    if args.command in ("finetune", "init-planners", "rl", "soft", "layerdrop"):
         path = train_stage(args.stage, _from_args(TrainConfig, args), init=args.init)
         print(f"model written to {path}")
     elif args.command == "pipeline":
@@ -264,6 +264,8 @@ def _dispatch(args) -> int:
         print(_predict(args))
     elif args.command == "inspect":
         print(_inspect(args))
+    else:  # a subcommand with a parser but no branch here would do nothing and exit 0
+        raise NotImplementedError(f"subcommand {args.command!r} is not dispatched")
     return 0
 
 
