@@ -74,6 +74,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: Sequence[str]
         if base is bool:
             action = parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                          help=text)
+        elif base is tuple:  # a pair of numbers, e.g. --budget-range C_MIN C_MAX
+            action = parser.add_argument(flag, dest=f.name, type=float, nargs=2, default=default,
+                                         metavar=("LOW", "HIGH"), help=text)
         else:
             conv = base if base in (int, float, str) else str
             if optional:
@@ -126,12 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stage resumes when the command is re-run.")
     add_dataclass_args(p, PipelineConfig, skip=("epochs",))
 
-    p = sub.add_parser("calibrate", help="set a trained checkpoint's execute threshold for a target skip rate",
-                       description="Choose the threshold of eq. (5) so that the greedy skip rate on training "
-                                   "inputs equals --target-rate, and save it in the checkpoint (the pipeline "
-                                   "does this after stage 3).")
+    p = sub.add_parser("calibrate", help="set a trained checkpoint's speed: a speed-up or budget on your own inputs",
+                       description="Set the checkpoint's knob (the layer price of price-conditioned planners, else "
+                                   "the threshold of eq. (5)) so that it runs the requested share of its layers on "
+                                   "average on --inputs, which are read without labels: a file of your own (one "
+                                   "input per line, a tab between the sentences of a pair) or a GLUE split. Its "
+                                   "whole budget curve on those inputs is stored too, so pipeline(..., budget=B) and "
+                                   "--budget elsewhere can pick any speed. --target-rate instead sets the threshold "
+                                   "for a skip rate on the selection split (what the pipeline does after stage 3).")
     p.add_argument("checkpoint", help="a trained DPBERT model/ directory (changed in place)")
-    p.add_argument("--target-rate", type=float, required=True, help="fraction of layers to skip, in [0, 1]")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--speedup", type=arg_type(float, 1.0), help="ideal speed-up L / mean layers, >= 1")
+    goal.add_argument("--budget", type=BUDGET, help="fraction of the layers to run on average, in (0, 1]")
+    goal.add_argument("--target-rate", type=float, help="fraction of layers to skip, in [0, 1], on the selection split")
+    p.add_argument("--inputs", default="select", help="the inputs to calibrate on, read without labels: a file, or "
+                                                      "a GLUE split (dev, select, ...)")
+    p.add_argument("--max-samples", type=arg_type(int, 1), help="the first N inputs only")
     p.add_argument("--task", help="GLUE task (default: the checkpoint's)")
     p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
     p.add_argument("--samples", type=arg_type(int, 1), default=1000, help="training inputs to calibrate on")
@@ -145,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-samples", type=arg_type(int, 1), help="first N examples only")
     p.add_argument("--threshold", type=THRESHOLD, help="execute a layer when p >= threshold, in [0, 1] "
                                                        "(default: saved, 0.5)")
+    _add_budget_args(p)
     p.add_argument("--repeats", type=arg_type(int, 1), default=3, help="latency passes; the median is reported")
     p.add_argument("--latency-samples", type=arg_type(int, 1), help="time only the first N examples")
     p.add_argument("--threads", type=arg_type(int, 1), help="torch threads during timing")
@@ -167,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help="the sentence (or the first of a pair)")
     p.add_argument("text_b", nargs="?", help="the second sentence of a pair")
     p.add_argument("--threshold", type=THRESHOLD, help="execute a layer when p >= threshold, in [0, 1]")
+    _add_budget_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser(
@@ -182,6 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=256, help="inputs to measure on")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
+
+
+def _budget(text: str) -> float:
+    from .model.budget import check_budget
+
+    try:
+        return check_budget(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+BUDGET = _budget
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=BUDGET, help="run this fraction of the layers on average, read off the budget "
+                                                 "curve that `calibrate` measured on your inputs; 1 = every layer")
+    g.add_argument("--speedup", type=arg_type(float, 1.0), help="run at this ideal speed-up (= --budget 1/S)")
+
+
+def _requested_budget(args) -> Optional[float]:
+    if getattr(args, "speedup", None) is not None:
+        return 1.0 / args.speedup
+    return getattr(args, "budget", None)
 
 
 def plugin_commands() -> dict:
@@ -242,6 +282,15 @@ def _dispatch(args) -> int:
         if task is None:
             raise ValueError(f"{args.checkpoint} does not name its task; pass --task")
         check_task_compatible(model, get_task(task), args.checkpoint)
+        if args.target_rate is None:
+            from .training.calibrate import calibrate_budget
+
+            r = calibrate_budget(args.checkpoint, args.inputs, _requested_budget(args) * model.num_layers, task,
+                                 args.data_dir, args.max_samples)
+            print(f"[calibration] {r['knob']} {r['value']:.4g}: {r['layers_executed_mean']:.3f} of {r['num_layers']} "
+                  f"layers on {r['num_inputs']} inputs of {r['inputs']} (requested {r['requested_layers']:.3f}; "
+                  f"ideal speed-up {r['speedup_ideal']:.3f}x); budget curve stored in {args.checkpoint}")
+            return 0
         cfg = TrainConfig(task=task, data_dir=args.data_dir, target_rate=args.target_rate,
                           max_seq_length=info.max_seq_length)
         cfg.validate()
@@ -251,7 +300,7 @@ def _dispatch(args) -> int:
         report = evaluate_checkpoint(
             args.checkpoint, args.baseline_checkpoint, args.task, args.data_dir, args.split, args.max_eval_samples,
             threshold=args.threshold, repeats=args.repeats, latency_samples=args.latency_samples,
-            threads=args.threads, output=output,
+            threads=args.threads, output=output, budget=_requested_budget(args),
         )
         print(format_report(report))
         print(f"report written to {output}")
@@ -300,6 +349,10 @@ def _predict(args) -> str:
     from .model import DPBert
 
     model = DPBert.load(args.checkpoint, require_planners=True).eval()
+    if _requested_budget(args) is not None:
+        from .model.budget import apply_budget
+
+        apply_budget(model, _requested_budget(args))
     info = model.task_info
     _warn_if_pair_mismatch(info.task, args.text_b)
     enc = encode_one(model.tokenizer, args.text, args.text_b, info.max_seq_length)

@@ -82,6 +82,14 @@ class GlueTask:
     has_header: bool = True
     num_fields: Optional[int] = None  # for header-less files
     label_range: Optional[tuple] = None  # (low, high) for regression
+    names: Optional[tuple] = None  # what the labels mean, where the TSV writes ids ('0', '1'): for id2label
+
+    @property
+    def display_names(self) -> Optional[list]:
+        """The label names a checkpoint answers with (``id2label``): the GLUE datasets' own names, e.g.
+        ``negative``/``positive`` for SST-2, where the TSV writes 0/1; None for regression."""
+        names = self.names or self.label_names
+        return list(names) if names else None
 
     @property
     def num_labels(self) -> int:
@@ -101,10 +109,14 @@ _ENT = ("entailment", "not_entailment")
 TASKS = {
     t.name: t
     for t in [
-        GlueTask("cola", "CoLA", 3, None, 1, _BIN, "matthews", ("sentence", None), has_header=False, num_fields=4),
-        GlueTask("sst2", "SST-2", "sentence", None, "label", _BIN, "accuracy", ("sentence", None)),
-        GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BIN, "acc_and_f1", ("sentence1", "sentence2")),
-        GlueTask("qqp", "QQP", "question1", "question2", "is_duplicate", _BIN, "acc_and_f1", ("question1", "question2")),
+        GlueTask("cola", "CoLA", 3, None, 1, _BIN, "matthews", ("sentence", None), has_header=False, num_fields=4,
+                 names=("unacceptable", "acceptable")),
+        GlueTask("sst2", "SST-2", "sentence", None, "label", _BIN, "accuracy", ("sentence", None),
+                 names=("negative", "positive")),
+        GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BIN, "acc_and_f1", ("sentence1", "sentence2"),
+                 names=("not_equivalent", "equivalent")),
+        GlueTask("qqp", "QQP", "question1", "question2", "is_duplicate", _BIN, "acc_and_f1", ("question1", "question2"),
+                 names=("not_duplicate", "duplicate")),
         GlueTask(
             "stsb", "STS-B", "sentence1", "sentence2", "score", None, "pearson_spearman",
             ("sentence1", "sentence2"), label_range=(0.0, 5.0),
@@ -145,8 +157,11 @@ def resolve_data_dir(data_dir: Optional[str] = None) -> Optional[Path]:
 
 # ---------------------------------------------------------------------- local TSV files
 def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error",
-                  skipped: Optional[list] = None) -> dict:
+                  skipped: Optional[list] = None, labels: bool = True) -> dict:
     """Read one GLUE TSV into ``{"text_a": [...], "text_b": [...], "label": [...]}``.
+
+    :param labels: False reads the inputs only: the label column is never parsed, and there is no
+        ``label`` key (a compute budget set on dev's inputs must not see dev's labels).
 
     :param bad_rows: ``"error"`` stops at the first malformed row (wrong field count, bad label, empty
         text, bytes that are not UTF-8) with its file and line; ``"skip"`` drops such rows and lists
@@ -170,7 +185,7 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
                 raise DataError(f"{path}: the file is empty; expected a header line")
             check_utf8(header, f"{path}:{reader.line_num}")
             cols = {}
-            for key in ("text_a", "text_b", "label"):
+            for key in ("text_a", "text_b", "label") if labels else ("text_a", "text_b"):
                 name = getattr(task, key)
                 if name is None:
                     continue
@@ -193,7 +208,7 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
                     raise DataError(
                         f"{path}:{line}: expected {n_fields} tab-separated fields ({what}), found {len(row)}"
                     )
-                label = parse_label(task, row[cols["label"]], where=f"{path}:{line}")
+                label = parse_label(task, row[cols["label"]], where=f"{path}:{line}") if labels else None
                 text_a = row[cols["text_a"]].strip()
                 text_b = row[cols["text_b"]].strip() if "text_b" in cols else None
                 for key, text in (("text_a", text_a), ("text_b", text_b)):
@@ -208,6 +223,8 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
             out["text_a"].append(text_a)
             out["text_b"].append(text_b)
             out["label"].append(label)
+    if not labels:
+        del out["label"]
     if dropped:
         lines = [r["line"] for r in dropped]
         shown = ", ".join(map(str, lines[:SHOW_SKIPPED])) + (f", ... ({len(lines) - SHOW_SKIPPED} more)"
@@ -216,8 +233,71 @@ def read_glue_tsv(path: Union[str, Path], task: GlueTask, bad_rows: str = "error
               f"the first: {dropped[0]['error']}", file=sys.stderr)
         if skipped is not None:
             skipped.extend(dropped)
-    if not out["label"]:
+    if not out["text_a"]:
         raise DataError(f"{path}: no data rows")
+    return out
+
+
+def load_inputs(task: Union[str, GlueTask], source: Union[str, Path], data_dir: Optional[str] = None,
+                max_samples: Optional[int] = None) -> dict:
+    """The inputs alone, ``{"text_a": [...], "text_b": [...]}``, labels never read: for setting a compute
+    budget on the inputs that will be served.
+
+    :param source: a file of your own (one input per line; for sentence-pair tasks the two sentences
+        separated by a tab; a ``.tsv`` with the task's GLUE header is read by its columns), or a GLUE split
+        name (``dev``, ``train``, ``fit``, ``select``, ...) read from ``data_dir`` without its label column.
+    :param max_samples: the first N inputs.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    path = Path(source)
+    if path.is_file():
+        out = _read_input_file(path, task)
+    else:
+        files = dict(task.splits)
+        split = str(source)
+        base = DERIVED_SPLITS.get(split, split)
+        if base not in files:
+            raise DataError(f"--inputs {source}: neither a file nor a split of {task.name} (expected a file, or one "
+                            f"of {task.split_names + list(DERIVED_SPLITS)})")
+        root = resolve_data_dir(data_dir)
+        if root is None:
+            ds = _load_from_hub(task, base).remove_columns(["label"])
+            out = {"text_a": list(ds["text_a"]), "text_b": list(ds["text_b"])}
+        else:
+            out = read_glue_tsv(root / task.dir_name / files[base], task, labels=False)
+        if split in DERIVED_SPLITS:
+            keep = carve_selection(len(out["text_a"]))[0 if split == "fit" else 1]
+            out = {k: [v[i] for i in keep] for k, v in out.items()}
+    if max_samples is not None:
+        out = {k: v[:max_samples] for k, v in out.items()}
+    return out
+
+
+def _read_input_file(path: Path, task: GlueTask) -> dict:
+    """Inputs from a file of one's own: a GLUE-style TSV with the task's header, or one input per line (a
+    tab between the two sentences of a pair task)."""
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: no inputs (expected one per line)")
+    header = lines[0].split("\t")
+    if task.has_header and task.text_a in header and (task.text_b is None or task.text_b in header):
+        return read_glue_tsv(path, task, labels=False)
+    out = {"text_a": [], "text_b": []}
+    pair = task.text_b is not None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        check_utf8([line], f"{path}:{n}")
+        fields = [f.strip() for f in line.split("\t")]
+        if pair and (len(fields) != 2 or not all(fields)):
+            raise DataError(f"{path}:{n}: expected two tab-separated sentences for {task.name}; found {len(fields)} "
+                            "field(s)")
+        if not pair and len(fields) != 1:
+            raise DataError(f"{path}:{n}: expected one sentence per line for {task.name}; found {len(fields)} "
+                            "tab-separated fields")
+        out["text_a"].append(fields[0])
+        out["text_b"].append(fields[1] if pair else None)
     return out
 
 

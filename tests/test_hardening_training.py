@@ -91,7 +91,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first_ones_pid(
 
 
 # ------------------------------------------------------------------ 3. a kill inside the swap
-@pytest.mark.parametrize("kill_at", range(5))
+@pytest.mark.parametrize("kill_at", range(7))
 def test_a_swap_killed_at_any_point_leaves_a_complete_model(tmp_path, monkeypatch, kill_at):
     """Kill swap_in at each of its file operations: recover_swap then leaves the old or the new folder whole."""
     path, tmp = tmp_path / "model", tmp_path / "model.tmp"
@@ -120,8 +120,14 @@ def test_a_swap_killed_at_any_point_leaves_a_complete_model(tmp_path, monkeypatc
     monkeypatch.undo()
     ckpt_mod.recover_swap(path)
     assert (path / "w").read_text() in ("old", "new")
-    assert finished or kill_at < 5
+    assert finished == (kill_at >= calls_total(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no leftovers
+
+
+def calls_total(_tmp_path) -> int:
+    """File operations swap_in makes when nothing stale is lying around: tmp -> new, path -> old, new -> path,
+    rmtree(old); the stale-new discard and the first rmtree(old) find nothing (rename-aside skipped)."""
+    return 5
 
 
 def test_the_next_stage_finds_a_model_whose_swap_a_kill_interrupted(tiny_ckpt, tiny_glue, tmp_path):
@@ -132,6 +138,29 @@ def test_the_next_stage_finds_a_model_whose_swap_a_kill_interrupted(tiny_ckpt, t
     s2 = train_stage("planner_init", cfg(tiny_ckpt, tiny_glue, tmp_path / "s2"), init=str(s1))
     assert (s1 / "DONE").is_file() and (s2 / "DONE").is_file()
     assert not s1.with_name("model.new").exists()
+
+
+def test_swap_recovery_never_touches_a_folder_this_project_does_not_own(tiny_ckpt, tiny_glue, tmp_path):
+    """The user's `bert/` beside their own `bert.new/` and `bert.old/`, given as --init: all kept as they are."""
+    users = tmp_path / "users"
+    users.mkdir()
+    import shutil
+
+    shutil.copytree(tiny_ckpt, users / "bert")
+    for name in ("bert.new", "bert.old", "bert.tmp"):
+        (users / name).mkdir()
+        (users / name / "mine.txt").write_text(name)
+    train_stage("finetune", cfg(tiny_ckpt, tiny_glue, tmp_path / "ft"), init=str(users / "bert"))
+    for name in ("bert.new", "bert.old", "bert.tmp"):
+        assert (users / name / "mine.txt").read_text() == name
+    assert (users / "bert" / "config.json").is_file()
+
+
+def test_a_finished_read_only_stage_is_reused_without_a_lock(tiny_ckpt, tiny_glue, tmp_path, monkeypatch):
+    out = tmp_path / "done"
+    train_stage("finetune", cfg(tiny_ckpt, tiny_glue, out))
+    monkeypatch.setattr(ckpt_mod, "claim_output_dir", lambda *a, **k: pytest.fail("a finished stage was claimed"))
+    assert train_stage("finetune", cfg(tiny_ckpt, tiny_glue, out)) == out / "model"
 
 
 # ------------------------------------------------------------------ 5. no wrong model returned as done
@@ -245,6 +274,11 @@ def test_lock_is_per_process_reentrant_and_released(tmp_path):
     ckpt_mod.claim_output_dir(out, "finetune")
     ckpt_mod.claim_output_dir(out, "finetune")  # the same process: no refusal
     assert (out / ckpt_mod.LOCK_FILE).read_text() == str(os.getpid())
+    ckpt_mod.release_output_dir(out)  # the inner claim's release leaves the outer one's lock held
+    held = subprocess.run([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
+                           "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / ckpt_mod.LOCK_FILE)],
+                          capture_output=True, text=True)
+    assert held.returncode != 0 and "BlockingIOError" in held.stderr
     ckpt_mod.release_output_dir(out)
     probe = subprocess.run([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
                             "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')",

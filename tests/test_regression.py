@@ -23,7 +23,7 @@ GOLDEN = Path(__file__).with_name("regression_golden.json")
 TEXTS = [("the man plays music", "a dog is happy"), ("not very good", "the film was great and loud"),
          ("a cat sleeps in the park", "the woman eats food")]
 # metrics read from each stage's metrics.jsonl (last row that has them) and DONE
-METRICS = ("losses/task_loss", "losses/policy_loss", "charts/skip_rate", "eval/select_score", "train/expected_return")
+METRICS = ("losses/task_loss", "losses/policy_loss", "charts/skip_rate", "eval/select_score", "charts/expected_return")
 
 
 def _predictions(model_dir: str) -> dict:

@@ -20,6 +20,7 @@ import torch
 from ..data import collator, get_task, load_split, tokenize
 from ..checks import check_max_seq_length, check_task_compatible, check_threshold
 from .evaluate import evaluate_model, speedup_ideal_fields
+from ..model.budget import apply_budget
 from ..model.dpbert import DPBert
 
 
@@ -173,8 +174,12 @@ def evaluate_checkpoint(
     throughput_batch_size: int = 32,
     progress: bool = True,
     output: Optional[str] = None,
+    budget: Optional[float] = None,
 ) -> dict:
     """Everything ``dpbert-rl evaluate`` reports about a trained DPBERT checkpoint.
+
+    :param budget: run at this fraction of the layers (read off the checkpoint's budget curve,
+        :mod:`dpbert_rl.model.budget`); default: the checkpoint's own setting.
 
     :param baseline_checkpoint: the fine-tuned backbone whose full-model score is the reference
         (stage 1's ``model/``); default: this checkpoint's own backbone with every layer run.
@@ -182,6 +187,8 @@ def evaluate_checkpoint(
         batched throughput; written as JSON to ``output`` when given.
     """
     model = DPBert.load(checkpoint, require_planners=True).eval()
+    if budget is not None:
+        apply_budget(model, budget)
     task_name = task or model.task_info.task
     if task_name is None:
         raise ValueError(f"{checkpoint} does not name its task; pass --task")

@@ -32,8 +32,9 @@ from torch import nn
 
 from .backbone import DEFAULT_BACKBONE, Backbone, Embedded, resolve_backbone_path
 from ..checks import (CheckpointError, check_checkpoint_files, check_finite_logits, check_layer_weights, check_number,
-                     check_state_shapes, check_threshold, max_positions, read_json, read_safetensors)
-from .planner import FEATURES, Planners, bernoulli_entropy, bernoulli_log_prob, feature_dim, raw_features
+                     check_state_shapes, check_threshold, max_positions, nonfinite, read_json, read_safetensors)
+from .planner import (FEATURES, Planners, bernoulli_entropy, bernoulli_log_prob, check_budget_range, feature_dim,
+                      raw_features)
 
 MODES = ("full", "hard", "sample", "soft", "path")
 PLANNERS_FILE = "planners.safetensors"
@@ -112,6 +113,8 @@ class DPBert(nn.Module):
         self.threshold = threshold
         self.tokenizer = tokenizer
         self.task_info = task_info or TaskInfo()
+        # the inputs' budget curve set by `dpbert-rl calibrate --inputs` (budget -> knob), see dpbert_rl.model.budget
+        self.budget_table: Optional[dict] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -329,7 +332,14 @@ class DPBert(nn.Module):
         save_file({k: v.detach().contiguous().cpu() for k, v in self.planners.state_dict().items()}, path / PLANNERS_FILE)
         meta = {"threshold": self.threshold, "num_layers": self.num_layers, "task_info": asdict(self.task_info),
                 "planner_features": self.planner_features, "detach_planner_input": self.detach_planner_input}
+        if self.planners.conditioned:
+            meta["budget_range"] = list(self.planners.budget)
+        if self.budget_table is not None:
+            meta["budget_table"] = self.budget_table
         (path / META_FILE).write_text(json.dumps(meta, indent=2))
+        from .auto_files import write_auto_files
+
+        write_auto_files(path)  # transformers' Auto classes and pipeline() load it with skipping (trust_remote_code)
         return path
 
     @classmethod
@@ -357,12 +367,22 @@ class DPBert(nn.Module):
         check_layer_weights(backbone.model, backbone._layers, path)
         planners = None
         if state is not None:
-            planners = Planners(backbone.num_layers, backbone.hidden_size, features=features)
+            budget = meta.get("budget_range")
+            if budget is not None:
+                try:
+                    budget = check_budget_range(budget)
+                except ValueError as err:
+                    raise CheckpointError(f"{path / META_FILE}: budget_range: {err}") from None
+            planners = Planners(backbone.num_layers, backbone.hidden_size, features=features, budget=budget)
             # checkpoints written before standardisation existed have no statistics: identity
             expected = {k: v for k, v in planners.state_dict().items()
                         if k in state or k not in ("feature_mean", "feature_std", "stats_set")}
             check_state_shapes(expected, state, path / PLANNERS_FILE)
             planners.load_state_dict(state, strict=False)
+            bad = nonfinite(planners.named_parameters()) + nonfinite(planners.named_buffers())
+            if bad:  # predict would answer with `planner p: [nan ...]`
+                raise CheckpointError(f"{path / PLANNERS_FILE}: non-finite values in {', '.join(bad[:4])}: these "
+                                      "planners were not trained to completion; train them again")
         elif require_planners:
             raise FileNotFoundError(f"{str(path)!r} holds no {PLANNERS_FILE}: it is not a trained DPBERT")
         try:
@@ -374,6 +394,7 @@ class DPBert(nn.Module):
                     planner_features=features, detach_planner_input=meta.get("detach_planner_input", False))
         if "max_seq_length" in (meta.get("task_info") or {}):
             _check_saved_length(path, model)
+        model.budget_table = meta.get("budget_table")
         return model
 
 

@@ -17,12 +17,22 @@ Each is standardised per layer, ``z = clip((x - mean_i) / std_i, -10, 10)``, wit
 training inputs (:meth:`Planners.set_feature_stats`) that are stored in the checkpoint. The clip
 bounds the environment's observation space (as SB3's ``VecNormalize(clip_obs=10)`` does).
 
+**A budget as an input** (``budget=(c_min, c_max)``): the planners also read the price of an executed
+layer, ``c`` of eq. (9), as ``g = standardised log c``, and planner ``i``'s logit becomes
+``(W_i + g V_i) z + b_i + g u_i``. Trained over a range of prices (the exact stage's ``--budget-range``),
+one checkpoint then serves every speed: a higher price runs fewer layers. The price it runs at is a buffer
+(:meth:`Planners.set_price`), set on unlabeled inputs by ``dpbert-rl calibrate``; fixed-rate planners
+(the default, ``budget=None``) have none of this.
+
 Why it matters: a backbone trained with mean pooling (all-MiniLM-L6-v2) leaves its ``[CLS]`` row
 nearly the same for every input until the last layer, so a ``[CLS]`` planner can only learn one
 fixed path (``dpbert-rl inspect`` measures this for any checkpoint).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +87,7 @@ class Planners(nn.Module):
     """
 
     def __init__(self, num_layers: int, hidden_size: int, init_bias: float = 2.0, init_std: float = 0.02,
-                 features: str = "cls"):
+                 features: str = "cls", budget: Optional[tuple] = None):
         super().__init__()
         self.features = check_features(features)
         self.hidden_size = hidden_size
@@ -88,6 +98,15 @@ class Planners(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(num_layers, F_))  # (L, F)
         self.register_buffer("feature_std", torch.ones(num_layers, F_))  # (L, F)
         self.register_buffer("stats_set", torch.zeros((), dtype=torch.bool))
+        self.budget = None if budget is None else check_budget_range(budget)
+        if self.budget is not None:  # a price-conditioned policy: (W_i + g V_i) z + b_i + g u_i
+            lo, hi = (math.log(c) for c in self.budget)
+            self.budget_weight = nn.Parameter(torch.zeros(num_layers, F_))  # V (L, F)
+            self.budget_bias = nn.Parameter(torch.zeros(num_layers))  # u (L,)
+            self.register_buffer("log_price_center", torch.tensor((lo + hi) / 2))
+            self.register_buffer("log_price_scale", torch.tensor(max((hi - lo) / 2, 1e-6)))
+            # the price it runs at when none is given: the middle of the range until calibrated
+            self.register_buffer("price", torch.tensor(math.exp((lo + hi) / 2)))
 
     @property
     def num_layers(self) -> int:
@@ -124,9 +143,48 @@ class Planners(nn.Module):
         The model's planners, the environments' observations and the agents all read this."""
         return self.standardise(i, raw_features(hidden, mask, self.features))
 
-    def forward(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        """Logit of planner ``i`` (0-based) for standardised features ``z`` ``(batch, F)``; ``(batch,)``."""
-        return z @ self.weight[i] + self.bias[i]
+    @property
+    def conditioned(self) -> bool:
+        """Whether the planners read a budget (the layer price) as well as the state."""
+        return self.budget is not None
+
+    def set_price(self, price: float) -> None:
+        """The layer price the planners run at when no budget is passed (price-conditioned planners only)."""
+        if not self.conditioned:
+            raise ValueError("these planners were trained for one rate and read no budget; train them with a "
+                             "budget range (dpbert-rl exact --budget-range) to set a price")
+        if not (isinstance(price, (int, float)) and math.isfinite(price) and price > 0):
+            raise ValueError(f"price must be a finite number > 0; got {price!r}")
+        self.price.fill_(float(price))
+
+    def budget_input(self, price=None) -> torch.Tensor:
+        """``g``: the standardised log price, from ``price`` (a number or ``(batch,)``) or the stored one."""
+        price = self.price if price is None else torch.as_tensor(price, dtype=self.price.dtype,
+                                                                 device=self.price.device)
+        return (price.log() - self.log_price_center) / self.log_price_scale
+
+    def forward(self, i: int, z: torch.Tensor, price=None) -> torch.Tensor:
+        """Logit of planner ``i`` (0-based) for standardised features ``z`` ``(batch, F)`` (or
+        ``(batch, nodes, F)``); ``(batch,)`` (or ``(batch, nodes)``). ``price``: the layer price a
+        price-conditioned planner reads, a number or one per row ``(batch,)``; default the stored one."""
+        logit = z @ self.weight[i] + self.bias[i]
+        if self.budget is None:
+            return logit
+        g = self.budget_input(price).to(z.dtype)
+        if g.dim() == 1 and z.dim() == 3:
+            g = g[:, None]  # one price per input, for all its nodes
+        return logit + g * (z @ self.budget_weight[i] + self.budget_bias[i])
+
+
+def check_budget_range(budget) -> tuple:
+    """``(c_min, c_max)``: two finite prices with ``0 < c_min < c_max``."""
+    try:
+        lo, hi = (float(c) for c in budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"a budget range is two prices (c_min, c_max); got {budget!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"a budget range needs 0 < c_min < c_max, both finite; got {budget!r}")
+    return (lo, hi)
 
 
 def bernoulli_log_prob(logit: torch.Tensor, action: torch.Tensor) -> torch.Tensor:

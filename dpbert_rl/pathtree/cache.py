@@ -516,10 +516,11 @@ def planner_info(model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- exact expectation
-def path_log_probs(planners: Planners, raw: torch.Tensor, index: Optional[dict] = None) -> dict:
+def path_log_probs(planners: Planners, raw: torch.Tensor, index: Optional[dict] = None, price=None) -> dict:
     """The planners' policy over all paths of a batch, from the tree's raw features.
 
     :param raw: ``(B, 2^L, F)`` raw features of every state (:meth:`PathTree.raw`).
+    :param price: the layer price that price-conditioned planners read (a number or ``(B,)``).
     :return: ``log_probs`` ``(B, 2^L)``: ``log prod_i pi(a_i | node_i(p))`` of every path ``p``, and
         ``node_logits``: per layer ``i``, the planner logits ``(B, 2^i)`` at its nodes.
     """
@@ -530,30 +531,34 @@ def path_log_probs(planners: Planners, raw: torch.Tensor, index: Optional[dict] 
     node_logits = []
     for i in range(L):
         z = planners.standardise(i, raw[:, torch.as_tensor(index["node_state"][i])])  # (B, 2^i, F)
-        logit = planners(i, z)  # (B, 2^i)
+        logit = planners(i, z, price)  # (B, 2^i)
         node_logits.append(logit)
         per_path = logit[:, torch.as_tensor(index["path_node"][i])]  # (B, P)
         log_probs = log_probs + bernoulli_log_prob(per_path, torch.as_tensor(index["path_bit"][i]))
     return {"log_probs": log_probs, "node_logits": node_logits}
 
 
-def path_rewards(outcome: torch.Tensor, cost: float, lam: float, path_layers) -> torch.Tensor:
-    """``lambda * q(p) - c * |p|`` for every path ``(B, 2^L)``: the episode return of eq. (9)."""
+def path_rewards(outcome: torch.Tensor, cost, lam: float, path_layers) -> torch.Tensor:
+    """``lambda * q(p) - c * |p|`` for every path ``(B, 2^L)``: the episode return of eq. (9); ``cost`` a
+    number or one price per input ``(B,)``."""
+    cost = torch.as_tensor(cost, dtype=outcome.dtype)
+    cost = cost[:, None] if cost.dim() == 1 else cost
     return lam * outcome - cost * torch.as_tensor(path_layers, dtype=outcome.dtype)[None, :]
 
 
-def expected_return(planners: Planners, raw: torch.Tensor, outcome: torch.Tensor, cost: float, lam: float,
+def expected_return(planners: Planners, raw: torch.Tensor, outcome: torch.Tensor, cost, lam: float,
                     index: Optional[dict] = None) -> dict:
     """``E[R] = sum_p prod_i pi(a_i | node) (lambda q(p) - c |p|)`` per input: an exact sum over all
     ``2^L`` paths, differentiable in the planners, whose gradient has no sampling variance.
 
     :param raw: ``(B, 2^L, F)`` raw features; :param outcome: ``(B, 2^L)`` each path's ``q``
-        (:func:`dpbert_rl.objectives.final_reward`).
+        (:func:`dpbert_rl.objectives.final_reward`); :param cost: the layer price, a number or one per input
+        ``(B,)``; price-conditioned planners read it too.
     :return: ``expected_return`` ``(B,)``, ``entropy`` ``(B,)`` (of the path distribution, in nats),
         ``expected_layers`` ``(B,)``, ``probs`` ``(B, 2^L)`` and ``node_logits``.
     """
     index = index or tree_index(planners.num_layers)
-    pol = path_log_probs(planners, raw, index)
+    pol = path_log_probs(planners, raw, index, cost if planners.conditioned else None)
     lp = pol["log_probs"]
     probs = lp.exp()
     rewards = path_rewards(outcome, cost, lam, index["path_layers"])
@@ -564,8 +569,9 @@ def expected_return(planners: Planners, raw: torch.Tensor, outcome: torch.Tensor
 
 
 @torch.no_grad()
-def greedy_paths(planners: Planners, raw: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """The path index ``(B,)`` that hard mode (eq. 5: execute when ``p_i >= threshold``) takes."""
+def greedy_paths(planners: Planners, raw: torch.Tensor, threshold: float = 0.5, price=None) -> torch.Tensor:
+    """The path index ``(B,)`` that hard mode (eq. 5: execute when ``p_i >= threshold``) takes; ``price``: the
+    layer price price-conditioned planners read (default: their stored one)."""
     L = planners.num_layers
     B = raw.shape[0]
     thr = math.log(threshold / (1.0 - threshold)) if 0.0 < threshold < 1.0 else (
@@ -573,7 +579,7 @@ def greedy_paths(planners: Planners, raw: torch.Tensor, threshold: float = 0.5) 
     rows, s = torch.arange(B), torch.zeros(B, dtype=torch.long)
     for i in range(L):
         z = planners.standardise(i, raw[rows, s << (L - i)])  # (B, F)
-        s = 2 * s + (planners(i, z) >= thr).long()
+        s = 2 * s + (planners(i, z, price) >= thr).long()
     return s
 
 

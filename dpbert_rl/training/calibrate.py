@@ -55,3 +55,39 @@ def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = N
     (Path(model_dir) / "calibration.json").write_text(json.dumps(info, indent=2))
     print(f"[calibration] threshold {threshold:.4f}: skip rate {reached:.3f} on {len(ds)} selection inputs")
     return info
+
+
+def calibrate_budget(model_dir, inputs, target_layers: float, task: Optional[str] = None,
+                     data_dir: Optional[str] = None, max_samples: Optional[int] = None,
+                     source: Optional[str] = None) -> dict:
+    """Set a checkpoint's knob so that it runs ``target_layers`` on average on ``inputs`` (no labels), measure
+    its whole budget curve on them, and save both in place (``dpbert.json``'s ``budget_table`` and knob).
+
+    :param inputs: ``{"text_a", "text_b"}`` (:func:`dpbert_rl.data.load_inputs`), or a file / split name
+        that it reads for ``task`` (default: the checkpoint's).
+    :return: what was reached: ``knob``, ``value``, ``layers_executed_mean``, ``speedup_ideal``, ...
+    """
+    from ..data import load_inputs
+    from ..evaluation.evaluate import speedup_ideal
+    from ..model.budget import budget_curve, encode_inputs, knob_name, set_knob, solve_knob
+
+    model = DPBert.load(model_dir, require_planners=True).eval()
+    L = model.num_layers
+    if not 0 < target_layers <= L:
+        raise ValueError(f"the target must lie in (0, {L}] layers; got {target_layers:g}")
+    if not isinstance(inputs, dict):
+        source = source or str(inputs)
+        inputs = load_inputs(task or model.task_info.task, inputs, data_dir, max_samples)
+    batches = encode_inputs(model, inputs, model.task_info.max_seq_length or 128)
+    knob, reached = solve_knob(model, batches, target_layers)
+    curve = budget_curve(model, batches)
+    set_knob(model, knob)
+    n = len(inputs["text_a"])
+    model.budget_table = {"knob": knob_name(model), "points": curve, "inputs": source, "num_inputs": n,
+                          "requested_layers": target_layers, "layers_executed_mean": reached, "value": knob}
+    model.save(model_dir)
+    info = {"knob": knob_name(model), "value": knob, "requested_layers": target_layers,
+            "layers_executed_mean": reached, "speedup_ideal": speedup_ideal(reached, L), "num_layers": L,
+            "inputs": source, "num_inputs": n}
+    (Path(model_dir) / "calibration.json").write_text(json.dumps(info, indent=2))
+    return info

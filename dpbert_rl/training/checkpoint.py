@@ -41,10 +41,35 @@ _LOCKS: dict = {}  # output folder -> open lock file, held until the process end
 
 
 # ---------------------------------------------------------------------- the output folder
+#: the launchers' rank variables (torchrun and accelerate launch set RANK; MPI launchers their own)
+_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of a (possibly multi-process) run, from the launcher's rank variable:
+    the stage's Accelerator does not exist yet when its folder is claimed (and creating Accelerate's state
+    here, before the Accelerator with its settings, would fix those settings too early)."""
+    for var in _RANK_VARS:
+        if os.environ.get(var, "").strip().isdigit():
+            return int(os.environ[var]) == 0
+    return True
+
+
+def wait_for_recovery(out_dir: Path, timeout: float = 120.0) -> None:
+    """The other processes' side of :func:`stage_dir`: wait until the main process has finished or rolled back
+    any interrupted swap in ``out_dir`` (no ``.new`` / ``.old`` left), so that all see the same folder."""
+    import time
+
+    pending = [p for name in ("model", "checkpoint") for p in _swap_names(Path(out_dir) / name)[1:]]
+    deadline = time.time() + timeout
+    while any(p.exists() for p in pending) and time.time() < deadline:
+        time.sleep(0.2)
+
+
 def claim_output_dir(out_dir: Path, stage: str) -> None:
     """Make ``out_dir`` this run's: create it (with the marker) when new, adopt it when empty or written by
-    an earlier version of this project (a ``config.json`` naming a stage), refuse it when it holds anything
-    else, then lock it against a second run (only the main process of a multi-process run locks).
+    an earlier version of this project (:func:`_written_by_us`), refuse it when it holds anything else, then
+    lock it against a second run (only the main process of a multi-process run locks).
 
     :raises TrainingError: a regular file, a folder that cannot be written, one this project did not write,
         or one another run is writing to.
@@ -59,71 +84,120 @@ def claim_output_dir(out_dir: Path, stage: str) -> None:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise TrainingError(f"--output-dir {out_dir} is not writable: give a folder this user can write to")
     if not (out_dir / MARKER).is_file():
-        if any(out_dir.iterdir()) and not _written_by_us(out_dir):
-            shown = ", ".join(sorted(p.name for p in out_dir.iterdir())[:5])
+        entries = sorted(p.name for p in out_dir.iterdir() if p.name not in (MARKER, LOCK_FILE))
+        if entries and not (out_dir / MARKER).is_file() and not _written_by_us(out_dir):
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise TrainingError(
-                f"--output-dir {out_dir} holds files this project did not write ({shown}, ...): a stage removes and "
+                f"--output-dir {out_dir} holds files this project did not write ({shown}): a stage removes and "
                 f"replaces model/ and checkpoint/ in its folder, so it writes only into a new or empty folder, or one "
                 f"of its own (marked by {MARKER}); give another --output-dir")
-        (out_dir / MARKER).write_text(json.dumps({"written_by": "dpbert-rl", "stage": stage}) + "\n")
-    if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
+            (out_dir / MARKER).write_text(json.dumps({"written_by": "dpbert-rl", "stage": stage}) + "\n")
+    if is_main_process():
         lock_output_dir(out_dir)
 
 
+def owned(path: Path) -> bool:
+    """Whether ``path`` is a folder this project owns (it carries the marker)."""
+    return (Path(path) / MARKER).is_file()
+
+
 def _written_by_us(out_dir: Path) -> bool:
-    """A folder of this project from before the marker: its config.json names a stage."""
+    """A folder of this project from before the marker: its ``config.json`` is a stage's (a stage name, the
+    task and the seed), or it holds nothing but path-tree caches (an exact stage killed while building them)."""
     try:
         saved = json.loads((out_dir / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and isinstance(saved.get("stage"), str)
+        saved = None
+    if isinstance(saved, dict):
+        from .config import STAGES
+
+        return saved.get("stage") in (*STAGES, "exact") and "task" in saved and "seed" in saved
+    entries = list(out_dir.iterdir())
+    return bool(entries) and all(p.name == "pathtree" and p.is_dir() and
+                                 all((c / "meta.json").is_file() or c.name.endswith(".tmp") for c in p.iterdir())
+                                 for p in entries)
 
 
 def lock_output_dir(out_dir: Path) -> None:
-    """Hold an exclusive lock on ``out_dir`` for the rest of the process (re-entrant within it)."""
-    import fcntl
-
+    """Hold an exclusive lock on ``out_dir`` until :func:`release_output_dir` has been called as often as this
+    (re-entrant within a process), or the process ends."""
     key = str(Path(out_dir).resolve())
     if key in _LOCKS:
+        _LOCKS[key][1] += 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: a second run is not detected
+        _LOCKS[key] = [None, 1]
         return
     f = open(Path(out_dir) / LOCK_FILE, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
-        if err.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise TrainingError(f"--output-dir {out_dir} is in use by another run (pid {holder}); wait for it to end, "
-                            "or give another --output-dir") from None
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            raise TrainingError(f"--output-dir {out_dir} is in use by another run (pid {holder}); wait for it to "
+                                "end, or give another --output-dir") from None
+        raise TrainingError(f"--output-dir {out_dir}: cannot lock it ({err.strerror}); this file system may not "
+                            "support locks (flock): use a local folder") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    _LOCKS[key] = f
+    _LOCKS[key] = [f, 1]
 
 
 def release_output_dir(out_dir: Path) -> None:
-    """Let go of the lock on ``out_dir`` (at the end of a stage, so that the next one may take it)."""
-    f = _LOCKS.pop(str(Path(out_dir).resolve()), None)
-    if f is not None:
-        f.close()
+    """Undo one :func:`lock_output_dir`; the lock goes with the last."""
+    key = str(Path(out_dir).resolve())
+    entry = _LOCKS.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _LOCKS[key]
+        if entry[0] is not None:
+            entry[0].close()
 
 
 @contextlib.contextmanager
-def stage_dir(out_dir: Path, stage: str):
+def stage_dir(out_dir: Path, stage: str, init=None):
     """The output folder of a stage for the time it runs: claimed and locked (:func:`claim_output_dir`), its
-    interrupted swaps finished or rolled back (:func:`recover_swap`), the lock released at the end."""
+    interrupted swaps finished or rolled back (:func:`recover_swap`, on the main process, the others waiting),
+    and so is the starting checkpoint ``init`` where it lies in a folder of this project that no run is
+    writing to; the lock released at the end."""
     out_dir = Path(out_dir)
     claim_output_dir(out_dir, stage)
     try:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             for name in ("model", "checkpoint"):
                 recover_swap(out_dir / name)
+            if init is not None:
+                recover_init(Path(init))
+        else:
+            wait_for_recovery(out_dir)
         yield out_dir
     finally:
-        release_output_dir(out_dir)
+        if is_main_process():
+            release_output_dir(out_dir)
+
+
+def recover_init(init: Path) -> None:
+    """Finish a swap of the previous stage's model that a kill interrupted, only in a folder this project
+    owns, and only while no run holds it (refused, naming the pid, while one does)."""
+    parent = init.parent
+    if init.is_dir() and not any(p.exists() for p in _swap_names(init)):
+        return
+    if not owned(parent) or Path(parent).resolve() == Path(init).resolve():
+        return
+    lock_output_dir(parent)
+    try:
+        recover_swap(init)
+    finally:
+        release_output_dir(parent)
 
 
 # ---------------------------------------------------------------------- swaps a kill cannot lose
@@ -138,6 +212,8 @@ def recover_swap(path: Path) -> None:
     path = Path(path)
     tmp, new, old = _swap_names(path)
     shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in (tmp, new, old):
+        shutil.rmtree(leftover.with_name(leftover.name + ".discard"), ignore_errors=True)
     if new.is_dir():
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -150,11 +226,21 @@ def recover_swap(path: Path) -> None:
             old.rename(path)
 
 
+def _discard(path: Path) -> None:
+    """Remove ``path`` so that a kill while removing it leaves nothing that looks complete: renamed aside
+    first (``.discard``, which recovery removes), then deleted."""
+    if path.exists():
+        aside = path.with_name(path.name + ".discard")
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def swap_in(tmp: Path, path: Path) -> None:
     """Replace ``path`` by the complete folder ``tmp`` (``<path>.tmp``) so that a kill at any point leaves a
     complete one for :func:`recover_swap`."""
     _, new, old = _swap_names(path)
-    shutil.rmtree(new, ignore_errors=True)
+    _discard(new)  # a stale one (never complete: recover_swap would have swapped it in at the start)
     tmp.rename(new)  # from here on, new is complete
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():

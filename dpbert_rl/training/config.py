@@ -3,6 +3,7 @@ same run (a stage that was started or finished with other settings is refused, n
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -244,7 +245,7 @@ def check_same_run(stage: str, cfg, init: Optional[str], out_dir: Path, resuming
     if ignore is None:
         ignore = _BOOKKEEPING | _UNUSED.get(stage, set())
     ignore = ignore | (RESUME_MAY_CHANGE if resuming else set())
-    current = {"init": init, **asdict(cfg)}
+    current = json.loads(json.dumps({"init": init, **asdict(cfg)}))  # as saved: tuples read back as lists
     diff = {k: (saved.get(k), v) for k, v in current.items()
             if k not in ignore and k in saved and saved[k] != v and not (v is None and k in resolved)}
     if diff:

@@ -18,13 +18,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..checks import check_config_numbers, check_max_seq_length, nonfinite
+from ..checks import check_config_numbers, check_max_seq_length, check_number, nonfinite
 from ..data import GlueTask, collator, get_task, load_split, tokenize
 from ..evaluation.diagnostics import warn_if_constant
 from ..evaluation.evaluate import evaluate_model, score_run
 from ..model.dpbert import DPBert, TaskInfo
 from ..model.objectives import REWARDS, DualPrice, check_rate, final_reward
-from ..model.planner import Planners, check_features
+from ..model.planner import Planners, check_budget_range, check_features
 from ..pathtree.cache import (DEFAULT_CACHE_DIR, PathTree, checkpoint_fingerprint, expected_return, greedy_paths,
                               tree_cache, tree_index)
 from ..pathtree.oracle import check_tree_size, paths
@@ -85,6 +85,14 @@ class ExactConfig:
     """Step size of the dual ascent on the layer price."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus (path entropy / L, nats per decision), decayed linearly to 0."""
+    budget_range: Optional[tuple] = None
+    """[choice] One model for every speed: train price-conditioned planners (they read the layer price c as
+    an input, :class:`~dpbert_rl.model.planner.Planners`) over prices drawn log-uniformly from
+    (c_min, c_max), one per input and step. The price is then set at inference (``dpbert-rl calibrate``);
+    rate_control, target_rate and cost do not apply, and the planners are chosen by their mean greedy
+    return over ``budget_grid`` prices spread over the range."""
+    budget_grid: int = 5
+    """Prices (log-spaced over budget_range) at which price-conditioned planners are evaluated and chosen."""
     threshold: float = 0.5
     """Hard-mode threshold used for the greedy paths (dual price, selection) and saved in the checkpoint."""
     select_tolerance: float = 0.05
@@ -111,7 +119,10 @@ class ExactConfig:
             raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
         if self.rate_control not in ("dual", "none"):
             raise ValueError(f"rate_control must be 'dual' or 'none'; got {self.rate_control!r}")
-        if self.rate_control == "dual" and self.target_rate is None:
+        if self.budget_range is not None:
+            self.budget_range = check_budget_range(self.budget_range)
+            check_number(self.budget_grid, "budget_grid (--budget-grid)", low=2, integer=True)
+        elif self.rate_control == "dual" and self.target_rate is None:
             raise ValueError("rate_control 'dual' needs a target_rate")
         if self.target_rate is not None:
             check_rate(self.target_rate)
@@ -130,7 +141,7 @@ def evaluate_tree(planners: Planners, tree: PathTree, task, cfg: ExactConfig, pr
     index = index or tree_index(tree.num_layers)
     raw = torch.from_numpy(np.array(tree.raw(planners.features), dtype=np.float32))
     with torch.no_grad():
-        chosen = greedy_paths(planners, raw, cfg.threshold).numpy()
+        chosen = greedy_paths(planners, raw, cfg.threshold, price if planners.conditioned else None).numpy()
     rows = np.arange(tree.num_inputs)
     run = {"predictions": tree.predictions[rows, chosen], "labels": np.asarray(tree.labels),
            "actions": paths(tree.num_layers).numpy()[chosen]}
@@ -173,9 +184,14 @@ def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
     cfg = cfg or ExactConfig()
     cfg.validate()
     out_dir = Path(cfg.output_dir)
-    with stage_dir(out_dir, "exact"):
-        check_same_run("exact", cfg, str(checkpoint), out_dir, ignore=_EXACT_BOOKKEEPING,
-                       resolved=frozenset({"task", "max_seq_length"}))
+    same = dict(ignore=_EXACT_BOOKKEEPING, resolved=frozenset({"task", "max_seq_length"}))
+    if stage_done(out_dir):  # reused as it is: no write access or lock needed
+        check_same_run("exact", cfg, str(checkpoint), out_dir, **same)
+        print(f"[exact] already complete: {out_dir / 'model'}")
+        return out_dir / "model"
+    with stage_dir(out_dir, "exact", init=checkpoint):
+        # an unfinished run restarts from step 0: its settings may change, but it must be an exact stage's
+        check_same_run("exact", cfg, str(checkpoint), out_dir, ignore={"init", *asdict(cfg)})
         if stage_done(out_dir):
             print(f"[exact] already complete: {out_dir / 'model'}")
             return out_dir / "model"
@@ -250,7 +266,7 @@ def load_frozen(checkpoint: str, cfg: ExactConfig) -> tuple:
                          f"{task.num_labels}")
     max_len = cfg.max_seq_length or model.task_info.max_seq_length
     check_max_seq_length(model, max_len, checkpoint)  # before any cache is built or step taken
-    model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, max_len)
+    model.task_info = TaskInfo(task.name, task.display_names, max_len)
     model.threshold = cfg.threshold
     return model, task, max_len
 
@@ -258,6 +274,8 @@ def load_frozen(checkpoint: str, cfg: ExactConfig) -> tuple:
 def exact_planners(model: DPBert, fit: PathTree, cfg: ExactConfig) -> Planners:
     """The planners to train: the checkpoint's, or fresh ones standardised on fit inputs."""
     own = model.planners
+    if cfg.budget_range is not None:
+        return conditioned_planners(model, fit, cfg)
     if cfg.fresh_planners or own.features != cfg.planner_features or not bool(own.stats_set):
         model.planners = Planners(model.num_layers, model.backbone.hidden_size, cfg.planner_init_bias,
                                   features=cfg.planner_features)
@@ -285,7 +303,9 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
                          torch.from_numpy(np.asarray(fit.labels))[:, None].expand_as(losses), fit.regression)  # (N, P)
     N, L = fit.num_inputs, fit.num_layers
     optimizer = torch.optim.Adam(planners.parameters(), lr=cfg.lr)
-    dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost) if cfg.rate_control == "dual" else None
+    budget = cfg.budget_range
+    dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost) \
+        if cfg.rate_control == "dual" and budget is None else None
     best = {"criterion": None, "step": None, "state": None, "res": None}
 
     rng = np.random.default_rng(cfg.seed)
@@ -296,6 +316,8 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
             order = rng.permutation(N)
         rows, order = torch.from_numpy(order[:cfg.batch_size]), order[cfg.batch_size:]
         price = dual.price if dual is not None else cfg.cost
+        if budget is not None:  # one price per input, log-uniform over the range: every speed is trained
+            price = torch.from_numpy(np.exp(rng.uniform(math.log(budget[0]), math.log(budget[1]), len(rows))))
         out = expected_return(planners, raw_fit[rows], q_fit[rows], price, cfg.lam, index)
         coef = cfg.entropy_coef * max(0.0, 1.0 - step / total)
         loss = -(out["expected_return"].mean() + coef * out["entropy"].mean() / L)
@@ -306,7 +328,7 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            greedy = greedy_paths(planners, raw_fit[rows], cfg.threshold)
+            greedy = greedy_paths(planners, raw_fit[rows], cfg.threshold, price if budget is not None else None)
             greedy_rate = float(torch.as_tensor(index["path_layers"])[greedy].float().mean()) / L
         if dual is not None:
             dual.update(greedy_rate)
@@ -315,7 +337,7 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
         layers, entropy = out["expected_layers"].mean().item(), out["entropy"].mean().item() / L
         scalars = {"charts/expected_return": out["expected_return"].mean().item(), "charts/expected_layers": layers,
                    "charts/expected_skip_rate": 1.0 - layers / L, "charts/greedy_execute_rate": greedy_rate,
-                   "charts/layer_price": price, "losses/policy_loss": loss.item(), "losses/entropy": entropy,
+                   "charts/layer_price": float(torch.as_tensor(price).float().mean()), "losses/policy_loss": loss.item(), "losses/entropy": entropy,
                    "losses/entropy_bonus": coef * entropy}
         if step % 10 == 0 or step == total:
             log(scalars, step)
@@ -328,7 +350,8 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
             bar.write(f"[exact] step {step}: selection {task.metric} {res['score']:.2f}, "
                       f"layers {res['layers_executed_mean']:.2f}/{L}")
     bar.close()
-    return best, step, dual.price if dual is not None else cfg.cost
+    final = dual.price if dual is not None else cfg.cost
+    return best, step, float(planners.price) if budget is not None else final
 
 
 def select_step(planners: Planners, select: PathTree, task: GlueTask, cfg: ExactConfig, price: float, index: dict,
@@ -336,14 +359,58 @@ def select_step(planners: Planners, select: PathTree, task: GlueTask, cfg: Exact
     """Score the planners on the selection tree and keep them in ``best`` when they beat it: the best score
     among evaluations that skip at least ``target_rate - select_tolerance`` (without a target rate, the best
     greedy return)."""
-    res = evaluate_tree(planners, select, task, cfg, price, index)
-    if cfg.target_rate is not None:
+    if cfg.budget_range is not None:
+        res = evaluate_over_prices(planners, select, task, cfg, index)
+        ok, crit = True, res["greedy_return"]
+    elif cfg.target_rate is not None:
+        res = evaluate_tree(planners, select, task, cfg, price, index)
         ok, crit = res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance, res["score"]
     else:
+        res = evaluate_tree(planners, select, task, cfg, price, index)
         ok, crit = True, res["greedy_return"]
     if ok and (best["criterion"] is None or crit > best["criterion"]):
         best.update(criterion=crit, step=step, state=copy.deepcopy(planners.state_dict()), res=res)
     return res
+
+
+def budget_prices(cfg: ExactConfig) -> np.ndarray:
+    """The ``budget_grid`` prices, log-spaced over ``budget_range``, that price-conditioned planners are
+    evaluated at."""
+    lo, hi = cfg.budget_range
+    return np.exp(np.linspace(math.log(lo), math.log(hi), cfg.budget_grid))
+
+
+def evaluate_over_prices(planners: Planners, tree: PathTree, task: GlueTask, cfg: ExactConfig,
+                         index: Optional[dict] = None) -> dict:
+    """Price-conditioned planners at every grid price (:func:`budget_prices`): the mean of each figure over
+    the prices, and per price its ``score``, ``layers`` and ``greedy_return`` under ``by_price``."""
+    runs = [(float(c), evaluate_tree(planners, tree, task, cfg, float(c), index)) for c in budget_prices(cfg)]
+    keys = ("score", "layers_executed_mean", "skip_rate", "distinct_paths", "greedy_return")
+    res = {k: float(np.mean([r[k] for _, r in runs])) for k in keys}
+    res["by_price"] = [{"price": c, "score": r["score"], "layers": r["layers_executed_mean"],
+                        "greedy_return": r["greedy_return"]} for c, r in runs]
+    return res
+
+
+def conditioned_planners(model: DPBert, fit: PathTree, cfg: ExactConfig) -> Planners:
+    """Price-conditioned planners over ``cfg.budget_range``: their state part (``W``, ``b``) and statistics
+    start from the checkpoint's planners when they read the same features (stage 2's), else fresh; the
+    price part (``V``, ``u``) starts at zero."""
+    own = model.planners
+    planners = Planners(model.num_layers, model.backbone.hidden_size, cfg.planner_init_bias,
+                        features=cfg.planner_features, budget=cfg.budget_range)
+    if not cfg.fresh_planners and own.features == cfg.planner_features and bool(own.stats_set):
+        with torch.no_grad():
+            planners.weight.copy_(own.weight)
+            planners.bias.copy_(own.bias)
+        planners.set_feature_stats(own.feature_mean.clone(), own.feature_std.clone())
+    else:
+        stats = fit.feature_stats(cfg.planner_features, cfg.feature_stats_samples)
+        planners.set_feature_stats(stats.pop("mean"), stats.pop("std"))
+        warn_if_constant(stats)
+    model.planners = planners
+    planners.requires_grad_(True)
+    return planners
 
 
 def score_dev_live(model_dir, task, data_dir, max_samples, max_seq_length) -> dict:
@@ -354,4 +421,4 @@ def score_dev_live(model_dir, task, data_dir, max_samples, max_seq_length) -> di
     return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
 
 
-__all__ = ["ExactConfig", "train_exact", "evaluate_tree", "score_dev_live"]
+__all__ = ["ExactConfig", "train_exact", "evaluate_tree", "evaluate_over_prices", "budget_prices", "score_dev_live"]

@@ -47,8 +47,8 @@ from ..evaluation.evaluate import evaluate_model
 from ..model.dpbert import DPBert, TaskInfo
 from ..model.objectives import DualPrice, dpbert_objective, final_reward, reward_to_go, skip_penalty, skip_rate
 from ..model.planner import Planners
-from .checkpoint import (DONE_FILE, check_finite_parameters, is_checkpoint, load_checkpoint, recover_swap, recovery,
-                         save_atomic, save_checkpoint, stage_dir, stage_done, truncate_metrics)
+from .checkpoint import (DONE_FILE, check_finite_parameters, is_checkpoint, load_checkpoint, recovery, save_atomic,
+                         save_checkpoint, stage_dir, stage_done, truncate_metrics)
 from .config import STAGES, TrainConfig, TrainingError, check_same_run
 
 
@@ -62,7 +62,7 @@ def build_model(cfg: TrainConfig, init: Optional[str] = None) -> DPBert:
         model = DPBert.from_source(init or cfg.backbone, task.num_labels, planner_init_bias=cfg.planner_init_bias)
     except ValueError as err:
         raise TrainingError(f"{err} (task {task.name})") from err
-    model.task_info = TaskInfo(task.name, list(task.label_names) if task.label_names else None, cfg.max_seq_length)
+    model.task_info = TaskInfo(task.name, task.display_names, cfg.max_seq_length)
     check_max_seq_length(model, cfg.max_seq_length, init or cfg.backbone)
     return model
 
@@ -164,16 +164,18 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
     cfg.validate()
     out_dir = Path(cfg.output_dir)
     model_dir, ckpt_dir = out_dir / "model", out_dir / "checkpoint"
-    with stage_dir(out_dir, stage):
+    if stage_done(out_dir):  # reused as it is: no write access or lock needed
+        check_same_run(stage, cfg, init, out_dir)
+        print(f"[{stage}] already complete: {model_dir}")
+        return model_dir
+    with stage_dir(out_dir, stage, init):  # claimed, locked; a swap a kill interrupted finished or rolled back
         if stage_done(out_dir) or (ckpt_dir / "state.json").is_file():
             check_same_run(stage, cfg, init, out_dir, resuming=not stage_done(out_dir))
         if stage_done(out_dir):
             print(f"[{stage}] already complete: {model_dir}")
             return model_dir
-        if init is not None:
-            recover_swap(Path(init))  # the previous stage's model, if a kill fell inside its last swap
-            if not is_checkpoint(init):
-                raise FileNotFoundError(f"no checkpoint at {init!r} to start stage {stage!r} from")
+        if init is not None and not is_checkpoint(init):
+            raise FileNotFoundError(f"no checkpoint at {init!r} to start stage {stage!r} from")
         run = StageRun(stage, cfg, init)
         run.train()
         run.finish()
