@@ -85,7 +85,7 @@ def exits_from_statistics(stats: dict, rule: str, threshold: Optional[float] = N
 
 
 def statistics_run(model: EarlyExitBert, stats: dict, exit_layer: torch.Tensor) -> dict:
-    """What :func:`dpbert_rl.evaluate.run_dataset` returns (``predictions``, ``labels``, ``actions``),
+    """What :func:`dpbert_rl.evaluation.evaluate.run_dataset` returns (``predictions``, ``labels``, ``actions``),
     for inputs that exit at ``exit_layer``, read off :func:`exit_statistics`."""
     logits = stats["logits"][torch.arange(len(exit_layer)), exit_layer - 1]
     L = stats["logits"].shape[1]

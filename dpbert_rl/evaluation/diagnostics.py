@@ -13,7 +13,7 @@ the agents and every benchmark.
 * :func:`linear_probe`: a classifier (or regressor) on the same planner features at the nearest layer
   count, as a reference: a planner may act as a classifier that steers each input to the path whose
   prediction it wants, so routing gains should be read next to what a probe alone gets.
-* :func:`distinct_paths` and :func:`mid_gate_fraction` (in :mod:`dpbert_rl.evaluate`): one path for all
+* :func:`distinct_paths` and :func:`mid_gate_fraction` (in :mod:`dpbert_rl.evaluation.evaluate`): one path for all
   inputs, and hesitant gates, are the two ways planners fail to route.
 """
 
@@ -112,7 +112,7 @@ def format_inspection(report: dict) -> str:
 def skip_all_check(model: DPBert, dataset, collate_fn, reward: str, cost: float, lam: float, samples: int = 256,
                    batch_size: int = 64, warn: bool = True) -> dict:
     """Estimate on (training) inputs whether skipping every layer beats the full model under the reward
-    ``-c |path| + lambda q`` (:func:`dpbert_rl.objectives.final_reward`). If it does, the best policy is to
+    ``-c |path| + lambda q`` (:func:`dpbert_rl.model.objectives.final_reward`). If it does, the best policy is to
     skip everything; warn, and say which lambda (or c) would not. Returns both mean returns."""
     import warnings
 
@@ -149,7 +149,7 @@ def task_score(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> float:
 def fixed_frontier(task: GlueTask, select_run: dict) -> list:
     """The upper hull of (layers, score) over the best fixed path per layer count, on the selection split.
 
-    :param select_run: :func:`dpbert_rl.oracle.enumerate_paths` on the selection split.
+    :param select_run: :func:`dpbert_rl.pathtree.oracle.enumerate_paths` on the selection split.
     :return: hull points ``[(layers, path index, selection score)]``, by layers ascending.
     """
     P = select_run["paths"]
@@ -197,7 +197,7 @@ def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: f
     bootstrap 95% interval (dev inputs resampled; learner and frontier scored on the same resample).
 
     :param learner_preds: ``(N,)`` the learner's dev predictions.
-    :param dev_run: :func:`dpbert_rl.oracle.enumerate_paths` on dev (the same inputs, same order).
+    :param dev_run: :func:`dpbert_rl.pathtree.oracle.enumerate_paths` on dev (the same inputs, same order).
     :param hull: :func:`fixed_frontier` on the selection split.
     """
     labels = dev_run["labels"]
@@ -224,7 +224,7 @@ def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: f
 
 def random_skip_score(task: GlueTask, run: dict, rate: float, seed: int = 0, draws: int = 20) -> float:
     """Mean score of random skipping (each layer skipped with probability ``rate``, independently per input),
-    read from every path's predictions (:func:`dpbert_rl.oracle.enumerate_paths`, or a tree's ``oracle_run``)."""
+    read from every path's predictions (:func:`dpbert_rl.pathtree.oracle.enumerate_paths`, or a tree's ``oracle_run``)."""
     from ..pathtree.oracle import path_indices
 
     preds, labels = run["predictions"], run["labels"]
@@ -304,7 +304,7 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
                    probe: Optional[dict] = None) -> dict:
     """Everything a routing row reports for one learner on one (frozen) backbone.
 
-    :param learner_run: the learner's :func:`dpbert_rl.evaluate.run_dataset` on ``dev_set`` (predictions,
+    :param learner_run: the learner's :func:`dpbert_rl.evaluation.evaluate.run_dataset` on ``dev_set`` (predictions,
         actions, and probs where the learner has gate probabilities).
     :param select_run, dev_run: every path's predictions on the two splits, when already known (e.g.
         :func:`dpbert_rl.pathtree.PathTree.oracle_run` of a cache); else enumerated here.

@@ -79,13 +79,13 @@ class TaskInfo:
 class DPBert(nn.Module):
     """A backbone with a planner before every layer.
 
-    :param backbone: the encoder (:class:`~dpbert_rl.backbone.Backbone`).
+    :param backbone: the encoder (:class:`~dpbert_rl.model.backbone.Backbone`).
     :param planners: the ``L`` planners; created fresh when None.
     :param threshold: execute layer ``i`` in hard mode when ``p_i >= threshold`` (eq. 5 uses
-        0.5). Raising it skips more; :mod:`dpbert_rl.latency` sweeps it for trade-off curves.
+        0.5). Raising it skips more; :mod:`dpbert_rl.evaluation.latency` sweeps it for trade-off curves.
     :param planner_init_bias: initial planner bias when ``planners`` is None.
     :param planner_features: what fresh planners read (``cls``, ``mean`` or ``cls+mean``; see
-        :mod:`dpbert_rl.planner`) when ``planners`` is None.
+        :mod:`dpbert_rl.model.planner`) when ``planners`` is None.
     :param detach_planner_input: stop gradients from the planners into the states they read, so
         that the policy gradient of stage 3 trains the planners only, not the backbone below them.
     """

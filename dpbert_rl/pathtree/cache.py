@@ -240,7 +240,7 @@ class PathTree:
 
     def oracle_run(self) -> dict:
         """The cache in the form :func:`dpbert_rl.pathtree.oracle.enumerate_paths` returns, for
-        :func:`~dpbert_rl.oracle.oracle_choices` and :func:`~dpbert_rl.oracle.best_static_paths`."""
+        :func:`~dpbert_rl.pathtree.oracle.oracle_choices` and :func:`~dpbert_rl.pathtree.oracle.best_static_paths`."""
         from .oracle import paths
 
         return {"predictions": np.asarray(self.predictions), "losses": np.asarray(self.losses),
@@ -552,7 +552,7 @@ def expected_return(planners: Planners, raw: torch.Tensor, outcome: torch.Tensor
     ``2^L`` paths, differentiable in the planners, whose gradient has no sampling variance.
 
     :param raw: ``(B, 2^L, F)`` raw features; :param outcome: ``(B, 2^L)`` each path's ``q``
-        (:func:`dpbert_rl.objectives.final_reward`); :param cost: the layer price, a number or one per input
+        (:func:`dpbert_rl.model.objectives.final_reward`); :param cost: the layer price, a number or one per input
         ``(B,)``; price-conditioned planners read it too.
     :return: ``expected_return`` ``(B,)``, ``entropy`` ``(B,)`` (of the path distribution, in nats),
         ``expected_layers`` ``(B,)``, ``probs`` ``(B, 2^L)`` and ``node_logits``.

@@ -65,7 +65,7 @@ class TrainConfig:
     """[choice] The reward's outcome term: 'loss' (eq. 9, -lambda * task loss) or 'correct' (bounded:
     lambda * 1[correct]; lambda * (1 - tanh|error|) for regression). Under 'loss' the spread of the
     loss between inputs dwarfs the layer costs, and on a fine-tuned backbone skipping everything can
-    win (README)."""
+    win (benchmarks/README.md)."""
     rate_control: str = "dual"
     """[choice] How the skip rate is held at target_rate: 'dual' (a price per executed layer set by dual
     ascent, so that the greedy policy at threshold 0.5 hits the rate), 'penalty' (beta (S - r)^2 of
@@ -74,7 +74,7 @@ class TrainConfig:
     """Step size of the dual ascent on the layer price (rate_control 'dual')."""
     planner_features: str = "mean"
     """[choice] What the planners read: 'cls' (the paper's [CLS] row), 'mean' (masked mean of the token
-    states) or 'cls+mean'; standardised per layer with statistics of training inputs (README)."""
+    states) or 'cls+mean'; standardised per layer with statistics of training inputs (benchmarks/README.md)."""
     feature_stats_samples: int = 1000
     """Training inputs used for the features' standardisation statistics (stage 2, or the first planner
     stage)."""
@@ -90,7 +90,7 @@ class TrainConfig:
     beta: float = 200.0
     """[choice] beta of eq. (12): weight of the skip-rate penalty. The paper's grid is 0.1-1.5, but
     with S of eq. (10) a mean over layers and examples, P is tiny (0.2^2 = 0.04): at 0.5 the planners
-    stayed open, at 20 the REINFORCE term still pulled S away from r; 200 holds S at r (README)."""
+    stayed open, at 20 the REINFORCE term still pulled S away from r; 200 holds S at r (benchmarks/README.md)."""
     target_rate: Optional[float] = 0.3
     """r of eq. (11): target fraction of layers skipped, in [0, 1]; None drops the penalty."""
     baseline: str = "loo"
@@ -165,7 +165,7 @@ class PipelineConfig(TrainConfig):
     frozen stage-2 backbone (``dpbert-rl exact``: the same reward, dual price and entropy bonus as 'rl',
     its gradient without sampling noise); 'rl' is the paper's joint REINFORCE of backbone, head and
     planners (eq. 12). On the RTE selection split 'exact' held the target rate (3.9 of 6 layers at
-    r = 0.35) while 'rl' ended at 5.3 layers with a lower score (README, "Choices")."""
+    r = 0.35) while 'rl' ended at 5.3 layers with a lower score (benchmarks/README.md, "How it works, and the choices we made")."""
     stage3_epochs: float = 5.0
     """Stage 3 with 'rl': joint REINFORCE epochs (paper: not given; 5)."""
     exact_epochs: float = 20.0

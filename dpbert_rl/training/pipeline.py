@@ -21,7 +21,7 @@ from .stages import train_stage
 def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
                 cache_dir: Optional[Path] = None) -> Path:
     """Stage 3 'exact': the planners of ``init`` (a stage-2 model) trained on the exact expectation over the
-    path tree of its frozen backbone (:func:`dpbert_rl.pathtree.train_exact`), with ``cfg``'s reward, rate
+    path tree of its frozen backbone (:func:`dpbert_rl.training.exact.train_exact`), with ``cfg``'s reward, rate
     control, features and selection rule. The path-tree caches go to ``cache_dir`` (default
     ``<out>/pathtree``; runs on the same backbone can share it, and the tree env can read it). Returns
     ``<out>/model``."""

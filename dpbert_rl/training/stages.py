@@ -422,7 +422,7 @@ def _prepare_planners(stage: str, cfg: TrainConfig, model: DPBert, train_set, co
 
 def check_reward(model: DPBert, dataset, collate, cfg: TrainConfig, samples: int = 256) -> dict:
     """Warn when skipping every layer beats the full model under stage 3's reward (see
-    :func:`dpbert_rl.diagnostics.skip_all_check`)."""
+    :func:`dpbert_rl.evaluation.diagnostics.skip_all_check`)."""
     return skip_all_check(model, dataset, collate, cfg.reward, cfg.cost, cfg.lam, samples, cfg.eval_batch_size)
 
 
