@@ -54,30 +54,6 @@ def berxit_loss(model: EarlyExitBert, trace: ExitTrace, labels: torch.Tensor, st
 
 
 # ---------------------------------------------------------------------- training
-@torch.no_grad()
-def layer_features(model: EarlyExitBert, dataset, collate_fn, batch_size: int = 64, progress: bool = True) -> dict:
-    """The [CLS] vector after every layer, ``(N, L, d)``, and the labels, with the backbone in eval
-    mode: what DeeBERT's frozen-backbone off-ramps train on, so the backbone runs once instead of
-    once per epoch."""
-    from torch.utils.data import DataLoader
-
-    was = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc="layer features", leave=False)
-    feats, labels = [], []
-    device = next(model.parameters()).device
-    for b in loader:
-        b = {k: v.to(device) for k, v in b.items()}
-        feats.append(model.layer_cls(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).cpu())
-        labels.append(b["labels"].cpu())
-    model.train(was)
-    return {"cls": torch.cat(feats), "labels": torch.cat(labels)}
-
-
 def _fit(groups: list, loss_fn: Callable[[object, int], torch.Tensor], n: int, epochs: float, batch_size: int,
          seed: int, log_dir: Optional[Path], desc: str, progress: bool, warmup_ratio: float = 0.1,
          batches: Optional[Callable[[torch.Tensor], object]] = None, select_fn: Optional[Callable[[], float]] = None,
