@@ -67,8 +67,10 @@ def parse_args(argv=None):
     ap.add_argument("--cost", type=float, default=0.05, help="fixed-rate: the dual price's start")
     ap.add_argument("--dual-lr", type=float, default=0.02)
     ap.add_argument("--entropy-coef", type=float, default=0.01)
-    ap.add_argument("--budget-range", type=float, nargs=2, default=(0.003, 0.3), metavar=("LOW", "HIGH"),
-                    help="one model: the layer prices it is trained over")
+    ap.add_argument("--budget-range", type=float, nargs=2, default=(-0.08, 0.08), metavar=("LOW", "HIGH"),
+                    help="one model: the layer prices it is trained over (the fixed-rate runs' dual prices end "
+                         "between -0.03 and 0.02; a negative price pays for running a layer)")
+    ap.add_argument("--calibration-iterations", type=int, default=12, help="bisection steps per calibration")
     ap.add_argument("--latency-samples", type=int, default=64, help="dev inputs timed per point (seeded sample)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -93,7 +95,7 @@ def train_models(task: str, args) -> dict:
                  entropy_coef=args.entropy_coef, max_train_samples=args.max_train_samples,
                  max_eval_samples=args.max_eval_samples, seed=args.seed, progress=False, score_dev=False)
     models = {"backbone": s1, "one-model": train_exact(str(s2), ExactConfig(
-        output_dir=str(root / "one_model"), budget_range=tuple(args.budget_range), rate_control="none",
+        output_dir=str(root / "one_model_linear"), budget_range=tuple(args.budget_range), rate_control="none",
         target_rate=None, **exact))}
     for s in args.speedups:
         r = round(1.0 - 1.0 / s, 4)
@@ -119,7 +121,7 @@ def measure(task: str, models: dict, args) -> list:
             target = L / s
             for calibration, inputs in (("selection", sel_inputs), ("unlabeled-dev", dev_inputs)):
                 t0 = time.time()
-                knob, reached = solve_knob(model, encode_inputs(model, inputs, 128), target, iterations=14)
+                knob, reached = solve_knob(model, encode_inputs(model, inputs, 128), target, iterations=args.calibration_iterations)
                 set_knob(model, knob)
                 res = evaluate_model(model, t, dev, collate, 64, "hard")  # dev's labels: scored once, here
                 lat = interleaved_latency(

@@ -61,11 +61,11 @@ def knob_at(model, value: Optional[float]):
 
 
 def knob_grid(model, n: int = CURVE_POINTS) -> np.ndarray:
-    """Knob values from the most compute to the least: prices log-spaced from a quarter of the trained range's
-    low end to four times its high end; thresholds spread evenly in logit over (0.0025, 0.9975)."""
+    """Knob values from the most compute to the least: prices evenly spaced over the trained range widened by
+    its width on either side; thresholds spread evenly in logit over (0.0025, 0.9975)."""
     if model.planners.conditioned:
         lo, hi = model.planners.budget
-        return np.exp(np.linspace(math.log(lo / 4), math.log(hi * 4), n))
+        return np.linspace(lo - (hi - lo), hi + (hi - lo), n)
     return 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, n)))
 
 
@@ -107,9 +107,9 @@ def budget_curve(model, batches: Sequence[dict], n: int = CURVE_POINTS) -> list:
 
 def solve_knob(model, batches: Sequence[dict], target_layers: float, iterations: int = 24) -> tuple:
     """The knob whose mean layers on ``batches`` is closest to ``target_layers``, by bisection over the knob
-    (in log price, or in logit of the threshold); returns ``(knob, layers reached)``."""
+    (the price, or the logit of the threshold); returns ``(knob, layers reached)``."""
     grid = knob_grid(model, 2)
-    to_u, from_u = ((np.log, np.exp) if model.planners.conditioned else
+    to_u, from_u = ((lambda c: c, lambda c: c) if model.planners.conditioned else
                     (lambda t: np.log(t / (1 - t)), lambda u: 1.0 / (1.0 + np.exp(-u))))
     lo, hi = float(to_u(grid[0])), float(to_u(grid[1]))  # lo: more compute, hi: less
     best = None
@@ -142,11 +142,11 @@ def knob_for_budget(model, budget: float) -> float:
                          "`dpbert-rl calibrate CKPT --speedup S --inputs FILE` (or `--budget B`)")
     layers = np.array([p[0] for p in table["points"]], dtype=float)
     knobs = np.array([p[1] for p in table["points"]], dtype=float)
-    u = np.log(knobs) if table["knob"] == "price" else np.log(knobs / (1 - knobs))
+    u = knobs if table["knob"] == "price" else np.log(knobs / (1 - knobs))
     target = budget * model.num_layers
     # layers fall along the grid: interpolate on the reversed (increasing) arrays, clamped to the ends
     value = float(np.interp(target, layers[::-1], u[::-1]))
-    return float(np.exp(value)) if table["knob"] == "price" else float(1.0 / (1.0 + np.exp(-value)))
+    return value if table["knob"] == "price" else float(1.0 / (1.0 + np.exp(-value)))
 
 
 def apply_budget(model, budget: float) -> None:

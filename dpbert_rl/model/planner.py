@@ -18,7 +18,8 @@ training inputs (:meth:`Planners.set_feature_stats`) that are stored in the chec
 bounds the environment's observation space (as SB3's ``VecNormalize(clip_obs=10)`` does).
 
 **A budget as an input** (``budget=(c_min, c_max)``): the planners also read the price of an executed
-layer, ``c`` of eq. (9), as ``g = standardised log c``, and planner ``i``'s logit becomes
+layer, ``c`` of eq. (9), standardised over the range, ``g = (c - mid) / half-width``, and planner ``i``'s
+logit becomes
 ``(W_i + g V_i) z + b_i + g u_i``. Trained over a range of prices (the exact stage's ``--budget-range``),
 one checkpoint then serves every speed: a higher price runs fewer layers. The price it runs at is a buffer
 (:meth:`Planners.set_price`), set on unlabeled inputs by ``dpbert-rl calibrate``; fixed-rate planners
@@ -100,13 +101,13 @@ class Planners(nn.Module):
         self.register_buffer("stats_set", torch.zeros((), dtype=torch.bool))
         self.budget = None if budget is None else check_budget_range(budget)
         if self.budget is not None:  # a price-conditioned policy: (W_i + g V_i) z + b_i + g u_i
-            lo, hi = (math.log(c) for c in self.budget)
+            lo, hi = self.budget
             self.budget_weight = nn.Parameter(torch.zeros(num_layers, F_))  # V (L, F)
             self.budget_bias = nn.Parameter(torch.zeros(num_layers))  # u (L,)
-            self.register_buffer("log_price_center", torch.tensor((lo + hi) / 2))
-            self.register_buffer("log_price_scale", torch.tensor(max((hi - lo) / 2, 1e-6)))
+            self.register_buffer("price_center", torch.tensor((lo + hi) / 2))
+            self.register_buffer("price_scale", torch.tensor((hi - lo) / 2))
             # the price it runs at when none is given: the middle of the range until calibrated
-            self.register_buffer("price", torch.tensor(math.exp((lo + hi) / 2)))
+            self.register_buffer("price", torch.tensor((lo + hi) / 2))
 
     @property
     def num_layers(self) -> int:
@@ -153,15 +154,15 @@ class Planners(nn.Module):
         if not self.conditioned:
             raise ValueError("these planners were trained for one rate and read no budget; train them with a "
                              "budget range (dpbert-rl exact --budget-range) to set a price")
-        if not (isinstance(price, (int, float)) and math.isfinite(price) and price > 0):
-            raise ValueError(f"price must be a finite number > 0; got {price!r}")
+        if not (isinstance(price, (int, float)) and math.isfinite(price)):
+            raise ValueError(f"price must be a finite number; got {price!r}")
         self.price.fill_(float(price))
 
     def budget_input(self, price=None) -> torch.Tensor:
-        """``g``: the standardised log price, from ``price`` (a number or ``(batch,)``) or the stored one."""
+        """``g``: the standardised price, from ``price`` (a number or ``(batch,)``) or the stored one."""
         price = self.price if price is None else torch.as_tensor(price, dtype=self.price.dtype,
                                                                  device=self.price.device)
-        return (price.log() - self.log_price_center) / self.log_price_scale
+        return (price - self.price_center) / self.price_scale
 
     def forward(self, i: int, z: torch.Tensor, price=None) -> torch.Tensor:
         """Logit of planner ``i`` (0-based) for standardised features ``z`` ``(batch, F)`` (or
@@ -177,13 +178,15 @@ class Planners(nn.Module):
 
 
 def check_budget_range(budget) -> tuple:
-    """``(c_min, c_max)``: two finite prices with ``0 < c_min < c_max``."""
+    """``(c_min, c_max)``: two finite prices with ``c_min < c_max``. A negative price pays for an executed
+    layer: the dual ascent of fixed-rate training goes there to make planners run more layers than the
+    reward alone would."""
     try:
         lo, hi = (float(c) for c in budget)
     except (TypeError, ValueError):
         raise ValueError(f"a budget range is two prices (c_min, c_max); got {budget!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise ValueError(f"a budget range needs 0 < c_min < c_max, both finite; got {budget!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"a budget range needs c_min < c_max, both finite; got {budget!r}")
     return (lo, hi)
 
 

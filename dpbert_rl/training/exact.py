@@ -87,12 +87,12 @@ class ExactConfig:
     """Weight of an entropy bonus (path entropy / L, nats per decision), decayed linearly to 0."""
     budget_range: Optional[tuple] = None
     """[choice] One model for every speed: train price-conditioned planners (they read the layer price c as
-    an input, :class:`~dpbert_rl.model.planner.Planners`) over prices drawn log-uniformly from
+    an input, :class:`~dpbert_rl.model.planner.Planners`) over prices drawn uniformly from
     (c_min, c_max), one per input and step. The price is then set at inference (``dpbert-rl calibrate``);
     rate_control, target_rate and cost do not apply, and the planners are chosen by their mean greedy
     return over ``budget_grid`` prices spread over the range."""
     budget_grid: int = 5
-    """Prices (log-spaced over budget_range) at which price-conditioned planners are evaluated and chosen."""
+    """Prices (evenly spaced over budget_range) at which price-conditioned planners are evaluated and chosen."""
     threshold: float = 0.5
     """Hard-mode threshold used for the greedy paths (dual price, selection) and saved in the checkpoint."""
     select_tolerance: float = 0.05
@@ -316,8 +316,8 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
             order = rng.permutation(N)
         rows, order = torch.from_numpy(order[:cfg.batch_size]), order[cfg.batch_size:]
         price = dual.price if dual is not None else cfg.cost
-        if budget is not None:  # one price per input, log-uniform over the range: every speed is trained
-            price = torch.from_numpy(np.exp(rng.uniform(math.log(budget[0]), math.log(budget[1]), len(rows))))
+        if budget is not None:  # one price per input, uniform over the range: every speed is trained
+            price = torch.from_numpy(rng.uniform(budget[0], budget[1], len(rows)))
         out = expected_return(planners, raw_fit[rows], q_fit[rows], price, cfg.lam, index)
         coef = cfg.entropy_coef * max(0.0, 1.0 - step / total)
         loss = -(out["expected_return"].mean() + coef * out["entropy"].mean() / L)
@@ -374,10 +374,10 @@ def select_step(planners: Planners, select: PathTree, task: GlueTask, cfg: Exact
 
 
 def budget_prices(cfg: ExactConfig) -> np.ndarray:
-    """The ``budget_grid`` prices, log-spaced over ``budget_range``, that price-conditioned planners are
+    """The ``budget_grid`` prices, evenly spaced over ``budget_range``, that price-conditioned planners are
     evaluated at."""
     lo, hi = cfg.budget_range
-    return np.exp(np.linspace(math.log(lo), math.log(hi), cfg.budget_grid))
+    return np.linspace(lo, hi, cfg.budget_grid)
 
 
 def evaluate_over_prices(planners: Planners, tree: PathTree, task: GlueTask, cfg: ExactConfig,
