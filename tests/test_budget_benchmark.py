@@ -34,3 +34,27 @@ def test_budget_benchmark_writes_both_curves(tiny_ckpt, tiny_glue, tmp_path):
     results.with_suffix(".md").unlink()
     budget.main(["--report-only", "--results", str(results)])
     assert results.with_suffix(".md").read_text() == text
+
+
+def test_pipeline_speed_benchmark_compares_pipeline_with_evaluate(tiny_model_dir, tiny_glue, tmp_path):
+    import shutil
+
+    import pipeline_speed
+
+    from dpbert_rl.training.calibrate import calibrate_budget
+
+    ckpt = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, ckpt)
+    import json as _json
+
+    meta = _json.loads((ckpt / "dpbert.json").read_text())
+    meta["task_info"]["task"] = "rte"
+    (ckpt / "dpbert.json").write_text(_json.dumps(meta))
+    calibrate_budget(str(ckpt), "select", 2.0, data_dir=str(tiny_glue))
+    results = tmp_path / "ps.json"
+    pipeline_speed.main([str(ckpt), "--budget", "0.5", "--data-dir", str(tiny_glue), "--samples", "4",
+                         "--repeats", "1", "--threads", "1", "--results", str(results)])
+    (row,) = json.loads(results.read_text())
+    assert row["task"] == "rte" and row["samples"] == 4 and row["kept"] > 0
+    assert {"commit", "command", "machine"} <= set(row)
+    assert "kept" in results.with_suffix(".md").read_text()
