@@ -69,8 +69,13 @@ def chosen_summary(p) -> dict:
     return {k: p.get(k) for k in keys}
 
 
-TARGET_AGAINST = ("deebert", "pabee", "berxit")
-"""The early-exit methods DPBERT's curve must be on or above in :data:`TARGET_WINDOW` (the issue's target)."""
+TARGET_AGAINST = ("bert_kl", "deebert", "pabee", "berxit")
+"""What DPBERT's curve must be on or above in :data:`TARGET_WINDOW`: static truncation (BERT-kL, what a
+practitioner would fine-tune instead) and every early exit (issue 23's target)."""
+PICK_AT = (1.3, 1.5, 2.0)
+"""The speed-ups at which the report says which method a user should pick (:func:`pick`)."""
+CANDIDATES = ("dpbert", "dpbert_soft", "deebert", "pabee", "berxit", "layerdrop", "bert_kl", "static_path")
+"""The methods a user could pick (the backbone is not faster; the oracle reads dev labels)."""
 
 
 def target_check(entry: dict, methods=TARGET_AGAINST, grid_step: float = 0.05) -> list:
@@ -94,6 +99,26 @@ def target_check(entry: dict, methods=TARGET_AGAINST, grid_step: float = 0.05) -
                 worse.append((round(float(s), 2), None if a is None else a["score"], b["score"]))
         out.append({"against": other, "below_at": worse, "compared": compared})
     return out
+
+
+def pick(entry: dict, s: float):
+    """Which method a user should pick at speed-up ``s`` or faster, on the selection split alone: each method's
+    setting chosen by :func:`choose` at ``s``, then the one with the best selection score. Returns
+    ``(method, point)``, or None when no method has a setting that fast. The point's dev score is reported,
+    never used."""
+    best = None
+    for m in CANDIDATES:
+        p = choose(entry["methods"].get(m, {}).get("points", []), s)
+        if p is not None and (best is None or p["select_score"] > best[1]["select_score"]):
+            best = (m, p)
+    return best
+
+
+def target_met(entry: dict) -> bool:
+    """DPBERT on or above every method of :data:`TARGET_AGAINST` at every compared speed-up of the window
+    (and compared with at least one)."""
+    checks = target_check(entry)
+    return bool(checks) and any(c["compared"] for c in checks) and not any(c["below_at"] for c in checks)
 
 
 def oracle_gap(entry: dict) -> list:
@@ -254,7 +279,24 @@ def write_report(results: dict, out_dir: Path) -> None:
                              f"({detail})")
             else:
                 lines.append(f"- {t} vs {who}: on or above at all {c['compared']} speed-ups compared")
-    lines.append("")
+    met = [t for t, e in tasks.items() if target_met(e)]
+    lines += ["", f"Target met (on or above all of them at every speed-up compared) on {len(met)} of {len(tasks)} "
+              f"tasks{': ' + ', '.join(met) if met else ''} (the target: at least 3 of 4).", ""]
+    # what to pick
+    lines += ["## What a user should pick", "",
+              f"At each speed-up, every method's setting chosen on the selection split among those with a selection "
+              f"ideal speed-up of that or more (as above), then the method with the best selection score; its dev "
+              f"score and measured speed-up as reported.", ""]
+    rows = []
+    for t, e in tasks.items():
+        row = {"task": t}
+        for s_ in PICK_AT:
+            got = pick(e, s_)
+            row[f"{s_:g}x"] = "-" if got is None else \
+                f"{LABELS[got[0]]}: {got[1]['score']:.2f} ({got[1]['speedup_measured']:.2f}x)"
+        rows.append(row)
+    lines += [markdown_table(rows, [("task", "task", "")] + [(f"{s_:g}x or faster", f"{s_:g}x", "") for s_ in PICK_AT]),
+              ""]
     # oracle gap
     lines += ["## How far DPBERT is from the oracle (same mean number of layers)", ""]
     rows = [{"task": t, **g} for t, e in tasks.items() for g in oracle_gap(e)]

@@ -1,6 +1,6 @@
 """The ``dpbert-rl`` command. Subcommands map one-to-one to the library's functions:
 
-    finetune | init-planners | rl | soft | layerdrop
+    finetune | init-planners | rl | soft | layerdrop | adapt
                                            one training stage         (train.train_stage)
     pipeline                               stages 1-3, then evaluate  (train.run_pipeline)
     evaluate                               score, layers, speed-up    (latency.evaluate_checkpoint)
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "rl": ("rl", "stage 3: joint REINFORCE of backbone, head and planners (eq. 12)"),
         "soft": ("soft", "ablation DPBERT-soft: joint training with relaxed gates and the skip-rate penalty"),
         "layerdrop": ("layerdrop", "baseline LayerDrop: fine-tune with structured layer dropout (--layerdrop)"),
+        "adapt": ("adapt", "skip-aware: fine-tune backbone and head on the paths a trained checkpoint's planners "
+                           "draw (planners frozen); then re-fit the planners with `exact` on the new backbone"),
     }
     for name, (stage, text) in stages.items():
         p = sub.add_parser(name, help=text, description=text + ". Re-running the same command resumes.",
@@ -250,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 #: Subcommands that write a run directory (--output-dir), checked before anything is loaded or trained.
-WRITING_COMMANDS = ("finetune", "init-planners", "rl", "soft", "layerdrop", "pipeline", "exact")
+WRITING_COMMANDS = ("finetune", "init-planners", "rl", "soft", "layerdrop", "adapt", "pipeline", "exact")
 
 
 def _dispatch(args) -> int:
@@ -262,7 +264,7 @@ def _dispatch(args) -> int:
         check_output_dir(args.output_dir)
         if getattr(args, "cache_dir", None):
             check_output_dir(args.cache_dir, "cache_dir (--cache-dir)")
-    if args.command in ("finetune", "init-planners", "rl", "soft", "layerdrop"):
+    if args.command in ("finetune", "init-planners", "rl", "soft", "layerdrop", "adapt"):
         path = train_stage(args.stage, _from_args(TrainConfig, args), init=args.init)
         print(f"model written to {path}")
     elif args.command == "pipeline":

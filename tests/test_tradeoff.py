@@ -162,10 +162,25 @@ def test_choices_read_only_the_selection_split():
     (check,) = an.target_check({"methods": {"dpbert": {"points": pts}, "pabee": {"points": other}}})
     # up to 1.5x DPBERT's choice is b (selection 70 > 65; dev 50 < 60); from 1.55x on only c is that fast
     assert [s for s, _, _ in check["below_at"]] == [1.3, 1.35, 1.4, 1.45, 1.5] and check["compared"] == 7
-    # the target is against every early-exit baseline of Table 1: DeeBERT, PABEE and BERxiT
+    # the target is against BERT-kL and every early-exit baseline of Table 1: DeeBERT, PABEE and BERxiT
     checks = an.target_check({"methods": {"dpbert": {"points": pts}, **{m: {"points": other} for m in
-                                                                          ("deebert", "pabee", "berxit", "layerdrop")}}})
-    assert [c["against"] for c in checks] == ["deebert", "pabee", "berxit"]
+                                                                          ("bert_kl", "deebert", "pabee", "berxit",
+                                                                           "layerdrop")}}})
+    assert [c["against"] for c in checks] == ["bert_kl", "deebert", "pabee", "berxit"]
+    assert not an.target_met({"methods": {"dpbert": {"points": pts}, "bert_kl": {"points": other}}})
+    assert an.target_met({"methods": {"dpbert": {"points": pts}, "bert_kl": {"points": [{**other[0], "score": 10}]}}})
+
+
+def test_the_pick_reads_the_selection_split_only():
+    an = bench("tradeoff_analysis")
+    dp = [{"setting": "d", "score": 99, "speedup_measured": 1.5, "select_score": 60, "select_speedup_ideal": 1.6}]
+    kl = [{"setting": "k", "score": 10, "speedup_measured": 1.5, "select_score": 70, "select_speedup_ideal": 1.6},
+          {"setting": "k2", "score": 5, "speedup_measured": 2.0, "select_score": 50, "select_speedup_ideal": 2.0}]
+    entry = {"methods": {"dpbert": {"points": dp}, "bert_kl": {"points": kl},
+                         "oracle": {"points": [{**dp[0], "select_score": 100}]}}}
+    method, point = an.pick(entry, 1.3)
+    assert method == "bert_kl" and point["setting"] == "k"  # the better selection score, though dev says otherwise
+    assert an.pick(entry, 1.8)[1]["setting"] == "k2" and an.pick(entry, 2.5) is None  # never the oracle
 
 
 # ---------------------------------------------------------------------- held-out exit statistics

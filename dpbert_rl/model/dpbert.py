@@ -33,6 +33,7 @@ from torch import nn
 from .backbone import DEFAULT_BACKBONE, Backbone, Embedded, resolve_backbone_path
 from ..checks import (CheckpointError, check_checkpoint_files, check_finite_logits, check_layer_weights, check_number,
                      check_state_shapes, check_threshold, max_positions, nonfinite, read_json, read_safetensors)
+from .objectives import apply_path_calibration
 from .planner import (FEATURES, Planners, bernoulli_entropy, bernoulli_log_prob, check_budget_range, feature_dim,
                       raw_features)
 
@@ -115,6 +116,9 @@ class DPBert(nn.Module):
         self.task_info = task_info or TaskInfo()
         # the inputs' budget curve set by `dpbert-rl calibrate --inputs` (budget -> knob), see dpbert_rl.model.budget
         self.budget_table: Optional[dict] = None
+        # regression: the per-path (scale, shift) of the exact stage, (2^L, 2), applied to the head's output in
+        # every mode but soft (see dpbert_rl.model.objectives.fit_path_calibration); None: the head as it is
+        self.path_calibration: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -216,6 +220,31 @@ class DPBert(nn.Module):
         """Class ids ``(batch,)``, or the regression value for STS-B."""
         return logits.squeeze(-1) if self.is_regression else logits.argmax(-1)
 
+    def calibrate_paths(self, logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """A regression output recalibrated for the path each row took: ``scale[p] * y + shift[p]``, ``p`` the
+        bits of ``actions`` ``(B, L)``, layer 1 the most significant (as in the path tree)."""
+        L = actions.shape[1]
+        weights = 2 ** torch.arange(L - 1, -1, -1, device=actions.device)
+        ids = (actions.long() * weights).sum(1)
+        return apply_path_calibration(logits.squeeze(-1), ids, self.path_calibration).unsqueeze(-1)
+
+    def set_path_calibration(self, calibration: Optional[torch.Tensor], source: str = "path_calibration") -> None:
+        """Set (or clear, with None) the per-path recalibration: ``(2^L, 2)`` finite ``(scale, shift)`` rows,
+        for a regression head only."""
+        if calibration is None:
+            self.path_calibration = None
+            return
+        cal = torch.as_tensor(calibration, dtype=torch.float32)
+        if not self.is_regression:
+            raise ValueError(f"{source}: a per-path recalibration is for regression heads; this one has "
+                             f"{self.backbone.num_labels} labels")
+        if cal.shape != (2 ** self.num_layers, 2):
+            raise ValueError(f"{source}: expected (2^{self.num_layers}, 2) = ({2 ** self.num_layers}, 2) rows of "
+                             f"(scale, shift); got {tuple(cal.shape)}")
+        if not torch.isfinite(cal).all():
+            raise ValueError(f"{source}: non-finite values")
+        self.path_calibration = cal
+
     # ------------------------------------------------------------------ the loop
     def forward(
         self,
@@ -287,6 +316,8 @@ class DPBert(nn.Module):
 
         logits = self.classify(h)
         act = torch.stack(acts, 1).to(h.dtype)  # (B, L)
+        if self.path_calibration is not None and mode != "soft" and self.is_regression:
+            logits = self.calibrate_paths(logits, act)
         if mode == "full":
             probs_t = torch.ones_like(act)
             logp_t = torch.zeros_like(act)
@@ -336,6 +367,9 @@ class DPBert(nn.Module):
             meta["budget_range"] = list(self.planners.budget)
         if self.budget_table is not None:
             meta["budget_table"] = self.budget_table
+        if self.path_calibration is not None:
+            meta["path_calibration"] = {"scale": self.path_calibration[:, 0].tolist(),
+                                        "shift": self.path_calibration[:, 1].tolist()}
         (path / META_FILE).write_text(json.dumps(meta, indent=2))
         from .auto_files import write_auto_files
 
@@ -395,6 +429,16 @@ class DPBert(nn.Module):
         if "max_seq_length" in (meta.get("task_info") or {}):
             _check_saved_length(path, model)
         model.budget_table = meta.get("budget_table")
+        cal = meta.get("path_calibration")
+        if cal is not None:
+            try:
+                model.set_path_calibration(torch.tensor([cal["scale"], cal["shift"]], dtype=torch.float32).T,
+                                           f"{path / META_FILE}: path_calibration")
+            except (KeyError, TypeError, ValueError) as err:
+                msg = str(err) if isinstance(err, ValueError) and str(err).startswith(str(path)) else \
+                    f"{path / META_FILE}: path_calibration: expected {{'scale': [...], 'shift': [...]}} of " \
+                    f"{2 ** model.num_layers} numbers each ({type(err).__name__}: {err})"
+                raise CheckpointError(msg) from None
         return model
 
 

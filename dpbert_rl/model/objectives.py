@@ -33,6 +33,36 @@ def final_reward(reward: str, task_loss: torch.Tensor, predictions: torch.Tensor
     raise ValueError(f"unknown reward {reward!r}; expected one of {REWARDS}")
 
 
+def fit_path_calibration(predictions: torch.Tensor, labels: torch.Tensor, min_std: float = 1e-6) -> torch.Tensor:
+    """A regression head's per-path affine recalibration, ``(P, 2)`` of ``(scale, shift)``: for each path
+    ``p`` (a column of ``predictions``, ``(N, P)``), the least-squares fit ``y ~ scale_p * pred_p + shift_p``
+    over the ``N`` inputs (:func:`apply_path_calibration`).
+
+    Why: STS-B is scored by correlation over the whole split, and every path of a frozen backbone predicts on
+    its own scale (a path without layer 1 compresses and shifts its outputs). A path that ranks the inputs
+    well but off-scale scores badly under a per-input error, and a mix of paths off each other's scale loses
+    correlation that none of them loses alone. Recalibrated, each path's predictions are on the label's scale,
+    so a per-input error of the recalibrated prediction is small exactly where the path's correlation with
+    the label is high (its least-squares residual is ``var(y) (1 - rho_p^2)``). A path whose predictions do
+    not vary (std below ``min_std``) predicts the label mean."""
+    x = predictions.double()
+    y = labels.double().reshape(-1, 1)
+    xm, ym = x.mean(0), y.mean()
+    xc = x - xm
+    var = (xc ** 2).mean(0)
+    cov = (xc * (y - ym)).mean(0)
+    scale = torch.where(var > min_std ** 2, cov / var.clamp_min(min_std ** 2), torch.zeros_like(var))
+    shift = ym - scale * xm
+    return torch.stack([scale, shift], 1).to(torch.float32)
+
+
+def apply_path_calibration(predictions: torch.Tensor, path_ids: torch.Tensor, calibration: torch.Tensor) -> torch.Tensor:
+    """``scale[p] * prediction + shift[p]`` for each input's path id ``p`` (:func:`fit_path_calibration`);
+    ``predictions`` and ``path_ids`` of the same shape."""
+    cal = calibration.to(predictions.device)[path_ids.long()]
+    return cal[..., 0].to(predictions.dtype) * predictions + cal[..., 1].to(predictions.dtype)
+
+
 def reward_to_go(actions: torch.Tensor, outcome: torch.Tensor, cost: float = 1.0, lam: float = 5.0) -> torch.Tensor:
     """``R_i = sum_{j=i..L} (-c a_j) + lambda * q``: eq. (9) with any outcome term ``q`` ``(B,)``.
 

@@ -15,7 +15,8 @@ from ..model.backbone import DEFAULT_BACKBONE
 from ..model.objectives import BASELINES, RATE_CONTROLS, REWARDS, check_rate
 from ..model.planner import FEATURES
 
-STAGES = ("finetune", "planner_init", "rl", "soft", "layerdrop")
+STAGES = ("finetune", "planner_init", "rl", "soft", "layerdrop", "adapt")
+SKIP_AWARE = ("none", "layerdrop", "adapt")
 
 
 class TrainingError(RuntimeError):
@@ -176,6 +177,16 @@ class PipelineConfig(TrainConfig):
     """Backbone learning rate in stage 3 (default: lr)."""
     stage3_batch_size: Optional[int] = None
     """Inputs per batch in stage 3 (default: batch_size); each is drawn `samples` times."""
+    skip_aware: str = "none"
+    """[choice] Skip-aware backbone training, ``skip_aware_epochs`` of it: 'none'; 'layerdrop', stage 1 is
+    followed by fine-tuning on random layer subsets (``layerdrop`` rate) before stage 2; 'adapt', after stage
+    3 the backbone is fine-tuned on the paths its planners draw (``dpbert-rl adapt``) and stage 3 runs
+    again on the new backbone's path tree (one alternation)."""
+    skip_aware_epochs: float = 1.0
+    """Epochs of the skip-aware backbone training (``skip_aware``)."""
+    path_calibration: bool = True
+    """Stage 3 'exact' on a regression task: the per-path recalibration of the head's output (see
+    ``dpbert-rl exact --path-calibration``)."""
     calibrate_threshold: bool = False
     """After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy skip rate
     on the selection split matches target_rate. Needed with rate_control 'penalty', whose gates stay near
@@ -191,6 +202,12 @@ class PipelineConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.skip_aware not in SKIP_AWARE:
+            raise ValueError(f"unknown skip_aware {self.skip_aware!r}; expected one of {SKIP_AWARE}")
+        check_number(self.skip_aware_epochs, "skip_aware_epochs (--skip-aware-epochs)", low=0.0, low_open=True)
+        if self.skip_aware == "adapt" and self.stage3 != "exact":
+            raise ValueError("skip_aware 'adapt' re-fits the planners with stage3 'exact'; stage3 'rl' already trains "
+                             "the backbone on the planners' paths")
         if self.stage3 not in ("exact", "rl"):
             raise ValueError(f"unknown stage3 {self.stage3!r}; expected 'exact' or 'rl'")
         if self.stage3 == "exact" and self.rate_control == "penalty":
@@ -215,6 +232,7 @@ _NO_PLANNERS = _RL_ONLY | {"beta", "target_rate", "init_penalty", "planner_lr", 
                            "feature_stats_samples"}
 _UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
            "layerdrop": _NO_PLANNERS,
+           "adapt": _NO_PLANNERS | {"layerdrop"},
            "planner_init": _RL_ONLY | {"lr", "layerdrop"},
            "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop"},
            "rl": {"init_penalty", "layerdrop"}}

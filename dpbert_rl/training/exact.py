@@ -23,7 +23,8 @@ from ..data import GlueTask, collator, get_task, load_split, tokenize
 from ..evaluation.diagnostics import warn_if_constant
 from ..evaluation.evaluate import evaluate_model, score_run
 from ..model.dpbert import DPBert, TaskInfo
-from ..model.objectives import REWARDS, DualPrice, check_rate, final_reward
+from ..model.objectives import (REWARDS, DualPrice, apply_path_calibration, check_rate, final_reward,
+                                fit_path_calibration)
 from ..model.planner import Planners, check_budget_range, check_features
 from ..pathtree.cache import (DEFAULT_CACHE_DIR, PathTree, checkpoint_fingerprint, expected_return, greedy_paths,
                               tree_cache, tree_index)
@@ -93,6 +94,11 @@ class ExactConfig:
     return over ``budget_grid`` prices spread over the range."""
     budget_grid: int = 5
     """Prices (evenly spaced over budget_range) at which price-conditioned planners are evaluated and chosen."""
+    path_calibration: bool = True
+    """Regression (STS-B) only: recalibrate each path's output by a per-path affine map fitted on the fit
+    split's tree (``fit_path_calibration``), score the reward on the recalibrated outputs, and save the map
+    with the model (applied at inference). Correlation scores each path's ranking, not its scale; without
+    it a path that ranks well but off the label's scale is penalised, and mixing paths costs correlation."""
     threshold: float = 0.5
     """Hard-mode threshold used for the greedy paths (dual price, selection) and saved in the checkpoint."""
     select_tolerance: float = 0.05
@@ -209,6 +215,7 @@ def _train_exact(checkpoint: str, cfg: ExactConfig, out_dir: Path) -> Path:
                               progress=cfg.progress, fingerprint=fp, mmap=False)
                    for split, n in (("fit", cfg.max_train_samples), ("select", cfg.max_eval_samples)))
     model.to("cpu")
+    fit, select = recalibrate(model, fit, select, cfg)
     planners = exact_planners(model, fit, cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +276,29 @@ def load_frozen(checkpoint: str, cfg: ExactConfig) -> tuple:
     model.task_info = TaskInfo(task.name, task.display_names, max_len)
     model.threshold = cfg.threshold
     return model, task, max_len
+
+
+def recalibrate(model: DPBert, fit: PathTree, select: PathTree, cfg: ExactConfig) -> tuple:
+    """Regression with ``cfg.path_calibration``: fit the per-path recalibration on the fit tree, set it on
+    ``model`` and return both trees with their predictions, losses and ``correct`` recalibrated (in memory).
+    Otherwise the trees as they are, and the model without a recalibration (the trees hold the head's raw
+    outputs, so one inherited from an earlier stage would no longer match)."""
+    if not (fit.regression and cfg.path_calibration):
+        model.set_path_calibration(None)
+        return fit, select
+    cal = fit_path_calibration(torch.from_numpy(np.asarray(fit.predictions)), torch.from_numpy(np.asarray(fit.labels)))
+    model.set_path_calibration(cal)
+    return calibrated_tree(fit, cal), calibrated_tree(select, cal)
+
+
+def calibrated_tree(tree: PathTree, calibration: torch.Tensor) -> PathTree:
+    """A copy of a regression tree whose per-path outputs are recalibrated (the arrays in memory; the cache on
+    disk keeps the raw outputs): predictions, squared-error losses and ``|error| < 0.5``."""
+    preds = torch.from_numpy(np.asarray(tree.predictions, dtype=np.float32))
+    ids = torch.arange(preds.shape[1]).expand_as(preds)
+    cal = apply_path_calibration(preds, ids, calibration).numpy()
+    err = cal - np.asarray(tree.labels, dtype=np.float32)[:, None]
+    return replace(tree, predictions=cal, losses=(err ** 2).astype(np.float32), correct=np.abs(err) < 0.5)
 
 
 def exact_planners(model: DPBert, fit: PathTree, cfg: ExactConfig) -> Planners:

@@ -19,7 +19,7 @@ from .stages import train_stage
 
 
 def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
-                cache_dir: Optional[Path] = None) -> Path:
+                cache_dir: Optional[Path] = None, path_calibration: bool = True) -> Path:
     """Stage 3 'exact': the planners of ``init`` (a stage-2 model) trained on the exact expectation over the
     path tree of its frozen backbone (:func:`dpbert_rl.training.exact.train_exact`), with ``cfg``'s reward, rate
     control, features and selection rule. The path-tree caches go to ``cache_dir`` (default
@@ -34,7 +34,7 @@ def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, l
         lr=lr, epochs=epochs, cost=cfg.cost, lam=cfg.lam, reward=cfg.reward,
         rate_control=cfg.rate_control, target_rate=cfg.target_rate, dual_lr=cfg.dual_lr,
         entropy_coef=cfg.entropy_coef, select_tolerance=cfg.select_tolerance, seed=cfg.seed,
-        progress=cfg.progress))
+        path_calibration=path_calibration, progress=cfg.progress))
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -49,9 +49,22 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     base = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
     stage_cfg = lambda sub, **kw: replace(TrainConfig(**base), output_dir=str(out / sub), **kw)  # noqa: E731
     s1 = train_stage("finetune", stage_cfg("stage1_finetune", epochs=cfg.stage1_epochs))
-    s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(s1))
+    trained = [s1]
+    start = s1
+    if cfg.skip_aware == "layerdrop":  # the backbone sees random paths before the planners are fitted
+        start = train_stage("layerdrop", stage_cfg("stage1_layerdrop", epochs=cfg.skip_aware_epochs), init=str(s1))
+        trained.append(start)
+    s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(start))
+    trained.append(s2)
     if cfg.stage3 == "exact":
-        s3 = exact_stage(cfg, s2, out / "stage3_exact", cfg.exact_epochs, cfg.exact_lr)
+        s3 = exact_stage(cfg, s2, out / "stage3_exact", cfg.exact_epochs, cfg.exact_lr,
+                         path_calibration=cfg.path_calibration)
+        if cfg.skip_aware == "adapt":  # the backbone on the planners' paths, then the planners on its new tree
+            trained.append(s3)
+            adapted = train_stage("adapt", stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs), init=str(s3))
+            trained.append(adapted)
+            s3 = exact_stage(cfg, adapted, out / "stage3_exact_adapted", cfg.exact_epochs, cfg.exact_lr,
+                             path_calibration=cfg.path_calibration)
     else:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
                                          batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))
@@ -66,7 +79,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     )
     report["train_examples"] = json.loads((Path(s1).parent / "config.json").read_text())["train_examples"]
     # training time of every stage (also when a finished stage was reused) plus this evaluation
-    report["seconds"] = sum(json.loads((Path(s) / DONE_FILE).read_text())["seconds"] for s in (s1, s2, s3)) \
+    report["seconds"] = sum(json.loads((Path(s) / DONE_FILE).read_text())["seconds"] for s in (*trained, s3)) \
         + (time.time() - t_eval)
     report["seed"] = cfg.seed
     report["calibration"] = calibration

@@ -8,6 +8,7 @@ planner_init  soft      planners (backbone frozen)  ``ell`` [+ ``beta P``]      
 rl            sample    backbone + head + planners  eq. (12): ``ell - sum (R_i-b_i) log pi + beta P``
 soft          soft      backbone + head + planners  ``ell + beta P``            (DPBERT-soft)
 layerdrop     path      backbone + head             ``ell`` on a random layer subset (LayerDrop)
+adapt         sample    backbone + head             ``ell`` on paths drawn from the frozen planners
 ============  ========  ==========================  ==========================================
 
 Each stage reads the previous stage's checkpoint (``init``) and writes to its own directory::
@@ -52,7 +53,10 @@ from .checkpoint import (DONE_FILE, check_finite_parameters, is_checkpoint, load
 from .config import STAGES, TrainConfig, TrainingError, check_same_run
 
 
-_STAGE_MODE = {"finetune": "full", "planner_init": "soft", "rl": "sample", "soft": "soft", "layerdrop": "path"}
+_STAGE_MODE = {"finetune": "full", "planner_init": "soft", "rl": "sample", "soft": "soft", "layerdrop": "path",
+               "adapt": "sample"}
+# stages that train the backbone and head only (the planners, if any, frozen)
+_BACKBONE_ONLY = ("finetune", "layerdrop", "adapt")
 
 
 def build_model(cfg: TrainConfig, init: Optional[str] = None) -> DPBert:
@@ -113,8 +117,8 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
     else:
         out = model(**inputs, mode=_STAGE_MODE[stage])
     logs = {"losses/task_loss": out.loss.item()}
-    if stage in ("finetune", "layerdrop"):
-        if stage == "layerdrop":
+    if stage in _BACKBONE_ONLY:
+        if stage != "finetune":
             logs["charts/layers_executed"] = out.layers_executed.float().mean().item()
         return out.loss, out, logs
     with_penalty = cfg.target_rate is not None and (
@@ -186,7 +190,7 @@ def trainable_groups(stage: str, cfg: TrainConfig, model: DPBert) -> list:
     """Freeze what ``stage`` does not train; the optimizer's parameter groups for the rest (backbone with
     and without weight decay at ``lr``, planners at ``planner_lr``)."""
     train_backbone = stage != "planner_init"
-    train_planners = stage not in ("finetune", "layerdrop")
+    train_planners = stage not in _BACKBONE_ONLY
     for p in model.backbone.parameters():
         p.requires_grad_(train_backbone)
     for p in model.planners.parameters():
@@ -230,6 +234,8 @@ class StageRun:
             _prepare_planners(stage, cfg, model, self.data["train"], self.collate, fit_stats=not resuming)
         if stage == "rl" and not resuming:
             check_reward(model, self.data["train"], self.collate, cfg)
+        if stage == "adapt":
+            _check_adapt_planners(model, init)
         self.train_backbone = stage != "planner_init"
         self.groups = trainable_groups(stage, cfg, model)
         self._prepare(model)
@@ -370,7 +376,7 @@ class StageRun:
         cfg, state = self.cfg, self.state
         res = evaluate_model(self.raw, self.task, self.data["select"], self.collate, cfg.eval_batch_size,
                              self.eval_mode)
-        ok = self.stage in ("finetune", "planner_init", "layerdrop") or cfg.target_rate is None or \
+        ok = self.stage in _BACKBONE_ONLY + ("planner_init",) or cfg.target_rate is None or \
             res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance
         if ok and (state["best"] is None or res["score"] > state["best"]):
             state["best"], state["best_step"] = res["score"], step
@@ -399,6 +405,16 @@ class StageRun:
         accelerator.wait_for_everyone()
         for tracker in accelerator.trackers:  # not end_training(): it would tear down the process group
             tracker.finish()                  # that the pipeline's next stage still needs
+
+
+def _check_adapt_planners(model: DPBert, init: Optional[str]) -> None:
+    """Stage ``adapt`` fine-tunes the backbone on the paths its planners draw: they must be trained ones. A
+    regression head's per-path recalibration is dropped: it belongs to the old backbone's paths (the next
+    exact stage fits one for the new backbone)."""
+    if init is None or not bool(model.planners.stats_set):
+        raise TrainingError(f"[adapt] {init or 'the backbone'} has no trained planners: stage 'adapt' draws its "
+                            "paths from them; start it from a stage-2 or stage-3 model/")
+    model.set_path_calibration(None)
 
 
 def _prepare_planners(stage: str, cfg: TrainConfig, model: DPBert, train_set, collate, fit_stats: bool) -> None:

@@ -1,0 +1,214 @@
+"""A backbone that expects to be skipped (issue 23): the per-path regression recalibration, the ``adapt``
+stage (backbone on the planners' paths) and ``layerdrop`` before stage 2, and the pipeline's alternation."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpbert_rl.checks import CheckpointError
+from dpbert_rl.model import DPBert
+from dpbert_rl.model.objectives import apply_path_calibration, final_reward, fit_path_calibration
+from dpbert_rl.pathtree.cache import checkpoint_fingerprint
+from dpbert_rl.training import PipelineConfig, TrainConfig, run_pipeline, train_stage
+from dpbert_rl.training.exact import ExactConfig, train_exact
+from tests.conftest import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_reg_dir(tmp_path_factory) -> str:
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("reg_bert"), num_labels=1)
+    torch.manual_seed(0)
+    return str(DPBert.from_backbone(str(ckpt), num_labels=1).save(tmp_path_factory.mktemp("reg_dpbert")))
+
+
+def pearson(a, b) -> float:
+    return float(np.corrcoef(np.asarray(a, float), np.asarray(b, float))[0, 1])
+
+
+def test_recalibrated_reward_ranks_the_better_correlated_path_higher():
+    """Path A ranks the inputs perfectly but off the label's scale; path B is on scale with noise. STS-B's
+    metric prefers A; the raw bounded reward prefers B, the recalibrated one A."""
+    y = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.5, 4.5])
+    a = 0.4 * y + 2.5                                                   # correlation 1, errors up to 2.5
+    b = y + torch.tensor([0.6, -0.6, 0.6, -0.6, 0.6, -0.6, -0.6, 0.6])  # errors 0.6
+    assert pearson(a, y) > pearson(b, y)
+    preds = torch.stack([a, b], 1)  # (N, 2 paths)
+    raw = final_reward("correct", None, preds, y[:, None].expand_as(preds), regression=True).mean(0)
+    assert raw[1] > raw[0]  # the per-input error penalises A's scale
+    cal = fit_path_calibration(preds, y)
+    fixed = apply_path_calibration(preds, torch.arange(2).expand_as(preds), cal)
+    rewarded = final_reward("correct", None, fixed, y[:, None].expand_as(preds), regression=True).mean(0)
+    assert rewarded[0] > rewarded[1]
+    assert torch.allclose(fixed[:, 0], y, atol=1e-5)  # A recalibrated is exact
+    assert pearson(fixed[:, 1], y) == pytest.approx(pearson(b, y), abs=1e-6)  # an affine map keeps correlation
+
+
+def test_fit_path_calibration_is_least_squares_and_handles_a_constant_path():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 3))
+    x[:, 2] = 1.7  # a path that predicts one value
+    y = 2.0 * x[:, 0] - 1.0 + rng.normal(scale=0.1, size=50)
+    cal = fit_path_calibration(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    slope, intercept = np.polyfit(x[:, 0], y, 1)
+    assert cal[0] == pytest.approx([slope, intercept], rel=1e-5)
+    assert cal[2] == pytest.approx([0.0, y.mean()], rel=1e-5)
+
+
+def test_the_model_applies_each_rows_path_calibration_and_saves_it(tiny_reg_dir, tmp_path):
+    model = DPBert.load(tiny_reg_dir).eval()
+    L = model.num_layers
+    P = 2 ** L
+    enc = model.tokenizer(["a b c d", "e f g", "h i"], padding=True, return_tensors="pt")
+    acts = torch.tensor([[1] * L, [0] * L, [1, 0] * (L // 2)], dtype=torch.float32)
+    with torch.no_grad():
+        raw = model(**enc, mode="path", actions=acts).logits.squeeze(-1)
+        cal = torch.stack([torch.arange(P, dtype=torch.float32) + 1, torch.arange(P, dtype=torch.float32)], 1)
+        model.set_path_calibration(cal)
+        got = model(**enc, mode="path", actions=acts).logits.squeeze(-1)
+        full = model(**enc, mode="full").logits.squeeze(-1)
+    ids = [P - 1, 0, int("10" * (L // 2), 2)]  # layer 1 the most significant bit
+    assert torch.allclose(got, torch.tensor([(i + 1) * r + i for i, r in zip(ids, raw.tolist())]), atol=1e-5)
+    assert full[0].item() == pytest.approx(P * raw[0].item() + (P - 1), abs=1e-4)  # full mode: the all-ones path
+    model.save(tmp_path / "m")
+    back = DPBert.load(tmp_path / "m")
+    assert torch.equal(back.path_calibration, cal)
+    with torch.no_grad():
+        assert torch.allclose(back(**enc, mode="path", actions=acts).logits.squeeze(-1), got, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ({"scale": [1.0, 2.0], "shift": [0.0, 0.0]}, "expected (2^"),
+    ({"scale": "x"}, "path_calibration"),
+    ("nan", "path_calibration"),
+])
+def test_a_damaged_path_calibration_is_refused_naming_the_file(tiny_reg_dir, tmp_path, bad, expected):
+    model = DPBert.load(tiny_reg_dir)
+    model.save(tmp_path / "m")
+    meta_file = tmp_path / "m" / "dpbert.json"
+    meta = json.loads(meta_file.read_text())
+    meta["path_calibration"] = bad
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="dpbert.json") as err:
+        DPBert.load(tmp_path / "m")
+    assert expected in str(err.value)
+
+
+def test_a_calibration_is_for_regression_heads_only(tiny_model_dir):
+    model = DPBert.load(tiny_model_dir)
+    with pytest.raises(ValueError, match="regression"):
+        model.set_path_calibration(torch.zeros(2 ** model.num_layers, 2))
+
+
+def test_exact_on_regression_saves_the_calibration_its_reward_used(tiny_reg_dir, tiny_glue, tmp_path):
+    kw = dict(task="stsb", data_dir=str(tiny_glue), max_steps=3, progress=False, score_dev=False,
+              cache_dir=str(tmp_path / "cache"), target_rate=0.3)
+    on = DPBert.load(train_exact(tiny_reg_dir, ExactConfig(output_dir=str(tmp_path / "on"), **kw)))
+    off = DPBert.load(train_exact(tiny_reg_dir, ExactConfig(output_dir=str(tmp_path / "off"), path_calibration=False,
+                                                            **kw)))
+    assert on.path_calibration is not None and on.path_calibration.shape == (2 ** on.num_layers, 2)
+    assert off.path_calibration is None
+    # fitted on the fit tree: the full path's map is the least-squares line of its outputs on the labels
+    from dpbert_rl.pathtree.cache import tree_cache
+
+    fit = tree_cache(off, "stsb", "fit", str(tiny_glue), features="mean", cache_dir=str(tmp_path / "cache"),
+                     progress=False)
+    full = np.asarray(fit.predictions)[:, -1]
+    slope, intercept = np.polyfit(full, np.asarray(fit.labels), 1)
+    assert on.path_calibration[-1].tolist() == pytest.approx([slope, intercept], rel=1e-3, abs=1e-4)
+
+
+class LayerRows:
+    """Counts the rows every layer call of a backbone computes."""
+
+    def __init__(self, model, monkeypatch):
+        self.rows = 0
+        original = model.backbone.layer
+
+        def counted(i, hidden, *args, **kwargs):
+            self.rows += hidden.shape[0]
+            return original(i, hidden, *args, **kwargs)
+
+        monkeypatch.setattr(model.backbone, "layer", counted)
+
+
+def _skipping_stage(stage, init, tiny_glue, tmp_path, monkeypatch, **extra):
+    """Run ``stage`` for 4 training steps, counting the layer rows of the training forward passes only."""
+    import dpbert_rl.training.stages as stages
+
+    counts = {"rows": 0, "executed": 0, "possible": 0}
+    original = stages._stage_loss
+
+    def counting(stage_, cfg, model, raw_model, batch, *a, **kw):
+        counter = LayerRows(raw_model, monkeypatch)
+        loss, out, logs = original(stage_, cfg, model, raw_model, batch, *a, **kw)
+        monkeypatch.undo()  # the counter only
+        monkeypatch.setattr(stages, "_stage_loss", counting)
+        counts["rows"] += counter.rows
+        counts["executed"] += int(out.actions.sum())
+        counts["possible"] += out.actions.numel()
+        return loss, out, logs
+
+    monkeypatch.setattr(stages, "_stage_loss", counting)
+    cfg = TrainConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / stage), max_steps=4,
+                      batch_size=8, progress=False, max_seq_length=32, **extra)
+    out = train_stage(stage, cfg, init=init)
+    monkeypatch.undo()
+    return out, counts
+
+
+def test_layerdrop_training_skips_the_dropped_layers(tiny_model_dir, tiny_glue, tmp_path, monkeypatch):
+    _, c = _skipping_stage("layerdrop", tiny_model_dir, tiny_glue, tmp_path, monkeypatch, layerdrop=0.5)
+    assert c["rows"] == c["executed"] < c["possible"]
+
+
+def test_adapt_trains_the_backbone_on_the_planners_paths_and_skips(tiny_model_dir, tiny_glue, tmp_path, monkeypatch):
+    model = DPBert.load(tiny_model_dir)
+    with torch.no_grad():  # planners that execute about half the layers
+        model.planners.bias.fill_(0.0)
+        model.planners.weight.zero_()
+    model.planners.set_feature_stats(torch.zeros_like(model.planners.feature_mean),
+                                     torch.ones_like(model.planners.feature_std))
+    init = model.save(tmp_path / "planned")
+    out, c = _skipping_stage("adapt", str(init), tiny_glue, tmp_path, monkeypatch, lr=1e-3)
+    assert c["rows"] == c["executed"] < c["possible"] and c["executed"] > 0
+    adapted = DPBert.load(out)
+    before = DPBert.load(init)
+    assert torch.equal(adapted.planners.weight, before.planners.weight)  # frozen
+    moved = [n for (n, p), q in zip(adapted.backbone.named_parameters(), before.backbone.parameters())
+             if not torch.equal(p, q)]
+    assert moved  # the backbone learnt
+    # the alternation's next exact stage reads a new path tree: the key follows the weights
+    assert checkpoint_fingerprint(adapted) != checkpoint_fingerprint(before)
+    assert checkpoint_fingerprint(str(out)) != checkpoint_fingerprint(str(init))
+
+
+def test_adapt_needs_trained_planners(tiny_ckpt, tiny_glue, tmp_path):
+    from dpbert_rl.training.config import TrainingError
+
+    cfg = TrainConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "a"), max_steps=1,
+                      progress=False, max_seq_length=32)
+    with pytest.raises(TrainingError, match="no trained planners"):
+        train_stage("adapt", cfg, init=str(tiny_ckpt))
+
+
+def test_pipeline_alternation_refits_the_planners_on_a_new_tree(tiny_ckpt, tiny_glue, tmp_path):
+    out = tmp_path / "p"
+    cfg = PipelineConfig(task="rte", data_dir=str(tiny_glue), backbone=str(tiny_ckpt), output_dir=str(out),
+                         max_steps=2, batch_size=8, max_seq_length=32, progress=False, skip_aware="adapt",
+                         latency_samples=4, latency_repeats=1)
+    report = run_pipeline(cfg)
+    first = json.loads((out / "stage3_exact" / "config.json").read_text())["caches"]["fit"]
+    second = json.loads((out / "stage3_exact_adapted" / "config.json").read_text())["caches"]["fit"]
+    assert first != second
+    assert Path(report["checkpoint"]).parent.name == "stage3_exact_adapted"
+    assert json.loads((out / "stage3_adapt" / "config.json").read_text())["init"].endswith("stage3_exact/model")
+
+
+def test_pipeline_refuses_an_unknown_skip_aware_choice():
+    with pytest.raises(ValueError, match="skip_aware"):
+        PipelineConfig(task="rte", skip_aware="dropout").validate()
+    with pytest.raises(ValueError, match="stage3 'exact'"):
+        PipelineConfig(task="rte", skip_aware="adapt", stage3="rl").validate()
