@@ -284,7 +284,7 @@ def write_report(results: dict, out_dir: Path) -> None:
               f"tasks{': ' + ', '.join(met) if met else ''} (the target: at least 3 of 4).", ""]
     # what to pick
     lines += ["## What a user should pick", "",
-              f"At each speed-up, every method's setting chosen on the selection split among those with a selection "
+              "At each speed-up, every method's setting chosen on the selection split among those with a selection "
               f"ideal speed-up of that or more (as above), then the method with the best selection score; its dev "
               f"score and measured speed-up as reported.", ""]
     rows = []

@@ -18,10 +18,14 @@ from tests.conftest import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def tiny_reg_dir(tmp_path_factory) -> str:
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("reg_bert"), num_labels=1)
+def tiny_reg_ckpt(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("reg_bert"), num_labels=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_reg_dir(tiny_reg_ckpt, tmp_path_factory) -> str:
     torch.manual_seed(0)
-    return str(DPBert.from_backbone(str(ckpt), num_labels=1).save(tmp_path_factory.mktemp("reg_dpbert")))
+    return str(DPBert.from_backbone(str(tiny_reg_ckpt), num_labels=1).save(tmp_path_factory.mktemp("reg_dpbert")))
 
 
 def pearson(a, b) -> float:
@@ -212,3 +216,25 @@ def test_pipeline_refuses_an_unknown_skip_aware_choice():
         PipelineConfig(task="rte", skip_aware="dropout").validate()
     with pytest.raises(ValueError, match="stage3 'exact'"):
         PipelineConfig(task="rte", skip_aware="adapt", stage3="rl").validate()
+
+
+def test_skip_aware_benchmark_runs_every_candidate_and_names_a_default(tiny_reg_ckpt, tiny_glue, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import skip_aware
+
+    out = tmp_path / "results"
+    skip_aware.main(["--data-dir", str(tiny_glue), "--tasks", "stsb", "--backbone", str(tiny_reg_ckpt),
+                     "--output-dir", str(tmp_path / "runs"), "--stage1-from", str(tmp_path / "none"),
+                     "--results-dir", str(out), "--max-steps", "2", "--target-rates", "0.5", "--exact-epochs", "1",
+                     "--threads", "1", "--allow-mixed"])
+    res = json.loads((out / "skip_aware.json").read_text())
+    cands = res["tasks"]["stsb"]["candidates"]
+    assert set(cands) == {"none", "layerdrop", "adapt", "none_raw"}  # regression: the reward change alone too
+    assert all(c["rates"]["0.5"]["path_calibration"] for n, c in cands.items() if n != "none_raw")
+    assert not cands["none_raw"]["rates"]["0.5"]["path_calibration"]
+    assert cands["adapt"]["rates"]["0.5"]["model"].endswith("adapt_exact_r0.5/model")
+    best, means = skip_aware.choose_default(res)
+    assert best in ("none", "layerdrop", "adapt") and set(means) == {"none", "layerdrop", "adapt"}
+    assert f"Best: **{best}**" in (out / "skip_aware.md").read_text()

@@ -1,0 +1,261 @@
+"""Benchmark: which skip-aware backbone training DPBERT's pipeline uses, chosen on the selection split at an
+equal training budget (issue 23).
+
+On each task, from the trade-off benchmark's stage-1 backbone (``runs/tradeoff/<task>/stage1_finetune``,
+linked, trained if missing with the same settings), every candidate trains the backbone for the same
+``--extra-epochs`` beyond stage 1 as BERT-kL and the early exits do in ``benchmarks/tradeoff.py``:
+stage 2 (the planners, backbone frozen) takes ``--stage2-share`` of them, the skip-aware backbone training
+the rest (the exact stage's passes over the path tree train the planners only):
+
+* ``none``: stage 1 -> stage 2 -> exact (the pipeline before issue 23; the backbone never sees a skip);
+* ``layerdrop``: stage 1 -> LayerDrop fine-tuning (random layer subsets, ``--layerdrop``) -> stage 2 -> exact;
+* ``adapt``: stage 1 -> stage 2 -> exact -> ``adapt`` (backbone and head on the paths the frozen planners
+  draw) -> exact again on the new backbone's path tree (one alternation).
+
+Each at every ``--target-rates`` value (the exact stage's dual price holds the skip rate). On a regression
+task (STS-B) each candidate runs with the per-path recalibration of the reward and the head (the exact
+stage's default) and ``none`` also without it (``none_raw``): the reward change measured alone.
+
+Every choice reads the selection split: the exact stage's chosen planners (best selection score at the
+rate), and the candidate the pipeline should default to (the best mean selection score over tasks and
+rates). Dev is scored once per final model (the exact stage's ``DONE``) and only reported.
+
+Outputs ``benchmarks/results/skip_aware.json`` (``commit``, ``command``, ``machine``, ``tasks -> task ->
+candidates -> name -> rates -> r -> {select_score, select_layers, dev_score, dev_layers, seconds}``) and
+``skip_aware.md``. Models under ``runs/skip_aware/<task>/``: a re-run resumes where it stopped.
+
+    python benchmarks/skip_aware.py --data-dir ../shared/data/glue --tasks stsb,sst2
+    python benchmarks/skip_aware.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import RESULTS, check_one_commit, command, markdown_table, pinned_code_commit  # noqa: E402
+
+CANDIDATES = ("none", "layerdrop", "adapt")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
+    ap.add_argument("--tasks", default="stsb,sst2", help="comma-separated GLUE tasks, one after another")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES), help=f"some of {', '.join(CANDIDATES)}")
+    ap.add_argument("--backbone", default=None, help="default: the packaged MiniLM")
+    ap.add_argument("--output-dir", default="runs/skip_aware", help="trained models (resumable)")
+    ap.add_argument("--stage1-from", default="runs/tradeoff",
+                    help="reuse <dir>/<task>/stage1_finetune when it is finished (linked, not copied)")
+    ap.add_argument("--results-dir", default=str(RESULTS))
+    ap.add_argument("--report-only", action="store_true", help="only rewrite skip_aware.md from skip_aware.json")
+    ap.add_argument("--allow-mixed", action="store_true", help="merge results of another code commit (marked)")
+    g = ap.add_argument_group("budget (the trade-off benchmark's defaults)")
+    g.add_argument("--stage1-epochs", type=float, default=3.0)
+    g.add_argument("--extra-epochs", type=float, default=1.0, help="epochs beyond stage 1, as every baseline's")
+    g.add_argument("--stage2-share", type=float, default=0.5, help="the part of --extra-epochs stage 2 takes")
+    g.add_argument("--lr", type=float, default=1e-4, help="stage-1 and stage-2 learning rate")
+    g.add_argument("--adapt-lr", type=float, default=5e-5, help="the skip-aware backbone training's (as the baselines')")
+    g.add_argument("--layerdrop", type=float, default=0.3)
+    g.add_argument("--target-rates", default="0.3,0.5")
+    g.add_argument("--exact-epochs", type=float, default=20.0)
+    g.add_argument("--exact-lr", type=float, default=1e-2)
+    g.add_argument("--max-train-samples", type=int, default=None, help="default per task: as tradeoff.py")
+    g.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (smoke tests)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lam", type=float, default=1.0)
+    g.add_argument("--cost", type=float, default=0.05)
+    g.add_argument("--dual-lr", type=float, default=0.02)
+    g.add_argument("--beta", type=float, default=200.0)
+    g.add_argument("--evals-per-epoch", type=int, default=3)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--threads", type=int, default=2, help="torch threads for the whole run")
+    args = ap.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    bad = set(args.candidates) - set(CANDIDATES)
+    if bad:
+        ap.error(f"unknown candidates {sorted(bad)}; expected some of {', '.join(CANDIDATES)}")
+    args.target_rates = [float(r) for r in args.target_rates.split(",")]
+    if not 0 < args.stage2_share < 1:
+        ap.error("--stage2-share must be in (0, 1)")
+    return args
+
+
+class Task:
+    """One task's stage-1 backbone, stage 2 and the candidates' stages, each reused when finished."""
+
+    def __init__(self, task: str, args):
+        from dataclasses import replace
+
+        from dpbert_rl.data import get_task
+        from dpbert_rl.training import TrainConfig, stage_done, train_stage
+        from tradeoff_methods import TASK_SETTINGS
+
+        self.task, self.args, self.t = task, args, get_task(task)
+        self.root = (Path(args.output_dir) / task).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        max_train = args.max_train_samples or TASK_SETTINGS.get(task, {}).get("max_train_samples")
+        backbone = {"backbone": args.backbone} if args.backbone else {}
+        self.base = TrainConfig(task=task, data_dir=args.data_dir, **backbone, lr=args.lr, epochs=args.stage1_epochs,
+                                evals_per_epoch=args.evals_per_epoch, seed=args.seed, progress=False,
+                                batch_size=args.batch_size, lam=args.lam, beta=args.beta, cost=args.cost,
+                                dual_lr=args.dual_lr, max_train_samples=max_train, max_steps=args.max_steps)
+        self.replace, self.train_stage = replace, train_stage
+        s1 = self.root / "stage1_finetune"
+        shared = Path(args.stage1_from) / task / "stage1_finetune"
+        if not s1.exists() and stage_done(shared):
+            s1.symlink_to(shared.resolve(), target_is_directory=True)
+        self.s1 = train_stage("finetune", self.config("stage1_finetune"))
+        self.backbone_epochs = args.extra_epochs * (1 - args.stage2_share)
+
+    def config(self, sub: str, **kw):
+        return self.replace(self.base, output_dir=str(self.root / sub), **kw)
+
+    def stage2(self, init: Path, sub: str) -> Path:
+        a = self.args
+        return self.train_stage("planner_init", self.config(sub, epochs=a.extra_epochs * a.stage2_share,
+                                                            target_rate=a.target_rates[0]), init=str(init))
+
+    def exact(self, init: Path, sub: str, r: float, calibration: bool = True) -> Path:
+        from dpbert_rl.training import exact_stage
+
+        a = self.args
+        return exact_stage(self.config(sub, target_rate=r), init, self.root / sub, a.exact_epochs, a.exact_lr,
+                           cache_dir=self.root / "pathtree", path_calibration=calibration)
+
+    def candidate(self, name: str) -> dict:
+        """``{rate: final model}`` of one candidate (and ``none_raw`` on regression)."""
+        a = self.args
+        out = {}
+        if name == "layerdrop":
+            ld = self.train_stage("layerdrop", self.config("layerdrop", epochs=self.backbone_epochs, lr=a.adapt_lr,
+                                                            layerdrop=a.layerdrop), init=str(self.s1))
+            s2 = self.stage2(ld, "layerdrop_stage2")
+        else:
+            s2 = self.stage2(self.s1, "stage2")
+        for r in a.target_rates:
+            tag = f"r{r:g}"
+            if name == "layerdrop":
+                out[r] = self.exact(s2, f"layerdrop_exact_{tag}", r)
+            elif name == "none":
+                out[r] = self.exact(s2, f"exact_{tag}", r)
+            else:  # adapt: the backbone on the paths of the rate's planners, then the planners on its new tree
+                first = self.exact(s2, f"exact_{tag}", r)
+                adapted = self.train_stage("adapt", self.config(f"adapt_{tag}", epochs=self.backbone_epochs,
+                                                                lr=a.adapt_lr, target_rate=r), init=str(first))
+                out[r] = self.exact(adapted, f"adapt_exact_{tag}", r)
+        return out
+
+    def raw_candidate(self) -> dict:
+        """``none`` without the per-path recalibration (regression only)."""
+        s2 = self.stage2(self.s1, "stage2")
+        return {r: self.exact(s2, f"exact_raw_r{r:g}", r, calibration=False) for r in self.args.target_rates}
+
+
+def summary(model_dir: Path, t0: float) -> dict:
+    done = json.loads((model_dir / "DONE").read_text())
+    sel = json.loads((model_dir / "selection.json").read_text()).get("select") or {}
+    dev = done.get("dev") or {}
+    return {"select_score": done.get("best_select"), "select_layers": sel.get("layers_executed_mean"),
+            "dev_score": dev.get("score"), "dev_layers": dev.get("layers_executed_mean"),
+            "path_calibration": "path_calibration" in json.loads((model_dir / "dpbert.json").read_text()),
+            "model": str(model_dir), "seconds": round(time.time() - t0, 1)}
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def run(args) -> dict:
+    import torch
+
+    from dpbert_rl.evaluation.latency import machine_info
+
+    torch.set_num_threads(args.threads)
+    path = Path(args.results_dir) / "skip_aware.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    commit = pinned_code_commit()
+    check_one_commit([results.get("commit")] if results.get("tasks") else [], commit, args.allow_mixed,
+                     "skip_aware.json")
+    results.update({"commit": commit, "command": command(), "machine": machine_info(),
+                    "budget": {k: getattr(args, k) for k in ("stage1_epochs", "extra_epochs", "stage2_share",
+                                                             "adapt_lr", "layerdrop", "target_rates", "exact_epochs")}})
+    for task in args.tasks:
+        t = Task(task, args)
+        entry = results.setdefault("tasks", {}).setdefault(task, {"metric": t.t.metric, "candidates": {}})
+        names = list(args.candidates) + (["none_raw"] if t.t.is_regression and "none" in args.candidates else [])
+        for name in names:
+            t0 = time.time()
+            print(f"[{task}] {name} ...", flush=True)
+            models = t.raw_candidate() if name == "none_raw" else t.candidate(name)
+            entry["candidates"][name] = {"rates": {f"{r:g}": summary(m, t0) for r, m in models.items()},
+                                         "commit": commit}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2))
+            print(f"[{task}] {name}: " + ", ".join(f"r={r}: selection {_num(v['select_score'])} at "
+                                                   f"{_num(v['select_layers'])} layers"
+                                                   for r, v in entry["candidates"][name]["rates"].items()), flush=True)
+    return results
+
+
+def choose_default(results: dict) -> tuple:
+    """The candidate with the best selection score averaged over every task and rate that all candidates ran
+    (``none_raw`` is not a pipeline choice); returns ``(name, {name: mean})``."""
+    tasks = results.get("tasks", {})
+    names = [c for c in CANDIDATES if all(c in e["candidates"] for e in tasks.values())]
+    means = {}
+    for c in names:
+        # a rate whose planners never met the skip-rate rule has no selection score: it counts as 0
+        vals = [v["select_score"] or 0.0 for e in tasks.values() for v in e["candidates"][c]["rates"].values()]
+        means[c] = sum(vals) / len(vals) if vals else float("nan")
+    best = max(means, key=means.get) if means else None
+    return best, means
+
+
+def write_report(results: dict, out_dir: Path) -> Path:
+    rows = []
+    for task, e in results.get("tasks", {}).items():
+        for name, c in e["candidates"].items():
+            for r, v in c["rates"].items():
+                rows.append({"task": f"{task} ({e['metric']})", "candidate": name, "r": r, **v})
+    best, means = choose_default(results)
+    lines = ["# Skip-aware backbone training: the candidates on the selection split (MiniLM-L6, CPU)", "",
+             "Written by `benchmarks/skip_aware.py`; do not edit by hand. Every candidate trains the backbone for the "
+             "same epochs beyond stage 1 as the trade-off benchmark's baselines (see the script's docstring). "
+             "Selection: the exact stage's chosen planners at the rate, scored on the selection split. Dev: scored "
+             "once on the final model, reported only.", "",
+             f"Commit {results.get('commit')}; command `{results.get('command')}`; budget {results.get('budget')}.", "",
+             markdown_table(rows, [("task", "task", ""), ("candidate", "candidate", ""), ("target r", "r", ""),
+                                   ("selection", "select_score", ".2f"), ("layers (selection)", "select_layers", ".2f"),
+                                   ("dev", "dev_score", ".2f"), ("layers (dev)", "dev_layers", ".2f"),
+                                   ("seconds", "seconds", ".0f")]), "",
+             "## The pipeline's default", "",
+             "Mean selection score over every task and rate: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items())
+             + (f". Best: **{best}**." if best else "."), ""]
+    out = out_dir / "skip_aware.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out_dir = Path(args.results_dir)
+    if args.report_only:
+        results = json.loads((out_dir / "skip_aware.json").read_text())
+    else:
+        if not args.data_dir:
+            raise SystemExit("--data-dir (or $GLUE_DIR) is needed: the local GLUE directory")
+        results = run(args)
+    print(f"report written to {write_report(results, out_dir)}")
+
+
+if __name__ == "__main__":
+    main()
