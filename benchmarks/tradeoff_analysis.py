@@ -285,8 +285,8 @@ def write_report(results: dict, out_dir: Path) -> None:
     # what to pick
     lines += ["## What a user should pick", "",
               "At each speed-up, every method's setting chosen on the selection split among those with a selection "
-              f"ideal speed-up of that or more (as above), then the method with the best selection score; its dev "
-              f"score and measured speed-up as reported.", ""]
+              "ideal speed-up of that or more (as above), then the method with the best selection score; its dev "
+              "score and measured speed-up as reported.", ""]
     rows = []
     for t, e in tasks.items():
         row = {"task": t}
