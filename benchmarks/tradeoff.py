@@ -49,6 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, check_one_commit, command, pinned_code_commit  # noqa: E402
+from code_hash import method_code_hash  # noqa: E402
 from tradeoff_analysis import (LABELS, METHODS, TARGET_WINDOW, WINDOW, best_in_window, choose,  # noqa: E402,F401
                                chosen_summary, envelope_at, front, headline, is_noisy, merge, oracle_gap,
                                target_check, task_noise, write_device_report, write_report)
@@ -63,6 +64,11 @@ from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 
 
 # ---------------------------------------------------------------------- one task
+def code_hashes() -> dict:
+    """Every method's code hash (:func:`code_hash.method_code_hash`: its runner and what every method shares)."""
+    return {name: method_code_hash(fn, (TaskRun,)) for name, fn in RUNNERS.items()}
+
+
 def run_task(task: str, args, results: dict, save) -> None:
     """Every method of ``args.methods`` on ``task``, one after another; each method's result is cached
     (``points/<method>.json``) and merged into ``results`` (then ``save()``) as soon as it is done."""
@@ -73,11 +79,19 @@ def run_task(task: str, args, results: dict, save) -> None:
                   "select_examples": len(run.select), "train_examples": len(run.train)})
     results["selection"]["tasks"][task] = {"select_examples": len(run.select), "train_examples": len(run.train),
                                            "calibration_examples": len(run.calib)}
+    previous = getattr(args, "previous", {}).get("tasks", {}).get(task, {}).get("methods", {})
     for name in args.methods:
         cache = run.points_dir / f"{name}.json"
-        if cache.is_file() and not args.recompute:
+        code = results["code_hashes"][name]
+        prior = previous.get(name)
+        if not args.recompute and prior and prior.get("code_hash") == code and prior.get("commit") != args.code_commit:
+            # the code this method runs is unchanged since the commit that measured it: its points are reused
+            out = {**prior, "reused": True}
+            print(f"[{task}] {name}: reused from commit {str(prior.get('commit'))[:12]} (its code hash is unchanged)")
+        elif cache.is_file() and not args.recompute:
             out = json.loads(cache.read_text())
-            check_one_commit([out.get("commit")], args.code_commit, args.allow_mixed, f"the cached points {cache}")
+            if out.get("code_hash") != code:
+                check_one_commit([out.get("commit")], args.code_commit, args.allow_mixed, f"the cached points {cache}")
         else:
             t0 = time.time()
             print(f"[{task}] {name} ...", flush=True)
@@ -85,6 +99,7 @@ def run_task(task: str, args, results: dict, save) -> None:
             out = RUNNERS[name](run)
             out["seconds"] = time.time() - t0
             out["commit"], out["command"], out["machine"] = args.code_commit, command(), machine_info()
+            out["code_hash"] = code
             out["noisy"] = is_noisy(out.get("self_speedup")) if out["points"] else False
             if name == "backbone":
                 out["chosen"] = chosen_summary(out["points"][0])
@@ -306,16 +321,18 @@ def main(argv=None) -> None:
         print(f"wrote {retime(args, out_dir)}")
         return
     results = {"commit": args.code_commit, "command": command(), "machine": machine_info(),
+               "code_hashes": code_hashes(),
                "selection": selection_info(), "args": {k: v for k, v in vars(args).items()},
                "budget": {"stage1_epochs": args.stage1_epochs, "extra_epochs": args.extra_epochs,
                           "stage2_share": args.stage2_share, "train_subsets": {t: (args.max_train_samples or
                           TASK_SETTINGS.get(t, {}).get("max_train_samples")) for t in args.tasks}}}
 
     fresh = args.fresh
+    rerun = {(t, m) for t in args.tasks for m in args.methods}
 
     def save():
         existing = json.loads(path.read_text()) if path.is_file() and not fresh else {}
-        merged = merge(existing, results, args.allow_mixed)
+        merged = merge(existing, results, args.allow_mixed, rerun)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(merged, indent=2))
         tmp.replace(path)
@@ -323,7 +340,8 @@ def main(argv=None) -> None:
         plot(merged, out_dir)
 
     if path.is_file() and not fresh:  # refuse before training, not after
-        merge(json.loads(path.read_text()), {**results, "tasks": {}}, args.allow_mixed)
+        args.previous = json.loads(path.read_text())
+        merge(args.previous, {**results, "tasks": {}}, args.allow_mixed, rerun)
     for task in args.tasks:
         run_task(task, args, results, save)
         fresh = False  # from the first save on, this run's file is the one to merge into

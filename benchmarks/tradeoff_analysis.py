@@ -164,14 +164,28 @@ def task_noise(entry: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- merging results files
-def merge(existing: dict, incoming: dict, allow_mixed: bool = False) -> dict:
+def current_code(entry: dict, method: str, hashes: dict) -> bool:
+    """A method's results were measured by the code it runs now: their code hash (recorded with them) is this
+    run's (``hashes``: ``code_hashes`` of the results file)."""
+    return entry.get("code_hash") is not None and entry.get("code_hash") == hashes.get(method)
+
+
+def merge(existing: dict, incoming: dict, allow_mixed: bool = False, rerun=()) -> dict:
     """``incoming`` (this run) merged into ``existing`` (the results file), method by method.
 
     Refuses (:class:`_common.MixedRunError`) results of another code commit or a dirty tree unless
-    ``allow_mixed``; then the file records ``mixed_commits`` and the report marks those methods."""
-    commits = [existing.get("commit")] + [e.get("commit") for t in existing.get("tasks", {}).values()
-                                          for e in t.get("methods", {}).values()]
-    commits += [e.get("commit") for t in incoming.get("tasks", {}).values() for e in t.get("methods", {}).values()]
+    ``allow_mixed``; then the file records ``mixed_commits`` and the report marks those methods. Results of
+    another commit whose method's code hash is this run's (:func:`current_code`) are not mixed: that code did
+    not change. What this run re-runs (``rerun``: ``(task, method)`` pairs) replaces the old results, so those are
+    not checked."""
+    hashes = incoming.get("code_hashes", {})
+    rerun = set(rerun)
+    commits = [e.get("commit") for t, te in existing.get("tasks", {}).items() for m, e in te.get("methods", {}).items()
+               if (t, m) not in rerun and not current_code(e, m, hashes)]
+    if not existing.get("tasks"):
+        commits.append(existing.get("commit"))
+    commits += [e.get("commit") for t in incoming.get("tasks", {}).values() for m, e in t.get("methods", {}).items()
+                if not current_code(e, m, hashes)]
     seen = check_one_commit([c for c in commits if c], incoming["commit"], allow_mixed, "tradeoff.json")
     merged = {k: v for k, v in existing.items() if k != "tasks"}
     merged.update({k: v for k, v in incoming.items() if k not in ("tasks", "selection", "budget")})
@@ -237,7 +251,7 @@ def write_report(results: dict, out_dir: Path) -> None:
                 p = best_in_window(pts, *WINDOW)
             else:
                 p = choose(pts, *WINDOW)
-            cells.append(_cell(p, me.get("commit") in (None, top)))
+            cells.append(_cell(p, me.get("commit") in (None, top) or current_code(me, n, results.get("code_hashes", {}))))
         lines.append(f"| {LABELS[n]} | " + " | ".join(cells) + " |")
     lines.append("| *backbone timed against itself* | " + " | ".join(
         "-" if e.get("self_speedup") is None else f"{e['self_speedup']:.3f}x" + (" (noisy)" if e.get("noisy") else "")

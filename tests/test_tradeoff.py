@@ -554,3 +554,46 @@ def test_no_choice_reads_dev_end_to_end(tiny_glue_big, spread_ckpt, tmp_path, mo
     assert timed.with_suffix(".png").is_file()
     md = (tmp_path / "a" / "results" / "tradeoff.md").read_text()
     assert "Table 1" in md and "selection split" in md
+
+
+def test_results_of_another_commit_merge_when_the_methods_code_hash_is_unchanged(tmp_path):
+    an = bench("tradeoff_analysis")
+    pt = {"setting": "x", "score": 70.0, "speedup_measured": 1.5, "speedup_ideal": 1.5, "layers_executed_mean": 4.0,
+          "select_score": 71.0, "select_speedup_ideal": 1.5}
+    a, b = "a" * 40, "b" * 40
+    old = {"commit": a, "tasks": {"rte": {"metric": "accuracy", "methods": {
+        "pabee": {"commit": a, "code_hash": "h-pabee", "points": [pt]},
+        "deebert": {"commit": a, "code_hash": "h-old", "points": [pt]}}}}}
+    new = {"commit": b, "code_hashes": {"pabee": "h-pabee", "deebert": "h-new", "bert_kl": "h-kl"},
+           "tasks": {"rte": {"metric": "accuracy", "methods": {"bert_kl": {"commit": b, "code_hash": "h-kl",
+                                                                           "points": [pt]}}}}}
+    with pytest.raises(bench("_common").MixedRunError):  # DeeBERT's code changed and it is not re-run
+        an.merge(old, new)
+    merged = an.merge(old, new, rerun={("rte", "deebert")})  # re-run: its old results are replaced
+    assert "mixed_commits" not in merged
+    an.write_report(merged, tmp_path)
+    md = (tmp_path / "tradeoff.md").read_text()
+    assert "| PABEE | 70.00 (1.50x) |" in md  # its code did not change: not marked as another commit's
+    assert "| DeeBERT | 70.00 (1.50x) † |" in md  # its code did (here not re-run yet: marked)
+
+
+def test_a_methods_code_hash_follows_the_code_it_runs(tmp_path, monkeypatch):
+    import importlib
+
+    ch = bench("code_hash")
+    tm = bench("tradeoff_methods")
+    files = {n: {str(p.relative_to(ch.ROOT)) for p in ch.code_files(fn)[1]} for n, fn in tm.RUNNERS.items()}
+    assert "dpbert_rl/training/exact.py" in files["dpbert"]  # through exact_stage -> pipeline -> exact
+    assert "dpbert_rl/training/exact.py" not in files["deebert"] | files["static_path"]
+    assert "dpbert_rl/baselines/exit_training.py" in files["berxit"]
+    # a change in a helper the runner calls changes the hash; one in a function it never reaches does not
+    mod = tmp_path / "fake_methods.py"
+    src = "def helper():\n    return 1\n\ndef other():\n    return 2\n\ndef runner():\n    return helper()\n"
+    mod.write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake = importlib.import_module("fake_methods")
+    before = ch.method_code_hash(fake.runner)
+    mod.write_text(src.replace("return 2", "return 3"))
+    assert ch.method_code_hash(importlib.reload(fake).runner) == before
+    mod.write_text(src.replace("return 1", "return 5"))
+    assert ch.method_code_hash(importlib.reload(fake).runner) != before
