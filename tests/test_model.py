@@ -275,3 +275,54 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a trained DPBERT"):
         make_tiny_checkpoint(tmp_path / "plain")
         DPBert.load(tmp_path / "plain", require_planners=True)
+
+
+@pytest.mark.parametrize("features", ["cls", "mean", "cls+mean"])
+@pytest.mark.parametrize("budget", [None, (-0.1, 0.1)])
+def test_the_lean_inference_path_decides_as_the_planners_do(tiny_ckpt, features, budget, monkeypatch):
+    """Under no_grad, hard mode reads the planners through Planners.decider, and at batch size 1 decides with
+    Python bools and calls only the executed layers: the same paths, logits and planner outputs as the
+    reference loop (with gradients on), and no layer computed for a skipped one."""
+    from dpbert_rl.model.backbone import Backbone
+    from dpbert_rl.model.planner import Planners
+
+    torch.manual_seed(1)
+    model = DPBert.from_backbone(str(tiny_ckpt)).eval()
+    p = Planners(model.num_layers, model.backbone.hidden_size, 0.0, features=features, budget=budget)
+    torch.nn.init.normal_(p.weight, std=2.0)
+    if budget:
+        torch.nn.init.normal_(p.budget_weight, std=1.0)
+        p.set_price(0.05)
+    p.set_feature_stats(torch.randn_like(p.feature_mean) * 0.1, torch.rand_like(p.feature_std) + 0.5)
+    model.planners = p
+    texts = ["the film was a good one", "bad", "a b c d e f g h i", "not at all what i wanted", "fine"]
+    rows = []
+    real = Backbone.layer
+
+    def spy(self, i, hidden, *args, **kw):
+        rows.append(hidden.shape[0])
+        return real(self, i, hidden, *args, **kw)
+
+    monkeypatch.setattr(Backbone, "layer", spy)
+    seen = []
+    for thr in (0.5, 0.3, 0.9):
+        enc = model.tokenizer(texts, padding=True, return_tensors="pt")
+        ref = model(**enc, mode="hard", threshold=thr)  # gradients on: the reference loop
+        with torch.no_grad():
+            lean = model(**enc, mode="hard", threshold=thr)
+        assert torch.equal(lean.actions, ref.actions)
+        seen += ref.actions.flatten().tolist()
+        assert torch.allclose(lean.logits, ref.logits, atol=1e-5) and torch.allclose(lean.probs, ref.probs, atol=1e-5)
+        for k, t in enumerate(texts):
+            one = model.tokenizer([t], return_tensors="pt")
+            single_ref = model(**one, mode="hard", threshold=thr)
+            rows.clear()
+            with torch.no_grad():
+                single = model(**one, mode="hard", threshold=thr)
+            assert torch.equal(single.actions, single_ref.actions)
+            assert len(rows) == int(single.actions.sum())  # a skipped layer is not computed
+            assert torch.allclose(single.logits, single_ref.logits, atol=1e-5)
+            assert torch.allclose(single.log_probs, single_ref.log_probs, atol=1e-5)
+            path = model(**one, mode="path", actions=single.actions[0], planners=False)
+            assert torch.allclose(path.logits, single.logits, atol=1e-5)
+    assert 0 < sum(seen) < len(seen)  # both decisions occur

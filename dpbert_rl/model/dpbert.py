@@ -291,16 +291,29 @@ class DPBert(nn.Module):
 
         acts, logits_per_layer = [], []
         logit_thr = math.log(thr / (1.0 - thr)) if 0.0 < thr < 1.0 else (-math.inf if thr <= 0 else math.inf)
+        # inference: the planners' per-batch work once, not per layer (Planners.decider); one input: each
+        # decision a Python bool, and a skipped layer costs nothing but the planner (no row bookkeeping)
+        decide = self.planners.decider(mask, h.dtype) if mode == "hard" and not torch.is_grad_enabled() else None
+        single = B == 1 and mode in ("hard", "path")
+        if single:
+            thr_item = torch.tensor(logit_thr, dtype=h.dtype).item()  # the threshold as the tensor comparison sees it
+            given = actions[0].tolist() if mode == "path" else None
         for i in range(L):
             if mode == "full":
                 a = torch.ones(B, dtype=torch.bool, device=h.device)
                 h = self.execute(i, h, mask, None, bias)
             else:
-                logit = self.plan(i, h, mask) if planners else None  # (B,); a given path needs no decision
+                logit = None  # a given path needs no decision
+                if planners:
+                    logit = decide(i, h) if decide is not None else self.plan(i, h, mask)  # (B,)
                 if mode == "soft":
                     p = torch.sigmoid(logit)
                     a = p >= 0.5
                     h = self.soft_execute(i, h, mask, p, bias)
+                elif single:
+                    a = logit.item() >= thr_item if mode == "hard" else bool(given[i])  # p_i >= thr, eq. (5)
+                    if a:
+                        h = self.backbone.layer(i, h, mask, bias)
                 else:
                     if mode == "hard":
                         a = logit >= logit_thr  # p_i >= thr, eq. (5)
@@ -315,7 +328,10 @@ class DPBert(nn.Module):
             acts.append(a)
 
         logits = self.classify(h)
-        act = torch.stack(acts, 1).to(h.dtype)  # (B, L)
+        if single:
+            act = torch.tensor([acts], dtype=h.dtype, device=h.device)  # (1, L)
+        else:
+            act = torch.stack(acts, 1).to(h.dtype)  # (B, L)
         if self.path_calibration is not None and mode != "soft" and self.is_regression:
             logits = self.calibrate_paths(logits, act)
         if mode == "full":
