@@ -310,6 +310,9 @@ def test_the_lean_inference_path_decides_as_the_planners_do(tiny_ckpt, features,
         ref = model(**enc, mode="hard", threshold=thr)  # gradients on: the reference loop
         with torch.no_grad():
             lean = model(**enc, mode="hard", threshold=thr)
+            model.lean_inference = False
+            assert torch.equal(model(**enc, mode="hard", threshold=thr).actions, ref.actions)  # switched off
+            model.lean_inference = True
         assert torch.equal(lean.actions, ref.actions)
         seen += ref.actions.flatten().tolist()
         assert torch.allclose(lean.logits, ref.logits, atol=1e-5) and torch.allclose(lean.probs, ref.probs, atol=1e-5)

@@ -238,3 +238,25 @@ def test_skip_aware_benchmark_runs_every_candidate_and_names_a_default(tiny_reg_
     best, means = skip_aware.choose_default(res)
     assert best in ("none", "layerdrop", "adapt") and set(means) == {"none", "layerdrop", "adapt"}
     assert f"Best: **{best}**" in (out / "skip_aware.md").read_text()
+
+
+def test_planner_cost_benchmark_times_both_hard_mode_paths(tiny_model_dir, tiny_glue, tmp_path):
+    import sys
+
+    from dpbert_rl.model.dpbert import TaskInfo
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import planner_cost
+
+    model = DPBert.load(tiny_model_dir)
+    model.task_info = TaskInfo("rte", ["entailment", "not_entailment"], 32)
+    ckpt = model.save(tmp_path / "m")
+    out = tmp_path / "planner_cost.json"
+    planner_cost.main([str(ckpt), "--data-dir", str(tiny_glue), "--samples", "6", "--repeats", "1", "--threads", "1",
+                       "--results", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["task"] == "rte" and row["inputs"] == 6
+    assert 0 < row["layers_executed_mean"] <= row["num_layers"]
+    assert row["speedup_ideal"] == pytest.approx(row["num_layers"] / row["layers_executed_mean"])
+    assert all(row[k] > 0 for k in ("full_ms", "reference_ms", "lean_ms"))
+    assert "measured/ideal" in out.with_suffix(".md").read_text()

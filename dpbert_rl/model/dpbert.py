@@ -119,6 +119,9 @@ class DPBert(nn.Module):
         # regression: the per-path (scale, shift) of the exact stage, (2^L, 2), applied to the head's output in
         # every mode but soft (see dpbert_rl.model.objectives.fit_path_calibration); None: the head as it is
         self.path_calibration: Optional[torch.Tensor] = None
+        # inference without gradients takes the lean path (Planners.decider; Python decisions at batch size 1);
+        # False: the reference loop, as training runs it (benchmarks/planner_cost.py times both)
+        self.lean_inference = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -293,8 +296,9 @@ class DPBert(nn.Module):
         logit_thr = math.log(thr / (1.0 - thr)) if 0.0 < thr < 1.0 else (-math.inf if thr <= 0 else math.inf)
         # inference: the planners' per-batch work once, not per layer (Planners.decider); one input: each
         # decision a Python bool, and a skipped layer costs nothing but the planner (no row bookkeeping)
-        decide = self.planners.decider(mask, h.dtype) if mode == "hard" and not torch.is_grad_enabled() else None
-        single = B == 1 and mode in ("hard", "path")
+        lean = self.lean_inference and not torch.is_grad_enabled()
+        decide = self.planners.decider(mask, h.dtype) if mode == "hard" and lean else None
+        single = lean and B == 1 and mode in ("hard", "path")
         if single:
             thr_item = torch.tensor(logit_thr, dtype=h.dtype).item()  # the threshold as the tensor comparison sees it
             given = actions[0].tolist() if mode == "path" else None
