@@ -1,9 +1,11 @@
 """A hash of the code one benchmark method runs, so that its results can be reused across commits that did
-not change it (issue 23: "re-run only what the new code changes").
+not change it (issue 23: "re-run only what the new code changes"). The settings a run was given and the
+machine it ran on are not code: the trade-off benchmark compares them separately before reusing results.
 
 :func:`code_files` starts from the method's runner function (``tradeoff_methods.RUNNERS[name]``) and
 follows every name its code uses: functions and classes of the same benchmark module (their source text),
-``dpbert_rl`` functions, classes and modules (their files), and from those files every ``dpbert_rl`` import,
+the module's settings it reads (plain data such as ``TASK_SETTINGS``: their value), ``dpbert_rl`` functions,
+classes and modules (their files), and from those files every ``dpbert_rl`` import,
 to a fixed point. :func:`method_code_hash` is the SHA-256 of those sources and files. What every method
 shares (the benchmark's ``TaskRun``: data, scoring, timing) is part of every method's hash.
 
@@ -100,10 +102,16 @@ def code_files(fn) -> tuple:
                 if isinstance(target, types.ModuleType):
                     files |= _module_files(target)
                 elif inspect.isfunction(target) or inspect.isclass(target):
+                    target = inspect.unwrap(target)  # a decorated function: its own file, not the decorator's
                     if target.__module__ == home:
                         todo.append(target)
                     elif target.__module__.split(".")[0] == "dpbert_rl":
-                        files.add(Path(inspect.getsourcefile(target)).resolve())
+                        f = Path(inspect.getsourcefile(target)).resolve()
+                        if PACKAGE in f.parents:
+                            files.add(f)
+                elif target.__class__.__module__ == "builtins" and not callable(target):
+                    # a setting of the benchmark module the code reads (TASK_SETTINGS, a constant)
+                    sources.setdefault(f"{home}.{name} =", repr(target))
     frontier = set(files)
     while frontier:
         new = set().union(*(_imports(f) for f in frontier)) - files

@@ -207,8 +207,9 @@ def run(args) -> dict:
 
 
 def choose_default(results: dict) -> tuple:
-    """The candidate with the best selection score averaged over every task and rate that all candidates ran
-    (``none_raw`` is not a pipeline choice); returns ``(name, {name: mean})``."""
+    """The candidate with the best selection score averaged over its tasks and rates, among the candidates run
+    on every task (every candidate runs the same ``--target-rates``; ``none_raw`` is not a pipeline choice);
+    returns ``(name, {name: mean})``."""
     tasks = results.get("tasks", {})
     names = [c for c in CANDIDATES if all(c in e["candidates"] for e in tasks.values())]
     means = {}
@@ -236,7 +237,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
              markdown_table(rows, [("task", "task", ""), ("candidate", "candidate", ""), ("target r", "r", ""),
                                    ("selection", "select_score", ".2f"), ("layers (selection)", "select_layers", ".2f"),
                                    ("dev", "dev_score", ".2f"), ("layers (dev)", "dev_layers", ".2f"),
-                                   ("seconds", "seconds", ".0f")]), "",
+                                   ("seconds (candidate so far)", "seconds", ".0f")]), "",
              "## The pipeline's default", "",
              "Mean selection score over every task and rate: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items())
              + (f". Best: **{best}**." if best else "."), ""]

@@ -69,6 +69,22 @@ def code_hashes() -> dict:
     return {name: method_code_hash(fn, (TaskRun,)) for name, fn in RUNNERS.items()}
 
 
+# arguments that choose what runs and where it is written, not what a method computes
+_NOT_CONTEXT = {"tasks", "methods", "output_dir", "results_dir", "recompute", "report_only", "plan", "allow_mixed",
+                "fresh", "note", "code_commit", "previous", "retime", "device", "batch_sizes"}
+
+
+def run_context(args) -> dict:
+    """What a method's results depend on besides its code: this run's settings and the machine (CPU, torch,
+    threads). Results are reused from another commit only under the same context."""
+    from dpbert_rl.evaluation.latency import machine_info
+
+    m = machine_info()
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_CONTEXT}
+    return json.loads(json.dumps({"settings": settings, "machine": {k: m[k] for k in ("cpu", "cpu_count", "torch",
+                                                                                        "threads", "cuda")}}))
+
+
 def run_task(task: str, args, results: dict, save) -> None:
     """Every method of ``args.methods`` on ``task``, one after another; each method's result is cached
     (``points/<method>.json``) and merged into ``results`` (then ``save()``) as soon as it is done."""
@@ -84,8 +100,9 @@ def run_task(task: str, args, results: dict, save) -> None:
         cache = run.points_dir / f"{name}.json"
         code = results["code_hashes"][name]
         prior = previous.get(name)
-        if not args.recompute and prior and prior.get("code_hash") == code and prior.get("commit") != args.code_commit:
-            # the code this method runs is unchanged since the commit that measured it: its points are reused
+        if not args.recompute and prior and prior.get("code_hash") == code and prior.get("commit") != args.code_commit \
+                and prior.get("context") == results["context"]:
+            # the code this method runs, the settings and the machine are those that measured it: reused
             out = {**prior, "reused": True}
             print(f"[{task}] {name}: reused from commit {str(prior.get('commit'))[:12]} (its code hash is unchanged)")
         elif cache.is_file() and not args.recompute:
@@ -99,7 +116,7 @@ def run_task(task: str, args, results: dict, save) -> None:
             out = RUNNERS[name](run)
             out["seconds"] = time.time() - t0
             out["commit"], out["command"], out["machine"] = args.code_commit, command(), machine_info()
-            out["code_hash"] = code
+            out["code_hash"], out["context"] = code, results["context"]
             out["noisy"] = is_noisy(out.get("self_speedup")) if out["points"] else False
             if name == "backbone":
                 out["chosen"] = chosen_summary(out["points"][0])
@@ -321,7 +338,7 @@ def main(argv=None) -> None:
         print(f"wrote {retime(args, out_dir)}")
         return
     results = {"commit": args.code_commit, "command": command(), "machine": machine_info(),
-               "code_hashes": code_hashes(),
+               "code_hashes": code_hashes(), "context": run_context(args),
                "selection": selection_info(), "args": {k: v for k, v in vars(args).items()},
                "budget": {"stage1_epochs": args.stage1_epochs, "extra_epochs": args.extra_epochs,
                           "stage2_share": args.stage2_share, "train_subsets": {t: (args.max_train_samples or

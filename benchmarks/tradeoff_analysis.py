@@ -116,9 +116,12 @@ def pick(entry: dict, s: float):
 
 def target_met(entry: dict) -> bool:
     """DPBERT on or above every method of :data:`TARGET_AGAINST` at every compared speed-up of the window
-    (and compared with at least one)."""
+    (and compared with at least one); False when one of them was not run on the task."""
+    methods = entry["methods"]
+    if "dpbert" not in methods or any(m not in methods for m in TARGET_AGAINST):
+        return False  # not measured (a method with no points is one that does not apply, e.g. DeeBERT on STS-B)
     checks = target_check(entry)
-    return bool(checks) and any(c["compared"] for c in checks) and not any(c["below_at"] for c in checks)
+    return any(c["compared"] for c in checks) and not any(c["below_at"] for c in checks)
 
 
 def oracle_gap(entry: dict) -> list:
@@ -309,8 +312,10 @@ def write_report(results: dict, out_dir: Path) -> None:
             row[f"{s_:g}x"] = "-" if got is None else \
                 f"{LABELS[got[0]]}: {got[1]['score']:.2f} ({got[1]['speedup_measured']:.2f}x)"
         rows.append(row)
-    lines += [markdown_table(rows, [("task", "task", "")] + [(f"{s_:g}x or faster", f"{s_:g}x", "") for s_ in PICK_AT]),
-              ""]
+    lines += [markdown_table(rows, [("task", "task", "")] + [(f"{s_:g}x or faster (selection, ideal)", f"{s_:g}x", "")
+                                                             for s_ in PICK_AT]),
+              "", "The columns are the selection split's ideal speed-up (L / mean layers), as every choice here; the "
+              "measured speed-up in each cell is what the choice ran at on dev, timed.", ""]
     # oracle gap
     lines += ["## How far DPBERT is from the oracle (same mean number of layers)", ""]
     rows = [{"task": t, **g} for t, e in tasks.items() for g in oracle_gap(e)]

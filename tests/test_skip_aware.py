@@ -260,3 +260,31 @@ def test_planner_cost_benchmark_times_both_hard_mode_paths(tiny_model_dir, tiny_
     assert row["speedup_ideal"] == pytest.approx(row["num_layers"] / row["layers_executed_mean"])
     assert all(row[k] > 0 for k in ("full_ms", "reference_ms", "lean_ms"))
     assert "measured/ideal" in out.with_suffix(".md").read_text()
+
+
+def test_a_stage_that_trains_the_backbone_drops_an_old_calibration(tiny_reg_dir, tiny_glue, tmp_path):
+    kw = dict(task="stsb", data_dir=str(tiny_glue), max_steps=2, progress=False, score_dev=False,
+              cache_dir=str(tmp_path / "cache"), target_rate=0.3)
+    exact = train_exact(tiny_reg_dir, ExactConfig(output_dir=str(tmp_path / "x"), **kw))
+    assert DPBert.load(exact).path_calibration is not None
+    cfg = dict(task="stsb", data_dir=str(tiny_glue), max_steps=1, progress=False, max_seq_length=32)
+    tuned = train_stage("finetune", TrainConfig(output_dir=str(tmp_path / "f"), **cfg), init=str(exact))
+    assert DPBert.load(tuned).path_calibration is None  # the map belonged to the old backbone's paths
+    init = train_stage("planner_init", TrainConfig(output_dir=str(tmp_path / "p"), **cfg), init=str(exact))
+    assert DPBert.load(init).path_calibration is not None  # the backbone did not move
+
+
+def test_a_finished_regression_run_from_before_the_calibration_is_not_reused_as_calibrated(tiny_reg_dir, tiny_glue,
+                                                                                          tmp_path):
+    from dpbert_rl.training.config import TrainingError
+
+    kw = dict(task="stsb", data_dir=str(tiny_glue), max_steps=2, progress=False, score_dev=False,
+              cache_dir=str(tmp_path / "cache"), target_rate=0.3, output_dir=str(tmp_path / "x"))
+    train_exact(tiny_reg_dir, ExactConfig(path_calibration=False, **kw))
+    config = tmp_path / "x" / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["path_calibration"]  # as an older version wrote it
+    config.write_text(json.dumps(saved))
+    with pytest.raises(TrainingError, match="without the per-path recalibration"):
+        train_exact(tiny_reg_dir, ExactConfig(**kw))
+    train_exact(tiny_reg_dir, ExactConfig(path_calibration=False, **kw))  # reused as what it is

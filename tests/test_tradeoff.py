@@ -167,8 +167,13 @@ def test_choices_read_only_the_selection_split():
                                                                           ("bert_kl", "deebert", "pabee", "berxit",
                                                                            "layerdrop")}}})
     assert [c["against"] for c in checks] == ["bert_kl", "deebert", "pabee", "berxit"]
-    assert not an.target_met({"methods": {"dpbert": {"points": pts}, "bert_kl": {"points": other}}})
-    assert an.target_met({"methods": {"dpbert": {"points": pts}, "bert_kl": {"points": [{**other[0], "score": 10}]}}})
+    low = [{**other[0], "score": 10}]
+    every = {m: {"points": low} for m in ("bert_kl", "deebert", "pabee", "berxit")}
+    assert an.target_met({"methods": {"dpbert": {"points": pts}, **every}})
+    assert not an.target_met({"methods": {"dpbert": {"points": pts}, **every, "bert_kl": {"points": other}}})
+    assert not an.target_met({"methods": {"dpbert": {"points": pts}, "bert_kl": {"points": low}}})  # exits not run
+    # a method that does not apply to the task (no points: DeeBERT on STS-B) does not block it
+    assert an.target_met({"methods": {"dpbert": {"points": pts}, **every, "deebert": {"points": []}}})
 
 
 def test_the_pick_reads_the_selection_split_only():

@@ -118,7 +118,7 @@ class DPBert(nn.Module):
         self.budget_table: Optional[dict] = None
         # regression: the per-path (scale, shift) of the exact stage, (2^L, 2), applied to the head's output in
         # every mode but soft (see dpbert_rl.model.objectives.fit_path_calibration); None: the head as it is
-        self.path_calibration: Optional[torch.Tensor] = None
+        self.register_buffer("path_calibration", None, persistent=False)  # saved in dpbert.json, moved by .to()
         # inference without gradients takes the lean path (Planners.decider; Python decisions at batch size 1);
         # False: the reference loop, as training runs it (benchmarks/planner_cost.py times both)
         self.lean_inference = True
@@ -237,7 +237,7 @@ class DPBert(nn.Module):
         if calibration is None:
             self.path_calibration = None
             return
-        cal = torch.as_tensor(calibration, dtype=torch.float32)
+        cal = torch.as_tensor(calibration, dtype=torch.float32, device=next(self.backbone.parameters()).device)
         if not self.is_regression:
             raise ValueError(f"{source}: a per-path recalibration is for regression heads; this one has "
                              f"{self.backbone.num_labels} labels")

@@ -193,6 +193,7 @@ def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
     same = dict(ignore=_EXACT_BOOKKEEPING, resolved=frozenset({"task", "max_seq_length"}))
     if stage_done(out_dir):  # reused as it is: no write access or lock needed
         check_same_run("exact", cfg, str(checkpoint), out_dir, **same)
+        _check_calibration_setting(out_dir, cfg)
         print(f"[exact] already complete: {out_dir / 'model'}")
         return out_dir / "model"
     with stage_dir(out_dir, "exact", init=checkpoint):
@@ -202,6 +203,16 @@ def train_exact(checkpoint: str, cfg: Optional[ExactConfig] = None) -> Path:
             print(f"[exact] already complete: {out_dir / 'model'}")
             return out_dir / "model"
         return _train_exact(checkpoint, cfg, out_dir)
+
+
+def _check_calibration_setting(out_dir: Path, cfg: ExactConfig) -> None:
+    """A finished regression run from before the per-path recalibration existed (its config has no
+    ``path_calibration``) ran without it: not the run ``cfg`` asks for when it asks for one."""
+    saved = json.loads((out_dir / "config.json").read_text())
+    task = saved.get("task")
+    if "path_calibration" not in saved and cfg.path_calibration and task and get_task(task).is_regression:
+        raise TrainingError(f"[exact] {out_dir} holds a {task} run finished without the per-path recalibration (it "
+                            "predates it); use another --output-dir, or --no-path-calibration to reuse it")
 
 
 def _train_exact(checkpoint: str, cfg: ExactConfig, out_dir: Path) -> Path:

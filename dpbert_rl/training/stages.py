@@ -236,6 +236,8 @@ class StageRun:
             check_reward(model, self.data["train"], self.collate, cfg)
         if stage == "adapt":
             _check_adapt_planners(model, init)
+        if stage != "planner_init":  # the backbone or head moves: a regression head's per-path map no longer fits
+            model.set_path_calibration(None)
         self.train_backbone = stage != "planner_init"
         self.groups = trainable_groups(stage, cfg, model)
         self._prepare(model)
@@ -408,13 +410,12 @@ class StageRun:
 
 
 def _check_adapt_planners(model: DPBert, init: Optional[str]) -> None:
-    """Stage ``adapt`` fine-tunes the backbone on the paths its planners draw: they must be trained ones. A
-    regression head's per-path recalibration is dropped: it belongs to the old backbone's paths (the next
-    exact stage fits one for the new backbone)."""
+    """Stage ``adapt`` fine-tunes the backbone on the paths its planners draw: they must be trained ones. (A
+    regression head's per-path recalibration is dropped, as by every stage that trains the backbone: the next
+    exact stage fits one for the new backbone.)"""
     if init is None or not bool(model.planners.stats_set):
         raise TrainingError(f"[adapt] {init or 'the backbone'} has no trained planners: stage 'adapt' draws its "
                             "paths from them; start it from a stage-2 or stage-3 model/")
-    model.set_path_calibration(None)
 
 
 def _prepare_planners(stage: str, cfg: TrainConfig, model: DPBert, train_set, collate, fit_stats: bool) -> None:
