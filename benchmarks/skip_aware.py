@@ -56,6 +56,11 @@ def parse_args(argv=None):
                     help="reuse <dir>/<task>/stage1_finetune when it is finished (linked, not copied)")
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--report-only", action="store_true", help="only rewrite skip_aware.md from skip_aware.json")
+    ap.add_argument("--match-only", action="store_true",
+                    help="only add the matched-compute scores (--match-layers) of the trained models to skip_aware.json")
+    ap.add_argument("--match-layers", default="4,3",
+                    help="mean layer counts every final model is set to on the selection split, for a comparison at "
+                         "the same compute (empty: none)")
     ap.add_argument("--allow-mixed", action="store_true", help="merge results of another code commit (marked)")
     g = ap.add_argument_group("budget (the trade-off benchmark's defaults)")
     g.add_argument("--stage1-epochs", type=float, default=3.0)
@@ -84,6 +89,7 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"unknown candidates {sorted(bad)}; expected some of {', '.join(CANDIDATES)}")
     args.target_rates = [float(r) for r in args.target_rates.split(",")]
+    args.match_layers = [float(k) for k in args.match_layers.split(",") if k.strip()]
     if not 0 < args.stage2_share < 1:
         ap.error("--stage2-share must be in (0, 1)")
     return args
@@ -206,6 +212,70 @@ def run(args) -> dict:
     return results
 
 
+def matched_scores(model_dir: Path, target_layers, cache_dir: Path) -> dict:
+    """The final model's planners set, by their threshold, to each of ``target_layers`` mean layers on the
+    selection split, and its selection score there: replayed on the selection split's path tree that its
+    exact stage read (the same paths and outputs as the live model, recalibrated as the model is), so that
+    candidates are compared at the same compute. Returns ``{layers: {threshold, layers, select_score}}``."""
+    import numpy as np
+    import torch
+
+    from dpbert_rl.data import get_task
+    from dpbert_rl.evaluation.evaluate import score_run
+    from dpbert_rl.model import DPBert
+    from dpbert_rl.pathtree.cache import PathTree, greedy_paths, tree_index
+    from dpbert_rl.pathtree.oracle import paths
+    from dpbert_rl.training.exact import calibrated_tree
+
+    run = json.loads((Path(model_dir).parent / "config.json").read_text())
+    tree = PathTree.load(Path(cache_dir) / run["caches"]["select"], mmap=False)
+    model = DPBert.load(model_dir, require_planners=True)
+    if tree.regression and model.path_calibration is not None:
+        tree = calibrated_tree(tree, model.path_calibration)
+    task, L = get_task(run["task"]), tree.num_layers
+    raw = torch.from_numpy(np.array(tree.raw(model.planners.features), dtype=np.float32))
+    counts = torch.as_tensor(tree_index(L)["path_layers"]).float()
+    rows = np.arange(tree.num_inputs)
+
+    def greedy(thr: float):
+        with torch.no_grad():
+            chosen = greedy_paths(model.planners, raw, thr).numpy()
+        return chosen, float(counts[chosen].mean())
+
+    out = {}
+    for k in target_layers:
+        lo, hi, best = 0.0, 1.0, None
+        for _ in range(30):  # a higher threshold skips more
+            mid = (lo + hi) / 2
+            chosen, layers = greedy(mid)
+            if best is None or abs(layers - k) < abs(best[2] - k):
+                best = (mid, chosen, layers)
+            lo, hi = (mid, hi) if layers > k else (lo, mid)
+        thr, chosen, layers = best
+        res = score_run(task, {"predictions": tree.predictions[rows, chosen], "labels": np.asarray(tree.labels),
+                               "actions": paths(L).numpy()[chosen]})
+        out[f"{k:g}"] = {"threshold": thr, "layers": layers, "select_score": res["score"]}
+    return out
+
+
+def add_matched(results: dict, args) -> None:
+    """Every final model's :func:`matched_scores` at ``--match-layers``, recorded with the commit that
+    computed them (``matched_commit``)."""
+    for task, e in results.get("tasks", {}).items():
+        cache = Path(args.output_dir) / task / "pathtree"
+        for c in e["candidates"].values():
+            for v in c["rates"].values():
+                v["matched"] = matched_scores(Path(v["model"]), args.match_layers, cache)
+    results["matched_commit"] = pinned_code_commit()
+    results["match_layers"] = list(args.match_layers)
+
+
+def best_matched(candidate: dict, k: str):
+    """A candidate's best selection score at ``k`` mean layers over its models (one per target rate)."""
+    vals = [v["matched"][k]["select_score"] for v in candidate["rates"].values() if k in v.get("matched", {})]
+    return max(vals) if vals else None
+
+
 def choose_default(results: dict) -> tuple:
     """The candidate with the best selection score averaged over its tasks and rates, among the candidates run
     on every task (every candidate runs the same ``--target-rates``; ``none_raw`` is not a pipeline choice);
@@ -213,12 +283,35 @@ def choose_default(results: dict) -> tuple:
     tasks = results.get("tasks", {})
     names = [c for c in CANDIDATES if all(c in e["candidates"] for e in tasks.values())]
     means = {}
+    ks = results.get("match_layers")
     for c in names:
-        # a rate whose planners never met the skip-rate rule has no selection score: it counts as 0
-        vals = [v["select_score"] or 0.0 for e in tasks.values() for v in e["candidates"][c]["rates"].values()]
+        if ks:  # at the same compute: each task and matched layer count, the candidate's best model there
+            vals = [best_matched(e["candidates"][c], f"{k:g}") for e in tasks.values() for k in ks]
+        else:  # a rate whose planners never met the skip-rate rule has no selection score: it counts as 0
+            vals = [v["select_score"] for e in tasks.values() for v in e["candidates"][c]["rates"].values()]
+        vals = [v or 0.0 for v in vals]
         means[c] = sum(vals) / len(vals) if vals else float("nan")
     best = max(means, key=means.get) if means else None
     return best, means
+
+
+def matched_table(results: dict) -> list:
+    ks = results.get("match_layers")
+    if not ks:
+        return []
+    rows = []
+    for task, e in results.get("tasks", {}).items():
+        for name, c in e["candidates"].items():
+            row = {"task": task, "candidate": name}
+            for k in ks:
+                row[f"{k:g}"] = best_matched(c, f"{k:g}")
+            rows.append(row)
+    cols = [("task", "task", ""), ("candidate", "candidate", "")] + [
+        (f"selection at {k:g} layers", f"{k:g}", ".2f") for k in ks]
+    return ["## At the same compute", "",
+            f"Each final model's threshold set on the selection split to {', '.join(f'{k:g}' for k in ks)} mean layers "
+            f"(replayed on that split's path tree); per candidate, its best model at each count. Computed at commit "
+            f"{results.get('matched_commit')}.", "", markdown_table(rows, cols), ""]
 
 
 def write_report(results: dict, out_dir: Path) -> Path:
@@ -238,8 +331,10 @@ def write_report(results: dict, out_dir: Path) -> Path:
                                    ("selection", "select_score", ".2f"), ("layers (selection)", "select_layers", ".2f"),
                                    ("dev", "dev_score", ".2f"), ("layers (dev)", "dev_layers", ".2f"),
                                    ("seconds (candidate so far)", "seconds", ".0f")]), "",
+             *matched_table(results),
              "## The pipeline's default", "",
-             "Mean selection score over every task and rate: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items())
+             ("Mean selection score at the matched layer counts (each candidate's best model there), over every task "
+              "and count: " if results.get("match_layers") else "Mean selection score over every task and rate: ") + ", ".join(f"{k} {v:.2f}" for k, v in means.items())
              + (f". Best: **{best}**." if best else "."), ""]
     out = out_dir / "skip_aware.md"
     out.write_text("\n".join(lines))
@@ -249,12 +344,19 @@ def write_report(results: dict, out_dir: Path) -> Path:
 def main(argv=None) -> None:
     args = parse_args(argv)
     out_dir = Path(args.results_dir)
-    if args.report_only:
-        results = json.loads((out_dir / "skip_aware.json").read_text())
+    path = out_dir / "skip_aware.json"
+    if args.report_only or args.match_only:
+        results = json.loads(path.read_text())
+        if args.match_only:
+            add_matched(results, args)
+            path.write_text(json.dumps(results, indent=2))
     else:
         if not args.data_dir:
             raise SystemExit("--data-dir (or $GLUE_DIR) is needed: the local GLUE directory")
         results = run(args)
+        if args.match_layers:
+            add_matched(results, args)
+            path.write_text(json.dumps(results, indent=2))
     print(f"report written to {write_report(results, out_dir)}")
 
 

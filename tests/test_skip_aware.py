@@ -227,7 +227,7 @@ def test_skip_aware_benchmark_runs_every_candidate_and_names_a_default(tiny_reg_
     out = tmp_path / "results"
     skip_aware.main(["--data-dir", str(tiny_glue), "--tasks", "stsb", "--backbone", str(tiny_reg_ckpt),
                      "--output-dir", str(tmp_path / "runs"), "--stage1-from", str(tmp_path / "none"),
-                     "--results-dir", str(out), "--max-steps", "2", "--target-rates", "0.5", "--exact-epochs", "1",
+                     "--results-dir", str(out), "--max-steps", "2", "--target-rates", "0.5", "--exact-epochs", "1", "--match-layers", "2,3",
                      "--threads", "1", "--allow-mixed"])
     res = json.loads((out / "skip_aware.json").read_text())
     cands = res["tasks"]["stsb"]["candidates"]
@@ -237,7 +237,22 @@ def test_skip_aware_benchmark_runs_every_candidate_and_names_a_default(tiny_reg_
     assert cands["adapt"]["rates"]["0.5"]["model"].endswith("adapt_exact_r0.5/model")
     best, means = skip_aware.choose_default(res)
     assert best in ("none", "layerdrop", "adapt") and set(means) == {"none", "layerdrop", "adapt"}
-    assert f"Best: **{best}**" in (out / "skip_aware.md").read_text()
+    text = (out / "skip_aware.md").read_text()
+    assert f"Best: **{best}**" in text and "## At the same compute" in text
+    # every final model set to the matched compute on the selection split's tree, and scored there
+    for c in cands.values():
+        m = c["rates"]["0.5"]["matched"]
+        assert set(m) == {"2", "3"} and all(0 <= v["layers"] <= 4 and 0 < v["threshold"] < 1 for v in m.values())
+    live = DPBert.load(cands["adapt"]["rates"]["0.5"]["model"])
+    from dpbert_rl.data import collator, load_split, tokenize
+    from dpbert_rl.evaluation.evaluate import evaluate_model
+    from dpbert_rl.data import get_task
+
+    m = cands["adapt"]["rates"]["0.5"]["matched"]["3"]
+    sel = tokenize(load_split("stsb", "select", str(tiny_glue)), live.tokenizer, 128)
+    got = evaluate_model(live, get_task("stsb"), sel, collator(live.tokenizer), mode="hard", threshold=m["threshold"])
+    assert got["layers_executed_mean"] == pytest.approx(m["layers"], abs=1e-4)  # the replay is the live model
+    assert got["score"] == pytest.approx(m["select_score"], abs=1e-3)
 
 
 def test_planner_cost_benchmark_times_both_hard_mode_paths(tiny_model_dir, tiny_glue, tmp_path):
