@@ -96,6 +96,19 @@ def check_one_commit(commits, current: str, allow_mixed: bool = False, what: str
     return seen
 
 
+def csv_list(text: str, kind=str, allowed=None, what: str = "values", ap=None) -> list:
+    """A comma-separated argument as a list of ``kind`` (blanks dropped); with ``allowed``, unknown items are
+    an error (``ap.error`` when a parser is given, else ValueError) naming them and what is allowed."""
+    items = [kind(x.strip()) for x in str(text).split(",") if x.strip()]
+    unknown = sorted(set(items) - set(allowed)) if allowed is not None else []
+    if unknown:
+        msg = f"unknown {what} {unknown}; expected some of {', '.join(map(str, allowed))}"
+        if ap is not None:
+            ap.error(msg)
+        raise ValueError(msg)
+    return items
+
+
 def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 

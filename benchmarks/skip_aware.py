@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import RESULTS, check_one_commit, command, markdown_table, pinned_code_commit  # noqa: E402
+from _common import RESULTS, check_one_commit, command, csv_list, markdown_table, pinned_code_commit  # noqa: E402
 
 CANDIDATES = ("none", "layerdrop", "adapt")
 
@@ -83,13 +83,10 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--threads", type=int, default=2, help="torch threads for the whole run")
     args = ap.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    args.candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
-    bad = set(args.candidates) - set(CANDIDATES)
-    if bad:
-        ap.error(f"unknown candidates {sorted(bad)}; expected some of {', '.join(CANDIDATES)}")
-    args.target_rates = [float(r) for r in args.target_rates.split(",")]
-    args.match_layers = [float(k) for k in args.match_layers.split(",") if k.strip()]
+    args.tasks = csv_list(args.tasks)
+    args.candidates = csv_list(args.candidates, allowed=CANDIDATES, what="candidates", ap=ap)
+    args.target_rates = csv_list(args.target_rates, float)
+    args.match_layers = csv_list(args.match_layers, float)
     if not 0 < args.stage2_share < 1:
         ap.error("--stage2-share must be in (0, 1)")
     return args

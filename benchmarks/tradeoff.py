@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, check_one_commit, command, pinned_code_commit  # noqa: E402
+from _common import RESULTS, check_one_commit, command, csv_list, pinned_code_commit  # noqa: E402
 from code_hash import method_code_hash  # noqa: E402
 from tradeoff_analysis import (LABELS, METHODS, TARGET_WINDOW, WINDOW, best_in_window, choose,  # noqa: E402,F401
                                chosen_summary, envelope_at, front, headline, is_noisy, merge, oracle_gap,
@@ -270,14 +270,11 @@ def parse_args(argv=None):
     m.add_argument("--note", default=None,
                    help="--retime: a note kept in the device's results file (e.g. how the models were brought there)")
     args = ap.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    args.methods = [x.strip() for x in args.methods.split(",") if x.strip()]
-    unknown = set(args.methods) - set(METHODS)
-    if unknown:
-        ap.error(f"unknown methods {sorted(unknown)}; expected some of {', '.join(METHODS)}")
-    args.target_rates = [float(x) for x in args.target_rates.split(",")]
-    args.target_speedups = [float(x) for x in args.target_speedups.split(",")]
-    args.kl_layers = [int(x) for x in args.kl_layers.split(",")]
+    args.tasks = csv_list(args.tasks)
+    args.methods = csv_list(args.methods, allowed=METHODS, what="methods", ap=ap)
+    args.target_rates = csv_list(args.target_rates, float)
+    args.target_speedups = csv_list(args.target_speedups, float)
+    args.kl_layers = csv_list(args.kl_layers, int)
     if not 0 < args.stage2_share < 1:
         ap.error("--stage2-share must be in (0, 1)")
     if args.device != "cpu":
