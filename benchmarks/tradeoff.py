@@ -61,6 +61,8 @@ import torch  # noqa: E402
 from dpbert_rl.data import SELECTION_FRACTION, SELECTION_MAX, SELECTION_SEED, load_split  # noqa: E402
 from dpbert_rl.evaluation.evaluate import speedup_ideal_fields  # noqa: E402
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
+from dpbert_rl.training import PipelineConfig  # noqa: E402
+from dpbert_rl.training.config import SKIP_AWARE  # noqa: E402
 
 
 # ---------------------------------------------------------------------- one task
@@ -233,6 +235,11 @@ def parse_args(argv=None):
                    help="DPBERT's stage 3 (as the pipeline's --stage3): exact, the planners on the exact expected "
                         "reward over the frozen stage-2 backbone's path tree (one cache for every r); rl, joint "
                         "REINFORCE for (1 - stage2-share) of --extra-epochs")
+    g.add_argument("--skip-aware", default=PipelineConfig.skip_aware, choices=SKIP_AWARE,
+                   help="DPBERT's skip-aware backbone training within the same budget, as the pipeline's "
+                        "--skip-aware (default: the pipeline's): adapt, the backbone fine-tuned on the exact "
+                        "planners' paths for (1 - stage2-share) of --extra-epochs, then the planners again on its "
+                        "new path tree; layerdrop, random layer subsets for that share before stage 2")
     g.add_argument("--exact-epochs", type=float, default=20.0, help="stage 3 exact: passes over the path tree")
     g.add_argument("--exact-lr", type=float, default=1e-2, help="stage 3 exact: the planners' Adam learning rate")
     g.add_argument("--stage3-lr", type=float, default=2e-5, help="backbone lr in DPBERT's stage 3 and DPBERT-soft")

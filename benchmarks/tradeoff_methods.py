@@ -292,10 +292,22 @@ def m_dpbert(run: TaskRun) -> dict:
     a = run.args
     s2 = _stage2(run)
     settings, training = [], {}
+    skip_aware = getattr(a, "skip_aware", "none")
+    if skip_aware == "layerdrop":  # the backbone on random paths first, within the same budget beyond stage 1
+        ld = train_stage("layerdrop", run.config("dpbert_layerdrop", epochs=a.extra_epochs * (1 - a.stage2_share),
+                                                 lr=a.adapt_lr, layerdrop=a.layerdrop), init=str(run.s1))
+        s2 = train_stage("planner_init", run.config("stage2_planner_init_layerdrop", epochs=a.extra_epochs *
+                                                    a.stage2_share, target_rate=a.target_rates[0]), init=str(ld))
     for r in a.target_rates:
-        if getattr(a, "dpbert_stage3", "rl") == "exact":  # the planners only: the backbone stays stage 2's
+        if getattr(a, "dpbert_stage3", "rl") == "exact":  # the planners on the frozen backbone's path tree
             s3 = exact_stage(run.config(f"stage3_exact_r{r:g}", target_rate=r), s2, run.root / f"stage3_exact_r{r:g}",
                              a.exact_epochs, a.exact_lr, cache_dir=run.root / "pathtree")
+            if skip_aware == "adapt":  # the backbone on these planners' paths, then the planners on its new tree
+                adapted = train_stage("adapt", run.config(f"stage3_adapt_r{r:g}", epochs=a.extra_epochs *
+                                                          (1 - a.stage2_share), lr=a.adapt_lr), init=str(s3))
+                s3 = exact_stage(run.config(f"stage3_adapt_exact_r{r:g}", target_rate=r), adapted,
+                                 run.root / f"stage3_adapt_exact_r{r:g}", a.exact_epochs, a.exact_lr,
+                                 cache_dir=run.root / "pathtree")
         else:
             s3 = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=a.extra_epochs * (1 - a.stage2_share),
                                               lr=a.stage3_lr, target_rate=r, batch_size=a.stage3_batch_size),
@@ -511,6 +523,12 @@ def plan(args, sizes: dict) -> list:
         L = 6
         if getattr(args, "dpbert_stage3", "rl") == "exact":  # one path-tree cache (fit + select), ~60 s per r
             stage3 = infer(n + sel) * 10.5 + len(args.target_rates) * 60
+            skip_aware = getattr(args, "skip_aware", "none")
+            if skip_aware == "adapt":  # per r: the backbone on the planners' paths, a new tree, exact again
+                stage3 += len(args.target_rates) * (E * (1 - sh) * ep * 0.8 + evals(E * (1 - sh))
+                                                    + infer(n + sel) * 10.5 + 60)
+            elif skip_aware == "layerdrop":  # once: random subsets before stage 2
+                stage3 += E * (1 - sh) * ep * 0.8 + evals(E * (1 - sh))
         else:
             stage3 = len(args.target_rates) * E * (1 - sh) * ep * r3 + evals(E * len(args.target_rates))
         est = {
