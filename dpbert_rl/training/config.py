@@ -182,8 +182,10 @@ class PipelineConfig(TrainConfig):
     followed by fine-tuning on random layer subsets (``layerdrop`` rate) before stage 2; 'adapt', after stage
     3 the backbone is fine-tuned on the paths its planners draw (``dpbert-rl adapt``) and stage 3 runs
     again on the new backbone's path tree (one alternation)."""
-    skip_aware_epochs: float = 1.0
-    """Epochs of the skip-aware backbone training (``skip_aware``)."""
+    skip_aware_epochs: float = 0.5
+    """Epochs of the skip-aware backbone training (``skip_aware``; as measured: benchmarks/results/skip_aware.md)."""
+    skip_aware_lr: float = 5e-5
+    """Learning rate of the skip-aware backbone training (as measured)."""
     path_calibration: bool = True
     """Stage 3 'exact' on a regression task: the per-path recalibration of the head's output (see
     ``dpbert-rl exact --path-calibration``)."""
@@ -205,6 +207,7 @@ class PipelineConfig(TrainConfig):
         if self.skip_aware not in SKIP_AWARE:
             raise ValueError(f"unknown skip_aware {self.skip_aware!r}; expected one of {SKIP_AWARE}")
         check_number(self.skip_aware_epochs, "skip_aware_epochs (--skip-aware-epochs)", low=0.0, low_open=True)
+        check_number(self.skip_aware_lr, "skip_aware_lr (--skip-aware-lr)", low=0.0, low_open=True)
         if self.skip_aware == "adapt" and self.stage3 != "exact":
             raise ValueError("skip_aware 'adapt' re-fits the planners with stage3 'exact'; stage3 'rl' already trains "
                              "the backbone on the planners' paths")

@@ -52,7 +52,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     trained = [s1]
     start = s1
     if cfg.skip_aware == "layerdrop":  # the backbone sees random paths before the planners are fitted
-        start = train_stage("layerdrop", stage_cfg("stage1_layerdrop", epochs=cfg.skip_aware_epochs), init=str(s1))
+        start = train_stage("layerdrop", stage_cfg("stage1_layerdrop", epochs=cfg.skip_aware_epochs,
+                                                   lr=cfg.skip_aware_lr), init=str(s1))
         trained.append(start)
     s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(start))
     trained.append(s2)
@@ -61,7 +62,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                          path_calibration=cfg.path_calibration)
         if cfg.skip_aware == "adapt":  # the backbone on the planners' paths, then the planners on its new tree
             trained.append(s3)
-            adapted = train_stage("adapt", stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs), init=str(s3))
+            adapted = train_stage("adapt", stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs,
+                                                     lr=cfg.skip_aware_lr), init=str(s3))
             trained.append(adapted)
             s3 = exact_stage(cfg, adapted, out / "stage3_exact_adapted", cfg.exact_epochs, cfg.exact_lr,
                              path_calibration=cfg.path_calibration)
