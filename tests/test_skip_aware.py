@@ -204,11 +204,12 @@ def test_pipeline_alternation_refits_the_planners_on_a_new_tree(tiny_ckpt, tiny_
                          max_steps=2, batch_size=8, max_seq_length=32, progress=False, skip_aware="adapt",
                          latency_samples=4, latency_repeats=1)
     report = run_pipeline(cfg)
-    first = json.loads((out / "stage3_exact" / "config.json").read_text())["caches"]["fit"]
-    second = json.loads((out / "stage3_exact_adapted" / "config.json").read_text())["caches"]["fit"]
+    first = json.loads((out / "stage3_exact_frozen" / "config.json").read_text())["caches"]["fit"]
+    second = json.loads((out / "stage3_exact" / "config.json").read_text())["caches"]["fit"]
     assert first != second
-    assert Path(report["checkpoint"]).parent.name == "stage3_exact_adapted"
-    assert json.loads((out / "stage3_adapt" / "config.json").read_text())["init"].endswith("stage3_exact/model")
+    assert Path(report["checkpoint"]).parent.name == "stage3_exact"  # the final planners, where they always are
+    assert json.loads((out / "stage3_adapt" / "config.json").read_text())["init"].endswith("stage3_exact_frozen/model")
+    assert json.loads((out / "stage3_exact" / "config.json").read_text())["init"].endswith("stage3_adapt/model")
 
 
 def test_pipeline_refuses_an_unknown_skip_aware_choice():

@@ -58,15 +58,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(start))
     trained.append(s2)
     if cfg.stage3 == "exact":
+        # the final planners are always stage3_exact/model; with 'adapt' they are fitted on the adapted backbone
+        # after a first fit on the frozen one (stage3_exact_frozen), whose paths the backbone is adapted to
+        if cfg.skip_aware == "adapt":
+            first = exact_stage(cfg, s2, out / "stage3_exact_frozen", cfg.exact_epochs, cfg.exact_lr,
+                                path_calibration=cfg.path_calibration)
+            adapted = train_stage("adapt", stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs,
+                                                     lr=cfg.skip_aware_lr), init=str(first))
+            trained += [first, adapted]
+            s2 = adapted
         s3 = exact_stage(cfg, s2, out / "stage3_exact", cfg.exact_epochs, cfg.exact_lr,
                          path_calibration=cfg.path_calibration)
-        if cfg.skip_aware == "adapt":  # the backbone on the planners' paths, then the planners on its new tree
-            trained.append(s3)
-            adapted = train_stage("adapt", stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs,
-                                                     lr=cfg.skip_aware_lr), init=str(s3))
-            trained.append(adapted)
-            s3 = exact_stage(cfg, adapted, out / "stage3_exact_adapted", cfg.exact_epochs, cfg.exact_lr,
-                             path_calibration=cfg.path_calibration)
     else:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
                                          batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))
