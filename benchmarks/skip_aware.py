@@ -188,6 +188,8 @@ def run(args) -> dict:
     commit = pinned_code_commit()
     check_one_commit([results.get("commit")] if results.get("tasks") else [], commit, args.allow_mixed,
                      "skip_aware.json")
+    if results.get("command") and results.get("commit") != commit:
+        results.setdefault("earlier_commands", []).append({"commit": results["commit"], "command": results["command"]})
     results.update({"commit": commit, "command": command(), "machine": machine_info(),
                     "budget": {k: getattr(args, k) for k in ("stage1_epochs", "extra_epochs", "stage2_share",
                                                              "adapt_lr", "layerdrop", "target_rates", "exact_epochs")}})
@@ -311,6 +313,16 @@ def matched_table(results: dict) -> list:
             f"{results.get('matched_commit')}.", "", markdown_table(rows, cols), ""]
 
 
+def _commits_line(results: dict) -> list:
+    """The code commit of every task's candidates, when a run merged tasks of several commits (--allow-mixed)."""
+    per_task = {t: sorted({c.get("commit") for c in e["candidates"].values()}) for t, e in
+                results.get("tasks", {}).items()}
+    if len({c for cs in per_task.values() for c in cs}) <= 1:
+        return []
+    return ["Mixed commits (merged with --allow-mixed): " + "; ".join(
+        f"{t}: {', '.join(str(c)[:12] for c in cs)}" for t, cs in per_task.items()) + ".", ""]
+
+
 def write_report(results: dict, out_dir: Path) -> Path:
     rows = []
     for task, e in results.get("tasks", {}).items():
@@ -324,6 +336,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
              "Selection: the exact stage's chosen planners at the rate, scored on the selection split. Dev: scored "
              "once on the final model, reported only.", "",
              f"Commit {results.get('commit')}; command `{results.get('command')}`; budget {results.get('budget')}.", "",
+             *_commits_line(results),
              markdown_table(rows, [("task", "task", ""), ("candidate", "candidate", ""), ("target r", "r", ""),
                                    ("selection", "select_score", ".2f"), ("layers (selection)", "select_layers", ".2f"),
                                    ("dev", "dev_score", ".2f"), ("layers (dev)", "dev_layers", ".2f"),
