@@ -120,13 +120,18 @@ def test_pipeline_evaluate_and_predict_from_the_cli(tiny_ckpt, tiny_glue, tmp_pa
         assert key in report, key
     assert len(report["layer_frequency"]) == 4 and report["num_examples"] == 24
     assert "speed-up measured" in capsys.readouterr().out
-    model_dir = out / "stage3_exact" / "model"  # the default stage 3: exact expectation, frozen backbone
+    model_dir = out / "stage3_exact" / "model"  # the default stage 3: exact expectation, then adapt, exact again
     assert not (out / "stage3_rl").exists() and report["checkpoint"] == str(model_dir)
     stage2 = DPBert.load(out / "stage2_planner_init" / "model")
+    frozen = DPBert.load(out / "stage3_exact_frozen" / "model")
+    adapted = DPBert.load(out / "stage3_adapt" / "model")
     stage3 = DPBert.load(model_dir)
-    for name, t in stage2.backbone.state_dict().items():  # frozen: only the planners changed
-        assert torch.equal(t, stage3.backbone.state_dict()[name]), name
-    assert any(not torch.equal(a, b) for a, b in zip(stage2.planners.parameters(), stage3.planners.parameters()))
+    for name, t in stage2.backbone.state_dict().items():  # the exact stage: only the planners change
+        assert torch.equal(t, frozen.backbone.state_dict()[name]), name
+        assert torch.equal(adapted.backbone.state_dict()[name], stage3.backbone.state_dict()[name]), name
+    assert any(not torch.equal(a, b) for a, b in zip(stage2.planners.parameters(), frozen.planners.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(frozen.backbone.parameters(), adapted.backbone.parameters()))
+    assert torch.equal(frozen.planners.weight, adapted.planners.weight)  # adapt: the planners stay as they were
     assert main(["evaluate", str(model_dir), "--data-dir", str(tiny_glue), "--repeats", "1",
                  "--latency-samples", "3", "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["task"] == "rte"

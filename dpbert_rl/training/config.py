@@ -180,7 +180,8 @@ class PipelineConfig(TrainConfig):
     skip_aware: str = "adapt"
     """[choice] Skip-aware backbone training, ``skip_aware_epochs`` of it: 'adapt', after stage 3 the backbone
     is fine-tuned on the paths its planners draw (``dpbert-rl adapt``) and stage 3 runs again on the new
-    backbone's path tree (one alternation); 'layerdrop', stage 1 is followed by fine-tuning on random layer
+    backbone's path tree (one alternation; with stage3 'rl', which trains the backbone on the planners' paths
+    itself, nothing more is done); 'layerdrop', stage 1 is followed by fine-tuning on random layer
     subsets (``layerdrop`` rate) before stage 2; 'none', the backbone never sees a skip. Chosen on the
     selection split at the same compute (benchmarks/results/skip_aware.md: STS-B and SST-2 at 4 and 3 of 6
     layers, mean selection score adapt 82.83, none 74.81, layerdrop 69.89)."""
@@ -206,15 +207,12 @@ class PipelineConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.stage3 not in ("exact", "rl"):
+            raise ValueError(f"unknown stage3 {self.stage3!r}; expected 'exact' or 'rl'")
         if self.skip_aware not in SKIP_AWARE:
             raise ValueError(f"unknown skip_aware {self.skip_aware!r}; expected one of {SKIP_AWARE}")
         check_number(self.skip_aware_epochs, "skip_aware_epochs (--skip-aware-epochs)", low=0.0, low_open=True)
         check_number(self.skip_aware_lr, "skip_aware_lr (--skip-aware-lr)", low=0.0, low_open=True)
-        if self.skip_aware == "adapt" and self.stage3 != "exact":
-            raise ValueError("skip_aware 'adapt' re-fits the planners with stage3 'exact'; stage3 'rl' already trains "
-                             "the backbone on the planners' paths")
-        if self.stage3 not in ("exact", "rl"):
-            raise ValueError(f"unknown stage3 {self.stage3!r}; expected 'exact' or 'rl'")
         if self.stage3 == "exact" and self.rate_control == "penalty":
             raise ValueError("stage3 'exact' holds the rate with rate_control 'dual' (or 'none'), not 'penalty'")
         check_number(self.exact_epochs, "exact_epochs (--exact-epochs)", low=0.0, low_open=True)
