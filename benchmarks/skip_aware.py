@@ -258,14 +258,18 @@ def matched_scores(model_dir: Path, target_layers, cache_dir: Path) -> dict:
 
 
 def add_matched(results: dict, args) -> None:
-    """Every final model's :func:`matched_scores` at ``--match-layers``, recorded with the commit that
-    computed them (``matched_commit``)."""
+    """Every final model's :func:`matched_scores` at ``--match-layers`` where it has none at those counts yet
+    (the models and trees of earlier tasks may be gone), each recorded with the commit that computed it."""
+    keys = {f"{k:g}" for k in args.match_layers}
     for task, e in results.get("tasks", {}).items():
         cache = Path(args.output_dir) / task / "pathtree"
         for c in e["candidates"].values():
             for v in c["rates"].values():
+                if keys <= set(v.get("matched", {})):
+                    continue
                 v["matched"] = matched_scores(Path(v["model"]), args.match_layers, cache)
-    results["matched_commit"] = pinned_code_commit()
+                v["matched_commit"] = pinned_code_commit()
+    results.setdefault("matched_commit", pinned_code_commit())
     results["match_layers"] = list(args.match_layers)
 
 
