@@ -33,7 +33,7 @@ from torch import nn
 from .backbone import DEFAULT_BACKBONE, Backbone, Embedded, resolve_backbone_path
 from ..checks import (CheckpointError, check_checkpoint_files, check_finite_logits, check_layer_weights, check_number,
                      check_state_shapes, check_threshold, max_positions, nonfinite, read_json, read_safetensors)
-from .objectives import apply_path_calibration
+from .objectives import apply_path_calibration, path_ids
 from .planner import (FEATURES, Planners, bernoulli_entropy, bernoulli_log_prob, check_budget_range, feature_dim,
                       raw_features)
 
@@ -183,14 +183,17 @@ class DPBert(nn.Module):
         return stats
 
     def execute(
-        self, i: int, hidden: torch.Tensor, mask: torch.Tensor, execute: Optional[torch.Tensor] = None,
+        self, i: int, hidden: torch.Tensor, mask: torch.Tensor, execute=None,
         position_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Eq. (6): run layer ``i`` on the rows where ``execute`` (bool ``(batch,)``) is true.
 
-        The other rows are returned unchanged and are never computed. ``execute=None`` runs all.
+        The other rows are returned unchanged and are never computed. ``execute=None`` runs all; a Python
+        bool decides for the whole batch (one input: no row bookkeeping, no host sync).
         ``position_bias`` (MPNet, :attr:`Embedded.position_bias`) is gathered with the rows, like ``mask``.
         """
+        if isinstance(execute, bool):
+            return self.backbone.layer(i, hidden, mask, position_bias) if execute else hidden
         if execute is None:
             return self.backbone.layer(i, hidden, mask, position_bias)
         n = int(execute.sum())
@@ -222,14 +225,6 @@ class DPBert(nn.Module):
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Class ids ``(batch,)``, or the regression value for STS-B."""
         return logits.squeeze(-1) if self.is_regression else logits.argmax(-1)
-
-    def calibrate_paths(self, logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """A regression output recalibrated for the path each row took: ``scale[p] * y + shift[p]``, ``p`` the
-        bits of ``actions`` ``(B, L)``, layer 1 the most significant (as in the path tree)."""
-        L = actions.shape[1]
-        weights = 2 ** torch.arange(L - 1, -1, -1, device=actions.device)
-        ids = (actions.long() * weights).sum(1)
-        return apply_path_calibration(logits.squeeze(-1), ids, self.path_calibration).unsqueeze(-1)
 
     def set_path_calibration(self, calibration: Optional[torch.Tensor], source: str = "path_calibration") -> None:
         """Set (or clear, with None) the per-path recalibration: ``(2^L, 2)`` finite ``(scale, shift)`` rows,
@@ -314,18 +309,14 @@ class DPBert(nn.Module):
                     p = torch.sigmoid(logit)
                     a = p >= 0.5
                     h = self.soft_execute(i, h, mask, p, bias)
-                elif single:
-                    a = logit.item() >= thr_item if mode == "hard" else bool(given[i])  # p_i >= thr, eq. (5)
-                    if a:
-                        h = self.backbone.layer(i, h, mask, bias)
                 else:
-                    if mode == "hard":
-                        a = logit >= logit_thr  # p_i >= thr, eq. (5)
+                    if mode == "hard":  # p_i >= thr, eq. (5); one input: a Python bool
+                        a = logit.item() >= thr_item if single else logit >= logit_thr
                     elif mode == "sample":
                         check_finite_logits(logit, i)  # a NaN here is an exploded planner, not a probability
                         a = torch.bernoulli(torch.sigmoid(logit.detach()), generator=generator).bool()
                     else:  # path
-                        a = actions[:, i].bool()
+                        a = bool(given[i]) if single else actions[:, i].bool()
                     h = self.execute(i, h, mask, a, bias)
                 if planners:
                     logits_per_layer.append(logit)
@@ -336,8 +327,8 @@ class DPBert(nn.Module):
             act = torch.tensor([acts], dtype=h.dtype, device=h.device)  # (1, L)
         else:
             act = torch.stack(acts, 1).to(h.dtype)  # (B, L)
-        if self.path_calibration is not None and mode != "soft" and self.is_regression:
-            logits = self.calibrate_paths(logits, act)
+        if self.path_calibration is not None and mode != "soft":  # set for regression heads only
+            logits = apply_path_calibration(logits.squeeze(-1), path_ids(act), self.path_calibration).unsqueeze(-1)
         if mode == "full":
             probs_t = torch.ones_like(act)
             logp_t = torch.zeros_like(act)
@@ -451,14 +442,16 @@ class DPBert(nn.Module):
         model.budget_table = meta.get("budget_table")
         cal = meta.get("path_calibration")
         if cal is not None:
+            source = f"{path / META_FILE}: path_calibration"
             try:
-                model.set_path_calibration(torch.tensor([cal["scale"], cal["shift"]], dtype=torch.float32).T,
-                                           f"{path / META_FILE}: path_calibration")
+                table = torch.tensor([cal["scale"], cal["shift"]], dtype=torch.float32).T
             except (KeyError, TypeError, ValueError) as err:
-                msg = str(err) if isinstance(err, ValueError) and str(err).startswith(str(path)) else \
-                    f"{path / META_FILE}: path_calibration: expected {{'scale': [...], 'shift': [...]}} of " \
-                    f"{2 ** model.num_layers} numbers each ({type(err).__name__}: {err})"
-                raise CheckpointError(msg) from None
+                raise CheckpointError(f"{source}: expected {{'scale': [...], 'shift': [...]}} of {2 ** model.num_layers} "
+                                      f"numbers each ({type(err).__name__}: {err})") from None
+            try:
+                model.set_path_calibration(table, source)
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
         return model
 
 

@@ -56,6 +56,13 @@ def fit_path_calibration(predictions: torch.Tensor, labels: torch.Tensor, min_st
     return torch.stack([scale, shift], 1).to(torch.float32)
 
 
+def path_ids(actions: torch.Tensor) -> torch.Tensor:
+    """The path index of each row of 0/1 ``actions`` ``(..., L)``: its bits, layer 1 the most significant (the
+    path tree's order, :func:`dpbert_rl.pathtree.oracle.paths`)."""
+    L = actions.shape[-1]
+    return (actions.long() * (2 ** torch.arange(L - 1, -1, -1, device=actions.device))).sum(-1)
+
+
 def apply_path_calibration(predictions: torch.Tensor, path_ids: torch.Tensor, calibration: torch.Tensor) -> torch.Tensor:
     """``scale[p] * prediction + shift[p]`` for each input's path id ``p`` (:func:`fit_path_calibration`);
     ``predictions`` and ``path_ids`` of the same shape."""

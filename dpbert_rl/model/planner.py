@@ -63,16 +63,40 @@ def token_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.float32)
 
 
-def raw_features(hidden: torch.Tensor, mask: torch.Tensor, features: str) -> torch.Tensor:
-    """Unstandardised planner input ``(batch, F)`` from ``hidden`` ``(batch, seq, d)``."""
+def token_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(batch, 1, seq)``: each real token's weight in the masked mean (``1 / tokens``), 0 on padding, so that
+    the mean of ``hidden`` ``(batch, seq, d)`` is one product, ``bmm(weights, hidden)``."""
+    m = token_mask(mask).to(dtype)
+    return (m / m.sum(1, keepdim=True).clamp_min(1.0))[:, None, :]
+
+
+def raw_features(hidden: torch.Tensor, mask: torch.Tensor, features: str, weights: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+    """Unstandardised planner input ``(batch, F)`` from ``hidden`` ``(batch, seq, d)``.
+
+    :param weights: the :func:`token_weights` of ``mask``, computed once per batch by an inference loop
+        (:meth:`Planners.decider`): the mean is then one product. Without them the mean is summed and divided
+        as every cache, environment and training step has computed it (the two agree to float round-off)."""
     check_features(features)
-    parts = []
-    if features in ("cls", "cls+mean"):
-        parts.append(hidden[:, 0])
-    if features in ("mean", "cls+mean"):
+    if features == "cls":
+        return hidden[:, 0]
+    if weights is not None:
+        mean = torch.bmm(weights, hidden)[:, 0]
+    else:
         m = token_mask(mask).to(hidden.dtype)[:, :, None]  # (batch, seq, 1)
-        parts.append((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        mean = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return mean if features == "mean" else torch.cat([hidden[:, 0], mean], 1)
+
+
+def standardised(raw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``clip((raw - mean) / std, -10, 10)``."""
+    return ((raw - mean) / std).clamp(-CLIP, CLIP)
+
+
+def linear_logit(z: torch.Tensor, weight, bias, g=None, budget_weight=None, budget_bias=None) -> torch.Tensor:
+    """``W z + b``, plus ``g (V z + u)`` for a price-conditioned planner reading the price input ``g``."""
+    out = z @ weight + bias
+    return out if g is None else out + g * (z @ budget_weight + budget_bias)
 
 
 class Planners(nn.Module):
@@ -136,8 +160,7 @@ class Planners(nn.Module):
 
     def standardise(self, i: int, raw: torch.Tensor) -> torch.Tensor:
         """``clip((raw - mean_i) / std_i, -10, 10)``: the input planner ``i`` reads, ``(batch, F)``."""
-        z = (raw - self.feature_mean[i].to(raw.dtype)) / self.feature_std[i].to(raw.dtype)
-        return z.clamp(-CLIP, CLIP)
+        return standardised(raw, self.feature_mean[i].to(raw.dtype), self.feature_std[i].to(raw.dtype))
 
     def observe(self, i: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The standardised features of ``hidden`` ``(batch, seq, d)`` for planner ``i``: ``(batch, F)``.
@@ -174,27 +197,15 @@ class Planners(nn.Module):
         feats = self.features
         mu, std = self.feature_mean.to(dtype), self.feature_std.to(dtype)
         weight, bias = self.weight.to(dtype), self.bias.to(dtype)
-        tw = None
-        if feats != "cls":
-            m = token_mask(mask).to(dtype)  # (batch, seq)
-            tw = (m / m.sum(1, keepdim=True).clamp_min(1.0))[:, None, :]  # (batch, 1, seq): the mean as a product
-        g = None
+        tw = None if feats == "cls" else token_weights(mask, dtype)
+        g = v = u = None
         if self.budget is not None:
             g = self.budget_input(price).to(dtype)
             v, u = self.budget_weight.to(dtype), self.budget_bias.to(dtype)
 
         def logit(i: int, hidden: torch.Tensor) -> torch.Tensor:
-            if feats == "cls":
-                x = hidden[:, 0]
-            elif feats == "mean":
-                x = torch.bmm(tw, hidden)[:, 0]
-            else:
-                x = torch.cat([hidden[:, 0], torch.bmm(tw, hidden)[:, 0]], 1)
-            z = ((x - mu[i]) / std[i]).clamp_(-CLIP, CLIP)
-            out = z @ weight[i] + bias[i]
-            if g is not None:
-                out = out + g * (z @ v[i] + u[i])
-            return out
+            z = standardised(raw_features(hidden, mask, feats, tw), mu[i], std[i])
+            return linear_logit(z, weight[i], bias[i], g, None if v is None else v[i], None if u is None else u[i])
 
         return logit
 
@@ -202,13 +213,12 @@ class Planners(nn.Module):
         """Logit of planner ``i`` (0-based) for standardised features ``z`` ``(batch, F)`` (or
         ``(batch, nodes, F)``); ``(batch,)`` (or ``(batch, nodes)``). ``price``: the layer price a
         price-conditioned planner reads, a number or one per row ``(batch,)``; default the stored one."""
-        logit = z @ self.weight[i] + self.bias[i]
         if self.budget is None:
-            return logit
+            return linear_logit(z, self.weight[i], self.bias[i])
         g = self.budget_input(price).to(z.dtype)
         if g.dim() == 1 and z.dim() == 3:
             g = g[:, None]  # one price per input, for all its nodes
-        return logit + g * (z @ self.budget_weight[i] + self.budget_bias[i])
+        return linear_logit(z, self.weight[i], self.bias[i], g, self.budget_weight[i], self.budget_bias[i])
 
 
 def check_budget_range(budget) -> tuple:

@@ -369,7 +369,7 @@ def build_tree(model, dataset, collate_fn, features: str = "cls+mean", batch_siz
         y = b["labels"].repeat_interleave(P, 0)
         pred = model.predict(logits).float()
         yf = y.float()
-        ok = (pred - yf).abs() < 0.5 if model.is_regression else pred == yf
+        ok = outcome_correct(pred, yf, model.is_regression)
         sl = slice(row, row + B)
         feats[sl] = x.float().cpu().numpy().astype(dtype)
         losses[sl] = model.task_loss(logits, y).float().reshape(B, P).cpu().numpy()
@@ -386,6 +386,12 @@ def build_tree(model, dataset, collate_fn, features: str = "cls+mean", batch_siz
 
 
 # ---------------------------------------------------------------------------------------- the key
+def outcome_correct(predictions, labels, regression: bool):
+    """The cache's ``correct``: ``prediction == label``, or for regression ``|prediction - label| < 0.5``
+    (tensors or arrays alike)."""
+    return abs(predictions - labels) < 0.5 if regression else predictions == labels
+
+
 def checkpoint_fingerprint(model) -> str:
     """What identifies the backbone's weights: for a dpbert_rl checkpoint directory, its weight files'
     paths, modification times and sizes (cheap: nothing is read); for a :class:`~dpbert_rl.model.DPBert`

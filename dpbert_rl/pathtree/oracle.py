@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..model.dpbert import DPBert
+from ..model.objectives import path_ids
 
 
 #: The most layers whose whole path tree is walked: 2^8 - 1 = 255 layer calls per input. A 12-layer model's
@@ -72,8 +73,7 @@ def first_k_path(k: int, num_layers: int) -> int:
 
 def path_indices(actions: np.ndarray) -> np.ndarray:
     """Path indices of 0/1 action rows ``(N, L)``, layer 1 the most significant bit."""
-    actions = np.asarray(actions, dtype=np.int64)
-    return actions @ (1 << np.arange(actions.shape[1] - 1, -1, -1))
+    return path_ids(torch.as_tensor(np.asarray(actions, dtype=np.int64))).numpy()
 
 
 @torch.no_grad()

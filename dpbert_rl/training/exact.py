@@ -27,7 +27,7 @@ from ..model.objectives import (REWARDS, DualPrice, apply_path_calibration, chec
                                 fit_path_calibration)
 from ..model.planner import Planners, check_budget_range, check_features
 from ..pathtree.cache import (DEFAULT_CACHE_DIR, PathTree, checkpoint_fingerprint, expected_return, greedy_paths,
-                              tree_cache, tree_index)
+                              outcome_correct, tree_cache, tree_index)
 from ..pathtree.oracle import check_tree_size, paths
 from .checkpoint import DONE_FILE, save_atomic, stage_dir, stage_done, truncate_metrics
 from .config import TrainingError, check_same_run
@@ -308,8 +308,9 @@ def calibrated_tree(tree: PathTree, calibration: torch.Tensor) -> PathTree:
     preds = torch.from_numpy(np.asarray(tree.predictions, dtype=np.float32))
     ids = torch.arange(preds.shape[1]).expand_as(preds)
     cal = apply_path_calibration(preds, ids, calibration).numpy()
-    err = cal - np.asarray(tree.labels, dtype=np.float32)[:, None]
-    return replace(tree, predictions=cal, losses=(err ** 2).astype(np.float32), correct=np.abs(err) < 0.5)
+    labels = np.asarray(tree.labels, dtype=np.float32)[:, None]
+    return replace(tree, predictions=cal, losses=((cal - labels) ** 2).astype(np.float32),
+                   correct=outcome_correct(cal, labels, True))
 
 
 def exact_planners(model: DPBert, fit: PathTree, cfg: ExactConfig) -> Planners:
