@@ -45,6 +45,7 @@ def main(argv=None) -> None:
     from dpbert_rl.data import load_inputs
     from dpbert_rl.evaluation.latency import interleaved_latency, machine_info, sample_indices
     from dpbert_rl.model.auto import DPBertForSequenceClassification
+    from dpbert_rl.model.budget import encode_inputs
 
     torch.set_num_threads(args.threads)
     dp = pipeline("text-classification", model=args.checkpoint, trust_remote_code=True,
@@ -54,14 +55,12 @@ def main(argv=None) -> None:
     task = dp.model.dpbert.task_info.task
     inputs = load_inputs(task, "dev", args.data_dir)  # labels never read
     idx = sample_indices(len(inputs["text_a"]), args.samples, 0)
-    texts = [inputs["text_a"][i] if inputs["text_b"][i] is None else
-             {"text": inputs["text_a"][i], "text_pair": inputs["text_b"][i]} for i in idx]
+    inputs = {k: [inputs[k][i] for i in idx] for k in ("text_a", "text_b")}
+    texts = [a if b is None else {"text": a, "text_pair": b} for a, b in zip(inputs["text_a"], inputs["text_b"])]
     through = interleaved_latency({"plain": lambda t: plain(t), "dpbert": lambda t: dp(t)}, texts,
                                   repeats=args.repeats, threads=args.threads)
     model = dp.model.dpbert
-    enc = [model.tokenizer(t if isinstance(t, str) else t["text"], None if isinstance(t, str) else t["text_pair"],
-                           truncation=True, max_length=model.task_info.max_seq_length or 128, return_tensors="pt")
-           for t in texts]
+    enc = encode_inputs(model, inputs, model.task_info.max_seq_length or 128, batch_size=1)
     direct = interleaved_latency(
         {"full": lambda e: model(e["input_ids"], e["attention_mask"], e.get("token_type_ids"), mode="full"),
          "dpbert": lambda e: model(e["input_ids"], e["attention_mask"], e.get("token_type_ids"), mode="hard")},

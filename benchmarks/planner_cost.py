@@ -8,8 +8,9 @@ one process at a fixed thread count (median of ``--repeats`` passes):
   their features per layer as in training, decisions as tensors);
 * ``lean``: hard mode through the inference path (``Planners.decider``, Python decisions at batch size 1).
 
-Each pass also times the layer calls alone (``Backbone.layer``), so a pass splits into layers and the rest
-(embeddings, head, and in hard mode the planners and their bookkeeping). Reported per checkpoint: the mean
+Timed by :func:`dpbert_rl.evaluation.latency.interleaved_latency` (the order alternating per input and pass);
+the layer calls are timed apart (``Backbone.layer``, their mean over the passes), so a path splits into layers
+and the rest (embeddings, head, and in hard mode the planners and their bookkeeping). Reported per checkpoint: the mean
 layers run, the ideal speed-up ``L / layers``, the measured speed-up of both hard-mode paths against
 ``full``, measured over ideal, and the planners' own milliseconds (a hard pass's rest minus the full pass's).
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,64 +51,62 @@ def parse_args(argv=None):
 
 
 def time_checkpoint(path: str, args) -> dict:
-    import torch
-
     from dpbert_rl.data import get_task, load_inputs
-    from dpbert_rl.evaluation.latency import sample_indices
+    from dpbert_rl.evaluation.latency import interleaved_latency, sample_indices
     from dpbert_rl.model import DPBert
     from dpbert_rl.model.backbone import Backbone
+    from dpbert_rl.model.budget import encode_inputs
 
     model = DPBert.load(path, require_planners=True).eval()
     task = get_task(model.task_info.task)
-    raw = load_inputs(task.name, "dev", args.data_dir)
-    a_texts, b_texts = raw["text_a"], raw.get("text_b")
-    encs = []
-    for i in sample_indices(len(a_texts), args.samples, args.seed):
-        pair = [[a_texts[int(i)]]] + ([[b_texts[int(i)]]] if b_texts and b_texts[int(i)] is not None else [])
-        encs.append(model.tokenizer(*pair, truncation=True, max_length=model.task_info.max_seq_length,
-                                    return_tensors="pt"))
-    spent = {"layers": 0.0}
+    raw = load_inputs(task.name, "dev", args.data_dir)  # the inputs alone: labels are never read
+    idx = sample_indices(len(raw["text_a"]), args.samples, args.seed)
+    inputs = {k: [raw[k][i] for i in idx] for k in ("text_a", "text_b")}
+    encs = encode_inputs(model, inputs, model.task_info.max_seq_length, batch_size=1)
+    layer_s, layers, now = dict.fromkeys(PATHS, 0.0), dict.fromkeys(PATHS, 0), {"path": "full"}
     real = Backbone.layer
 
-    def timed_layer(self, *a, **kw):
+    def timed_layer(self, *a, **kw):  # the layer calls' share of each path's time
         t = time.perf_counter()
         out = real(self, *a, **kw)
-        spent["layers"] += time.perf_counter() - t
+        layer_s[now["path"]] += time.perf_counter() - t
         return out
 
-    def one_pass(name: str) -> tuple:
-        model.lean_inference = name == "lean"
+    def runner(name: str):
         mode = "full" if name == "full" else "hard"
-        spent["layers"], layers = 0.0, 0
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for e in encs:
-                layers += int(model(**e, mode=mode).layers_executed)
-        total = time.perf_counter() - t
-        n = len(encs)
-        return total * 1000 / n, spent["layers"] * 1000 / n, layers / n
 
+        def call(e: dict) -> None:
+            now["path"] = name
+            model.lean_inference = name == "lean"
+            out = model(e["input_ids"], e["attention_mask"], e.get("token_type_ids"), mode=mode)
+            layers[name] += int(out.layers_executed.sum())
+
+        return call
+
+    runners = {p: runner(p) for p in PATHS}
     Backbone.layer = timed_layer
     try:
-        one_pass("full")  # warm-up
-        runs = {p: [] for p in PATHS}
-        for _ in range(args.repeats):
-            for p in PATHS:
-                runs[p].append(one_pass(p))
+        for e in encs[:5]:  # warm-up, not counted
+            for fn in runners.values():
+                fn(e)
+        for p in PATHS:
+            layer_s[p], layers[p] = 0.0, 0
+        timed = interleaved_latency(runners, encs, repeats=args.repeats, warmup=0, threads=args.threads)
     finally:
         Backbone.layer = real
         model.lean_inference = True
-    med = {p: tuple(statistics.median(r[k] for r in runs[p]) for k in range(3)) for p in PATHS}
-    full_ms, full_layer_ms, L = med["full"]
+    calls = args.repeats * len(encs)
+    ms = {p: timed[p]["latency_ms"] for p in PATHS}
+    layer_ms = {p: 1000 * layer_s[p] / calls for p in PATHS}
+    fixed = ms["full"] - layer_ms["full"]  # embeddings and head
     row = {"checkpoint": path, "task": task.name, "inputs": len(encs), "num_layers": model.num_layers,
-           "layers_executed_mean": med["lean"][2], "full_ms": full_ms, "fixed_ms": full_ms - full_layer_ms}
+           "layers_executed_mean": layers["lean"] / calls, "full_ms": ms["full"], "fixed_ms": fixed}
     row["speedup_ideal"] = model.num_layers / row["layers_executed_mean"]
     for p in ("reference", "lean"):
-        ms, layer_ms, _ = med[p]
-        row[f"{p}_ms"] = ms
-        row[f"{p}_speedup"] = full_ms / ms
+        row[f"{p}_ms"] = ms[p]
+        row[f"{p}_speedup"] = timed[p]["speedup"]
         row[f"{p}_ratio"] = row[f"{p}_speedup"] / row["speedup_ideal"]
-        row[f"{p}_planner_ms"] = (ms - layer_ms) - (full_ms - full_layer_ms)
+        row[f"{p}_planner_ms"] = (ms[p] - layer_ms[p]) - fixed
     return row
 
 

@@ -20,6 +20,10 @@ Every choice reads the selection split: the exact stage's chosen planners (best 
 rate), and the candidate the pipeline should default to (the best mean selection score over tasks and
 rates). Dev is scored once per final model (the exact stage's ``DONE``) and only reported.
 
+The candidates are the trade-off benchmark's own DPBERT (``tradeoff_methods.dpbert_models``) under its
+budget flags (any flag of ``benchmarks/tradeoff.py``'s training budget is accepted here), trained by its
+``TaskRun`` under ``--output-dir`` (one code commit per task folder, as there).
+
 Outputs ``benchmarks/results/skip_aware.json`` (``commit``, ``command``, ``machine``, ``tasks -> task ->
 candidates -> name -> rates -> r -> {select_score, select_layers, dev_score, dev_layers, seconds}``) and
 ``skip_aware.md``. Models under ``runs/skip_aware/<task>/``: a re-run resumes where it stopped.
@@ -46,11 +50,17 @@ CANDIDATES = ("none", "layerdrop", "adapt")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """This script's own options; every other flag is the trade-off benchmark's training budget
+    (``benchmarks/tradeoff.py --help``: ``--stage1-epochs``, ``--extra-epochs``, ``--adapt-lr``, ...), parsed by
+    its parser into ``args.budget`` so that both run the same protocol."""
+    from tradeoff import parse_args as tradeoff_args
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Any other flag is a training-budget flag of benchmarks/tradeoff.py "
+                                        "(see its --help); the defaults are its own.")
     ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
     ap.add_argument("--tasks", default="stsb,sst2", help="comma-separated GLUE tasks, one after another")
     ap.add_argument("--candidates", default=",".join(CANDIDATES), help=f"some of {', '.join(CANDIDATES)}")
-    ap.add_argument("--backbone", default=None, help="default: the packaged MiniLM")
     ap.add_argument("--output-dir", default="runs/skip_aware", help="trained models (resumable)")
     ap.add_argument("--stage1-from", default="runs/tradeoff",
                     help="reuse <dir>/<task>/stage1_finetune when it is finished (linked, not copied)")
@@ -62,105 +72,28 @@ def parse_args(argv=None):
                     help="mean layer counts every final model is set to on the selection split, for a comparison at "
                          "the same compute (empty: none)")
     ap.add_argument("--allow-mixed", action="store_true", help="merge results of another code commit (marked)")
-    g = ap.add_argument_group("budget (the trade-off benchmark's defaults)")
-    g.add_argument("--stage1-epochs", type=float, default=3.0)
-    g.add_argument("--extra-epochs", type=float, default=1.0, help="epochs beyond stage 1, as every baseline's")
-    g.add_argument("--stage2-share", type=float, default=0.5, help="the part of --extra-epochs stage 2 takes")
-    g.add_argument("--lr", type=float, default=1e-4, help="stage-1 and stage-2 learning rate")
-    g.add_argument("--adapt-lr", type=float, default=5e-5, help="the skip-aware backbone training's (as the baselines')")
-    g.add_argument("--layerdrop", type=float, default=0.3)
-    g.add_argument("--target-rates", default="0.3,0.5")
-    g.add_argument("--exact-epochs", type=float, default=20.0)
-    g.add_argument("--exact-lr", type=float, default=1e-2)
-    g.add_argument("--max-train-samples", type=int, default=None, help="default per task: as tradeoff.py")
-    g.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (smoke tests)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lam", type=float, default=1.0)
-    g.add_argument("--cost", type=float, default=0.05)
-    g.add_argument("--dual-lr", type=float, default=0.02)
-    g.add_argument("--beta", type=float, default=200.0)
-    g.add_argument("--evals-per-epoch", type=int, default=3)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--threads", type=int, default=2, help="torch threads for the whole run")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
     args.tasks = csv_list(args.tasks)
     args.candidates = csv_list(args.candidates, allowed=CANDIDATES, what="candidates", ap=ap)
-    args.target_rates = csv_list(args.target_rates, float)
     args.match_layers = csv_list(args.match_layers, float)
-    if not 0 < args.stage2_share < 1:
-        ap.error("--stage2-share must be in (0, 1)")
+    args.budget = tradeoff_args(rest + ["--output-dir", args.output_dir, "--tasks", ",".join(args.tasks)]
+                                + (["--data-dir", args.data_dir] if args.data_dir else []))
+    args.budget.allow_mixed = args.allow_mixed
     return args
 
 
-class Task:
-    """One task's stage-1 backbone, stage 2 and the candidates' stages, each reused when finished."""
+def task_run(task: str, args):
+    """The trade-off benchmark's :class:`TaskRun` of ``task`` under ``--output-dir``, its stage 1 linked from
+    ``--stage1-from`` when that one is finished."""
+    from dpbert_rl.training import stage_done
+    from tradeoff_methods import TaskRun
 
-    def __init__(self, task: str, args):
-        from dataclasses import replace
-
-        from dpbert_rl.data import get_task
-        from dpbert_rl.training import TrainConfig, stage_done, train_stage
-        from tradeoff_methods import TASK_SETTINGS
-
-        self.task, self.args, self.t = task, args, get_task(task)
-        self.root = (Path(args.output_dir) / task).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        max_train = args.max_train_samples or TASK_SETTINGS.get(task, {}).get("max_train_samples")
-        backbone = {"backbone": args.backbone} if args.backbone else {}
-        self.base = TrainConfig(task=task, data_dir=args.data_dir, **backbone, lr=args.lr, epochs=args.stage1_epochs,
-                                evals_per_epoch=args.evals_per_epoch, seed=args.seed, progress=False,
-                                batch_size=args.batch_size, lam=args.lam, beta=args.beta, cost=args.cost,
-                                dual_lr=args.dual_lr, max_train_samples=max_train, max_steps=args.max_steps)
-        self.replace, self.train_stage = replace, train_stage
-        s1 = self.root / "stage1_finetune"
-        shared = Path(args.stage1_from) / task / "stage1_finetune"
-        if not s1.exists() and stage_done(shared):
-            s1.symlink_to(shared.resolve(), target_is_directory=True)
-        self.s1 = train_stage("finetune", self.config("stage1_finetune"))
-        self.backbone_epochs = args.extra_epochs * (1 - args.stage2_share)
-
-    def config(self, sub: str, **kw):
-        return self.replace(self.base, output_dir=str(self.root / sub), **kw)
-
-    def stage2(self, init: Path, sub: str) -> Path:
-        a = self.args
-        return self.train_stage("planner_init", self.config(sub, epochs=a.extra_epochs * a.stage2_share,
-                                                            target_rate=a.target_rates[0]), init=str(init))
-
-    def exact(self, init: Path, sub: str, r: float, calibration: bool = True) -> Path:
-        from dpbert_rl.training import exact_stage
-
-        a = self.args
-        return exact_stage(self.config(sub, target_rate=r), init, self.root / sub, a.exact_epochs, a.exact_lr,
-                           cache_dir=self.root / "pathtree", path_calibration=calibration)
-
-    def candidate(self, name: str) -> dict:
-        """``{rate: final model}`` of one candidate (and ``none_raw`` on regression)."""
-        a = self.args
-        out = {}
-        if name == "layerdrop":
-            ld = self.train_stage("layerdrop", self.config("layerdrop", epochs=self.backbone_epochs, lr=a.adapt_lr,
-                                                            layerdrop=a.layerdrop), init=str(self.s1))
-            s2 = self.stage2(ld, "layerdrop_stage2")
-        else:
-            s2 = self.stage2(self.s1, "stage2")
-        for r in a.target_rates:
-            tag = f"r{r:g}"
-            if name == "layerdrop":
-                out[r] = self.exact(s2, f"layerdrop_exact_{tag}", r)
-            elif name == "none":
-                out[r] = self.exact(s2, f"exact_{tag}", r)
-            else:  # adapt: the backbone on the paths of the rate's planners, then the planners on its new tree
-                first = self.exact(s2, f"exact_{tag}", r)
-                adapted = self.train_stage("adapt", self.config(f"adapt_{tag}", epochs=self.backbone_epochs,
-                                                                lr=a.adapt_lr, target_rate=r), init=str(first))
-                out[r] = self.exact(adapted, f"adapt_exact_{tag}", r)
-        return out
-
-    def raw_candidate(self) -> dict:
-        """``none`` without the per-path recalibration (regression only)."""
-        s2 = self.stage2(self.s1, "stage2")
-        return {r: self.exact(s2, f"exact_raw_r{r:g}", r, calibration=False) for r in self.args.target_rates}
+    s1 = Path(args.output_dir) / task / "stage1_finetune"
+    shared = Path(args.stage1_from) / task / "stage1_finetune"
+    if not s1.exists() and stage_done(shared):
+        s1.parent.mkdir(parents=True, exist_ok=True)
+        s1.symlink_to(shared.resolve(), target_is_directory=True)
+    return TaskRun(task, args.budget)
 
 
 def summary(model_dir: Path, t0: float) -> dict:
@@ -181,26 +114,29 @@ def run(args) -> dict:
     import torch
 
     from dpbert_rl.evaluation.latency import machine_info
+    from tradeoff_methods import dpbert_models
 
-    torch.set_num_threads(args.threads)
+    b = args.budget
+    torch.set_num_threads(b.threads)
     path = Path(args.results_dir) / "skip_aware.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    commit = pinned_code_commit()
+    commit = b.code_commit = pinned_code_commit()
     check_one_commit([results.get("commit")] if results.get("tasks") else [], commit, args.allow_mixed,
                      "skip_aware.json")
     if results.get("command") and results.get("commit") != commit:
         results.setdefault("earlier_commands", []).append({"commit": results["commit"], "command": results["command"]})
     results.update({"commit": commit, "command": command(), "machine": machine_info(),
-                    "budget": {k: getattr(args, k) for k in ("stage1_epochs", "extra_epochs", "stage2_share",
-                                                             "adapt_lr", "layerdrop", "target_rates", "exact_epochs")}})
+                    "budget": {k: getattr(b, k) for k in ("stage1_epochs", "extra_epochs", "stage2_share", "adapt_lr",
+                                                          "layerdrop", "target_rates", "exact_epochs")}})
     for task in args.tasks:
-        t = Task(task, args)
+        t = task_run(task, args)
         entry = results.setdefault("tasks", {}).setdefault(task, {"metric": t.t.metric, "candidates": {}})
         names = list(args.candidates) + (["none_raw"] if t.t.is_regression and "none" in args.candidates else [])
         for name in names:
             t0 = time.time()
             print(f"[{task}] {name} ...", flush=True)
-            models = t.raw_candidate() if name == "none_raw" else t.candidate(name)
+            models, _ = (dpbert_models(t, "none", path_calibration=False) if name == "none_raw" else
+                         dpbert_models(t, name))
             entry["candidates"][name] = {"rates": {f"{r:g}": summary(m, t0) for r, m in models.items()},
                                          "commit": commit}
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,44 +152,28 @@ def matched_scores(model_dir: Path, target_layers, cache_dir: Path) -> dict:
     selection split, and its selection score there: replayed on the selection split's path tree that its
     exact stage read (the same paths and outputs as the live model, recalibrated as the model is), so that
     candidates are compared at the same compute. Returns ``{layers: {threshold, layers, select_score}}``."""
-    import numpy as np
-    import torch
+    from dataclasses import replace
 
     from dpbert_rl.data import get_task
-    from dpbert_rl.evaluation.evaluate import score_run
     from dpbert_rl.model import DPBert
-    from dpbert_rl.pathtree.cache import PathTree, greedy_paths, tree_index
-    from dpbert_rl.pathtree.oracle import paths
-    from dpbert_rl.training.exact import calibrated_tree
+    from dpbert_rl.model.budget import solve_knob
+    from dpbert_rl.pathtree.cache import PathTree
+    from dpbert_rl.training.exact import ExactConfig, calibrated_tree, evaluate_tree
 
     run = json.loads((Path(model_dir).parent / "config.json").read_text())
     tree = PathTree.load(Path(cache_dir) / run["caches"]["select"], mmap=False)
     model = DPBert.load(model_dir, require_planners=True)
     if tree.regression and model.path_calibration is not None:
         tree = calibrated_tree(tree, model.path_calibration)
-    task, L = get_task(run["task"]), tree.num_layers
-    raw = torch.from_numpy(np.array(tree.raw(model.planners.features), dtype=np.float32))
-    counts = torch.as_tensor(tree_index(L)["path_layers"]).float()
-    rows = np.arange(tree.num_inputs)
+    task, cfg = get_task(run["task"]), ExactConfig()
 
-    def greedy(thr: float):
-        with torch.no_grad():
-            chosen = greedy_paths(model.planners, raw, thr).numpy()
-        return chosen, float(counts[chosen].mean())
+    def at(threshold: float) -> dict:
+        return evaluate_tree(model.planners, tree, task, replace(cfg, threshold=threshold), 0.0)
 
     out = {}
     for k in target_layers:
-        lo, hi, best = 0.0, 1.0, None
-        for _ in range(30):  # a higher threshold skips more
-            mid = (lo + hi) / 2
-            chosen, layers = greedy(mid)
-            if best is None or abs(layers - k) < abs(best[2] - k):
-                best = (mid, chosen, layers)
-            lo, hi = (mid, hi) if layers > k else (lo, mid)
-        thr, chosen, layers = best
-        res = score_run(task, {"predictions": tree.predictions[rows, chosen], "labels": np.asarray(tree.labels),
-                               "actions": paths(L).numpy()[chosen]})
-        out[f"{k:g}"] = {"threshold": thr, "layers": layers, "select_score": res["score"]}
+        thr, layers = solve_knob(model, None, k, 30, layers_at=lambda t: at(t)["layers_executed_mean"])
+        out[f"{k:g}"] = {"threshold": thr, "layers": layers, "select_score": at(thr)["score"]}
     return out
 
 

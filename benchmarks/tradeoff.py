@@ -79,8 +79,6 @@ _NOT_CONTEXT = {"tasks", "methods", "output_dir", "results_dir", "recompute", "r
 def run_context(args) -> dict:
     """What a method's results depend on besides its code: this run's settings and the machine (CPU, torch,
     threads). Results are reused from another commit only under the same context."""
-    from dpbert_rl.evaluation.latency import machine_info
-
     m = machine_info()
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_CONTEXT}
     return json.loads(json.dumps({"settings": settings, "machine": {k: m[k] for k in ("cpu", "cpu_count", "torch",

@@ -31,7 +31,7 @@ from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_
 from dpbert_rl.evaluation.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.evaluation.metrics import compute_metrics
 from dpbert_rl.model import DPBert
-from dpbert_rl.training import TrainConfig, exact_stage, load_data, stage_done, train_stage
+from dpbert_rl.training import TrainConfig, exact_stage3, load_data, stage_done, train_stage
 
 # Training subsets, chosen to fit the clean run into about 4 hours on 2 cores by the first (too low) time
 # estimate; the run at these subsets takes about 5.5 h there (README, `--plan`)
@@ -288,30 +288,43 @@ def _stage2(run: TaskRun) -> Path:
                                                   target_rate=a.target_rates[0]), init=str(run.s1))
 
 
-def m_dpbert(run: TaskRun) -> dict:
+def dpbert_models(run: TaskRun, skip_aware: Optional[str] = None, path_calibration: bool = True) -> tuple:
+    """DPBERT's final model per target rate, within the same budget beyond stage 1 as every baseline: stage 2
+    takes ``stage2_share`` of ``extra_epochs``, the skip-aware backbone training (``skip_aware``, default
+    ``--skip-aware``) the rest: ``adapt`` after each rate's exact stage, then the exact stage again on the
+    adapted backbone (:func:`dpbert_rl.training.exact_stage3`); ``layerdrop`` before stage 2; ``none``.
+    Returns ``({r: model}, stage-2 model)``; each variant writes folders of its own (``benchmarks/skip_aware.py``
+    trains them side by side)."""
     a = run.args
-    s2 = _stage2(run)
-    settings, training = [], {}
-    skip_aware = getattr(a, "skip_aware", "none")
-    if skip_aware == "layerdrop":  # the backbone on random paths first, within the same budget beyond stage 1
-        ld = train_stage("layerdrop", run.config("dpbert_layerdrop", epochs=a.extra_epochs * (1 - a.stage2_share),
-                                                 lr=a.adapt_lr, layerdrop=a.layerdrop), init=str(run.s1))
+    skip_aware = skip_aware or getattr(a, "skip_aware", "none")
+    backbone_epochs = a.extra_epochs * (1 - a.stage2_share)
+    tag = ("_layerdrop" if skip_aware == "layerdrop" else "") + ("" if path_calibration else "_raw")
+    if skip_aware == "layerdrop":  # the backbone on random paths first
+        ld = train_stage("layerdrop", run.config("dpbert_layerdrop", epochs=backbone_epochs, lr=a.adapt_lr,
+                                                 layerdrop=a.layerdrop), init=str(run.s1))
         s2 = train_stage("planner_init", run.config("stage2_planner_init_layerdrop", epochs=a.extra_epochs *
                                                     a.stage2_share, target_rate=a.target_rates[0]), init=str(ld))
+    else:
+        s2 = _stage2(run)
+    models = {}
     for r in a.target_rates:
-        if getattr(a, "dpbert_stage3", "rl") == "exact":  # the planners on the frozen backbone's path tree
-            s3 = exact_stage(run.config(f"stage3_exact_r{r:g}", target_rate=r), s2, run.root / f"stage3_exact_r{r:g}",
-                             a.exact_epochs, a.exact_lr, cache_dir=run.root / "pathtree")
-            if skip_aware == "adapt":  # the backbone on these planners' paths, then the planners on its new tree
-                adapted = train_stage("adapt", run.config(f"stage3_adapt_r{r:g}", epochs=a.extra_epochs *
-                                                          (1 - a.stage2_share), lr=a.adapt_lr), init=str(s3))
-                s3 = exact_stage(run.config(f"stage3_adapt_exact_r{r:g}", target_rate=r), adapted,
-                                 run.root / f"stage3_adapt_exact_r{r:g}", a.exact_epochs, a.exact_lr,
-                                 cache_dir=run.root / "pathtree")
-        else:
-            s3 = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=a.extra_epochs * (1 - a.stage2_share),
-                                              lr=a.stage3_lr, target_rate=r, batch_size=a.stage3_batch_size),
-                             init=str(s2))
+        if getattr(a, "dpbert_stage3", "rl") != "exact":
+            models[r] = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=backbone_epochs, lr=a.stage3_lr,
+                                                     target_rate=r, batch_size=a.stage3_batch_size), init=str(s2))
+            continue
+        first = run.root / f"stage3_exact_r{r:g}{tag}"
+        adapt = (run.config(f"stage3_adapt_r{r:g}{tag}", epochs=backbone_epochs, lr=a.adapt_lr), first) \
+            if skip_aware == "adapt" else None
+        final = run.root / f"stage3_adapt_exact_r{r:g}{tag}" if adapt else first
+        models[r] = exact_stage3(run.config(final.name, target_rate=r), s2, final, a.exact_epochs, a.exact_lr,
+                                 cache_dir=run.root / "pathtree", path_calibration=path_calibration, adapt=adapt)[-1]
+    return models, s2
+
+
+def m_dpbert(run: TaskRun) -> dict:
+    models, s2 = dpbert_models(run)
+    settings, training = [], {}
+    for r, s3 in models.items():
         training[f"r={r:g}"] = _done(s3)
         settings += _planner_settings(run, s3, f"r={r:g}")
     return run.result(settings, training={"stage2": _done(s2), **training})

@@ -227,8 +227,10 @@ def test_skip_aware_benchmark_runs_every_candidate_and_names_a_default(tiny_reg_
     out = tmp_path / "results"
     skip_aware.main(["--data-dir", str(tiny_glue), "--tasks", "stsb", "--backbone", str(tiny_reg_ckpt),
                      "--output-dir", str(tmp_path / "runs"), "--stage1-from", str(tmp_path / "none"),
-                     "--results-dir", str(out), "--max-steps", "2", "--target-rates", "0.5", "--exact-epochs", "1", "--match-layers", "2,3",
-                     "--threads", "1", "--allow-mixed"])
+                     "--results-dir", str(out), "--match-layers", "2,3", "--allow-mixed",
+                     # the trade-off benchmark's budget flags, tiny
+                     "--stage1-epochs", "0.4", "--extra-epochs", "0.4", "--batch-size", "16", "--evals-per-epoch", "1",
+                     "--target-rates", "0.5", "--exact-epochs", "1", "--threads", "1"])
     res = json.loads((out / "skip_aware.json").read_text())
     cands = res["tasks"]["stsb"]["candidates"]
     assert set(cands) == {"none", "layerdrop", "adapt", "none_raw"}  # regression: the reward change alone too

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -105,9 +105,12 @@ def budget_curve(model, batches: Sequence[dict], n: int = CURVE_POINTS) -> list:
     return points
 
 
-def solve_knob(model, batches: Sequence[dict], target_layers: float, iterations: int = 24) -> tuple:
+def solve_knob(model, batches: Optional[Sequence[dict]], target_layers: float, iterations: int = 24,
+               layers_at: Optional[Callable[[float], float]] = None) -> tuple:
     """The knob whose mean layers on ``batches`` is closest to ``target_layers``, by bisection over the knob
-    (the price, or the logit of the threshold); returns ``(knob, layers reached)``."""
+    (the price, or the logit of the threshold); returns ``(knob, layers reached)``. ``layers_at(knob)``
+    replaces the live passes over ``batches`` (e.g. a replay on a path tree)."""
+    layers_at = layers_at or (lambda knob: mean_layers(model, batches, knob))
     grid = knob_grid(model, 2)
     to_u, from_u = ((lambda c: c, lambda c: c) if model.planners.conditioned else
                     (lambda t: np.log(t / (1 - t)), lambda u: 1.0 / (1.0 + np.exp(-u))))
@@ -116,7 +119,7 @@ def solve_knob(model, batches: Sequence[dict], target_layers: float, iterations:
     for _ in range(iterations):
         mid = (lo + hi) / 2
         knob = float(from_u(mid))
-        layers = mean_layers(model, batches, knob)
+        layers = layers_at(knob)
         if best is None or abs(layers - target_layers) < abs(best[1] - target_layers):
             best = (knob, layers)
         if layers > target_layers:

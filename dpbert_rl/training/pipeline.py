@@ -37,6 +37,22 @@ def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, l
         path_calibration=path_calibration, progress=cfg.progress))
 
 
+def exact_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
+                 cache_dir: Optional[Path] = None, path_calibration: bool = True,
+                 adapt: Optional[tuple] = None) -> list:
+    """Stage 3 'exact' (:func:`exact_stage`) into ``out``, with one skip-aware alternation when ``adapt`` is
+    ``(adapt_cfg, first_out)``: the exact stage on ``init``'s frozen backbone into ``first_out``, the backbone
+    and head fine-tuned on those planners' paths (stage ``adapt``, ``adapt_cfg``), then the exact stage on the
+    adapted backbone's new path tree into ``out``. Returns the models written, the final one last."""
+    trained = []
+    if adapt is not None:
+        adapt_cfg, first_out = adapt
+        first = exact_stage(cfg, init, first_out, epochs, lr, cache_dir, path_calibration)
+        init = train_stage("adapt", adapt_cfg, init=str(first))
+        trained += [first, init]
+    return trained + [exact_stage(cfg, init, out, epochs, lr, cache_dir, path_calibration)]
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Stage 1 -> 2 -> 3 -> evaluation; each finished stage is reused when re-run.
 
@@ -60,15 +76,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if cfg.stage3 == "exact":
         # the final planners are always stage3_exact/model; with 'adapt' they are fitted on the adapted backbone
         # after a first fit on the frozen one (stage3_exact_frozen), whose paths the backbone is adapted to
+        adapt = None
         if cfg.skip_aware == "adapt":
-            first = exact_stage(cfg, s2, out / "stage3_exact_frozen", cfg.exact_epochs, cfg.exact_lr,
-                                path_calibration=cfg.path_calibration)
-            adapted = train_stage("adapt", stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs,
-                                                     lr=cfg.skip_aware_lr), init=str(first))
-            trained += [first, adapted]
-            s2 = adapted
-        s3 = exact_stage(cfg, s2, out / "stage3_exact", cfg.exact_epochs, cfg.exact_lr,
-                         path_calibration=cfg.path_calibration)
+            adapt = (stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs, lr=cfg.skip_aware_lr),
+                     out / "stage3_exact_frozen")
+        *earlier, s3 = exact_stage3(cfg, s2, out / "stage3_exact", cfg.exact_epochs, cfg.exact_lr,
+                                    path_calibration=cfg.path_calibration, adapt=adapt)
+        trained += earlier
     else:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
                                          batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))
