@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -56,5 +58,6 @@ def test_pipeline_speed_benchmark_compares_pipeline_with_evaluate(tiny_model_dir
                          "--repeats", "1", "--threads", "1", "--results", str(results)])
     (row,) = json.loads(results.read_text())
     assert row["task"] == "rte" and row["samples"] == 4 and row["kept"] > 0
+    assert row["kept"] == pytest.approx(row["pipeline_speedup"] / row["evaluate_speedup"])  # what it keeps of evaluate's
     assert {"commit", "command", "machine"} <= set(row)
     assert "kept" in results.with_suffix(".md").read_text()
