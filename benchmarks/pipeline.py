@@ -22,7 +22,8 @@ from _common import RESULTS, command, layer_heatmap, markdown_table  # noqa: E40
 from _common import pinned_code_commit as commit  # noqa: E402  (the last commit that changed code)
 
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
-from dpbert_rl.training import PipelineConfig, run_pipeline  # noqa: E402
+from dpbert_rl.training import PipelineConfig, resolve_stage3, run_pipeline  # noqa: E402
+from dpbert_rl.training.config import STAGE3  # noqa: E402
 
 # Per-task budget for a 2-core CPU. The paper runs 5 epochs per stage; we run fewer (see README).
 TASK_SETTINGS = {
@@ -41,13 +42,14 @@ def main() -> None:
     ap.add_argument("--output-dir", default="runs/bench-pipeline")
     ap.add_argument("--stage1-epochs", type=float, default=3.0)
     ap.add_argument("--stage2-epochs", type=float, default=1.0)
-    ap.add_argument("--stage3", default="exact", choices=("exact", "rl"),
-                    help="exact: planners on the exact expectation over the frozen backbone's path tree; "
-                         "rl: the paper's joint REINFORCE")
+    ap.add_argument("--stage3", default="auto", choices=STAGE3,
+                    help="exact: planners on the exact expectation over the frozen backbone's path tree; sampled: "
+                         "on paths drawn from them (frozen backbone; scales to 12 layers); rl: the paper's joint "
+                         "REINFORCE; auto: exact up to 8 layers, sampled above")
     ap.add_argument("--exact-epochs", type=float, default=20.0, help="stage 3 exact: passes over the path tree")
     ap.add_argument("--exact-lr", type=float, default=1e-2, help="stage 3 exact: planners' Adam learning rate")
     ap.add_argument("--entropy-coef", type=float, default=0.01, help="stage 3: entropy bonus, decayed to 0")
-    ap.add_argument("--stage3-epochs", type=float, default=1.0, help="stage 3 rl: epochs")
+    ap.add_argument("--stage3-epochs", type=float, default=1.0, help="stage 3 rl or sampled: epochs")
     ap.add_argument("--stage3-batch-size", type=int, default=8, help="inputs per stage-3 batch (each drawn --samples times)")
     ap.add_argument("--samples", type=int, default=4, help="paths drawn per input in stage 3 (leave-one-out baseline)")
     ap.add_argument("--cost", type=float, default=0.05, help="starting price of a layer (dual ascent moves it)")
@@ -111,10 +113,10 @@ def main() -> None:
             "latency_ms_dpbert": report["latency_ms_dpbert"],
             "throughput_speedup": report["throughput_speedup"],
             "dev_examples": report["num_examples"],
-            "stage3": args.stage3,
+            "stage3": resolve_stage3(args.stage3, args.backbone),
             "checkpoint": report["checkpoint"],
             "epochs": [args.stage1_epochs, args.stage2_epochs,
-                       args.exact_epochs if args.stage3 == "exact" else args.stage3_epochs],
+                       args.exact_epochs if resolve_stage3(args.stage3, args.backbone) == "exact" else args.stage3_epochs],
             "target_rate": args.target_rate,
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
                                                               "target_rate", "evals_per_epoch", "stage3_batch_size",

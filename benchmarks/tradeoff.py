@@ -62,7 +62,7 @@ from dpbert_rl.data import SELECTION_FRACTION, SELECTION_MAX, SELECTION_SEED, lo
 from dpbert_rl.evaluation.evaluate import speedup_ideal_fields  # noqa: E402
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.training import PipelineConfig  # noqa: E402
-from dpbert_rl.training.config import SKIP_AWARE  # noqa: E402
+from dpbert_rl.training.config import SKIP_AWARE, STAGE3  # noqa: E402
 
 
 # ---------------------------------------------------------------------- one task
@@ -229,10 +229,15 @@ def parse_args(argv=None):
                    help=f"training subset for every task (default per task: {TASK_SETTINGS})")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-4, help="stage-1 (and stage-2) learning rate")
-    g.add_argument("--dpbert-stage3", default="exact", choices=("exact", "rl"),
+    g.add_argument("--dpbert-stage3", default="auto", choices=STAGE3,
                    help="DPBERT's stage 3 (as the pipeline's --stage3): exact, the planners on the exact expected "
-                        "reward over the frozen stage-2 backbone's path tree (one cache for every r); rl, joint "
-                        "REINFORCE for (1 - stage2-share) of --extra-epochs")
+                        "reward over the frozen stage-2 backbone's path tree (one cache for every r); sampled, the "
+                        "planners by REINFORCE on paths drawn from them on the frozen backbone (--sampled-epochs; it "
+                        "scales to 12 layers); rl, joint REINFORCE for (1 - stage2-share) of --extra-epochs; auto, "
+                        "exact up to 8 layers and sampled above")
+    g.add_argument("--sampled-epochs", type=float, default=1.0,
+                   help="stage 3 sampled: epochs of the planners' REINFORCE (the backbone frozen: not part of the "
+                        "backbone's budget, like the exact stage's passes)")
     g.add_argument("--skip-aware", default=PipelineConfig.skip_aware, choices=SKIP_AWARE,
                    help="DPBERT's skip-aware backbone training within the same budget, as the pipeline's "
                         "--skip-aware (default: the pipeline's): adapt, the backbone fine-tuned on the exact "

@@ -31,7 +31,7 @@ from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_
 from dpbert_rl.evaluation.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.evaluation.metrics import compute_metrics
 from dpbert_rl.model import DPBert
-from dpbert_rl.training import TrainConfig, exact_stage3, load_data, stage_done, train_stage
+from dpbert_rl.training import TrainConfig, load_data, planner_stage3, resolve_stage3, stage_done, train_stage
 
 # Training subsets, chosen to fit the clean run into about 4 hours on 2 cores by the first (too low) time
 # estimate; the run at these subsets takes about 5.5 h there (README, `--plan`)
@@ -291,8 +291,9 @@ def _stage2(run: TaskRun) -> Path:
 def dpbert_models(run: TaskRun, skip_aware: Optional[str] = None, path_calibration: bool = True) -> tuple:
     """DPBERT's final model per target rate, within the same budget beyond stage 1 as every baseline: stage 2
     takes ``stage2_share`` of ``extra_epochs``, the skip-aware backbone training (``skip_aware``, default
-    ``--skip-aware``) the rest: ``adapt`` after each rate's exact stage, then the exact stage again on the
-    adapted backbone (:func:`dpbert_rl.training.exact_stage3`); ``layerdrop`` before stage 2; ``none``.
+    ``--skip-aware``) the rest: ``adapt`` after each rate's stage 3 on the frozen backbone (``--dpbert-stage3``:
+    exact, or sampled beyond 8 layers), then that stage again on the adapted backbone
+    (:func:`dpbert_rl.training.planner_stage3`); ``layerdrop`` before stage 2; ``none``.
     Returns ``({r: model}, stage-2 model)``; each variant writes folders of its own (``benchmarks/skip_aware.py``
     trains them side by side)."""
     a = run.args
@@ -307,17 +308,22 @@ def dpbert_models(run: TaskRun, skip_aware: Optional[str] = None, path_calibrati
     else:
         s2 = _stage2(run)
     models = {}
+    kind = resolve_stage3(getattr(a, "dpbert_stage3", "rl"), str(run.s1))
     for r in a.target_rates:
-        if getattr(a, "dpbert_stage3", "rl") != "exact":
+        if kind == "rl":
             models[r] = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=backbone_epochs, lr=a.stage3_lr,
                                                      target_rate=r, batch_size=a.stage3_batch_size), init=str(s2))
             continue
-        first = run.root / f"stage3_exact_r{r:g}{tag}"
+        name = "exact" if kind == "exact" else kind  # folder names of the exact runs kept as they were
+        first = run.root / f"stage3_{name}_r{r:g}{tag}"
         adapt = (run.config(f"stage3_adapt_r{r:g}{tag}", epochs=backbone_epochs, lr=a.adapt_lr), first) \
             if skip_aware == "adapt" else None
-        final = run.root / f"stage3_adapt_exact_r{r:g}{tag}" if adapt else first
-        models[r] = exact_stage3(run.config(final.name, target_rate=r), s2, final, a.exact_epochs, a.exact_lr,
-                                 cache_dir=run.root / "pathtree", path_calibration=path_calibration, adapt=adapt)[-1]
+        final = run.root / f"stage3_adapt_{name}_r{r:g}{tag}" if adapt else first
+        cfg = run.config(final.name, target_rate=r)
+        if kind == "sampled":
+            cfg = run.config(final.name, target_rate=r, epochs=a.sampled_epochs, batch_size=a.stage3_batch_size)
+        models[r] = planner_stage3(cfg, s2, final, a.exact_epochs, a.exact_lr, cache_dir=run.root / "pathtree",
+                                   path_calibration=path_calibration, adapt=adapt, kind=kind)[-1]
     return models, s2
 
 

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune": ("finetune", "stage 1: fine-tune backbone and head on the task (all layers)"),
         "init-planners": ("planner_init", "stage 2: train the planners with soft gates, backbone frozen"),
         "rl": ("rl", "stage 3: joint REINFORCE of backbone, head and planners (eq. 12)"),
+        "sampled": ("sampled", "stage 3 that scales to 12 layers: REINFORCE of the planners on paths drawn from them "
+                               "(--samples per input, leave-one-out baselines, the dual price), backbone frozen"),
         "soft": ("soft", "ablation DPBERT-soft: joint training with relaxed gates and the skip-rate penalty"),
         "layerdrop": ("layerdrop", "baseline LayerDrop: fine-tune with structured layer dropout (--layerdrop)"),
         "adapt": ("adapt", "skip-aware: fine-tune backbone and head on the paths a trained checkpoint's planners "
@@ -125,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(stage=stage)
     p = sub.add_parser("pipeline", help="stages 1-3 and the evaluation, resumable",
                        description="Fine-tune, initialise the planners, train them on the exact expected reward "
-                                   "over every path of the frozen backbone (--stage3 exact, the default) or jointly "
-                                   "with REINFORCE (--stage3 rl, the paper's), then evaluate (dev score, layers "
+                                   "over every path of the frozen backbone (--stage3 exact; 'auto', the default, up "
+                                   "to 8 layers), on paths sampled from them (--stage3 sampled; 'auto' above 8 "
+                                   "layers) or jointly with REINFORCE (--stage3 rl, the paper's), then evaluate (dev score, layers "
                                    "executed, batch-1 speed-up). Finished stages are reused and an interrupted "
                                    "stage resumes when the command is re-run.")
     add_dataclass_args(p, PipelineConfig, skip=("epochs",))
@@ -252,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 #: Subcommands that write a run directory (--output-dir), checked before anything is loaded or trained.
-WRITING_COMMANDS = ("finetune", "init-planners", "rl", "soft", "layerdrop", "adapt", "pipeline", "exact")
+WRITING_COMMANDS = ("finetune", "init-planners", "rl", "sampled", "soft", "layerdrop", "adapt", "pipeline", "exact")
 
 
 def _dispatch(args) -> int:
@@ -264,7 +267,7 @@ def _dispatch(args) -> int:
         check_output_dir(args.output_dir)
         if getattr(args, "cache_dir", None):
             check_output_dir(args.cache_dir, "cache_dir (--cache-dir)")
-    if args.command in ("finetune", "init-planners", "rl", "soft", "layerdrop", "adapt"):
+    if args.command in ("finetune", "init-planners", "rl", "sampled", "soft", "layerdrop", "adapt"):
         path = train_stage(args.stage, _from_args(TrainConfig, args), init=args.init)
         print(f"model written to {path}")
     elif args.command == "pipeline":

@@ -211,10 +211,38 @@ def test_pipeline_stage3_rl_is_the_papers_joint_stage(tiny_ckpt, tiny_glue, tmp_
 
 
 @pytest.mark.parametrize("kw, message", [({"stage3": "joint"}, "unknown stage3"),
-                                         ({"rate_control": "penalty"}, "not 'penalty'"),
+                                         ({"rate_control": "penalty", "stage3": "exact"}, "not 'penalty'"),
                                          ({"exact_epochs": 0}, "exact_epochs")])
 def test_pipeline_config_refuses_bad_stage3_settings(kw, message):
     from dpbert_rl.training import PipelineConfig
 
     with pytest.raises(ValueError, match=message):
         PipelineConfig(**kw).validate()
+
+
+def test_group_by_length_pads_less_and_still_sees_every_input(tiny_ckpt, tiny_glue, tmp_path, monkeypatch):
+    real = train_mod.collator
+    lengths = []
+
+    def spy(tokenizer):
+        collate = real(tokenizer)
+
+        def wrapped(rows):
+            lengths.append([len(r["input_ids"]) for r in rows])
+            return collate(rows)
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "collator", spy)
+    padded = {}
+    for grouped in (False, True):
+        cfg = TrainConfig(task="rte", backbone=str(tiny_ckpt), data_dir=str(tiny_glue),
+                          output_dir=str(tmp_path / f"g{grouped}"), batch_size=4, epochs=1, progress=False,
+                          group_by_length=grouped)
+        run = train_mod.StageRun("finetune", cfg, None)
+        run.step = 0  # the first epoch
+        lengths.clear()
+        for _ in run._epoch_loader():
+            pass
+        assert sorted(x for b in lengths for x in b) == sorted(len(x) for x in run.data["train"]["input_ids"])
+        padded[grouped] = sum(max(b) * len(b) for b in lengths)
+    assert padded[True] < padded[False]

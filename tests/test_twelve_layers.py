@@ -1,5 +1,6 @@
 """The 12-layer regime on a tiny 12-layer model (issue 22): the exact path tree refuses with a message that
-says what scales, before any work; sampled stage 3 ('rl') and the live environment run at L = 12."""
+says what scales, before any work; stage 3 'sampled' (planners only, an input's paths sharing their common
+prefixes), the joint 'rl', the pipeline's 'auto' and the live environment run at L = 12."""
 
 import json
 
@@ -9,7 +10,7 @@ import torch
 
 from conftest import make_tiny_checkpoint
 from dpbert_rl.model import DPBert
-from dpbert_rl.training import PipelineConfig, TrainConfig, run_pipeline, train_stage
+from dpbert_rl.training import PipelineConfig, TrainConfig, resolve_stage3, run_pipeline, train_stage
 from dpbert_rl.training.exact import ExactConfig, train_exact
 
 
@@ -26,7 +27,7 @@ def test_the_exact_tree_is_refused_at_twelve_layers_before_any_cache(tiny12, tin
     _, model_dir = tiny12
     cfg = ExactConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "x"),
                       cache_dir=str(tmp_path / "cache"), progress=False)
-    with pytest.raises(ValueError, match=r"12 layers: its path tree takes 4,095 layer calls.*--stage3 rl"):
+    with pytest.raises(ValueError, match=r"12 layers: its path tree takes 4,095 layer calls.*--stage3 sampled"):
         train_exact(str(model_dir), cfg)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "x" / "model").exists()
 
@@ -34,7 +35,7 @@ def test_the_exact_tree_is_refused_at_twelve_layers_before_any_cache(tiny12, tin
 def test_the_pipeline_refuses_exact_stage3_at_twelve_layers_before_stage_1(tiny12, tiny_glue, tmp_path):
     ckpt, _ = tiny12
     cfg = PipelineConfig(task="rte", backbone=str(ckpt), data_dir=str(tiny_glue), output_dir=str(tmp_path / "p"),
-                         progress=False, max_steps=1)
+                         progress=False, max_steps=1, stage3="exact")
     with pytest.raises(ValueError, match="4,095"):
         run_pipeline(cfg)
     assert not (tmp_path / "p" / "stage1_finetune").exists()
@@ -76,3 +77,122 @@ def test_the_live_env_plays_twelve_steps_and_skips_rows(tiny12, tiny_glue):
         steps += 1
     assert steps == 12
     assert sum(calls) == 2 * 12  # only the two executing rows are computed, at every layer
+
+
+def _repeated_batch(K=4):
+    torch.manual_seed(1)
+    ids = torch.randint(5, 30, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    return ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0), torch.arange(3).repeat_interleave(K)
+
+
+def _count_layer_rows(model):
+    rows, real = [], model.backbone.layer
+
+    def spy(i, h, mask, bias=None):
+        rows.append(h.shape[0])
+        return real(i, h, mask, bias)
+
+    model.backbone.layer = spy
+    return rows
+
+
+@pytest.mark.parametrize("bias", [0.0, 3.0])
+def test_shared_prefixes_give_the_same_paths_and_outputs_with_fewer_layer_calls(tiny12, bias):
+    _, model_dir = tiny12
+    model = DPBert.load(model_dir).eval()
+    with torch.no_grad():
+        model.planners.bias.fill_(bias)  # p = 0.5: paths part early; p = 0.95: long common prefixes
+    ids, mask, shared = _repeated_batch()
+    rows = _count_layer_rows(model)
+    plain = model(ids, mask, mode="sample", generator=torch.Generator().manual_seed(3))
+    n_plain = sum(rows)
+    rows.clear()
+    out = model(ids, mask, mode="sample", generator=torch.Generator().manual_seed(3), shared=shared)
+    assert torch.equal(out.actions, plain.actions)
+    assert torch.allclose(out.logits, plain.logits, atol=1e-6) and torch.allclose(out.probs, plain.probs, atol=1e-6)
+    assert n_plain == int(plain.actions.sum())  # without sharing: one row per executed action
+    # with sharing: one row per distinct executed prefix of each input
+    prefixes = {(int(g), tuple(a[: i + 1].tolist())) for g, a in zip(shared, out.actions.long())
+                for i in range(12) if a[i]}
+    assert sum(rows) == len(prefixes) < n_plain
+
+
+def test_shared_prefixes_backpropagate_like_separate_rows(tiny12):
+    _, model_dir = tiny12
+    grads = []
+    for share in (False, True):
+        model = DPBert.load(model_dir)
+        model.train()
+        model.backbone.eval()  # no dropout: an input's rows are equal
+        ids, mask, shared = _repeated_batch()
+        out = model(ids, mask, labels=torch.ones(len(ids), dtype=torch.long), mode="path",
+                    actions=torch.tensor([[1, 1, 0] * 4] * 6 + [[1, 0, 1] * 4] * 6).float(),
+                    shared=shared if share else None)
+        (out.loss + out.log_probs.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_shared_prefixes_are_refused_with_dropout_on(tiny12):
+    _, model_dir = tiny12
+    model = DPBert.load(model_dir).train()
+    ids, mask, shared = _repeated_batch()
+    with pytest.raises(ValueError, match="backbone.eval"):
+        model(ids, mask, mode="sample", shared=shared)
+    with pytest.raises(ValueError, match="shape"):
+        model.eval()(ids, mask, mode="sample", shared=shared[:-1])
+
+
+def test_sampled_stage3_trains_the_planners_only_and_shares_prefixes(tiny12, tiny_glue, tmp_path, monkeypatch):
+    _, model_dir = tiny12
+    before = DPBert.load(model_dir)
+    calls = []
+    real = DPBert.execute_shared
+
+    def spy(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(DPBert, "execute_shared", spy)
+    cfg = TrainConfig(task="rte", backbone=str(model_dir), data_dir=str(tiny_glue), output_dir=str(tmp_path / "s"),
+                      batch_size=4, eval_batch_size=16, progress=False, max_steps=3, eval_steps=3, save_steps=100,
+                      logging_steps=1, target_rate=0.3, samples=4)
+    after = DPBert.load(train_stage("sampled", cfg, init=str(model_dir)))
+    assert calls  # the K paths of an input went through the shared-prefix call
+    b0, b1 = before.backbone.state_dict(), after.backbone.state_dict()
+    assert all(torch.equal(b0[k], b1[k]) for k in b0)  # backbone and head frozen
+    assert any(not torch.equal(a, b) for a, b in zip(before.planners.parameters(), after.planners.parameters()))
+    rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    sampled = [r["charts/layers_executed"] for r in rows if "charts/layers_executed" in r]
+    assert sampled and all(0 < x < 12 for x in sampled)
+    assert any("charts/layer_price" in r for r in rows)  # the dual price holds the rate
+
+
+def test_auto_stage3_is_exact_up_to_eight_layers_and_sampled_above(tiny12, tmp_path):
+    ckpt, _ = tiny12
+    assert resolve_stage3("auto", str(ckpt)) == "sampled"
+    assert resolve_stage3("auto", str(make_tiny_checkpoint(tmp_path / "six", layers=6))) == "exact"
+    assert resolve_stage3("rl", str(ckpt)) == "rl"
+
+
+def test_the_default_pipeline_runs_at_twelve_layers_with_sampled_stage3_and_adapt(tiny12, tiny_glue, tmp_path):
+    ckpt, _ = tiny12
+    cfg = PipelineConfig(task="rte", backbone=str(ckpt), data_dir=str(tiny_glue), output_dir=str(tmp_path / "p"),
+                         progress=False, max_steps=2, batch_size=8, eval_batch_size=16, target_rate=0.3,
+                         latency_samples=4, latency_repeats=1)
+    report = run_pipeline(cfg)
+    for sub in ("stage3_sampled_frozen", "stage3_adapt", "stage3_sampled"):
+        assert (tmp_path / "p" / sub / "model" / "DONE").is_file(), sub
+    assert json.loads((tmp_path / "p" / "stage3_sampled" / "config.json").read_text())["stage"] == "sampled"
+    assert report["num_layers"] == 12 and report["checkpoint"].endswith("stage3_sampled/model")
+
+
+def test_auto_stage3_is_checked_as_exact_on_a_six_layer_backbone_before_stage_1(tiny_glue, tmp_path):
+    six = make_tiny_checkpoint(tmp_path / "six", layers=6)
+    cfg = PipelineConfig(task="rte", backbone=str(six), data_dir=str(tiny_glue), output_dir=str(tmp_path / "p"),
+                         progress=False, max_steps=1, rate_control="penalty")
+    with pytest.raises(ValueError, match="stage3 'exact' holds the rate"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "p" / "stage1_finetune").exists()

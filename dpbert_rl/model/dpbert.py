@@ -206,6 +206,35 @@ class DPBert(nn.Module):
         out = self.backbone.layer(i, hidden.index_select(0, rows), mask.index_select(0, rows), bias)
         return hidden.index_copy(0, rows, out)  # out of place: autograd keeps both paths
 
+    def execute_shared(self, i: int, hidden: torch.Tensor, mask: torch.Tensor, execute: torch.Tensor,
+                       groups: torch.Tensor, position_bias: Optional[torch.Tensor] = None) -> tuple:
+        """Eq. (6) where rows repeat an input (stage 3's K paths per input): rows with equal ``groups`` ids
+        hold equal states, so layer ``i`` runs once per distinct (state, execute) pair, not once per row,
+        and an input's sampled paths share the layer calls of their common prefix. Exact when the layer is
+        deterministic (no dropout: the backbone in eval mode); gradients flow through the shared call.
+
+        :param groups: ``(batch,)`` long, equal for rows whose states are equal.
+        :return: ``(hidden, groups)``: the new states and their ids (equal again for equal states).
+        """
+        if self.backbone.training:
+            raise ValueError("shared prefixes need a deterministic backbone: call model.backbone.eval() first "
+                             "(dropout makes an input's repeated rows differ)")
+        key = groups.long() * 2 + execute.long()
+        uniq, new_groups = torch.unique(key, return_inverse=True)
+        run = (uniq % 2).bool()  # distinct states that execute layer i
+        n = int(run.sum())
+        if n == 0:
+            return hidden, new_groups
+        B = hidden.shape[0]
+        first = torch.full((len(uniq),), B, dtype=torch.long, device=hidden.device).scatter_reduce(
+            0, new_groups, torch.arange(B, device=hidden.device), reduce="amin")  # a row holding each state
+        reps = first[run]
+        bias = position_bias.index_select(0, reps) if position_bias is not None else None
+        out = self.backbone.layer(i, hidden.index_select(0, reps), mask.index_select(0, reps), bias)
+        slot = torch.cumsum(run.long(), 0) - 1  # distinct state -> its row of `out`
+        rows = execute.nonzero(as_tuple=True)[0]
+        return hidden.index_copy(0, rows, out.index_select(0, slot[new_groups[rows]])), new_groups
+
     def soft_execute(self, i: int, hidden: torch.Tensor, mask: torch.Tensor, prob: torch.Tensor,
                      position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Relaxed gate of stage 2 / DPBERT-soft: ``p T_i(h) + (1 - p) h``."""
@@ -255,6 +284,7 @@ class DPBert(nn.Module):
         threshold: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
         planners: bool = True,
+        shared: Optional[torch.Tensor] = None,
     ) -> DPBertOutput:
         """Run one batch along the paths chosen by ``mode`` (see the module docstring).
 
@@ -267,6 +297,9 @@ class DPBert(nn.Module):
         :param planners: ``mode="path"`` only: False runs the given path without the planners (a fixed
             path needs no decisions; what its timing should cost); ``probs``, ``log_probs`` and
             ``entropy`` are then NaN.
+        :param shared: ``(batch,)`` ids, equal for rows that repeat one input (``sample``, ``hard`` and ``path``
+            modes): their common path prefixes are computed once (:meth:`execute_shared`; the backbone must
+            be in eval mode).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -286,6 +319,12 @@ class DPBert(nn.Module):
         thr = check_threshold(self.threshold if threshold is None else threshold)  # NaN would skip every layer
         if not planners and mode != "path":
             raise ValueError(f"planners=False is for mode='path' only (mode {mode!r} reads the planners)")
+        if shared is not None:
+            if mode not in ("sample", "hard", "path"):
+                raise ValueError(f"shared is for modes 'sample', 'hard' and 'path' (mode {mode!r})")
+            if tuple(shared.shape) != (B,):
+                raise ValueError(f"shared must have shape ({B},); got {tuple(shared.shape)}")
+            groups = torch.unique(shared, return_inverse=True)[1].to(h.device)
 
         acts, logits_per_layer = [], []
         logit_thr = math.log(thr / (1.0 - thr)) if 0.0 < thr < 1.0 else (-math.inf if thr <= 0 else math.inf)
@@ -293,7 +332,7 @@ class DPBert(nn.Module):
         # decision a Python bool, and a skipped layer costs nothing but the planner (no row bookkeeping)
         lean = self.lean_inference and not torch.is_grad_enabled()
         decide = self.planners.decider(mask, h.dtype) if mode == "hard" and lean else None
-        single = lean and B == 1 and mode in ("hard", "path")
+        single = lean and B == 1 and mode in ("hard", "path") and shared is None
         if single:
             thr_item = torch.tensor(logit_thr, dtype=h.dtype).item()  # the threshold as the tensor comparison sees it
             given = actions[0].tolist() if mode == "path" else None
@@ -317,7 +356,10 @@ class DPBert(nn.Module):
                         a = torch.bernoulli(torch.sigmoid(logit.detach()), generator=generator).bool()
                     else:  # path
                         a = bool(given[i]) if single else actions[:, i].bool()
-                    h = self.execute(i, h, mask, a, bias)
+                    if shared is not None:
+                        h, groups = self.execute_shared(i, h, mask, a, groups, bias)
+                    else:
+                        h = self.execute(i, h, mask, a, bias)
                 if planners:
                     logits_per_layer.append(logit)
             acts.append(a)

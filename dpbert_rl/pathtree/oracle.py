@@ -33,8 +33,9 @@ def check_tree_size(num_layers: int, source="the model") -> None:
         raise ValueError(
             f"{source} has {num_layers} layers: its path tree takes {2 ** num_layers - 1:,} layer calls per input "
             f"(the limit is {MAX_TREE_LAYERS} layers, {2 ** MAX_TREE_LAYERS - 1} calls). Use sampled paths instead: "
-            "stage 3 'rl' (--stage3 rl, joint REINFORCE with leave-one-out baselines and the dual price) and the "
-            "live environment dpbert_rl/LayerSkip-v0")
+            "stage 3 'sampled' (--stage3 sampled, the pipeline's 'auto' above 8 layers: REINFORCE of the planners "
+            "with leave-one-out baselines and the dual price on the frozen backbone), 'rl' (joint) and the live "
+            "environment dpbert_rl/LayerSkip-v0")
 
 
 def paths(num_layers: int) -> torch.Tensor:

@@ -15,8 +15,11 @@ from ..model.backbone import DEFAULT_BACKBONE
 from ..model.objectives import BASELINES, RATE_CONTROLS, REWARDS, check_rate
 from ..model.planner import FEATURES
 
-STAGES = ("finetune", "planner_init", "rl", "soft", "layerdrop", "adapt")
+STAGES = ("finetune", "planner_init", "rl", "sampled", "soft", "layerdrop", "adapt")
+#: the pipeline's stage 3: 'auto' is 'exact' up to MAX_TREE_LAYERS layers and 'sampled' above
+STAGE3 = ("auto", "exact", "sampled", "rl")
 SKIP_AWARE = ("none", "layerdrop", "adapt")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 class TrainingError(RuntimeError):
@@ -44,6 +47,10 @@ class TrainConfig:
     """Score only the first N examples of the selection split and of dev."""
     batch_size: int = 32
     """Per-process training batch size (paper grid: 8, 16, 32)."""
+    group_by_length: bool = False
+    """[choice] Training batches of inputs of similar length (the HF Trainer's ``group_by_length``: each epoch's
+    seeded shuffle cut into mega-batches of 50 batches, each sorted by length), so a batch is padded less. Off
+    by default: the MiniLM results were trained without it."""
     eval_batch_size: int = 64
     epochs: float = 5.0
     """Passes over the training data (the paper: 5 per stage)."""
@@ -122,6 +129,9 @@ class TrainConfig:
     their line numbers go to stderr and config.json; a bad dev row is always an error)."""
     cpu: bool = False
     """Force the CPU even where a GPU is present."""
+    mixed_precision: str = "no"
+    """Autocast of training (Accelerate's ``mixed_precision``): 'no', 'bf16' (CPUs with bfloat16 units, GPUs) or
+    'fp16' (GPUs). Measure before using it on a CPU: without AVX-512 BF16 / AMX it is slower (benchmarks/train_step.py)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -132,6 +142,8 @@ class TrainConfig:
             check_rate(self.target_rate)
         if not 0.0 <= self.layerdrop < 1.0:
             raise ValueError(f"layerdrop must be in [0, 1); got {self.layerdrop}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; expected one of {MIXED_PRECISION}")
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
         for name, allowed in (("reward", REWARDS), ("rate_control", RATE_CONTROLS), ("planner_features", FEATURES)):
@@ -161,14 +173,17 @@ class PipelineConfig(TrainConfig):
     """Stage 1, backbone fine-tuning (paper: 5)."""
     stage2_epochs: float = 5.0
     """Stage 2, planner initialisation with soft gates (paper: 5)."""
-    stage3: str = "exact"
+    stage3: str = "auto"
     """[choice] Stage 3: 'exact' trains the planners on the exact expected reward over all 2^L paths of the
     frozen stage-2 backbone (``dpbert-rl exact``: the same reward, dual price and entropy bonus as 'rl',
-    its gradient without sampling noise); 'rl' is the paper's joint REINFORCE of backbone, head and
-    planners (eq. 12). On the RTE selection split 'exact' held the target rate (3.9 of 6 layers at
+    its gradient without sampling noise); 'sampled' trains them on paths drawn from them on the frozen
+    backbone (``dpbert-rl sampled``: REINFORCE with leave-one-out baselines and the dual price, an input's
+    samples sharing their common prefixes), which scales to 12 layers; 'rl' is the paper's joint REINFORCE
+    of backbone, head and planners (eq. 12); 'auto' is 'exact' up to 8 layers (255 layer calls per input)
+    and 'sampled' above. On the RTE selection split 'exact' held the target rate (3.9 of 6 layers at
     r = 0.35) while 'rl' ended at 5.3 layers with a lower score (benchmarks/README.md, "How it works, and the choices we made")."""
     stage3_epochs: float = 5.0
-    """Stage 3 with 'rl': joint REINFORCE epochs (paper: not given; 5)."""
+    """Stage 3 with 'rl' or 'sampled': REINFORCE epochs (paper: not given; 5)."""
     exact_epochs: float = 20.0
     """Stage 3 with 'exact': passes over the fit split's path tree (a step is array lookups)."""
     exact_lr: float = 1e-2
@@ -207,8 +222,8 @@ class PipelineConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.stage3 not in ("exact", "rl"):
-            raise ValueError(f"unknown stage3 {self.stage3!r}; expected 'exact' or 'rl'")
+        if self.stage3 not in STAGE3:
+            raise ValueError(f"unknown stage3 {self.stage3!r}; expected one of {STAGE3}")
         if self.skip_aware not in SKIP_AWARE:
             raise ValueError(f"unknown skip_aware {self.skip_aware!r}; expected one of {SKIP_AWARE}")
         check_number(self.skip_aware_epochs, "skip_aware_epochs (--skip-aware-epochs)", low=0.0, low_open=True)
@@ -238,7 +253,8 @@ _UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
            "adapt": _NO_PLANNERS | {"layerdrop"},
            "planner_init": _RL_ONLY | {"lr", "layerdrop"},
            "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop"},
-           "rl": {"init_penalty", "layerdrop"}}
+           "rl": {"init_penalty", "layerdrop"},
+           "sampled": {"init_penalty", "layerdrop", "lr", "detach_planner_input"}}
 
 
 # settings a resumed (unfinished) stage may change: after a NaN stop, re-run with a lower learning rate

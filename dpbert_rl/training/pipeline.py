@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..evaluation.latency import evaluate_checkpoint
 from ..model.backbone import backbone_layers
-from ..pathtree.oracle import check_tree_size
+from ..pathtree.oracle import MAX_TREE_LAYERS, check_tree_size
 from .calibrate import calibrate_checkpoint
 from .checkpoint import DONE_FILE
 from .config import PipelineConfig, TrainConfig
@@ -37,20 +37,41 @@ def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, l
         path_calibration=path_calibration, progress=cfg.progress))
 
 
-def exact_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
-                 cache_dir: Optional[Path] = None, path_calibration: bool = True,
-                 adapt: Optional[tuple] = None) -> list:
-    """Stage 3 'exact' (:func:`exact_stage`) into ``out``, with one skip-aware alternation when ``adapt`` is
-    ``(adapt_cfg, first_out)``: the exact stage on ``init``'s frozen backbone into ``first_out``, the backbone
-    and head fine-tuned on those planners' paths (stage ``adapt``, ``adapt_cfg``), then the exact stage on the
-    adapted backbone's new path tree into ``out``. Returns the models written, the final one last."""
+def planner_stage(kind: str, cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
+                  cache_dir: Optional[Path] = None, path_calibration: bool = True) -> Path:
+    """Stage 3 on ``init``'s frozen backbone into ``out``: ``kind`` 'exact' (:func:`exact_stage`, with ``epochs``,
+    ``lr``, ``cache_dir``, ``path_calibration``) or 'sampled' (stage ``sampled``: REINFORCE of the planners on
+    paths drawn from them, with ``cfg``'s epochs, batch size, samples and planner learning rate; it scales to
+    any depth). Returns ``<out>/model``."""
+    if kind == "exact":
+        return exact_stage(cfg, init, out, epochs, lr, cache_dir, path_calibration)
+    if kind != "sampled":
+        raise ValueError(f"unknown frozen-backbone stage 3 {kind!r}; expected 'exact' or 'sampled'")
+    return train_stage("sampled", replace(cfg, output_dir=str(out)), init=str(init))
+
+
+def planner_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
+                   cache_dir: Optional[Path] = None, path_calibration: bool = True,
+                   adapt: Optional[tuple] = None, kind: str = "exact") -> list:
+    """Stage 3 of ``kind`` (:func:`planner_stage`) into ``out``, with one skip-aware alternation when ``adapt`` is
+    ``(adapt_cfg, first_out)``: the stage on ``init``'s frozen backbone into ``first_out``, the backbone and head
+    fine-tuned on those planners' paths (stage ``adapt``, ``adapt_cfg``), then the stage again on the adapted
+    backbone (for 'exact', its new path tree) into ``out``. Returns the models written, the final one last."""
     trained = []
     if adapt is not None:
         adapt_cfg, first_out = adapt
-        first = exact_stage(cfg, init, first_out, epochs, lr, cache_dir, path_calibration)
+        first = planner_stage(kind, cfg, init, first_out, epochs, lr, cache_dir, path_calibration)
         init = train_stage("adapt", adapt_cfg, init=str(first))
         trained += [first, init]
-    return trained + [exact_stage(cfg, init, out, epochs, lr, cache_dir, path_calibration)]
+    return trained + [planner_stage(kind, cfg, init, out, epochs, lr, cache_dir, path_calibration)]
+
+
+def resolve_stage3(stage3: str, backbone: str) -> str:
+    """The pipeline's stage 3: 'auto' is 'exact' when the backbone's path tree can be walked
+    (:data:`~dpbert_rl.pathtree.oracle.MAX_TREE_LAYERS` layers or fewer) and 'sampled' above; others as given."""
+    if stage3 != "auto":
+        return stage3
+    return "exact" if backbone_layers(backbone) <= MAX_TREE_LAYERS else "sampled"
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -59,8 +80,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     Returns the evaluation report (also written to ``<output_dir>/report.json``).
     """
     cfg.validate()
+    cfg = replace(cfg, stage3=resolve_stage3(cfg.stage3, cfg.backbone))
     if cfg.stage3 == "exact":  # refuse now, not after hours of stages 1 and 2
         check_tree_size(backbone_layers(cfg.backbone), cfg.backbone)
+    cfg.validate()  # the checks of the resolved stage 3
     out = Path(cfg.output_dir)
     base = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
     stage_cfg = lambda sub, **kw: replace(TrainConfig(**base), output_dir=str(out / sub), **kw)  # noqa: E731
@@ -73,15 +96,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         trained.append(start)
     s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(start))
     trained.append(s2)
-    if cfg.stage3 == "exact":
-        # the final planners are always stage3_exact/model; with 'adapt' they are fitted on the adapted backbone
-        # after a first fit on the frozen one (stage3_exact_frozen), whose paths the backbone is adapted to
+    if cfg.stage3 in ("exact", "sampled"):
+        # the final planners are always stage3_<kind>/model; with 'adapt' they are fitted on the adapted backbone
+        # after a first fit on the frozen one (stage3_<kind>_frozen), whose paths the backbone is adapted to
+        kind = cfg.stage3
         adapt = None
         if cfg.skip_aware == "adapt":
             adapt = (stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs, lr=cfg.skip_aware_lr),
-                     out / "stage3_exact_frozen")
-        *earlier, s3 = exact_stage3(cfg, s2, out / "stage3_exact", cfg.exact_epochs, cfg.exact_lr,
-                                    path_calibration=cfg.path_calibration, adapt=adapt)
+                     out / f"stage3_{kind}_frozen")
+        s3_cfg = cfg if kind == "exact" else stage_cfg(f"stage3_{kind}", epochs=cfg.stage3_epochs,
+                                                       batch_size=cfg.stage3_batch_size or cfg.batch_size)
+        *earlier, s3 = planner_stage3(s3_cfg, s2, out / f"stage3_{kind}", cfg.exact_epochs, cfg.exact_lr,
+                                      path_calibration=cfg.path_calibration, adapt=adapt, kind=kind)
         trained += earlier
     else:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,

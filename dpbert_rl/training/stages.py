@@ -6,6 +6,7 @@ stage         mode      trained                     objective
 finetune      full      backbone + head             ``ell``                     (stage 1)
 planner_init  soft      planners (backbone frozen)  ``ell`` [+ ``beta P``]      (stage 2)
 rl            sample    backbone + head + planners  eq. (12): ``ell - sum (R_i-b_i) log pi + beta P``
+sampled       sample    planners (backbone frozen)  eq. (12)'s policy term: stage 3 that scales to 12 layers
 soft          soft      backbone + head + planners  ``ell + beta P``            (DPBERT-soft)
 layerdrop     path      backbone + head             ``ell`` on a random layer subset (LayerDrop)
 adapt         sample    backbone + head             ``ell`` on paths drawn from the frozen planners
@@ -53,10 +54,14 @@ from .checkpoint import (DONE_FILE, check_finite_parameters, is_checkpoint, load
 from .config import STAGES, TrainConfig, TrainingError, check_same_run
 
 
-_STAGE_MODE = {"finetune": "full", "planner_init": "soft", "rl": "sample", "soft": "soft", "layerdrop": "path",
-               "adapt": "sample"}
+_STAGE_MODE = {"finetune": "full", "planner_init": "soft", "rl": "sample", "sampled": "sample", "soft": "soft",
+               "layerdrop": "path", "adapt": "sample"}
 # stages that train the backbone and head only (the planners, if any, frozen)
 _BACKBONE_ONLY = ("finetune", "layerdrop", "adapt")
+# stages that train the planners only (the backbone and head frozen, in eval mode)
+_PLANNERS_ONLY = ("planner_init", "sampled")
+# stages that draw K paths per input and learn from their rewards (eq. 12)
+_REINFORCE = ("rl", "sampled")
 
 
 def build_model(cfg: TrainConfig, init: Optional[str] = None) -> DPBert:
@@ -107,13 +112,19 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
     :param price: the cost of an executed layer in stage 3's reward (``cfg.cost``, or the dual price).
     :param progress: fraction of the stage done, for the entropy bonus's decay.
     """
-    if stage == "rl" and cfg.samples > 1:  # K paths per input, rows grouped by input
+    shared = None
+    if stage in _REINFORCE and cfg.samples > 1:  # K paths per input, rows grouped by input
+        n = batch["input_ids"].shape[0]
         batch = {k: v.repeat_interleave(cfg.samples, 0) for k, v in batch.items()}
+        if stage == "sampled":  # frozen backbone: an input's K paths share the layer calls of common prefixes
+            shared = torch.arange(n, device=batch["input_ids"].device).repeat_interleave(cfg.samples)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   token_type_ids=batch.get("token_type_ids"), labels=batch["labels"])
     if stage == "layerdrop":
         keep = (torch.rand(raw_model.num_layers) >= cfg.layerdrop).float()
         out = model(**inputs, mode="path", actions=keep.to(batch["input_ids"].device))
+    elif shared is not None:
+        out = model(**inputs, mode="sample", shared=shared)
     else:
         out = model(**inputs, mode=_STAGE_MODE[stage])
     logs = {"losses/task_loss": out.loss.item()}
@@ -137,7 +148,7 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
         greedy = None
         if cfg.baseline == "self-critical":
             with torch.no_grad():
-                g = raw_model(**inputs, mode="hard")
+                g = raw_model(**inputs, mode="hard", shared=shared)
             greedy = reward_to_go(g.actions, outcome(g), price, cfg.lam)
         parts = dpbert_objective(out.loss, out.log_probs, out.probs, out.actions, out.per_example_loss,
                                  price, cfg.lam, cfg.beta, cfg.target_rate if with_penalty else None, cfg.baseline,
@@ -160,7 +171,7 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
 def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Path:
     """Run one stage and return the directory of its resulting model (``<output_dir>/model``).
 
-    :param stage: ``finetune``, ``planner_init``, ``rl``, ``soft`` or ``layerdrop``.
+    :param stage: one of :data:`STAGES` (the table above).
     :param init: checkpoint to start from (the previous stage's ``model/``); default ``cfg.backbone``.
     """
     if stage not in STAGES:
@@ -189,7 +200,7 @@ def train_stage(stage: str, cfg: TrainConfig, init: Optional[str] = None) -> Pat
 def trainable_groups(stage: str, cfg: TrainConfig, model: DPBert) -> list:
     """Freeze what ``stage`` does not train; the optimizer's parameter groups for the rest (backbone with
     and without weight decay at ``lr``, planners at ``planner_lr``)."""
-    train_backbone = stage != "planner_init"
+    train_backbone = stage not in _PLANNERS_ONLY
     train_planners = stage not in _BACKBONE_ONLY
     for p in model.backbone.parameters():
         p.requires_grad_(train_backbone)
@@ -220,7 +231,7 @@ class StageRun:
         self.model_dir, self.ckpt_dir = self.out_dir / "model", self.out_dir / "checkpoint"
         self.metrics_file = self.out_dir / "metrics.jsonl"
         self.accelerator = Accelerator(
-            cpu=cfg.cpu, log_with="tensorboard", project_dir=str(self.out_dir),
+            cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(self.out_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=stage != "finetune")],
         )
         self.main = self.accelerator.is_main_process
@@ -229,16 +240,17 @@ class StageRun:
         model = build_model(cfg, init)
         self.data = load_data(cfg, model.tokenizer)
         self.collate = collator(model.tokenizer)
+        self.lengths = None  # of the training inputs, for group_by_length
         resuming = (self.ckpt_dir / "state.json").is_file()
-        if stage in ("planner_init", "rl", "soft"):
+        if stage in ("planner_init", "soft") + _REINFORCE:
             _prepare_planners(stage, cfg, model, self.data["train"], self.collate, fit_stats=not resuming)
-        if stage == "rl" and not resuming:
+        if stage in _REINFORCE and not resuming:
             check_reward(model, self.data["train"], self.collate, cfg)
         if stage == "adapt":
             _check_adapt_planners(model, init)
-        if stage != "planner_init":  # the backbone or head moves: a regression head's per-path map no longer fits
+        if stage not in _PLANNERS_ONLY:  # the backbone or head moves: a regression head's per-path map no longer fits
             model.set_path_calibration(None)
-        self.train_backbone = stage != "planner_init"
+        self.train_backbone = stage not in _PLANNERS_ONLY
         self.groups = trainable_groups(stage, cfg, model)
         self._prepare(model)
         self._resume(resuming)
@@ -270,7 +282,7 @@ class StageRun:
         if self.main:  # a run killed between two checkpoints logged steps that it now runs again
             truncate_metrics(self.metrics_file, self.state["global_step"])
         self.dual = None
-        if self.stage == "rl" and cfg.rate_control == "dual" and cfg.target_rate is not None:
+        if self.stage in _REINFORCE and cfg.rate_control == "dual" and cfg.target_rate is not None:
             self.dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost)
             if "dual" in self.state:
                 self.dual.load_state_dict(self.state["dual"])
@@ -312,7 +324,15 @@ class StageRun:
         """The rest of the current epoch's batches, in an order fixed by the seed and the epoch."""
         cfg = self.cfg
         epoch, skip = divmod(self.step, self.steps_per_epoch)
-        order = np.random.RandomState(cfg.seed + epoch).permutation(len(self.data["train"])).tolist()
+        if cfg.group_by_length:  # similar lengths together: less padding (HF Trainer's group_by_length)
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            if self.lengths is None:
+                self.lengths = [len(x) for x in self.data["train"]["input_ids"]]
+            order = get_length_grouped_indices(self.lengths, cfg.batch_size,
+                                               generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        else:
+            order = np.random.RandomState(cfg.seed + epoch).permutation(len(self.data["train"])).tolist()
         # the loader gets its own generator: iterating it must not draw from the global RNG (which
         # drives dropout and action sampling), or a resumed run would diverge from an unbroken one
         loader = self.accelerator.prepare_data_loader(
