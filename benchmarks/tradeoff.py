@@ -54,7 +54,8 @@ from tradeoff_analysis import (LABELS, METHODS, TARGET_WINDOW, WINDOW, best_in_w
                                chosen_summary, envelope_at, front, headline, is_noisy, merge, oracle_gap,
                                target_check, task_noise, write_device_report, write_report)
 from tradeoff_figures import plot, plot_device  # noqa: E402
-from tradeoff_methods import RUNNERS, TASK_SETTINGS, TaskRun, keep_paths, measured_seconds, plan  # noqa: E402
+from tradeoff_methods import (RUNNERS, TASK_SETTINGS, TaskRun, backbone_scale, keep_paths,  # noqa: E402
+                              measured_seconds, plan)
 
 import torch  # noqa: E402
 
@@ -257,7 +258,8 @@ def parse_args(argv=None):
     g.add_argument("--adapt-lr", type=float, default=5e-5,
                    help="backbone lr of the baselines' training beyond stage 1 (PABEE, BERxiT, LayerDrop, BERT-kL)")
     g.add_argument("--ramp-lr", type=float, default=5e-4, help="off-ramps and BERxiT's LTE head")
-    g.add_argument("--kl-layers", default="3,4,5", help="BERT-kL: the depths k trained")
+    g.add_argument("--kl-layers", default="",
+                   help="BERT-kL: the depths k trained (default: L/2, 2L/3 and 5L/6: 3,4,5 of 6 layers, 6,8,10 of 12)")
     g.add_argument("--layerdrop", type=float, default=0.3, help="LayerDrop rate while fine-tuning")
     g.add_argument("--regression-tolerance", type=float, default=0.1, help="PABEE agreement on STS-B")
     g.add_argument("--evals-per-epoch", type=int, default=3, help="selection-split evaluations per epoch (every method)")
@@ -325,7 +327,10 @@ def main(argv=None) -> None:
             cap = args.max_train_samples or TASK_SETTINGS.get(t, {}).get("max_train_samples")
             sizes[t] = (min(n_fit, cap or n_fit), len(load_split(t, "select", args.data_dir)),
                         len(load_split(t, "dev", args.data_dir)))
-        rows = plan(args, sizes)
+        scale = backbone_scale(args.backbone, args.tasks, out_dir)
+        rows = plan(args, sizes, scale)
+        print(f"backbone {args.backbone}: {scale['layers']} layers; costs against MiniLM: "
+              + "; ".join(f"{t} {src}" for t, src in scale["source"].items()))
         cols = [k for k in rows[0] if k not in ("task",)]
         print("| task | " + " | ".join(cols) + " |")
         for r in rows:

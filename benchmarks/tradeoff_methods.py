@@ -446,10 +446,21 @@ def m_layerdrop(run: TaskRun) -> dict:
     return run.result(settings, training=_done(ld_dir))
 
 
+def kl_depths(kl_layers, num_layers: int) -> list:
+    """BERT-kL's depths: ``kl_layers`` when given, else L/2, 2L/3 and 5L/6 (3, 4, 5 of 6; 6, 8, 10 of 12)."""
+    if kl_layers:
+        bad = [k for k in kl_layers if not 1 <= k < num_layers]
+        if bad:
+            raise ValueError(f"--kl-layers {bad}: a depth k must be in [1, {num_layers - 1}] for a {num_layers}-layer "
+                             "backbone")
+        return list(kl_layers)
+    return sorted({max(1, round(num_layers * f)) for f in (1 / 2, 2 / 3, 5 / 6)})
+
+
 def m_bert_kl(run: TaskRun) -> dict:
     a = run.args
     settings, training = [], {}
-    for k in a.kl_layers:
+    for k in kl_depths(a.kl_layers, run.full.num_layers):
         init = run.root / f"bert_{k}l_init"
         if not (init / "config.json").is_file():
             ee.truncate(DPBert.load(run.s1), k).save(init)
@@ -461,8 +472,46 @@ def m_bert_kl(run: TaskRun) -> dict:
     return run.result(settings, training=training)
 
 
+def greedy_static_paths(run: TaskRun) -> dict:
+    """Where the path tree is too big to walk (more than ``MAX_TREE_LAYERS`` layers): backward elimination on the
+    calibration subset of the selection split (stage-1 backbone): from all layers, drop at each step the layer
+    whose removal loses the least score. Returns ``{k: path}`` for k = L-1 .. 2 (cached in the task folder:
+    sum of k path passes over the subset, 75 at L = 12)."""
+    cache = run.root / "greedy_paths.json"
+    if cache.is_file():
+        return {int(k): v for k, v in json.loads(cache.read_text()).items()}
+    L = run.full.num_layers
+
+    def score(path):
+        acts = torch.tensor(path, dtype=torch.float32)
+        return score_run(run.t, run_dataset(run.full, run.calib, run.collate, 64, "path", actions=acts))["score"]
+
+    path, out = [1] * L, {}
+    while sum(path) > 2:
+        trials = []
+        for i in (j for j in range(L) if path[j]):
+            trial = path[:i] + [0] + path[i + 1:]
+            trials.append((score(trial), -i, trial))  # ties: drop the later layer
+        path = max(trials)[2]
+        out[sum(path)] = path
+    cache.write_text(json.dumps(out))
+    return out
+
+
 def m_static_path(run: TaskRun) -> dict:
-    """The best single path for each layer count, chosen on the selection split (stage-1 backbone)."""
+    """The best single path for each layer count, chosen on the selection split (stage-1 backbone): among every
+    path where the tree can be walked, else by greedy backward elimination (:func:`greedy_static_paths`)."""
+    L = run.full.num_layers
+    if L > oracle.MAX_TREE_LAYERS:
+        settings = []
+        for k, path in sorted(greedy_static_paths(run).items()):
+            acts = torch.tensor(path, dtype=torch.float32)
+            label = f"{k} layers (greedy): {','.join(str(i + 1) for i, x in enumerate(path) if x)}"
+            settings.append(Setting(label, {"kind": "path", "model": run.rel(run.s1), "path": path},
+                                    run.select_summary(run.full, "path", actions=acts),
+                                    run.dev_run(run.full, "path", actions=acts), L / k))
+        return run.result(settings, note=f"{L} layers: paths by greedy backward elimination on the selection split, "
+                                         "not among all paths")
     res = run.paths_of("select")
     labels = res["labels"]
 
@@ -486,9 +535,12 @@ def m_static_path(run: TaskRun) -> dict:
 
 def m_oracle(run: TaskRun) -> dict:
     """For every dev input the cheapest path that is right, within a layer budget: uses the dev
-    labels, so an upper bound, never a choice (no selection score)."""
-    res = run.paths_of("dev")
+    labels, so an upper bound, never a choice (no selection score). Not run beyond ``MAX_TREE_LAYERS`` layers."""
     L = run.full.num_layers
+    if L > oracle.MAX_TREE_LAYERS:
+        return {"points": [], "note": f"{L} layers: every path of every dev input would take {2 ** L - 1:,} layer calls "
+                                      "per input; the oracle is run up to 8 layers"}
+    res = run.paths_of("dev")
     settings = []
     for k in range(1, L + 1):
         idx = oracle.oracle_choices(res, run.t.is_regression, k)
@@ -517,14 +569,61 @@ def keep_paths(run: TaskRun, out: dict) -> None:
 
 
 # ---------------------------------------------------------------------- the budget, before running
-def plan(args, sizes: dict) -> list:
+def backbone_scale(backbone: str, tasks, results_dir: Path) -> dict:
+    """What ``--plan`` multiplies MiniLM's step seconds and batch-1 milliseconds by for ``backbone``, per task:
+    measured where ``benchmarks/train_step.py`` wrote files for both backbones at one batch size (the ratio of
+    their epoch seconds, plain order, and of their batch-1 forwards), else the ratio of layers x hidden^2 (the
+    matrix products' share). Also the backbone's layer count."""
+    from transformers import AutoConfig
+
+    from dpbert_rl.model.backbone import resolve_backbone_path
+
+    def shape(name):
+        c = AutoConfig.from_pretrained(resolve_backbone_path(name))
+        return int(c.num_hidden_layers), int(c.hidden_size)
+
+    L, d = shape(backbone)
+    L0, d0 = shape("minilm")
+    rough = (L * d * d) / (L0 * d0 * d0)
+    out = {"layers": L, "step": {t: rough for t in tasks}, "batch1": {t: rough for t in tasks},
+           "source": {t: f"layers x hidden^2 against MiniLM ({rough:.1f}x)" for t in tasks}}
+    if rough == 1.0:
+        return out
+    files = [results_dir / f"train_step_{Path(b).name}.json" for b in (backbone, "minilm")]
+    if not all(f.is_file() for f in files):
+        return out
+    mine, base = (json.loads(f.read_text()) for f in files)
+    if mine.get("batch_size") != base.get("batch_size"):
+        return out
+    rows = [{r["task"]: r for r in res["rows"]} for res in (mine, base)]
+    for t in tasks:
+        if t in rows[0] and t in rows[1]:
+            a, b = rows[0][t], rows[1][t]
+            per_tok = [x["variants"]["plain"]["epoch_seconds"] / x["variants"]["plain"]["epoch_padded_tokens"]
+                       for x in (a, b)]
+            out["step"][t] = per_tok[0] / per_tok[1]
+            out["batch1"][t] = a["batch1_ms_full"] / b["batch1_ms_full"]
+            out["source"][t] = f"measured (train_step_*.json): step {out['step'][t]:.1f}x, batch-1 {out['batch1'][t]:.1f}x"
+    return out
+
+
+def plan(args, sizes: dict, scale: Optional[dict] = None) -> list:
     """Estimated seconds per task and method of a run with ``args`` (``sizes``: task -> ``fit`` examples
-    used, ``select`` examples, ``dev`` examples), from :data:`STEP_SECONDS` and :data:`BATCH1_MS`."""
+    used, ``select`` examples, ``dev`` examples), from :data:`STEP_SECONDS` and :data:`BATCH1_MS` (MiniLM's)
+    times ``scale`` (:func:`backbone_scale`; default MiniLM's own)."""
     rows = []
     E, sh = args.extra_epochs, args.stage2_share
     n_targets = len(args.target_speedups)
+    L = scale["layers"] if scale else 6
+    tree = (2 ** L - 1) / L  # full passes that one input's path tree costs (10.5 at 6 layers)
+    kind = getattr(args, "dpbert_stage3", "rl")
+    if kind == "auto":
+        kind = "exact" if L <= oracle.MAX_TREE_LAYERS else "sampled"
+    kl = kl_depths(args.kl_layers, L)
     for task, (n, sel, dev) in sizes.items():
         step, ms = STEP_SECONDS.get(task, 1.5), BATCH1_MS.get(task, 12.0) / 1000
+        if scale:
+            step, ms = step * scale["step"][task], ms * scale["batch1"][task]
         ep = math.ceil(n / 32) * step  # one epoch of batch-32 steps
         timed = min(dev, args.latency_samples or dev)
         cal = min(sel, args.calibration_samples or sel)
@@ -539,17 +638,27 @@ def plan(args, sizes: dict) -> list:
             return args.evals_per_epoch * epochs * infer(sel)
 
         r3 = args.samples * 0.8  # a stage-3 epoch runs `samples` paths per input, some layers skipped
-        L = 6
-        if getattr(args, "dpbert_stage3", "rl") == "exact":  # one path-tree cache (fit + select), ~60 s per r
-            stage3 = infer(n + sel) * 10.5 + len(args.target_rates) * 60
-            skip_aware = getattr(args, "skip_aware", "none")
-            if skip_aware == "adapt":  # per r: the backbone on the planners' paths, a new tree, exact again
-                stage3 += len(args.target_rates) * (E * (1 - sh) * ep * 0.8 + evals(E * (1 - sh))
-                                                    + infer(n + sel) * 10.5 + 60)
+        skip_aware = getattr(args, "skip_aware", "none")
+        adapt = E * (1 - sh) * ep * 0.8 + evals(E * (1 - sh))  # the backbone on the planners' paths
+        if kind in ("exact", "sampled"):
+            if kind == "exact":  # a path-tree cache (fit + select; one for every r on one backbone), ~60 s per r
+                once = infer(n + sel) * tree + 60
+                stage3 = infer(n + sel) * tree + len(args.target_rates) * 60
+            else:  # forward only (about a third of a step), `samples` paths per input, some layers skipped
+                once = args.sampled_epochs * (ep * args.samples * 0.25 + evals(1))
+                stage3 = len(args.target_rates) * once
+            if skip_aware == "adapt":  # per r: the backbone on the planners' paths, then stage 3 again
+                stage3 += len(args.target_rates) * (adapt + once)
             elif skip_aware == "layerdrop":  # once: random subsets before stage 2
-                stage3 += E * (1 - sh) * ep * 0.8 + evals(E * (1 - sh))
+                stage3 += adapt
         else:
             stage3 = len(args.target_rates) * E * (1 - sh) * ep * r3 + evals(E * len(args.target_rates))
+        if L > oracle.MAX_TREE_LAYERS:  # greedy backward elimination on the calibration subset
+            static = sum(k * (k - 1) / L for k in range(3, L + 1)) * infer(cal) + timing(L - 2)
+            oracle_cost = 0.0
+        else:
+            static = infer(sel) * tree + timing(L - 2)
+            oracle_cost = infer(dev) * tree + timing(L)
         est = {
             "stage1": args.stage1_epochs * ep + evals(args.stage1_epochs),
             "backbone": timing(1),
@@ -559,9 +668,9 @@ def plan(args, sizes: dict) -> list:
             "pabee": 1.05 * E * ep + evals(E) * 1.2 + timing(L - 1),
             "berxit": 1.05 * E * ep + evals(E) * 1.2 + timing(n_targets),
             "layerdrop": (1 - args.layerdrop + 0.1) * E * ep + evals(E) + timing(L - 1),
-            "bert_kl": sum(k / L for k in args.kl_layers) * (E * ep + evals(E)) + timing(len(args.kl_layers), 0.5),
-            "static_path": infer(sel) * 10.5 + timing(L - 2),
-            "oracle": infer(dev) * 10.5 + timing(L),
+            "bert_kl": sum(k / L for k in kl) * (E * ep + evals(E)) + timing(len(kl), 0.5),
+            "static_path": static,
+            "oracle": oracle_cost,
         }
         rows.append({"task": task, "fit": n, "select": sel, "dev": dev, "timed": timed,
                      **{k: v for k, v in est.items() if k == "stage1" or k in args.methods},

@@ -602,3 +602,67 @@ def test_a_methods_code_hash_follows_the_code_it_runs(tmp_path, monkeypatch):
     assert ch.method_code_hash(importlib.reload(fake).runner) == before
     mod.write_text(src.replace("return 1", "return 5"))
     assert ch.method_code_hash(importlib.reload(fake).runner) != before
+
+
+# ---------------------------------------------------------------------- 12 layers (issue 22)
+def test_greedy_static_paths_drop_the_least_useful_layer_first(tmp_path, monkeypatch):
+    methods = bench("tradeoff_methods")
+    weight = [5, 1, 7, 3, 9, 2, 8, 4, 6, 0.5, 10, 11]  # what each layer adds to the score
+    monkeypatch.setattr(methods, "run_dataset", lambda model, ds, collate, bs, mode, actions: actions)
+    monkeypatch.setattr(methods, "score_run", lambda t, acts: {"score": float(sum(
+        w for w, a in zip(weight, acts.tolist()) if a))})
+    run = type("Run", (), {})()
+    run.root, run.t, run.calib, run.collate = tmp_path, None, None, None
+    run.full = type("Full", (), {"num_layers": 12})()
+    paths = methods.greedy_static_paths(run)
+    order = sorted(range(12), key=lambda i: weight[i])  # the layers by usefulness
+    assert sorted(paths) == list(range(2, 12))
+    for k, path in paths.items():
+        assert sorted(i for i in range(12) if path[i]) == sorted(order[12 - k:]), k  # the k most useful kept
+    assert json.loads((tmp_path / "greedy_paths.json").read_text())["4"] == paths[4]  # cached for a resume
+
+
+def test_bert_kl_depths_follow_the_backbone():
+    kl = bench("tradeoff_methods").kl_depths
+    assert kl([], 6) == [3, 4, 5] and kl([], 12) == [6, 8, 10] and kl([6, 8], 12) == [6, 8]
+    with pytest.raises(ValueError, match=r"\[12\].*\[1, 11\]"):
+        kl([12], 12)
+
+
+def test_plan_at_twelve_layers_uses_sampled_stage3_greedy_paths_and_no_oracle(tiny_glue, tmp_path, capsys):
+    ckpt = make_tiny_checkpoint(tmp_path / "t12", layers=12)
+    tb = bench("tradeoff")
+    tb.main(["--data-dir", str(tiny_glue), "--tasks", "rte", "--plan", "--backbone", str(ckpt),
+             "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert "12 layers" in out and "layers x hidden^2" in out
+    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    row = dict(zip(lines[0], lines[1]))
+    assert row["oracle"] == "0" and "static_path" in row
+    args = tb.parse_args(["--data-dir", str(tiny_glue), "--backbone", str(ckpt)])
+    scale = {"layers": 12, "step": {"rte": 1.0}, "batch1": {"rte": 1.0}}
+    plan = bench("tradeoff_methods").plan
+    row = plan(args, {"rte": (1000, 200, 200)}, scale)[0]
+    assert row["oracle"] == 0 and row["static_path"] > 0
+    args.sampled_epochs *= 2
+    assert plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"] > row["dpbert"]  # the sampled stage counts
+    args.dpbert_stage3 = "exact"  # a walked tree of 12 layers would cost far more
+    assert plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"] > 10 * row["dpbert"]
+
+
+def test_the_tradeoff_runs_at_twelve_layers(tiny_glue_big, tmp_path, monkeypatch):
+    ckpt = make_tiny_checkpoint(tmp_path / "t12", layers=12)
+    tb = bench("tradeoff")
+    # the tiny arguments, BERT-8L (the last --kl-layers wins)
+    res = _run_tiny(tb, tiny_glue_big, ckpt, tmp_path, monkeypatch,
+                    ["--methods", "backbone,dpbert,bert_kl,static_path,oracle", "--calibration-samples", "8",
+                     "--kl-layers", "8"])
+    e = res["tasks"]["sst2"]["methods"]
+    root = tmp_path / "runs" / "sst2"
+    for sub in ("stage3_sampled_r0.3", "stage3_adapt_r0.3", "stage3_adapt_sampled_r0.3"):
+        assert (root / sub / "model" / "DONE").is_file(), sub
+    assert [p["setting"] for p in e["bert_kl"]["points"]] == ["BERT-8L"]
+    assert "greedy" in e["static_path"]["note"] and len(e["static_path"]["points"]) == 10
+    assert (root / "greedy_paths.json").is_file() and not (root / "paths_select.npz").exists()
+    assert e["oracle"]["points"] == [] and "4,095" in e["oracle"]["note"]
+    assert e["dpbert"]["points"] and all(p["layers_executed_mean"] <= 12 for p in e["dpbert"]["points"])

@@ -246,3 +246,24 @@ def test_group_by_length_pads_less_and_still_sees_every_input(tiny_ckpt, tiny_gl
         assert sorted(x for b in lengths for x in b) == sorted(len(x) for x in run.data["train"]["input_ids"])
         padded[grouped] = sum(max(b) * len(b) for b in lengths)
     assert padded[True] < padded[False]
+
+
+@pytest.mark.parametrize("stage", ["planner_init", "sampled"])
+def test_a_frozen_backbone_stays_in_eval_mode_after_each_evaluation(stage, tiny_model_dir, tiny_glue, tmp_path,
+                                                                    monkeypatch):
+    """Stages 2 and 'sampled' freeze the backbone without dropout; an evaluation in the middle of an epoch must
+    not turn its dropout back on (it did: evaluate put back model.train(True) for the whole model)."""
+    seen = []
+    real = DPBert.forward
+
+    def spy(self, *a, **kw):
+        if torch.is_grad_enabled():  # a training step, not an evaluation
+            seen.append(self.backbone.training)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(DPBert, "forward", spy)
+    cfg = TrainConfig(task="rte", backbone=tiny_model_dir, data_dir=str(tiny_glue), output_dir=str(tmp_path / stage),
+                      batch_size=4, eval_batch_size=16, progress=False, max_steps=4, eval_steps=1, save_steps=100,
+                      target_rate=0.3)
+    train_stage(stage, cfg, init=tiny_model_dir)
+    assert len(seen) >= 4 and not any(seen)

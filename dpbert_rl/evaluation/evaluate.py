@@ -33,7 +33,9 @@ def run_dataset(
         ``(logits, actions, probs)``, e.g. an agent driving the layers (:func:`agents.evaluate.agent_forward`).
     :param with_loss: also return the task loss of every input, ``losses`` ``(N,)``.
     """
-    was_training = model.training
+    # every module's own mode is put back afterwards, not the model's alone: model.train(True) would also turn
+    # on the dropout of a backbone that a stage froze in eval mode (stages 2 and 'sampled')
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     if progress:
@@ -58,7 +60,8 @@ def run_dataset(
             losses.append(model.task_loss(logits, batch["labels"]).float().cpu())
         labels.append(batch["labels"].float().cpu())
         acts.append(torch.as_tensor(act).float().cpu())
-    model.train(was_training)
+    for m, mode_was in modes:
+        m.training = mode_was
     run = {
         "predictions": torch.cat(preds).numpy(),
         "labels": torch.cat(labels).numpy(),
