@@ -34,7 +34,69 @@ TASK_SETTINGS = {
 }
 
 
-def main() -> None:
+def task_settings(task: str, args) -> dict:
+    """The per-task budget: :data:`TASK_SETTINGS`, with ``--max-train-samples`` for every task when given."""
+    got = dict(TASK_SETTINGS.get(task, {}))
+    if args.max_train_samples:
+        got["max_train_samples"] = args.max_train_samples
+    return got
+
+
+def plan_rows(args, sizes: dict, scale: dict) -> list:
+    """Estimated seconds per task and stage of this run (``sizes``: task -> fit examples used, selection and dev
+    examples), from the trade-off benchmark's MiniLM step and batch-1 costs times ``scale``
+    (``tradeoff_methods.backbone_scale``)."""
+    from tradeoff_methods import BATCH1_MS, STEP_SECONDS
+
+    L = scale["layers"]
+    stage3 = resolve_stage3(args.stage3, args.backbone)
+    rows = []
+    for task, (n, sel, dev) in sizes.items():
+        ms = BATCH1_MS.get(task, 12.0) / 1000 * scale["batch1"][task]
+        ep = -(-n // 32) * STEP_SECONDS.get(task, 1.5) * scale["step"][task]  # one epoch of batch-32 steps
+
+        def evals(epochs):  # selection-split evaluations, a batched pass costs ~0.6 of batch-1 time per input
+            return args.evals_per_epoch * epochs * sel * ms * 0.6
+
+        if stage3 == "exact":
+            s3 = (n + sel) * ms * 0.6 * (2 ** L - 1) / L + 60
+        elif stage3 == "sampled":
+            s3 = args.stage3_epochs * (ep * args.samples * 0.25 + evals(1))
+        else:
+            s3 = args.stage3_epochs * (ep * args.samples * 0.8 + evals(1))
+        adapt = 0.5 * ep * 0.8 + evals(0.5) if stage3 != "rl" else 0.0  # PipelineConfig.skip_aware_epochs
+        est = {"stage1": args.stage1_epochs * ep + evals(args.stage1_epochs),
+               "stage2": args.stage2_epochs * ep + evals(args.stage2_epochs),
+               "stage3": s3 * (2 if adapt else 1) + adapt,
+               "evaluation": min(dev, args.latency_samples or dev) * 3 * ms * 1.7 + dev * ms * 0.6 * 2}
+        rows.append({"task": task, "fit": n, "select": sel, "dev": dev, **est, "total": sum(est.values())})
+    return rows
+
+
+def print_plan(args) -> None:
+    from tradeoff_methods import backbone_scale
+
+    from dpbert_rl.data import load_split
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    sizes = {}
+    for t in tasks:
+        n_fit = len(load_split(t, "fit", args.data_dir))
+        cap = task_settings(t, args).get("max_train_samples")
+        sizes[t] = (min(n_fit, cap or n_fit), len(load_split(t, "select", args.data_dir)),
+                    len(load_split(t, "dev", args.data_dir)))
+    scale = backbone_scale(args.backbone, tasks, Path(args.results).parent)
+    rows = plan_rows(args, sizes, scale)
+    print(f"backbone {args.backbone}: {scale['layers']} layers, stage 3 {resolve_stage3(args.stage3, args.backbone)}; "
+          "costs against MiniLM: " + "; ".join(f"{t} {src}" for t, src in scale["source"].items()))
+    cols = [k for k in rows[0] if k != "task"]
+    print("| task | " + " | ".join(cols) + " |")
+    for r in rows:
+        print(f"| {r['task']} | " + " | ".join(f"{r[k]:.0f}" for k in cols) + " |")
+    print(f"estimated total: {sum(r['total'] for r in rows) / 3600:.2f} h (seconds per column)")
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
     ap.add_argument("--tasks", default="rte,mrpc,sst2,stsb", help="comma-separated GLUE tasks")
@@ -69,7 +131,18 @@ def main() -> None:
     ap.add_argument("--results", default=str(RESULTS / "pipeline.json"))
     ap.add_argument("--report-only", action="store_true",
                     help="only rewrite pipeline.md and the layer plot from the existing pipeline.json")
-    args = ap.parse_args()
+    ap.add_argument("--max-train-samples", type=int, default=None,
+                    help=f"training subset for every task (default per task: {TASK_SETTINGS})")
+    ap.add_argument("--max-seq-length", type=int, default=128)
+    ap.add_argument("--latency-samples", type=int, default=None, help="time only the first N dev inputs")
+    ap.add_argument("--group-by-length", action="store_true", help="training batches of similar lengths")
+    ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"),
+                    help="training autocast (timing stays fp32); measure it first with benchmarks/train_step.py")
+    ap.add_argument("--plan", action="store_true", help="print the time estimate of this run, then stop")
+    args = ap.parse_args(argv)
+    if args.plan:
+        print_plan(args)
+        return
     commit()  # pin the commit this run starts from
 
     results_path = Path(args.results)
@@ -87,8 +160,9 @@ def main() -> None:
             stage3_batch_size=args.stage3_batch_size, samples=args.samples, cost=args.cost, dual_lr=args.dual_lr,
             reward=args.reward, rate_control=args.rate_control, planner_features=args.planner_features,
             stage3=args.stage3, exact_epochs=args.exact_epochs, exact_lr=args.exact_lr,
-            entropy_coef=args.entropy_coef, progress=False,
-            **TASK_SETTINGS.get(task, {}),
+            entropy_coef=args.entropy_coef, progress=False, max_seq_length=args.max_seq_length,
+            latency_samples=args.latency_samples, group_by_length=args.group_by_length,
+            mixed_precision=args.mixed_precision, **task_settings(task, args),
         )
         report = run_pipeline(cfg)
         row = {

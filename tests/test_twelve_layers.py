@@ -196,3 +196,20 @@ def test_auto_stage3_is_checked_as_exact_on_a_six_layer_backbone_before_stage_1(
     with pytest.raises(ValueError, match="stage3 'exact' holds the rate"):
         run_pipeline(cfg)
     assert not (tmp_path / "p" / "stage1_finetune").exists()
+
+
+def test_the_pipeline_benchmark_plans_a_twelve_layer_run(tiny12, tiny_glue, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import pipeline
+
+    ckpt, _ = tiny12
+    pipeline.main(["--data-dir", str(tiny_glue), "--tasks", "rte", "--backbone", str(ckpt), "--plan",
+                   "--max-train-samples", "20", "--results", str(tmp_path / "pipeline.json")])
+    out = capsys.readouterr().out
+    assert "12 layers, stage 3 sampled" in out and "estimated total" in out
+    row = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    assert dict(zip(row[0], row[1]))["fit"] == "20"  # the subset, stated up front
+    assert not (tmp_path / "pipeline.json").exists()  # a plan runs nothing
