@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -22,8 +24,10 @@ def test_train_step_benchmark_times_every_variant(tiny_ckpt, tiny_glue, tmp_path
     assert set(v) == {"plain", "grouped", "bf16"} and row["num_layers"] == 4
     for got in v.values():
         assert got["timed_steps"] == 2 and got["step_seconds"] > 0
-        per_token = got["epoch_seconds"] / got["epoch_padded_tokens"]
-        assert per_token > 0
+        # the epoch: the timed steps' seconds per padded token, times the epoch's padded tokens
+        per_token = got["step_seconds"] / got["tokens_per_step"]
+        assert got["epoch_seconds"] == pytest.approx(per_token * got["epoch_padded_tokens"], rel=1e-9)
+        assert got["epoch_padded_tokens"] > got["steps_per_epoch"] * got["tokens_per_step"] / 10
     assert v["grouped"]["epoch_padded_tokens"] < v["plain"]["epoch_padded_tokens"]  # less padding
     assert v["bf16"]["epoch_padded_tokens"] == v["plain"]["epoch_padded_tokens"]  # the same order
     assert row["sampled"]["step_seconds"] > 0 and row["batch1_ms_full"] > 0
