@@ -85,7 +85,7 @@ def print_plan(args) -> None:
         cap = task_settings(t, args).get("max_train_samples")
         sizes[t] = (min(n_fit, cap or n_fit), len(load_split(t, "select", args.data_dir)),
                     len(load_split(t, "dev", args.data_dir)))
-    scale = backbone_scale(args.backbone, tasks, Path(args.results).parent)
+    scale = backbone_scale(args.backbone, tasks)  # train_step.py's files in benchmarks/results
     rows = plan_rows(args, sizes, scale)
     print(f"backbone {args.backbone}: {scale['layers']} layers, stage 3 {resolve_stage3(args.stage3, args.backbone)}; "
           "costs against MiniLM: " + "; ".join(f"{t} {src}" for t, src in scale["source"].items()))

@@ -54,7 +54,7 @@ from tradeoff_analysis import (LABELS, METHODS, TARGET_WINDOW, WINDOW, best_in_w
                                chosen_summary, envelope_at, front, headline, is_noisy, merge, oracle_gap,
                                target_check, task_noise, write_device_report, write_report)
 from tradeoff_figures import plot, plot_device  # noqa: E402
-from tradeoff_methods import (RUNNERS, TASK_SETTINGS, TaskRun, backbone_scale, keep_paths,  # noqa: E402
+from tradeoff_methods import (RUNNERS, TASK_SETTINGS, TaskRun, backbone_scale, keep_paths, kl_depths,  # noqa: E402
                               measured_seconds, plan)
 
 import torch  # noqa: E402
@@ -63,6 +63,8 @@ from dpbert_rl.data import SELECTION_FRACTION, SELECTION_MAX, SELECTION_SEED, lo
 from dpbert_rl.evaluation.evaluate import speedup_ideal_fields  # noqa: E402
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.training import PipelineConfig  # noqa: E402
+from dpbert_rl.model.backbone import backbone_layers  # noqa: E402
+from dpbert_rl.training import stage3_for  # noqa: E402
 from dpbert_rl.training.config import SKIP_AWARE, STAGE3  # noqa: E402
 
 
@@ -82,6 +84,9 @@ def run_context(args) -> dict:
     threads). Results are reused from another commit only under the same context."""
     m = machine_info()
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_CONTEXT}
+    L = backbone_layers(args.backbone)  # defaults that depend on the backbone, as they resolve
+    settings["dpbert_stage3"] = stage3_for(args.dpbert_stage3, L)
+    settings["kl_layers"] = kl_depths(args.kl_layers, L)
     return json.loads(json.dumps({"settings": settings, "machine": {k: m[k] for k in ("cpu", "cpu_count", "torch",
                                                                                         "threads", "cuda")}}))
 
@@ -327,7 +332,7 @@ def main(argv=None) -> None:
             cap = args.max_train_samples or TASK_SETTINGS.get(t, {}).get("max_train_samples")
             sizes[t] = (min(n_fit, cap or n_fit), len(load_split(t, "select", args.data_dir)),
                         len(load_split(t, "dev", args.data_dir)))
-        scale = backbone_scale(args.backbone, args.tasks, out_dir)
+        scale = backbone_scale(args.backbone, args.tasks)  # train_step.py's files in benchmarks/results
         rows = plan(args, sizes, scale)
         print(f"backbone {args.backbone}: {scale['layers']} layers; costs against MiniLM: "
               + "; ".join(f"{t} {src}" for t, src in scale["source"].items()))

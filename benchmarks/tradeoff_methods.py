@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from _common import MixedRunError
+from _common import RESULTS, MixedRunError
 
 from dpbert_rl import baselines as ee
 from dpbert_rl.pathtree import oracle
@@ -31,7 +31,8 @@ from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_
 from dpbert_rl.evaluation.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.evaluation.metrics import compute_metrics
 from dpbert_rl.model import DPBert
-from dpbert_rl.training import TrainConfig, load_data, planner_stage3, resolve_stage3, stage_done, train_stage
+from dpbert_rl.training import (TrainConfig, load_data, planner_stage3, resolve_stage3, stage3_for, stage_done,
+                                train_stage)
 
 # Training subsets, chosen to fit the clean run into about 4 hours on 2 cores by the first (too low) time
 # estimate; the run at these subsets takes about 5.5 h there (README, `--plan`)
@@ -314,11 +315,10 @@ def dpbert_models(run: TaskRun, skip_aware: Optional[str] = None, path_calibrati
             models[r] = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=backbone_epochs, lr=a.stage3_lr,
                                                      target_rate=r, batch_size=a.stage3_batch_size), init=str(s2))
             continue
-        name = "exact" if kind == "exact" else kind  # folder names of the exact runs kept as they were
-        first = run.root / f"stage3_{name}_r{r:g}{tag}"
+        first = run.root / f"stage3_{kind}_r{r:g}{tag}"
         adapt = (run.config(f"stage3_adapt_r{r:g}{tag}", epochs=backbone_epochs, lr=a.adapt_lr), first) \
             if skip_aware == "adapt" else None
-        final = run.root / f"stage3_adapt_{name}_r{r:g}{tag}" if adapt else first
+        final = run.root / f"stage3_adapt_{kind}_r{r:g}{tag}" if adapt else first
         cfg = run.config(final.name, target_rate=r)
         if kind == "sampled":
             cfg = run.config(final.name, target_rate=r, epochs=a.sampled_epochs, batch_size=a.stage3_batch_size)
@@ -475,9 +475,9 @@ def m_bert_kl(run: TaskRun) -> dict:
 def greedy_static_paths(run: TaskRun) -> dict:
     """Where the path tree is too big to walk (more than ``MAX_TREE_LAYERS`` layers): backward elimination on the
     calibration subset of the selection split (stage-1 backbone): from all layers, drop at each step the layer
-    whose removal loses the least score. Returns ``{k: path}`` for k = L-1 .. 2 (cached in the task folder:
-    sum of k path passes over the subset, 75 at L = 12)."""
-    cache = run.root / "greedy_paths.json"
+    whose removal loses the least score (on a tie, the earlier layer). Returns ``{k: path}`` for k = L-1 .. 2
+    (cached in the task folder: sum of k path passes over the subset, 75 at L = 12)."""
+    cache = run.root / f"greedy_paths_calib{len(run.calib)}.json"  # the subset they were chosen on
     if cache.is_file():
         return {int(k): v for k, v in json.loads(cache.read_text()).items()}
     L = run.full.num_layers
@@ -491,7 +491,7 @@ def greedy_static_paths(run: TaskRun) -> dict:
         trials = []
         for i in (j for j in range(L) if path[j]):
             trial = path[:i] + [0] + path[i + 1:]
-            trials.append((score(trial), -i, trial))  # ties: drop the later layer
+            trials.append((score(trial), -i, trial))  # ties: drop the earlier layer
         path = max(trials)[2]
         out[sum(path)] = path
     cache.write_text(json.dumps(out))
@@ -569,11 +569,12 @@ def keep_paths(run: TaskRun, out: dict) -> None:
 
 
 # ---------------------------------------------------------------------- the budget, before running
-def backbone_scale(backbone: str, tasks, results_dir: Path) -> dict:
+def backbone_scale(backbone: str, tasks, results_dir: Path = RESULTS) -> dict:
     """What ``--plan`` multiplies MiniLM's step seconds and batch-1 milliseconds by for ``backbone``, per task:
-    measured where ``benchmarks/train_step.py`` wrote files for both backbones at one batch size (the ratio of
-    their epoch seconds, plain order, and of their batch-1 forwards), else the ratio of layers x hidden^2 (the
-    matrix products' share). Also the backbone's layer count."""
+    measured where ``benchmarks/train_step.py`` wrote files for both backbones into ``results_dir`` at one
+    batch size, length and thread count (the ratio of their seconds per padded token, plain order, and of their
+    batch-1 forwards), else the ratio of layers x hidden^2 (the matrix products' share). Also the backbone's
+    layer count."""
     from transformers import AutoConfig
 
     from dpbert_rl.model.backbone import resolve_backbone_path
@@ -593,11 +594,11 @@ def backbone_scale(backbone: str, tasks, results_dir: Path) -> dict:
     if not all(f.is_file() for f in files):
         return out
     mine, base = (json.loads(f.read_text()) for f in files)
-    if mine.get("batch_size") != base.get("batch_size"):
+    if any(mine.get(k) != base.get(k) for k in ("batch_size", "max_seq_length", "threads")):
         return out
     rows = [{r["task"]: r for r in res["rows"]} for res in (mine, base)]
     for t in tasks:
-        if t in rows[0] and t in rows[1]:
+        if t in rows[0] and t in rows[1] and all("plain" in rows[i][t]["variants"] for i in (0, 1)):
             a, b = rows[0][t], rows[1][t]
             per_tok = [x["variants"]["plain"]["epoch_seconds"] / x["variants"]["plain"]["epoch_padded_tokens"]
                        for x in (a, b)]
@@ -616,9 +617,7 @@ def plan(args, sizes: dict, scale: Optional[dict] = None) -> list:
     n_targets = len(args.target_speedups)
     L = scale["layers"] if scale else 6
     tree = (2 ** L - 1) / L  # full passes that one input's path tree costs (10.5 at 6 layers)
-    kind = getattr(args, "dpbert_stage3", "rl")
-    if kind == "auto":
-        kind = "exact" if L <= oracle.MAX_TREE_LAYERS else "sampled"
+    kind = stage3_for(getattr(args, "dpbert_stage3", "rl"), L)
     kl = kl_depths(args.kl_layers, L)
     for task, (n, sel, dev) in sizes.items():
         step, ms = STEP_SECONDS.get(task, 1.5), BATCH1_MS.get(task, 12.0) / 1000

@@ -1,6 +1,6 @@
 """The ``dpbert-rl`` command. Subcommands map one-to-one to the library's functions:
 
-    finetune | init-planners | rl | soft | layerdrop | adapt
+    finetune | init-planners | rl | sampled | soft | layerdrop | adapt
                                            one training stage         (train.train_stage)
     pipeline                               stages 1-3, then evaluate  (train.run_pipeline)
     evaluate                               score, layers, speed-up    (latency.evaluate_checkpoint)

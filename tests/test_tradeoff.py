@@ -612,14 +612,38 @@ def test_greedy_static_paths_drop_the_least_useful_layer_first(tmp_path, monkeyp
     monkeypatch.setattr(methods, "score_run", lambda t, acts: {"score": float(sum(
         w for w, a in zip(weight, acts.tolist()) if a))})
     run = type("Run", (), {})()
-    run.root, run.t, run.calib, run.collate = tmp_path, None, None, None
+    run.root, run.t, run.calib, run.collate = tmp_path, None, [None] * 8, None
     run.full = type("Full", (), {"num_layers": 12})()
     paths = methods.greedy_static_paths(run)
     order = sorted(range(12), key=lambda i: weight[i])  # the layers by usefulness
     assert sorted(paths) == list(range(2, 12))
     for k, path in paths.items():
         assert sorted(i for i in range(12) if path[i]) == sorted(order[12 - k:]), k  # the k most useful kept
-    assert json.loads((tmp_path / "greedy_paths.json").read_text())["4"] == paths[4]  # cached for a resume
+    # cached for a resume, under the size of the subset they were chosen on
+    assert json.loads((tmp_path / "greedy_paths_calib8.json").read_text())["4"] == paths[4]
+    weight[:] = [1.0] * 12  # a tie: the earlier layer goes first
+    run.root = tmp_path / "tie"
+    run.root.mkdir()
+    assert methods.greedy_static_paths(run)[11] == [0] + [1] * 11
+
+
+def test_plan_scales_by_the_measured_step_costs_of_both_backbones(tmp_path):
+    methods = bench("tradeoff_methods")
+    big = make_tiny_checkpoint(tmp_path / "big", layers=12)
+
+    def write(name, per_token, b1, batch_size=16):
+        row = {"task": "rte", "batch1_ms_full": b1,
+               "variants": {"plain": {"epoch_seconds": per_token * 1000, "epoch_padded_tokens": 1000}}}
+        (tmp_path / f"train_step_{name}.json").write_text(json.dumps(
+            {"batch_size": batch_size, "max_seq_length": 128, "threads": 2, "rows": [row]}))
+
+    write("minilm", 0.002, 20.0)
+    write(big.name, 0.010, 70.0)
+    got = methods.backbone_scale(str(big), ["rte", "sst2"], tmp_path)
+    assert got["layers"] == 12 and got["step"]["rte"] == pytest.approx(5.0) and got["batch1"]["rte"] == 3.5
+    assert "measured" in got["source"]["rte"] and "hidden^2" in got["source"]["sst2"]  # not measured: the rough rule
+    write(big.name, 0.010, 70.0, batch_size=32)  # measured otherwise: not comparable
+    assert "hidden^2" in methods.backbone_scale(str(big), ["rte"], tmp_path)["source"]["rte"]
 
 
 def test_bert_kl_depths_follow_the_backbone():
@@ -663,6 +687,6 @@ def test_the_tradeoff_runs_at_twelve_layers(tiny_glue_big, tmp_path, monkeypatch
         assert (root / sub / "model" / "DONE").is_file(), sub
     assert [p["setting"] for p in e["bert_kl"]["points"]] == ["BERT-8L"]
     assert "greedy" in e["static_path"]["note"] and len(e["static_path"]["points"]) == 10
-    assert (root / "greedy_paths.json").is_file() and not (root / "paths_select.npz").exists()
+    assert list(root.glob("greedy_paths_calib*.json")) and not (root / "paths_select.npz").exists()
     assert e["oracle"]["points"] == [] and "4,095" in e["oracle"]["note"]
     assert e["dpbert"]["points"] and all(p["layers_executed_mean"] <= 12 for p in e["dpbert"]["points"])

@@ -213,3 +213,23 @@ def test_the_pipeline_benchmark_plans_a_twelve_layer_run(tiny12, tiny_glue, tmp_
     row = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
     assert dict(zip(row[0], row[1]))["fit"] == "20"  # the subset, stated up front
     assert not (tmp_path / "pipeline.json").exists()  # a plan runs nothing
+
+
+def test_sampled_stage3_says_which_pipeline_flags_it_ignores():
+    with pytest.warns(UserWarning, match=r"--stage3 sampled does not read --stage3-lr, --exact-epochs"):
+        PipelineConfig(stage3="sampled", stage3_lr=1e-3, exact_epochs=3).validate()
+
+
+def test_a_run_saved_before_a_setting_existed_is_compared_with_its_default(tiny12, tiny_glue, tmp_path):
+    from dpbert_rl.training import TrainingError
+    from dpbert_rl.training.config import check_same_run
+
+    _, model_dir = tiny12
+    cfg = TrainConfig(task="rte", backbone=str(model_dir), data_dir=str(tiny_glue), output_dir=str(tmp_path))
+    saved = json.loads(json.dumps({"stage": "finetune", "init": None, **cfg.__dict__}))
+    del saved["group_by_length"]  # written by an older version
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_same_run("finetune", cfg, None, tmp_path)  # the default: the same run
+    from dataclasses import replace
+    with pytest.raises(TrainingError, match="group_by_length: False -> True"):
+        check_same_run("finetune", replace(cfg, group_by_length=True), None, tmp_path)

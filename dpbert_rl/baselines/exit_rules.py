@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..model.backbone import eval_mode
 from .early_exit import EarlyExitBert, _entropy
 
 
@@ -21,20 +22,18 @@ def layer_features(model: EarlyExitBert, dataset, collate_fn, batch_size: int = 
     once per epoch."""
     from torch.utils.data import DataLoader
 
-    was = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    if progress:
-        from tqdm.auto import tqdm
+    with eval_mode(model):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        if progress:
+            from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc="layer features", leave=False)
-    feats, labels = [], []
-    device = next(model.parameters()).device
-    for b in loader:
-        b = {k: v.to(device) for k, v in b.items()}
-        feats.append(model.layer_cls(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).cpu())
-        labels.append(b["labels"].cpu())
-    model.train(was)
+            loader = tqdm(loader, desc="layer features", leave=False)
+        feats, labels = [], []
+        device = next(model.parameters()).device
+        for b in loader:
+            b = {k: v.to(device) for k, v in b.items()}
+            feats.append(model.layer_cls(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).cpu())
+            labels.append(b["labels"].cpu())
     return {"cls": torch.cat(feats), "labels": torch.cat(labels)}
 
 
@@ -48,14 +47,10 @@ def exit_statistics(model: EarlyExitBert, dataset, collate_fn, batch_size: int =
 @torch.no_grad()
 def statistics_from_features(model: EarlyExitBert, features: dict) -> dict:
     """:func:`exit_statistics` from cached [CLS] features (:func:`layer_features`)."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         t = model.trace_from_cls(features["cls"])
         return {"logits": t.logits.float(), "scores": model.exit_score(t.pooled).float(),
                 "labels": features["labels"]}
-    finally:
-        model.train(was)
 
 
 def exits_from_statistics(stats: dict, rule: str, threshold: Optional[float] = None,

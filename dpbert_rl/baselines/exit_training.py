@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.backbone import eval_mode
 from .early_exit import EarlyExitBert, ExitTrace
 
 
@@ -213,12 +214,7 @@ def _in_eval(model: nn.Module, fn: Optional[Callable[[], float]]) -> Optional[Ca
         return None
 
     def wrapped() -> float:
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return fn()
-        finally:
-            model.train(was)
+        with eval_mode(model), torch.no_grad():
+            return fn()
 
     return wrapped

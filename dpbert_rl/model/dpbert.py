@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import DEFAULT_BACKBONE, Backbone, Embedded, resolve_backbone_path
+from .backbone import DEFAULT_BACKBONE, Backbone, Embedded, eval_mode, resolve_backbone_path
 from ..checks import (CheckpointError, check_checkpoint_files, check_finite_logits, check_layer_weights, check_number,
                      check_state_shapes, check_threshold, max_positions, nonfinite, read_json, read_safetensors)
 from .objectives import apply_path_calibration, path_ids
@@ -505,22 +505,20 @@ def feature_stats(model: "DPBert", dataset, collate_fn, features: str, batch_siz
     the text: a ``[CLS]`` row of a mean-pooling backbone such as all-MiniLM-L6-v2 has ~1e-5."""
     from torch.utils.data import DataLoader
 
-    was_training = model.training
-    model.eval()
-    L, F_ = model.num_layers, feature_dim(features, model.backbone.hidden_size)
-    n, s1, s2 = 0, torch.zeros(L, F_, dtype=torch.float64), torch.zeros(L, F_, dtype=torch.float64)
-    device = next(model.parameters()).device
-    for b in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
-        b = {k: v.to(device) for k, v in b.items()}
-        state = model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-        h = state.hidden
-        for i in range(L):
-            x = raw_features(h, state.mask, features).double().cpu()  # (B, F)
-            s1[i] += x.sum(0)
-            s2[i] += (x * x).sum(0)
-            h = model.execute(i, h, state.mask)
-        n += h.shape[0]
-    model.train(was_training)
+    with eval_mode(model):
+        L, F_ = model.num_layers, feature_dim(features, model.backbone.hidden_size)
+        n, s1, s2 = 0, torch.zeros(L, F_, dtype=torch.float64), torch.zeros(L, F_, dtype=torch.float64)
+        device = next(model.parameters()).device
+        for b in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
+            b = {k: v.to(device) for k, v in b.items()}
+            state = model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+            h = state.hidden
+            for i in range(L):
+                x = raw_features(h, state.mask, features).double().cpu()  # (B, F)
+                s1[i] += x.sum(0)
+                s2[i] += (x * x).sum(0)
+                h = model.execute(i, h, state.mask)
+            n += h.shape[0]
     if n < 2:
         raise ValueError("feature statistics need at least 2 inputs")
     mean = s1 / n

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from ..checks import check_output_dir
+from ..model.backbone import eval_mode
 from ..model.planner import Planners, bernoulli_log_prob, check_features
 
 FORMAT_VERSION = 2  # 2: meta.json holds the SHA-256 of every array file and of itself
@@ -342,42 +343,40 @@ def build_tree(model, dataset, collate_fn, features: str = "cls+mean", batch_siz
     check_features(features)
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
-    was_training = model.training
-    model.eval()
-    L, d = model.num_layers, model.backbone.hidden_size
-    P, F_ = 2 ** L, (2 if features == "cls+mean" else 1) * d
-    N = len(dataset)
-    feats = np.empty((N, P, F_), dtype=dtype)
-    losses = np.empty((N, P), np.float32)
-    preds = np.empty((N, P), np.float32)
-    correct = np.empty((N, P), bool)
-    labels = np.empty((N,), np.float32)
-    device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    if progress:
-        from tqdm.auto import tqdm
+    with eval_mode(model):
+        L, d = model.num_layers, model.backbone.hidden_size
+        P, F_ = 2 ** L, (2 if features == "cls+mean" else 1) * d
+        N = len(dataset)
+        feats = np.empty((N, P, F_), dtype=dtype)
+        losses = np.empty((N, P), np.float32)
+        preds = np.empty((N, P), np.float32)
+        correct = np.empty((N, P), bool)
+        labels = np.empty((N,), np.float32)
+        device = next(model.parameters()).device
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        if progress:
+            from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc=f"path tree ({P} paths, {P - 1} layer calls per input)", unit="batch")
-    row = 0
-    for b in loader:
-        b = {k: v.to(device) for k, v in b.items()}
-        h, mask = path_states(model, b)  # (B, P, T, d)
-        B, _, T, _ = h.shape
-        flat, m = h.reshape(B * P, T, d), mask.repeat_interleave(P, 0)
-        x = raw_features(flat, m, features).reshape(B, P, F_)
-        logits = model.classify(flat)
-        y = b["labels"].repeat_interleave(P, 0)
-        pred = model.predict(logits).float()
-        yf = y.float()
-        ok = outcome_correct(pred, yf, model.is_regression)
-        sl = slice(row, row + B)
-        feats[sl] = x.float().cpu().numpy().astype(dtype)
-        losses[sl] = model.task_loss(logits, y).float().reshape(B, P).cpu().numpy()
-        preds[sl] = pred.reshape(B, P).cpu().numpy()
-        correct[sl] = ok.reshape(B, P).cpu().numpy()
-        labels[sl] = b["labels"].float().cpu().numpy()
-        row += B
-    model.train(was_training)
+            loader = tqdm(loader, desc=f"path tree ({P} paths, {P - 1} layer calls per input)", unit="batch")
+        row = 0
+        for b in loader:
+            b = {k: v.to(device) for k, v in b.items()}
+            h, mask = path_states(model, b)  # (B, P, T, d)
+            B, _, T, _ = h.shape
+            flat, m = h.reshape(B * P, T, d), mask.repeat_interleave(P, 0)
+            x = raw_features(flat, m, features).reshape(B, P, F_)
+            logits = model.classify(flat)
+            y = b["labels"].repeat_interleave(P, 0)
+            pred = model.predict(logits).float()
+            yf = y.float()
+            ok = outcome_correct(pred, yf, model.is_regression)
+            sl = slice(row, row + B)
+            feats[sl] = x.float().cpu().numpy().astype(dtype)
+            losses[sl] = model.task_loss(logits, y).float().reshape(B, P).cpu().numpy()
+            preds[sl] = pred.reshape(B, P).cpu().numpy()
+            correct[sl] = ok.reshape(B, P).cpu().numpy()
+            labels[sl] = b["labels"].float().cpu().numpy()
+            row += B
     info = {"format": FORMAT_VERSION, "num_layers": L, "hidden_size": d, "features": features,
             "regression": bool(model.is_regression), "num_labels": int(model.backbone.num_labels),
             "dtype": dtype, "num_inputs": N, **(meta or {})}

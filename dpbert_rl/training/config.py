@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -131,7 +131,10 @@ class TrainConfig:
     """Force the CPU even where a GPU is present."""
     mixed_precision: str = "no"
     """Autocast of training (Accelerate's ``mixed_precision``): 'no', 'bf16' (CPUs with bfloat16 units, GPUs) or
-    'fp16' (GPUs). Measure before using it on a CPU: without AVX-512 BF16 / AMX it is slower (benchmarks/train_step.py)."""
+    'fp16' (GPUs). The stage's selection-split evaluations run under it too (the saved weights stay fp32; dev is
+    scored on the reloaded model, in fp32). With 'fp16' the gradient scaler is not in the resumable checkpoint:
+    a resumed run restarts it. One process keeps one setting (Accelerate's state). Measure before using it on a
+    CPU: without AVX-512 BF16 / AMX it is slower (benchmarks/train_step.py)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -195,7 +198,7 @@ class PipelineConfig(TrainConfig):
     skip_aware: str = "adapt"
     """[choice] Skip-aware backbone training, ``skip_aware_epochs`` of it: 'adapt', after stage 3 the backbone
     is fine-tuned on the paths its planners draw (``dpbert-rl adapt``) and stage 3 runs again on the new
-    backbone's path tree (one alternation; with stage3 'rl', which trains the backbone on the planners' paths
+    backbone (exact: on its new path tree; one alternation; with stage3 'rl', which trains the backbone on the planners' paths
     itself, nothing more is done); 'layerdrop', stage 1 is followed by fine-tuning on random layer
     subsets (``layerdrop`` rate) before stage 2; 'none', the backbone never sees a skip. Chosen on the
     selection split at the same compute (benchmarks/results/skip_aware.md: STS-B and SST-2 at 4 and 3 of 6
@@ -206,7 +209,8 @@ class PipelineConfig(TrainConfig):
     """Learning rate of the skip-aware backbone training (as measured)."""
     path_calibration: bool = True
     """Stage 3 'exact' on a regression task: the per-path recalibration of the head's output (see
-    ``dpbert-rl exact --path-calibration``)."""
+    ``dpbert-rl exact --path-calibration``). 'sampled' walks no tree and recalibrates nothing: a 12-layer
+    model's regression outputs stay the head's own."""
     calibrate_threshold: bool = False
     """After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy skip rate
     on the selection split matches target_rate. Needed with rate_control 'penalty', whose gates stay near
@@ -232,11 +236,12 @@ class PipelineConfig(TrainConfig):
             raise ValueError("stage3 'exact' holds the rate with rate_control 'dual' (or 'none'), not 'penalty'")
         check_number(self.exact_epochs, "exact_epochs (--exact-epochs)", low=0.0, low_open=True)
         check_number(self.exact_lr, "exact_lr (--exact-lr)", low=0.0, low_open=True)
-        if self.stage3 == "exact":
-            ignored = [f"--{k.replace('_', '-')}" for k in _RL_ONLY_PIPELINE if getattr(self, k) != _DEFAULTS[k]]
+        if self.stage3 in _IGNORED_BY_STAGE3:
+            unread, what = _IGNORED_BY_STAGE3[self.stage3]
+            ignored = [f"--{k.replace('_', '-')}" for k in unread if getattr(self, k) != _DEFAULTS[k]]
             if ignored:
-                warnings.warn(f"--stage3 exact does not read {', '.join(ignored)} (joint REINFORCE settings, "
-                              "for --stage3 rl); they are ignored", stacklevel=2)
+                warnings.warn(f"--stage3 {self.stage3} does not read {', '.join(ignored)} ({what}); they are "
+                              "ignored", stacklevel=2)
 
 
 # fields that do not change what a stage computes (bookkeeping), and those a stage does not read
@@ -251,11 +256,16 @@ _NO_PLANNERS = _RL_ONLY | {"beta", "target_rate", "init_penalty", "planner_lr", 
 _UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
            "layerdrop": _NO_PLANNERS,
            "adapt": _NO_PLANNERS | {"layerdrop"},
-           "planner_init": _RL_ONLY | {"lr", "layerdrop"},
+           "planner_init": _RL_ONLY | {"lr", "layerdrop", "weight_decay"},
            "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop"},
            "rl": {"init_penalty", "layerdrop"},
-           "sampled": {"init_penalty", "layerdrop", "lr", "detach_planner_input"}}
+           "sampled": {"init_penalty", "layerdrop", "lr", "detach_planner_input", "weight_decay"}}
 
+
+# settings added later whose absence from a saved config.json is not their default, judged by the stage: an exact
+# run from before the per-path recalibration did not recalibrate, which matters on regression tasks only
+# (dpbert_rl.training.exact._check_calibration_setting)
+ABSENT_JUDGED_BY_STAGE = {"path_calibration"}
 
 # settings a resumed (unfinished) stage may change: after a NaN stop, re-run with a lower learning rate
 RESUME_MAY_CHANGE = {"lr", "planner_lr"}
@@ -283,8 +293,12 @@ def check_same_run(stage: str, cfg, init: Optional[str], out_dir: Path, resuming
         ignore = _BOOKKEEPING | _UNUSED.get(stage, set())
     ignore = ignore | (RESUME_MAY_CHANGE if resuming else set())
     current = json.loads(json.dumps({"init": init, **asdict(cfg)}))  # as saved: tuples read back as lists
-    diff = {k: (saved.get(k), v) for k, v in current.items()
-            if k not in ignore and k in saved and saved[k] != v and not (v is None and k in resolved)}
+    # a setting added after the run was saved: that run had its default (but those the stage judges itself)
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg)
+                                      if f.default is not MISSING and f.name not in ABSENT_JUDGED_BY_STAGE}))
+    diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
+            if k not in ignore and (k in saved or k in defaults) and saved.get(k, defaults.get(k)) != v
+            and not (v is None and k in resolved)}
     if diff:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise TrainingError(f"[{stage}] {out_dir} holds a run with other settings ({detail}); "
@@ -296,3 +310,9 @@ def check_same_run(stage: str, cfg, init: Optional[str], out_dir: Path, resuming
 _RL_ONLY_PIPELINE = ("stage3_lr", "stage3_batch_size", "stage3_epochs", "baseline", "samples", "normalise_advantages",
                      "detach_planner_input")
 _DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
+# what each stage 3 of the pipeline does not read: (settings, what they are for)
+_IGNORED_BY_STAGE3 = {
+    "exact": (_RL_ONLY_PIPELINE, "joint REINFORCE settings, for --stage3 rl"),
+    "sampled": (("stage3_lr", "detach_planner_input", "exact_epochs", "exact_lr", "path_calibration"),
+                "the backbone stays frozen and no path tree is walked, so no path is recalibrated"),
+}

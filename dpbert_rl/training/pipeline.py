@@ -66,12 +66,17 @@ def planner_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0
     return trained + [planner_stage(kind, cfg, init, out, epochs, lr, cache_dir, path_calibration)]
 
 
-def resolve_stage3(stage3: str, backbone: str) -> str:
-    """The pipeline's stage 3: 'auto' is 'exact' when the backbone's path tree can be walked
+def stage3_for(stage3: str, num_layers: int) -> str:
+    """'auto' is 'exact' when a ``num_layers``-layer path tree can be walked
     (:data:`~dpbert_rl.pathtree.oracle.MAX_TREE_LAYERS` layers or fewer) and 'sampled' above; others as given."""
     if stage3 != "auto":
         return stage3
-    return "exact" if backbone_layers(backbone) <= MAX_TREE_LAYERS else "sampled"
+    return "exact" if num_layers <= MAX_TREE_LAYERS else "sampled"
+
+
+def resolve_stage3(stage3: str, backbone: str) -> str:
+    """The pipeline's stage 3 for ``backbone`` (:func:`stage3_for`; its layers read from its config)."""
+    return stage3 if stage3 != "auto" else stage3_for(stage3, backbone_layers(backbone))
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -79,11 +84,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     Returns the evaluation report (also written to ``<output_dir>/report.json``).
     """
-    cfg.validate()
     cfg = replace(cfg, stage3=resolve_stage3(cfg.stage3, cfg.backbone))
+    cfg.validate()  # with the checks of the resolved stage 3
     if cfg.stage3 == "exact":  # refuse now, not after hours of stages 1 and 2
         check_tree_size(backbone_layers(cfg.backbone), cfg.backbone)
-    cfg.validate()  # the checks of the resolved stage 3
     out = Path(cfg.output_dir)
     base = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
     stage_cfg = lambda sub, **kw: replace(TrainConfig(**base), output_dir=str(out / sub), **kw)  # noqa: E731
