@@ -117,22 +117,18 @@ def time_steps(run, n: int, seed: int, profile: bool = False) -> dict:
 
 
 def batch1_ms(model, task: str, args) -> float:
-    import torch
-
+    """The full model's batch-1 forward on ``--latency-inputs`` dev inputs (read without labels), ms: the median
+    over passes of the mean per input (:func:`dpbert_rl.evaluation.latency.interleaved_latency`)."""
     from dpbert_rl.data import load_inputs
+    from dpbert_rl.evaluation.latency import interleaved_latency
     from dpbert_rl.model.budget import encode_inputs
 
     inputs = load_inputs(task, "dev", args.data_dir, max_samples=args.latency_inputs)
     batches = encode_inputs(model, inputs, args.max_seq_length, batch_size=1)
     model.eval()
-    times = []
-    with torch.no_grad():
-        model(**batches[0], mode="full")
-        for b in batches:
-            t0 = time.perf_counter()
-            model(**b, mode="full")
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    got = interleaved_latency({"full": lambda b: model(**b, mode="full")}, batches, repeats=3, warmup=1,
+                              threads=args.threads)
+    return got["full"]["latency_ms"]
 
 
 def measure_task(task: str, args) -> dict:
