@@ -14,11 +14,23 @@ and the rest (embeddings, head, and in hard mode the planners and their bookkeep
 layers run, the ideal speed-up ``L / layers``, the measured speed-up of both hard-mode paths against
 ``full``, measured over ideal, and the planners' own milliseconds (a hard pass's rest minus the full pass's).
 
+Why measured over ideal can be low with cheap planners: ``L / layers`` counts every input's layers alike, but
+a layer on a long input costs more than one on a short input. Planners that skip more on short inputs save
+less time than the layer count says. So each row also has the **length-weighted ideal**
+``L * sum(T) / sum(T * k)`` (``T`` an input's tokens, ``k`` its layers run: the speed-up if a layer's cost
+were proportional to its tokens and nothing else cost anything), measured over it, and Spearman's rank
+correlation between ``T`` and ``k`` over the timed inputs.
+
+A checkpoint may be given as ``PATH@THRESHOLD`` to time it at that execute threshold (a trade-off point's
+``spec``) instead of its own.
+
 Outputs ``benchmarks/results/planner_cost.json`` (``commit``, ``command``, ``machine``, rows) and
 ``planner_cost.md``.
 
     python benchmarks/planner_cost.py runs/skip_aware/stsb/exact_r0.3/model runs/skip_aware/sst2/exact_r0.3/model \\
         --data-dir ../shared/data/glue
+    python benchmarks/planner_cost.py runs/tradeoff-adapt/rte/stage3_adapt_exact_r0.5/model@0.5 \\
+        --data-dir ../shared/data/glue --results benchmarks/results/planner_cost_tradeoff.json
 """
 
 from __future__ import annotations
@@ -40,7 +52,8 @@ PATHS = ("full", "reference", "lean")
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+", help="trained DPBERT model/ directories (each names its task)")
+    ap.add_argument("checkpoints", nargs="+", help="trained DPBERT model/ directories (each names its task), each "
+                    "optionally PATH@THRESHOLD to run it at that execute threshold")
     ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
     ap.add_argument("--samples", type=int, default=300, help="dev inputs timed (a seeded sample)")
     ap.add_argument("--seed", type=int, default=0)
@@ -50,14 +63,40 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def time_checkpoint(path: str, args) -> dict:
+def split_checkpoint(arg: str) -> tuple:
+    """``PATH`` or ``PATH@THRESHOLD`` -> ``(path, threshold or None)``."""
+    path, at, thr = arg.rpartition("@")
+    if not at:
+        return arg, None
+    try:
+        value = float(thr)
+    except ValueError:
+        raise SystemExit(f"{arg}: the part after '@' must be an execute threshold in [0, 1]; got {thr!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise SystemExit(f"{arg}: the execute threshold must be in [0, 1]; got {value}")
+    return path, value
+
+
+def length_weighted_ideal(tokens, layers, num_layers: int) -> float:
+    """``L * sum(T) / sum(T * k)``: the speed-up over the full model if a layer's cost on an input were
+    proportional to its tokens ``T`` and nothing but the layers cost anything (``k``: layers run per input)."""
+    work = sum(t * k for t, k in zip(tokens, layers))
+    return num_layers * sum(tokens) / work if work else float("inf")
+
+
+def time_checkpoint(arg: str, args) -> dict:
+    from scipy.stats import spearmanr
+
     from dpbert_rl.data import get_task, load_inputs
     from dpbert_rl.evaluation.latency import interleaved_latency, sample_indices
     from dpbert_rl.model import DPBert
     from dpbert_rl.model.backbone import Backbone
     from dpbert_rl.model.budget import encode_inputs
 
+    path, threshold = split_checkpoint(arg)
     model = DPBert.load(path, require_planners=True).eval()
+    if threshold is not None:
+        model.threshold = threshold
     task = get_task(model.task_info.task)
     raw = load_inputs(task.name, "dev", args.data_dir)  # the inputs alone: labels are never read
     idx = sample_indices(len(raw["text_a"]), args.samples, args.seed)
@@ -83,6 +122,12 @@ def time_checkpoint(path: str, args) -> dict:
 
         return call
 
+    import torch
+
+    with torch.inference_mode():  # each timed input's tokens and layers run (lean: the path timed by default)
+        tokens = [int(e["attention_mask"].sum()) for e in encs]
+        per_input = [int(model(e["input_ids"], e["attention_mask"], e.get("token_type_ids"),
+                               mode="hard").layers_executed.sum()) for e in encs]
     runners = {p: runner(p) for p in PATHS}
     Backbone.layer = timed_layer
     try:
@@ -99,14 +144,19 @@ def time_checkpoint(path: str, args) -> dict:
     ms = {p: timed[p]["latency_ms"] for p in PATHS}
     layer_ms = {p: 1000 * layer_s[p] / calls for p in PATHS}
     fixed = ms["full"] - layer_ms["full"]  # embeddings and head
-    row = {"checkpoint": path, "task": task.name, "inputs": len(encs), "num_layers": model.num_layers,
-           "layers_executed_mean": layers["lean"] / calls, "full_ms": ms["full"], "fixed_ms": fixed}
+    row = {"checkpoint": path, "threshold": model.threshold, "task": task.name, "inputs": len(encs),
+           "num_layers": model.num_layers, "layers_executed_mean": layers["lean"] / calls, "full_ms": ms["full"],
+           "fixed_ms": fixed, "tokens_mean": sum(tokens) / len(tokens)}
     row["speedup_ideal"] = model.num_layers / row["layers_executed_mean"]
+    row["speedup_ideal_length_weighted"] = length_weighted_ideal(tokens, per_input, model.num_layers)
+    rho = spearmanr(tokens, per_input).statistic if len(set(per_input)) > 1 and len(set(tokens)) > 1 else None
+    row["length_layers_spearman"] = None if rho is None else float(rho)
     for p in ("reference", "lean"):
         row[f"{p}_ms"] = ms[p]
         row[f"{p}_speedup"] = timed[p]["speedup"]
         row[f"{p}_ratio"] = row[f"{p}_speedup"] / row["speedup_ideal"]
         row[f"{p}_planner_ms"] = (ms[p] - layer_ms[p]) - fixed
+    row["lean_ratio_length_weighted"] = row["lean_speedup"] / row["speedup_ideal_length_weighted"]
     return row
 
 
@@ -116,12 +166,17 @@ def write_report(res: dict, path: Path) -> None:
             ("reference: speed-up", "reference_speedup", ".2f"), ("measured/ideal", "reference_ratio", ".3f"),
             ("planners ms", "reference_planner_ms", ".2f"),
             ("lean: speed-up", "lean_speedup", ".2f"), ("measured/ideal ", "lean_ratio", ".3f"),
-            ("planners ms ", "lean_planner_ms", ".2f")]
+            ("planners ms ", "lean_planner_ms", ".2f"), ("thr", "threshold", ".3f"),
+            ("length-weighted ideal", "speedup_ideal_length_weighted", ".2f"),
+            ("lean/length-weighted", "lean_ratio_length_weighted", ".3f"),
+            ("Spearman(tokens, layers)", "length_layers_spearman", ".2f")]
     lines = ["# The planners' own cost at batch size 1", "",
              "Written by `benchmarks/planner_cost.py`; do not edit by hand. One input at a time, the three paths "
              "interleaved in one process (median of the passes); 'planners ms': a hard-mode pass's time outside "
              "the layer calls minus the full pass's (embeddings and head). Even with free planners, measured over "
-             "ideal stays below 1 by the embeddings and head, which every path runs.", "",
+             "ideal stays below 1 by the embeddings and head, which every path runs. 'length-weighted ideal': "
+             "L * sum(T) / sum(T * k) over the timed inputs (T tokens, k layers run); below the ideal when the "
+             "planners skip more on short inputs (a positive Spearman correlation of tokens and layers).", "",
              f"Commit {res['commit']}; command `{res['command']}`; {res['machine'].get('cpu', '')}, "
              f"{res['threads']} threads.", "", markdown_table(res["rows"], cols), "",
              "Checkpoints: " + ", ".join(f"`{r['checkpoint']}`" for r in res["rows"]), ""]
@@ -146,7 +201,8 @@ def main(argv=None) -> None:
     for r in res["rows"]:
         print(f"{r['task']}: {r['layers_executed_mean']:.2f} layers, ideal {r['speedup_ideal']:.2f}x; reference "
               f"{r['reference_speedup']:.2f}x ({r['reference_ratio']:.3f}), lean {r['lean_speedup']:.2f}x "
-              f"({r['lean_ratio']:.3f}); planners {r['reference_planner_ms']:.2f} -> {r['lean_planner_ms']:.2f} ms")
+              f"({r['lean_ratio']:.3f}); planners {r['reference_planner_ms']:.2f} -> {r['lean_planner_ms']:.2f} ms; "
+              f"length-weighted ideal {r['speedup_ideal_length_weighted']:.2f}x ({r['lean_ratio_length_weighted']:.3f})")
 
 
 if __name__ == "__main__":

@@ -283,6 +283,32 @@ def test_planner_cost_benchmark_times_both_hard_mode_paths(tiny_model_dir, tiny_
     assert row["speedup_ideal"] == pytest.approx(row["num_layers"] / row["layers_executed_mean"])
     assert all(row[k] > 0 for k in ("full_ms", "reference_ms", "lean_ms"))
     assert "measured/ideal" in out.with_suffix(".md").read_text()
+    assert row["threshold"] == model.threshold and 0 < row["speedup_ideal_length_weighted"]
+    assert row["lean_ratio_length_weighted"] == pytest.approx(row["lean_speedup"] / row["speedup_ideal_length_weighted"])
+
+    # PATH@THRESHOLD runs the checkpoint at that threshold: at 0 every layer runs
+    planner_cost.main([f"{ckpt}@0", "--data-dir", str(tiny_glue), "--samples", "6", "--repeats", "1", "--threads", "1",
+                       "--results", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["threshold"] == 0.0 and row["layers_executed_mean"] == row["num_layers"]
+    assert row["speedup_ideal"] == row["speedup_ideal_length_weighted"] == 1.0
+
+
+def test_the_length_weighted_ideal_counts_a_long_input_s_layers_as_more_work():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from planner_cost import length_weighted_ideal, split_checkpoint
+
+    # two inputs of 10 and 30 tokens, 6 layers: skipping 3 on the short one saves 30 of 240 token-layers
+    assert length_weighted_ideal([10, 30], [3, 6], 6) == pytest.approx(240 / 210)
+    assert length_weighted_ideal([10, 30], [6, 3], 6) == pytest.approx(240 / 150)  # the long one: more saved
+    assert length_weighted_ideal([20, 20], [3, 6], 6) == pytest.approx(6 / 4.5)  # equal lengths: L / mean layers
+    assert split_checkpoint("runs/x/model") == ("runs/x/model", None)
+    assert split_checkpoint("runs/x@y/model@0.25") == ("runs/x@y/model", 0.25)
+    for bad in ("m@high", "m@1.5"):
+        with pytest.raises(SystemExit, match="threshold"):
+            split_checkpoint(bad)
 
 
 def test_a_stage_that_trains_the_backbone_drops_an_old_calibration(tiny_reg_dir, tiny_glue, tmp_path):
