@@ -77,17 +77,11 @@ def split_checkpoint(arg: str) -> tuple:
     return path, value
 
 
-def length_weighted_ideal(tokens, layers, num_layers: int) -> float:
-    """``L * sum(T) / sum(T * k)``: the speed-up over the full model if a layer's cost on an input were
-    proportional to its tokens ``T`` and nothing but the layers cost anything (``k``: layers run per input)."""
-    work = sum(t * k for t, k in zip(tokens, layers))
-    return num_layers * sum(tokens) / work if work else float("inf")
-
-
 def time_checkpoint(arg: str, args) -> dict:
     from scipy.stats import spearmanr
 
     from dpbert_rl.data import get_task, load_inputs
+    from dpbert_rl.evaluation.evaluate import speedup_ideal_length_weighted
     from dpbert_rl.evaluation.latency import interleaved_latency, sample_indices
     from dpbert_rl.model import DPBert
     from dpbert_rl.model.backbone import Backbone
@@ -148,7 +142,7 @@ def time_checkpoint(arg: str, args) -> dict:
            "num_layers": model.num_layers, "layers_executed_mean": layers["lean"] / calls, "full_ms": ms["full"],
            "fixed_ms": fixed, "tokens_mean": sum(tokens) / len(tokens)}
     row["speedup_ideal"] = model.num_layers / row["layers_executed_mean"]
-    row["speedup_ideal_length_weighted"] = length_weighted_ideal(tokens, per_input, model.num_layers)
+    row["speedup_ideal_length_weighted"] = speedup_ideal_length_weighted(tokens, per_input, model.num_layers)
     rho = spearmanr(tokens, per_input).statistic if len(set(per_input)) > 1 and len(set(tokens)) > 1 else None
     row["length_layers_spearman"] = None if rho is None else float(rho)
     for p in ("reference", "lean"):

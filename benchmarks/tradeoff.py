@@ -22,8 +22,9 @@ one method after another, at a fixed thread count:
 
 Outputs: ``benchmarks/results/tradeoff.json`` (``commit``, ``selection``, ``machine``, ``budget``, and
 ``tasks -> task -> {self_speedup, noisy, methods -> method -> {points, chosen, self_speedup, ...}}``,
-each point ``{setting, score, speedup_measured, speedup_ideal, layers_executed_mean, select_score,
-select_speedup_ideal, spec, ...}``), ``tradeoff.md`` (Tables 1-3, the target check, the oracle gap),
+each point ``{setting, score, speedup_measured, speedup_ideal, speedup_ideal_length_weighted (L * sum(T) /
+sum(T * k) over the timed inputs' tokens T and layers k), layers_executed_mean, select_score, select_speedup_ideal,
+spec, ...}``), ``tradeoff.md`` (Tables 1-3, the target check, the oracle gap),
 ``tradeoff.png`` and ``tradeoff_<task>.png`` (Fig. 3), ``tradeoff_layers.png`` (Fig. 4). Trained models
 live under ``runs/tradeoff/<task>/``, each method's points too (``points/<method>.json``): a re-run
 resumes where it stopped. Results of another code commit (the last commit that changed code:

@@ -27,7 +27,7 @@ from _common import RESULTS, MixedRunError
 from dpbert_rl import baselines as ee
 from dpbert_rl.pathtree import oracle
 from dpbert_rl.data import collator, get_task, load_split, tokenize
-from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_fields
+from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_fields, speedup_ideal_length_weighted
 from dpbert_rl.evaluation.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.evaluation.metrics import compute_metrics
 from dpbert_rl.model import DPBert
@@ -187,6 +187,11 @@ class TaskRun:
         return interleaved_latency(fns, batches, repeats=self.args.latency_repeats, threads=self.args.threads,
                                    synchronize=sync)
 
+    def timed_tokens(self) -> list:
+        """Each timed dev input's tokens: what its layers cost (a point's length-weighted ideal speed-up)."""
+        dev = self.dev
+        return [len(dev[i]["input_ids"]) for i in self.timed]
+
     @torch.inference_mode()
     def layers_on_device(self, specs: list, batch_size: int = 64) -> dict:
         """Per ``(label, spec)``: the mean layers it runs per input of the timed dev sample on this run's
@@ -204,6 +209,7 @@ class TaskRun:
         """Time ``settings`` (one interleaved run) and return the method's points and ``self_speedup``."""
         lat = self.time_specs([(s.label, s.spec) for s in settings])
         L = self.full.num_layers
+        tokens = self.timed_tokens()
         points = []
         for s in settings:
             acts = np.asarray(s.dev["actions"], dtype=float)
@@ -216,6 +222,7 @@ class TaskRun:
                 "score": dev["score"],
                 "speedup_measured": lat[s.label]["speedup"],
                 **speedup_ideal_fields(float(acts[self.timed].sum(1).mean()), L),  # null with a note when no layer ran
+                "speedup_ideal_length_weighted": _finite(speedup_ideal_length_weighted(tokens, acts[self.timed].sum(1), L)),
                 "layers_executed_mean": dev["layers_executed_mean"],
                 "layer_frequency": dev["layer_frequency"],
                 "latency_ms": lat[s.label]["latency_ms"],
@@ -246,6 +253,10 @@ class TaskRun:
         """The oracle's path ``(N_dev, L)`` for every dev input within ``max_layers`` layers."""
         res = self.paths_of("dev")
         return res["paths"][oracle.oracle_choices(res, self.t.is_regression, max_layers)]
+
+
+def _finite(x: float) -> Optional[float]:
+    return None if math.isinf(x) else x
 
 
 # ---------------------------------------------------------------------- calibration on the selection split

@@ -2,6 +2,7 @@
 stage (backbone on the planners' paths) and ``layerdrop`` before stage 2, and the pipeline's alternation."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -298,12 +299,15 @@ def test_the_length_weighted_ideal_counts_a_long_input_s_layers_as_more_work():
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from planner_cost import length_weighted_ideal, split_checkpoint
+    from planner_cost import split_checkpoint
+
+    from dpbert_rl.evaluation.evaluate import speedup_ideal_length_weighted as length_weighted_ideal
 
     # two inputs of 10 and 30 tokens, 6 layers: skipping 3 on the short one saves 30 of 240 token-layers
     assert length_weighted_ideal([10, 30], [3, 6], 6) == pytest.approx(240 / 210)
     assert length_weighted_ideal([10, 30], [6, 3], 6) == pytest.approx(240 / 150)  # the long one: more saved
     assert length_weighted_ideal([20, 20], [3, 6], 6) == pytest.approx(6 / 4.5)  # equal lengths: L / mean layers
+    assert length_weighted_ideal([20, 20], [0, 0], 6) == math.inf
     assert split_checkpoint("runs/x/model") == ("runs/x/model", None)
     assert split_checkpoint("runs/x@y/model@0.25") == ("runs/x@y/model", 0.25)
     for bad in ("m@high", "m@1.5"):

@@ -460,7 +460,7 @@ def _choices(res, root):
 
 
 # the only functions of the benchmark that may touch dev: they score, time or count it
-REPORTING = {"dev_run", "exit_dev_run", "time_specs", "run_task", "paths_of"}
+REPORTING = {"dev_run", "exit_dev_run", "time_specs", "timed_tokens", "run_task", "paths_of"}
 
 
 def _spy_on_dev(monkeypatch) -> list:
@@ -501,6 +501,10 @@ def test_no_choice_reads_dev_end_to_end(tiny_glue_big, spread_ckpt, tmp_path, mo
         assert m["points"] and "chosen" in m and m["commit"] == FAKE_COMMIT, name
         for p in m["points"]:
             assert {"setting", "score", "speedup_measured", "speedup_ideal", "layers_executed_mean"} <= set(p)
+            if name == "backbone":  # every layer of every input: both ideals are 1
+                assert p["speedup_ideal"] == p["speedup_ideal_length_weighted"] == pytest.approx(1.0)
+            if name == "bert_kl":  # a fixed depth costs every input alike: both ideals agree
+                assert p["speedup_ideal_length_weighted"] == pytest.approx(p["speedup_ideal"])
     for name in ("dpbert", "deebert", "berxit"):  # calibrated to every target speed-up
         assert {p["target"] for p in e["methods"][name]["points"]} >= {1.3, 2.0}
     assert e["methods"]["oracle"]["chosen"] is None

@@ -119,6 +119,15 @@ def speedup_ideal(layers_executed_mean: float, num_layers: int) -> float:
     return float(num_layers / layers_executed_mean)
 
 
+def speedup_ideal_length_weighted(tokens, layers, num_layers: int) -> float:
+    """``L * sum(T) / sum(T * k)``: the speed-up if a layer's cost on an input were proportional to its tokens
+    ``T`` and nothing but the layers cost anything (``k``: the layers run on each input). It is below
+    :func:`speedup_ideal` when more layers are skipped on short inputs, where they cost less; infinite when
+    no layer runs."""
+    work = float(sum(float(t) * float(k) for t, k in zip(tokens, layers)))
+    return math.inf if work <= 0 else float(num_layers * float(sum(tokens)) / work)
+
+
 ZERO_LAYER_NOTE = ("no layer was executed for any input: the ideal speed-up L / 0 is unbounded, and the measured "
                    "one is the cost of embeddings and head alone")
 
