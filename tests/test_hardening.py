@@ -191,8 +191,14 @@ def test_4_zero_layers_have_no_finite_ideal_speedup(rte_model_dir, tiny_glue):
                                  repeats=1, latency_samples=2, progress=False)
     assert report["layers_executed_mean"] == 0.0
     assert report["speedup_ideal"] is None and "unbounded" in report["speedup_ideal_note"]
+    assert report["speedup_ideal_length_weighted"] is None
     assert "speed-up ideal" in format_report(report) and "none (no layer was executed" in format_report(report)
     json.dumps(report, allow_nan=False)  # strict JSON: no Infinity, no 6e9
+    # every layer (threshold 0): both ideals are 1
+    full = evaluate_checkpoint(str(rte_model_dir), data_dir=str(tiny_glue), max_eval_samples=4, threshold=0.0,
+                               repeats=1, latency_samples=2, progress=False)
+    assert full["speedup_ideal"] == full["speedup_ideal_length_weighted"] == 1.0
+    assert "length-weighted" in format_report(full)
     model = DPBert.load(rte_model_dir).eval()
     dev = tokenize(load_split("rte", "dev", str(tiny_glue), 4), model.tokenizer)
     res = evaluate_agent(FixedPath([0, 0, 0, 0]), model, get_task("rte"), dev, collator(model.tokenizer),
