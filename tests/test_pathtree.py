@@ -222,7 +222,81 @@ def test_exact_training_raises_the_expected_return(tiny_model_dir, tiny_glue, tm
     assert json.loads((model_dir / "selection.json").read_text())["price"] == 0.3
 
 
+def test_executed_fraction_counts_layers_or_token_layers():
+    from dpbert_rl.training.exact import executed_fraction
+
+    assert executed_fraction([3, 6], 6) == pytest.approx(0.75)
+    # an input of twice the tokens counts twice: 3 of 6 layers on the long one, all 6 on the short one
+    assert executed_fraction([3, 6], 6, [2.0, 1.0]) == pytest.approx((2 * 3 + 6) / (6 * 3))
+    assert executed_fraction([3, 6], 6, [1.0, 1.0]) == executed_fraction([3, 6], 6)
+
+
+def test_the_token_priced_exact_stage_holds_the_rate_of_token_layers(tiny_model_dir, tiny_glue, tmp_path, monkeypatch):
+    from dpbert_rl.data import get_task
+    from dpbert_rl.training import exact
+    from dpbert_rl.training.exact import evaluate_tree, executed_fraction
+
+    prices, real = [], exact.expected_return
+
+    def spy(planners, raw, outcome, cost, lam, index=None):
+        prices.append(torch.as_tensor(cost).detach().clone())
+        return real(planners, raw, outcome, cost, lam, index)
+
+    monkeypatch.setattr(exact, "expected_return", spy)
+    weighted, real_fraction = [], exact.executed_fraction
+
+    def fraction_spy(layers, num_layers, weights=None):  # the dual's rate and the selection rule's
+        weighted.append(weights is not None)
+        return real_fraction(layers, num_layers, weights)
+
+    monkeypatch.setattr(exact, "executed_fraction", fraction_spy)
+
+    cfg = ExactConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "x"),
+                      cache_dir=str(tmp_path / "c"), max_steps=4, batch_size=8, eval_steps=4, lr=0.01,
+                      target_rate=0.05, cost_unit="tokens", score_dev=False, progress=False, fresh_planners=True,
+                      planner_init_bias=0.0)  # gates near 0.5: some layers skipped on some inputs
+    model_dir = train_exact(tiny_model_dir, cfg)
+    model = DPBert.load(model_dir, require_planners=True).eval()
+    fit = tokenize(load_split("rte", "fit", str(tiny_glue)), model.tokenizer, 128)
+    mean_tokens = float(np.mean([len(x) for x in fit["input_ids"]]))
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["fit_mean_tokens"] == pytest.approx(mean_tokens)
+    logged = [json.loads(line) for line in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/token_skip_rate" in r for r in logged)
+    # the selection rule's rate is the live model's skipped share of the selection inputs' token-layers
+    sel = tokenize(load_split("rte", "select", str(tiny_glue)), model.tokenizer, 128)
+    tokens = np.array([len(x) for x in sel["input_ids"]], dtype=float)
+    b = collator(model.tokenizer)([sel[k] for k in range(len(sel))])
+    with torch.no_grad():
+        k = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], mode="hard").actions.sum(1)
+    chosen = json.loads((model_dir / "selection.json").read_text())["select"]
+    assert chosen["token_skip_rate"] == pytest.approx(1 - executed_fraction(k, model.num_layers, tokens), abs=1e-6)
+    assert chosen["token_skip_rate"] != pytest.approx(chosen["skip_rate"])  # the weighting is seen
+    # in training, each input pays the price times its tokens over the fit mean
+    w_fit = np.array([len(x) for x in fit["input_ids"]]) / mean_tokens
+    assert prices and all(c.dim() == 1 for c in prices)
+    assert len(weighted) >= len(prices) and all(weighted)  # each step's dual update counts token-layers
+    monkeypatch.setattr(exact, "executed_fraction", real_fraction)
+    for c in prices:  # one price p per step (the dual's), times each row's factor: c / p is a row of w_fit
+        c = c.double().numpy()
+        assert any(np.isclose(c / p, w_fit[:, None]).any(0).all() for p in c[0] / w_fit)
+    # an input's price is its tokens over the fit mean: the greedy return pays price * (T / T_fit) * layers
+    tree = PathTree.load(next(p for p in (tmp_path / "c").iterdir() if "_select_" in p.name))
+    w = tokens / mean_tokens
+    plain = evaluate_tree(model.planners, tree, get_task("rte"), cfg, 0.7)
+    weighted = evaluate_tree(model.planners, tree, get_task("rte"), cfg, 0.7, weights=w)
+    assert weighted["greedy_return"] - plain["greedy_return"] == pytest.approx(
+        -0.7 * float(np.mean((w - 1) * k.numpy())), abs=1e-5)
+
+
 def test_exact_config_errors_are_clear(tiny_model_dir, tiny_glue, tmp_path):
+    from dpbert_rl.training import PipelineConfig
+
+    with pytest.raises(ValueError, match="cost_unit must be one of"):
+        ExactConfig(cost_unit="flops").validate()
+    with pytest.raises(ValueError, match="paid per layer"):
+        ExactConfig(cost_unit="tokens", budget_range=(0.0, 1.0)).validate()
+    with pytest.raises(ValueError, match="is for stage 3 'exact'"):
+        PipelineConfig(task="rte", cost_unit="tokens", stage3="sampled").validate()
     with pytest.raises(ValueError, match="needs a target_rate"):
         ExactConfig(target_rate=None).validate()
     with pytest.raises(ValueError, match="unknown reward"):

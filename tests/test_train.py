@@ -210,9 +210,24 @@ def test_pipeline_stage3_rl_is_the_papers_joint_stage(tiny_ckpt, tiny_glue, tmp_
     assert any(not torch.equal(t, stage3.backbone.state_dict()[n]) for n, t in stage2.backbone.state_dict().items())
 
 
+def test_the_pipeline_passes_its_cost_unit_to_every_exact_stage(tiny_ckpt, tiny_glue, tmp_path):
+    from dpbert_rl.training import PipelineConfig, run_pipeline
+
+    out = tmp_path / "tok"
+    cfg = PipelineConfig(task="rte", backbone=str(tiny_ckpt), data_dir=str(tiny_glue), output_dir=str(out),
+                         stage3="exact", cost_unit="tokens", max_steps=2, batch_size=8, progress=False,
+                         latency_samples=4, latency_repeats=1, skip_aware_epochs=0.1)
+    run_pipeline(cfg)
+    for stage in ("stage3_exact_frozen", "stage3_exact"):  # both fits of the skip-aware alternation
+        saved = json.loads((out / stage / "config.json").read_text())
+        assert saved["cost_unit"] == "tokens" and saved["fit_mean_tokens"] > 0, stage
+
+
 @pytest.mark.parametrize("kw, message", [({"stage3": "joint"}, "unknown stage3"),
                                          ({"rate_control": "penalty", "stage3": "exact"}, "not 'penalty'"),
-                                         ({"exact_epochs": 0}, "exact_epochs")])
+                                         ({"exact_epochs": 0}, "exact_epochs"),
+                                         ({"cost_unit": "flops"}, "cost_unit must be"),
+                                         ({"cost_unit": "tokens", "stage3": "rl"}, "is for stage 3 'exact'")])
 def test_pipeline_config_refuses_bad_stage3_settings(kw, message):
     from dpbert_rl.training import PipelineConfig
 

@@ -211,6 +211,10 @@ class PipelineConfig(TrainConfig):
     """Stage 3 'exact' on a regression task: the per-path recalibration of the head's output (see
     ``dpbert-rl exact --path-calibration``). 'sampled' walks no tree and recalibrates nothing: a 12-layer
     model's regression outputs stay the head's own."""
+    cost_unit: str = "layers"
+    """Stage 3 'exact' (and 'auto' where it is exact): what the layer price is paid per. 'layers' (the paper);
+    'tokens', a layer executed on an input costs in proportion to its tokens, and the target rate counts
+    token-layers, so skipping goes where it saves time (``dpbert-rl exact --cost-unit``)."""
     calibrate_threshold: bool = False
     """After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy skip rate
     on the selection split matches target_rate. Needed with rate_control 'penalty', whose gates stay near
@@ -232,6 +236,11 @@ class PipelineConfig(TrainConfig):
             raise ValueError(f"unknown skip_aware {self.skip_aware!r}; expected one of {SKIP_AWARE}")
         check_number(self.skip_aware_epochs, "skip_aware_epochs (--skip-aware-epochs)", low=0.0, low_open=True)
         check_number(self.skip_aware_lr, "skip_aware_lr (--skip-aware-lr)", low=0.0, low_open=True)
+        if self.cost_unit not in ("layers", "tokens"):
+            raise ValueError(f"cost_unit must be 'layers' or 'tokens'; got {self.cost_unit!r}")
+        if self.cost_unit != "layers" and self.stage3 not in ("exact", "auto"):
+            raise ValueError(f"cost_unit {self.cost_unit!r} is for stage 3 'exact' (--stage3 {self.stage3} pays per "
+                             "layer)")
         if self.stage3 == "exact" and self.rate_control == "penalty":
             raise ValueError("stage3 'exact' holds the rate with rate_control 'dual' (or 'none'), not 'penalty'")
         check_number(self.exact_epochs, "exact_epochs (--exact-epochs)", low=0.0, low_open=True)

@@ -32,6 +32,7 @@ from ..pathtree.oracle import check_tree_size, paths
 from .checkpoint import DONE_FILE, save_atomic, stage_dir, stage_done, truncate_metrics
 from .config import TrainingError, check_same_run
 
+COST_UNITS = ("layers", "tokens")
 # settings that do not change what the exact stage computes
 _EXACT_BOOKKEEPING = {"output_dir", "cache_dir", "progress", "build_batch_size", "device", "score_dev"}
 
@@ -84,6 +85,14 @@ class ExactConfig:
     """Target fraction of layers skipped (rate_control 'dual', and the selection rule)."""
     dual_lr: float = 0.05
     """Step size of the dual ascent on the layer price."""
+    cost_unit: str = "layers"
+    """What the price c is paid per. 'layers': every executed layer costs c (eq. 9), and the rate counts layers.
+    'tokens': a layer executed on an input of T tokens costs c T / T_fit (T_fit the fit split's mean), and the
+    rate, the dual price and the selection rule count token-layers: the work a layer does on that input,
+    which is what its time is about proportional to on a CPU. Skipping then goes where it saves time: planners
+    paid per layer learn to skip more on short inputs (RTE: Spearman 0.55-0.69 between an input's tokens and
+    its layers, benchmarks/results/planner_cost_tradeoff.md), where a skipped layer saves least. Not with
+    budget_range."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus (path entropy / L, nats per decision), decayed linearly to 0."""
     budget_range: Optional[tuple] = None
@@ -125,6 +134,11 @@ class ExactConfig:
             raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
         if self.rate_control not in ("dual", "none"):
             raise ValueError(f"rate_control must be 'dual' or 'none'; got {self.rate_control!r}")
+        if self.cost_unit not in COST_UNITS:
+            raise ValueError(f"cost_unit must be one of {COST_UNITS}; got {self.cost_unit!r}")
+        if self.cost_unit != "layers" and self.budget_range is not None:
+            raise ValueError("cost_unit 'tokens' is for planners of one rate; price-conditioned planners "
+                             "(--budget-range) are paid per layer")
         if self.budget_range is not None:
             self.budget_range = check_budget_range(self.budget_range)
             check_number(self.budget_grid, "budget_grid (--budget-grid)", low=2, integer=True)
@@ -141,9 +155,11 @@ class ExactConfig:
 
 
 def evaluate_tree(planners: Planners, tree: PathTree, task, cfg: ExactConfig, price: float,
-                  index: Optional[dict] = None) -> dict:
+                  index: Optional[dict] = None, weights: Optional[np.ndarray] = None) -> dict:
     """Greedy paths of ``planners`` on a cached split: score, layers, skip rate, distinct paths, and the
-    mean greedy return ``lambda q - price |p|``."""
+    mean greedy return ``lambda q - price |p|``. With ``weights`` (each input's price factor, ``T / T_fit``
+    for ``cost_unit`` 'tokens'), the price of input n is ``price * weights[n]`` and ``token_skip_rate`` is
+    the skipped fraction of its token-layers."""
     index = index or tree_index(tree.num_layers)
     raw = torch.from_numpy(np.array(tree.raw(planners.features), dtype=np.float32))
     with torch.no_grad():
@@ -154,8 +170,37 @@ def evaluate_tree(planners: Planners, tree: PathTree, task, cfg: ExactConfig, pr
     res = score_run(task, run)
     q = final_reward(cfg.reward, torch.from_numpy(np.asarray(tree.losses[rows, chosen])),
                      torch.from_numpy(run["predictions"]), torch.from_numpy(run["labels"]), tree.regression)
-    res["greedy_return"] = float((cfg.lam * q - price * torch.as_tensor(index["path_layers"][chosen])).mean())
+    layers = torch.as_tensor(index["path_layers"][chosen])
+    w = torch.ones(len(rows), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    res["greedy_return"] = float((cfg.lam * q - price * w * layers).mean())
+    if weights is not None:
+        res["token_skip_rate"] = 1.0 - executed_fraction(layers, tree.num_layers, w)
     return res
+
+
+def executed_fraction(layers, num_layers: int, weights=None) -> float:
+    """The executed fraction of the layers, ``sum(k) / (L N)``, or with ``weights`` ``w`` (an input's price
+    factor, its tokens over the fit mean) of the token-layers, ``sum(w k) / (L sum(w))``."""
+    k = torch.as_tensor(layers, dtype=torch.float64)
+    if weights is None:
+        return float(k.mean()) / num_layers
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    return float((w * k).sum() / w.sum()) / num_layers
+
+
+def token_weights(tree: PathTree, model: DPBert, task: GlueTask, split: str, cfg: ExactConfig, max_len: int,
+                  mean_tokens: Optional[float] = None) -> tuple:
+    """``(weights, mean)``: each tree input's tokens over ``mean_tokens`` (default: their own mean), read
+    from the split as the tree was built from it (the first ``max_samples`` inputs, tokenised to
+    ``max_len``), and the mean used."""
+    n = cfg.max_train_samples if split == "fit" else cfg.max_eval_samples
+    ds = tokenize(load_split(task, split, cfg.data_dir, n), model.tokenizer, max_len)
+    lengths = np.array([len(ids) for ids in ds["input_ids"]], dtype=np.float64)[np.asarray(tree.indices)]
+    if len(lengths) != tree.num_inputs:
+        raise TrainingError(f"[exact] the {split} split holds {len(lengths)} inputs but its path tree "
+                            f"{tree.num_inputs}: the cache is not of this data")
+    mean = float(lengths.mean()) if mean_tokens is None else float(mean_tokens)
+    return lengths / mean, mean
 
 
 class RunLog:
@@ -228,20 +273,25 @@ def _train_exact(checkpoint: str, cfg: ExactConfig, out_dir: Path) -> Path:
     model.to("cpu")
     fit, select = recalibrate(model, fit, select, cfg)
     planners = exact_planners(model, fit, cfg)
+    weights, mean_tokens = None, None
+    if cfg.cost_unit == "tokens":  # each input's price factor T / T_fit, on both splits
+        w_fit, mean_tokens = token_weights(fit, model, task, "fit", cfg, max_len)
+        weights = {"fit": w_fit, "select": token_weights(select, model, task, "select", cfg, max_len, mean_tokens)[0]}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = math.ceil(fit.num_inputs / cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     resolved = {"stage": "exact", "init": str(checkpoint), **asdict(cfg), "max_seq_length": max_len,
                 "task": task.name, "fit_examples": fit.num_inputs, "select_examples": select.num_inputs,
-                "steps_per_epoch": steps_per_epoch, "total_steps": total,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total, "fit_mean_tokens": mean_tokens,
                 "caches": {"fit": fit.meta.get("key"), "select": select.meta.get("key")}}
     (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
     # the stage restarts from step 0 after a kill (a step is array lookups): drop what the killed run logged
     truncate_metrics(out_dir / "metrics.jsonl", 0)
     log = RunLog(out_dir, purge_step=1)
     t0 = time.time()
-    best, step, price = ascend(planners, fit, select, task, cfg, total, cfg.eval_steps or steps_per_epoch, log)
+    best, step, price = ascend(planners, fit, select, task, cfg, total, cfg.eval_steps or steps_per_epoch, log,
+                               weights)
     seconds = time.time() - t0
 
     # ---- the chosen planners into a normal checkpoint; dev once, live
@@ -329,9 +379,11 @@ def exact_planners(model: DPBert, fit: PathTree, cfg: ExactConfig) -> Planners:
 
 
 def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, cfg: ExactConfig, total: int,
-           eval_steps: int, log: RunLog) -> tuple:
+           eval_steps: int, log: RunLog, weights: Optional[dict] = None) -> tuple:
     """The loop: gradient ascent on E[R] (+ entropy bonus) over the fit tree, the layer price by dual ascent,
-    the planners chosen on the selection tree every ``eval_steps``.
+    the planners chosen on the selection tree every ``eval_steps``. ``weights``: per split (``fit``,
+    ``select``) each input's price factor (``cost_unit`` 'tokens'); the dual ascent then holds the executed
+    fraction of token-layers at ``1 - target_rate``.
 
     Returns ``(best, steps, price)``: the best evaluation (``state``, ``step``, ``res``; ``state`` None when
     none met the rule), the steps taken and the final layer price."""
@@ -360,7 +412,8 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
         price = dual.price if dual is not None else cfg.cost
         if budget is not None:  # one price per input, uniform over the range: every speed is trained
             price = torch.from_numpy(rng.uniform(budget[0], budget[1], len(rows)))
-        out = expected_return(planners, raw_fit[rows], q_fit[rows], price, cfg.lam, index)
+        w = None if weights is None else torch.from_numpy(weights["fit"][rows.numpy()])
+        out = expected_return(planners, raw_fit[rows], q_fit[rows], price if w is None else price * w, cfg.lam, index)
         coef = cfg.entropy_coef * max(0.0, 1.0 - step / total)
         loss = -(out["expected_return"].mean() + coef * out["entropy"].mean() / L)
         if not torch.isfinite(loss):
@@ -371,7 +424,7 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
         optimizer.step()
         with torch.no_grad():
             greedy = greedy_paths(planners, raw_fit[rows], cfg.threshold, price if budget is not None else None)
-            greedy_rate = float(torch.as_tensor(index["path_layers"])[greedy].float().mean()) / L
+            greedy_rate = executed_fraction(torch.as_tensor(index["path_layers"])[greedy], L, w)
         if dual is not None:
             dual.update(greedy_rate)
         step += 1
@@ -385,10 +438,12 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
             log(scalars, step)
             bar.set_postfix({"E[R]": f"{scalars['charts/expected_return']:.3g}", "layers": f"{layers:.2f}"})
         if step % eval_steps == 0 or step == total:
-            res = select_step(planners, select, task, cfg, price, index, step, best)
+            res = select_step(planners, select, task, cfg, price, index, step, best,
+                              None if weights is None else weights["select"])
             log({"eval/select_score": res["score"], "eval/layers_executed": res["layers_executed_mean"],
                  "eval/skip_rate": res["skip_rate"], "eval/distinct_paths": res["distinct_paths"],
-                 "eval/greedy_return": res["greedy_return"]}, step)
+                 "eval/greedy_return": res["greedy_return"],
+                 **({"eval/token_skip_rate": res["token_skip_rate"]} if "token_skip_rate" in res else {})}, step)
             bar.write(f"[exact] step {step}: selection {task.metric} {res['score']:.2f}, "
                       f"layers {res['layers_executed_mean']:.2f}/{L}")
     bar.close()
@@ -397,18 +452,19 @@ def ascend(planners: Planners, fit: PathTree, select: PathTree, task: GlueTask, 
 
 
 def select_step(planners: Planners, select: PathTree, task: GlueTask, cfg: ExactConfig, price: float, index: dict,
-                step: int, best: dict) -> dict:
+                step: int, best: dict, weights: Optional[np.ndarray] = None) -> dict:
     """Score the planners on the selection tree and keep them in ``best`` when they beat it: the best score
-    among evaluations that skip at least ``target_rate - select_tolerance`` (without a target rate, the best
-    greedy return)."""
+    among evaluations that skip at least ``target_rate - select_tolerance`` (of the token-layers with
+    ``weights``; without a target rate, the best greedy return)."""
     if cfg.budget_range is not None:
         res = evaluate_over_prices(planners, select, task, cfg, index)
         ok, crit = True, res["greedy_return"]
     elif cfg.target_rate is not None:
-        res = evaluate_tree(planners, select, task, cfg, price, index)
-        ok, crit = res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance, res["score"]
+        res = evaluate_tree(planners, select, task, cfg, price, index, weights)
+        rate = res["skip_rate"] if weights is None else res["token_skip_rate"]
+        ok, crit = rate >= cfg.target_rate - cfg.select_tolerance, res["score"]
     else:
-        res = evaluate_tree(planners, select, task, cfg, price, index)
+        res = evaluate_tree(planners, select, task, cfg, price, index, weights)
         ok, crit = True, res["greedy_return"]
     if ok and (best["criterion"] is None or crit > best["criterion"]):
         best.update(criterion=crit, step=step, state=copy.deepcopy(planners.state_dict()), res=res)

@@ -19,12 +19,12 @@ from .stages import train_stage
 
 
 def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
-                cache_dir: Optional[Path] = None, path_calibration: bool = True) -> Path:
+                cache_dir: Optional[Path] = None, path_calibration: bool = True, cost_unit: str = "layers") -> Path:
     """Stage 3 'exact': the planners of ``init`` (a stage-2 model) trained on the exact expectation over the
     path tree of its frozen backbone (:func:`dpbert_rl.training.exact.train_exact`), with ``cfg``'s reward, rate
     control, features and selection rule. The path-tree caches go to ``cache_dir`` (default
-    ``<out>/pathtree``; runs on the same backbone can share it, and the tree env can read it). Returns
-    ``<out>/model``."""
+    ``<out>/pathtree``; runs on the same backbone can share it, and the tree env can read it); ``cost_unit``: what the
+    layer price is paid per (``ExactConfig.cost_unit``). Returns ``<out>/model``."""
     return train_exact(str(init), ExactConfig(
         task=cfg.task, data_dir=cfg.data_dir, output_dir=str(out),
         cache_dir=str(cache_dir or Path(out) / "pathtree"),
@@ -34,25 +34,27 @@ def exact_stage(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, l
         lr=lr, epochs=epochs, cost=cfg.cost, lam=cfg.lam, reward=cfg.reward,
         rate_control=cfg.rate_control, target_rate=cfg.target_rate, dual_lr=cfg.dual_lr,
         entropy_coef=cfg.entropy_coef, select_tolerance=cfg.select_tolerance, seed=cfg.seed,
-        path_calibration=path_calibration, progress=cfg.progress))
+        path_calibration=path_calibration, cost_unit=cost_unit, progress=cfg.progress))
 
 
 def planner_stage(kind: str, cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
-                  cache_dir: Optional[Path] = None, path_calibration: bool = True) -> Path:
+                  cache_dir: Optional[Path] = None, path_calibration: bool = True, cost_unit: str = "layers") -> Path:
     """Stage 3 on ``init``'s frozen backbone into ``out``: ``kind`` 'exact' (:func:`exact_stage`, with ``epochs``,
-    ``lr``, ``cache_dir``, ``path_calibration``) or 'sampled' (stage ``sampled``: REINFORCE of the planners on
+    ``lr``, ``cache_dir``, ``path_calibration``, ``cost_unit``) or 'sampled' (stage ``sampled``: REINFORCE of the planners on
     paths drawn from them, with ``cfg``'s epochs, batch size, samples and planner learning rate; it scales to
     any depth). Returns ``<out>/model``."""
     if kind == "exact":
-        return exact_stage(cfg, init, out, epochs, lr, cache_dir, path_calibration)
+        return exact_stage(cfg, init, out, epochs, lr, cache_dir, path_calibration, cost_unit)
     if kind != "sampled":
         raise ValueError(f"unknown frozen-backbone stage 3 {kind!r}; expected 'exact' or 'sampled'")
+    if cost_unit != "layers":
+        raise ValueError(f"cost_unit {cost_unit!r} is for stage 3 'exact'; 'sampled' pays per layer")
     return train_stage("sampled", replace(cfg, output_dir=str(out)), init=str(init))
 
 
 def planner_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,
                    cache_dir: Optional[Path] = None, path_calibration: bool = True,
-                   adapt: Optional[tuple] = None, kind: str = "exact") -> list:
+                   adapt: Optional[tuple] = None, kind: str = "exact", cost_unit: str = "layers") -> list:
     """Stage 3 of ``kind`` (:func:`planner_stage`) into ``out``, with one skip-aware alternation when ``adapt`` is
     ``(adapt_cfg, first_out)``: the stage on ``init``'s frozen backbone into ``first_out``, the backbone and head
     fine-tuned on those planners' paths (stage ``adapt``, ``adapt_cfg``), then the stage again on the adapted
@@ -60,10 +62,10 @@ def planner_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0
     trained = []
     if adapt is not None:
         adapt_cfg, first_out = adapt
-        first = planner_stage(kind, cfg, init, first_out, epochs, lr, cache_dir, path_calibration)
+        first = planner_stage(kind, cfg, init, first_out, epochs, lr, cache_dir, path_calibration, cost_unit)
         init = train_stage("adapt", adapt_cfg, init=str(first))
         trained += [first, init]
-    return trained + [planner_stage(kind, cfg, init, out, epochs, lr, cache_dir, path_calibration)]
+    return trained + [planner_stage(kind, cfg, init, out, epochs, lr, cache_dir, path_calibration, cost_unit)]
 
 
 def stage3_for(stage3: str, num_layers: int) -> str:
@@ -111,7 +113,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         s3_cfg = cfg if kind == "exact" else stage_cfg(f"stage3_{kind}", epochs=cfg.stage3_epochs,
                                                        batch_size=cfg.stage3_batch_size or cfg.batch_size)
         *earlier, s3 = planner_stage3(s3_cfg, s2, out / f"stage3_{kind}", cfg.exact_epochs, cfg.exact_lr,
-                                      path_calibration=cfg.path_calibration, adapt=adapt, kind=kind)
+                                      path_calibration=cfg.path_calibration, adapt=adapt, kind=kind,
+                                      cost_unit=cfg.cost_unit)
         trained += earlier
     else:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
