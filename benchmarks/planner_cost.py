@@ -78,6 +78,7 @@ def split_checkpoint(arg: str) -> tuple:
 
 
 def time_checkpoint(arg: str, args) -> dict:
+    import torch
     from scipy.stats import spearmanr
 
     from dpbert_rl.data import get_task, load_inputs
@@ -96,7 +97,7 @@ def time_checkpoint(arg: str, args) -> dict:
     idx = sample_indices(len(raw["text_a"]), args.samples, args.seed)
     inputs = {k: [raw[k][i] for i in idx] for k in ("text_a", "text_b")}
     encs = encode_inputs(model, inputs, model.task_info.max_seq_length, batch_size=1)
-    layer_s, layers, now = dict.fromkeys(PATHS, 0.0), dict.fromkeys(PATHS, 0), {"path": "full"}
+    layer_s, now = dict.fromkeys(PATHS, 0.0), {"path": "full"}
     real = Backbone.layer
 
     def timed_layer(self, *a, **kw):  # the layer calls' share of each path's time
@@ -111,14 +112,11 @@ def time_checkpoint(arg: str, args) -> dict:
         def call(e: dict) -> None:
             now["path"] = name
             model.lean_inference = name == "lean"
-            out = model(e["input_ids"], e["attention_mask"], e.get("token_type_ids"), mode=mode)
-            layers[name] += int(out.layers_executed.sum())
+            model(e["input_ids"], e["attention_mask"], e.get("token_type_ids"), mode=mode)
 
         return call
 
-    import torch
-
-    with torch.inference_mode():  # each timed input's tokens and layers run (lean: the path timed by default)
+    with torch.inference_mode():  # each timed input's tokens and layers run, counted once, outside the timing
         tokens = [int(e["attention_mask"].sum()) for e in encs]
         per_input = [int(model(e["input_ids"], e["attention_mask"], e.get("token_type_ids"),
                                mode="hard").layers_executed.sum()) for e in encs]
@@ -129,7 +127,7 @@ def time_checkpoint(arg: str, args) -> dict:
             for fn in runners.values():
                 fn(e)
         for p in PATHS:
-            layer_s[p], layers[p] = 0.0, 0
+            layer_s[p] = 0.0
         timed = interleaved_latency(runners, encs, repeats=args.repeats, warmup=0, threads=args.threads)
     finally:
         Backbone.layer = real
@@ -139,7 +137,7 @@ def time_checkpoint(arg: str, args) -> dict:
     layer_ms = {p: 1000 * layer_s[p] / calls for p in PATHS}
     fixed = ms["full"] - layer_ms["full"]  # embeddings and head
     row = {"checkpoint": path, "threshold": model.threshold, "task": task.name, "inputs": len(encs),
-           "num_layers": model.num_layers, "layers_executed_mean": layers["lean"] / calls, "full_ms": ms["full"],
+           "num_layers": model.num_layers, "layers_executed_mean": sum(per_input) / len(per_input), "full_ms": ms["full"],
            "fixed_ms": fixed, "tokens_mean": sum(tokens) / len(tokens)}
     row["speedup_ideal"] = model.num_layers / row["layers_executed_mean"]
     row["speedup_ideal_length_weighted"] = speedup_ideal_length_weighted(tokens, per_input, model.num_layers)

@@ -27,7 +27,7 @@ from _common import RESULTS, MixedRunError
 from dpbert_rl import baselines as ee
 from dpbert_rl.pathtree import oracle
 from dpbert_rl.data import collator, get_task, load_split, tokenize
-from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_fields, speedup_ideal_length_weighted
+from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_fields
 from dpbert_rl.evaluation.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.evaluation.metrics import compute_metrics
 from dpbert_rl.model import DPBert
@@ -221,8 +221,8 @@ class TaskRun:
                 "setting": s.label,
                 "score": dev["score"],
                 "speedup_measured": lat[s.label]["speedup"],
-                **speedup_ideal_fields(float(acts[self.timed].sum(1).mean()), L),  # null with a note when no layer ran
-                "speedup_ideal_length_weighted": _finite(speedup_ideal_length_weighted(tokens, acts[self.timed].sum(1), L)),
+                # null with a note when no layer ran; length-weighted by the timed inputs' tokens too
+                **speedup_ideal_fields(float(acts[self.timed].sum(1).mean()), L, tokens, acts[self.timed].sum(1)),
                 "layers_executed_mean": dev["layers_executed_mean"],
                 "layer_frequency": dev["layer_frequency"],
                 "latency_ms": lat[s.label]["latency_ms"],
@@ -253,10 +253,6 @@ class TaskRun:
         """The oracle's path ``(N_dev, L)`` for every dev input within ``max_layers`` layers."""
         res = self.paths_of("dev")
         return res["paths"][oracle.oracle_choices(res, self.t.is_regression, max_layers)]
-
-
-def _finite(x: float) -> Optional[float]:
-    return None if math.isinf(x) else x
 
 
 # ---------------------------------------------------------------------- calibration on the selection split

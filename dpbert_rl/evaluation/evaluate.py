@@ -119,23 +119,38 @@ def speedup_ideal(layers_executed_mean: float, num_layers: int) -> float:
     return float(num_layers / layers_executed_mean)
 
 
+def executed_fraction(layers, num_layers: int, weights=None) -> float:
+    """The executed fraction of the layers, ``sum(k) / (L N)`` over the inputs' layers run ``k``, or with
+    per-input ``weights`` ``w`` (tokens, or tokens over a mean) of the token-layers, ``sum(w k) / (L sum(w))``."""
+    k = torch.as_tensor(layers, dtype=torch.float64)
+    if weights is None:
+        return float(k.mean()) / num_layers
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    return float((w * k).sum() / w.sum()) / num_layers
+
+
 def speedup_ideal_length_weighted(tokens, layers, num_layers: int) -> float:
-    """``L * sum(T) / sum(T * k)``: the speed-up if a layer's cost on an input were proportional to its tokens
-    ``T`` and nothing but the layers cost anything (``k``: the layers run on each input). It is below
-    :func:`speedup_ideal` when more layers are skipped on short inputs, where they cost less; infinite when
-    no layer runs."""
-    work = float(sum(float(t) * float(k) for t, k in zip(tokens, layers)))
-    return math.inf if work <= 0 else float(num_layers * float(sum(tokens)) / work)
+    """``L * sum(T) / sum(T * k)``, ``1 /`` :func:`executed_fraction` of the token-layers: the speed-up if a
+    layer's cost on an input were proportional to its tokens ``T`` and nothing but the layers cost anything
+    (``k``: the layers run on each input). It is below :func:`speedup_ideal` when more layers are skipped on
+    short inputs, where they cost less; infinite when no layer runs."""
+    fraction = executed_fraction(layers, num_layers, tokens)
+    return math.inf if fraction <= 0 else 1.0 / fraction
 
 
 ZERO_LAYER_NOTE = ("no layer was executed for any input: the ideal speed-up L / 0 is unbounded, and the measured "
                    "one is the cost of embeddings and head alone")
 
 
-def speedup_ideal_fields(layers_executed_mean: float, num_layers: int) -> dict:
+def speedup_ideal_fields(layers_executed_mean: float, num_layers: int, tokens=None, layers=None) -> dict:
     """``speedup_ideal`` for a JSON report: the ratio, or None with ``speedup_ideal_note`` when no layer
-    ran (JSON has no infinity, and a huge finite stand-in reads as a result)."""
+    ran (JSON has no infinity, and a huge finite stand-in reads as a result). Given each input's ``tokens`` and
+    ``layers`` run, also ``speedup_ideal_length_weighted`` (:func:`speedup_ideal_length_weighted`; None
+    likewise)."""
     value = speedup_ideal(layers_executed_mean, num_layers)
-    if math.isinf(value):
-        return {"speedup_ideal": None, "speedup_ideal_note": ZERO_LAYER_NOTE}
-    return {"speedup_ideal": value}
+    out = {"speedup_ideal": None, "speedup_ideal_note": ZERO_LAYER_NOTE} if math.isinf(value) else \
+        {"speedup_ideal": value}
+    if tokens is not None:
+        weighted = speedup_ideal_length_weighted(tokens, layers, num_layers)
+        out["speedup_ideal_length_weighted"] = None if math.isinf(weighted) else weighted
+    return out

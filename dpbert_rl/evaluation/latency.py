@@ -19,7 +19,7 @@ import torch
 
 from ..data import collator, get_task, load_split, tokenize
 from ..checks import check_max_seq_length, check_task_compatible, check_threshold
-from .evaluate import evaluate_model, run_dataset, score_run, speedup_ideal_fields, speedup_ideal_length_weighted
+from .evaluate import evaluate_model, run_dataset, score_run, speedup_ideal_fields
 from ..model.budget import apply_budget
 from ..model.dpbert import DPBert
 
@@ -204,7 +204,6 @@ def evaluate_checkpoint(
 
     dp_run = run_dataset(model, ds, collate, batch_size, "hard", progress=progress)
     dp = score_run(t, dp_run)
-    ideal_lw = speedup_ideal_length_weighted([len(x) for x in ds["input_ids"]], dp_run["actions"].sum(1), L)
     base_model = DPBert.load(baseline_checkpoint).eval() if baseline_checkpoint else model
     check_task_compatible(base_model, t, baseline_checkpoint or checkpoint)
     base = evaluate_model(base_model, t, ds, collate, batch_size, "full", progress=progress)
@@ -240,9 +239,9 @@ def evaluate_checkpoint(
         "latency_ms_full": lat["full"]["latency_ms"],
         "latency_ms_dpbert": lat["dpbert"]["latency_ms"],
         "speedup_measured": lat["dpbert"]["speedup"],
-        **speedup_ideal_fields(dp["layers_executed_mean"], L),
-        # a layer on a long input costs more: below speedup_ideal when short inputs skip more
-        "speedup_ideal_length_weighted": None if ideal_lw == float("inf") else ideal_lw,
+        # and length-weighted: a layer on a long input costs more (below speedup_ideal when short inputs skip more)
+        **speedup_ideal_fields(dp["layers_executed_mean"], L, [len(x) for x in ds["input_ids"]],
+                               dp_run["actions"].sum(1)),
         "latency_examples": len(examples),
         "latency_repeats": repeats,
         "throughput_full": tp_full,

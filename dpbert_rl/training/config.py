@@ -19,6 +19,7 @@ STAGES = ("finetune", "planner_init", "rl", "sampled", "soft", "layerdrop", "ada
 #: the pipeline's stage 3: 'auto' is 'exact' up to MAX_TREE_LAYERS layers and 'sampled' above
 STAGE3 = ("auto", "exact", "sampled", "rl")
 SKIP_AWARE = ("none", "layerdrop", "adapt")
+COST_UNITS = ("layers", "tokens")  # what stage 3 'exact' pays the layer price per (ExactConfig.cost_unit)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -236,8 +237,8 @@ class PipelineConfig(TrainConfig):
             raise ValueError(f"unknown skip_aware {self.skip_aware!r}; expected one of {SKIP_AWARE}")
         check_number(self.skip_aware_epochs, "skip_aware_epochs (--skip-aware-epochs)", low=0.0, low_open=True)
         check_number(self.skip_aware_lr, "skip_aware_lr (--skip-aware-lr)", low=0.0, low_open=True)
-        if self.cost_unit not in ("layers", "tokens"):
-            raise ValueError(f"cost_unit must be 'layers' or 'tokens'; got {self.cost_unit!r}")
+        if self.cost_unit not in COST_UNITS:
+            raise ValueError(f"cost_unit must be one of {COST_UNITS}; got {self.cost_unit!r}")
         if self.cost_unit != "layers" and self.stage3 not in ("exact", "auto"):
             raise ValueError(f"cost_unit {self.cost_unit!r} is for stage 3 'exact' (--stage3 {self.stage3} pays per "
                              "layer)")

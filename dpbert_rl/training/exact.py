@@ -21,7 +21,7 @@ import torch
 from ..checks import check_config_numbers, check_max_seq_length, check_number, nonfinite
 from ..data import GlueTask, collator, get_task, load_split, tokenize
 from ..evaluation.diagnostics import warn_if_constant
-from ..evaluation.evaluate import evaluate_model, score_run
+from ..evaluation.evaluate import evaluate_model, executed_fraction, score_run
 from ..model.dpbert import DPBert, TaskInfo
 from ..model.objectives import (REWARDS, DualPrice, apply_path_calibration, check_rate, final_reward,
                                 fit_path_calibration)
@@ -30,9 +30,8 @@ from ..pathtree.cache import (DEFAULT_CACHE_DIR, PathTree, checkpoint_fingerprin
                               outcome_correct, tree_cache, tree_index)
 from ..pathtree.oracle import check_tree_size, paths
 from .checkpoint import DONE_FILE, save_atomic, stage_dir, stage_done, truncate_metrics
-from .config import TrainingError, check_same_run
+from .config import COST_UNITS, TrainingError, check_same_run
 
-COST_UNITS = ("layers", "tokens")
 # settings that do not change what the exact stage computes
 _EXACT_BOOKKEEPING = {"output_dir", "cache_dir", "progress", "build_batch_size", "device", "score_dev"}
 
@@ -176,16 +175,6 @@ def evaluate_tree(planners: Planners, tree: PathTree, task, cfg: ExactConfig, pr
     if weights is not None:
         res["token_skip_rate"] = 1.0 - executed_fraction(layers, tree.num_layers, w)
     return res
-
-
-def executed_fraction(layers, num_layers: int, weights=None) -> float:
-    """The executed fraction of the layers, ``sum(k) / (L N)``, or with ``weights`` ``w`` (an input's price
-    factor, its tokens over the fit mean) of the token-layers, ``sum(w k) / (L sum(w))``."""
-    k = torch.as_tensor(layers, dtype=torch.float64)
-    if weights is None:
-        return float(k.mean()) / num_layers
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    return float((w * k).sum() / w.sum()) / num_layers
 
 
 def token_weights(tree: PathTree, model: DPBert, task: GlueTask, split: str, cfg: ExactConfig, max_len: int,
