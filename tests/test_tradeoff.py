@@ -176,6 +176,24 @@ def test_choices_read_only_the_selection_split():
     assert an.target_met({"methods": {"dpbert": {"points": pts}, **every, "deebert": {"points": []}}})
 
 
+def test_the_measured_check_compares_dev_envelopes_at_the_speed_they_ran():
+    an = bench("tradeoff_analysis")
+    # DPBERT's setting promised 1.6x on the selection split but ran at 1.2x on dev (SST-2's longer dev inputs)
+    dp = [{"setting": "a", "score": 85, "speedup_measured": 1.2, "select_score": 90, "select_speedup_ideal": 1.6},
+          {"setting": "b", "score": 80, "speedup_measured": 1.8, "select_score": 80, "select_speedup_ideal": 2.2}]
+    kl = [{"setting": "k", "score": 84, "speedup_measured": 1.5, "select_score": 84, "select_speedup_ideal": 1.5}]
+    entry = {"methods": {"dpbert": {"points": dp}, "bert_kl": {"points": kl}}}
+    (by_selection,) = an.target_check(entry)
+    assert by_selection["below_at"] == [] and by_selection["compared"] == 5  # a (85) >= k (84) up to 1.5x
+    (by_measured,) = an.target_check(entry, measured=True)
+    # on dev only b ran at 1.3x or faster: 80 < 84 up to 1.5x; beyond 1.5x BERT-kL has nothing to compare
+    assert by_measured["below_at"] == [(s, 80, 84) for s in (1.3, 1.35, 1.4, 1.45, 1.5)]
+    assert by_measured["compared"] == 5
+    every = {m: {"points": [{**kl[0], "score": 10}]} for m in ("deebert", "pabee", "berxit")}
+    entry["methods"].update(every)
+    assert an.target_met(entry) and not an.target_met(entry, measured=True)
+
+
 def test_the_pick_reads_the_selection_split_only():
     an = bench("tradeoff_analysis")
     dp = [{"setting": "d", "score": 99, "speedup_measured": 1.5, "select_score": 60, "select_speedup_ideal": 1.6}]
