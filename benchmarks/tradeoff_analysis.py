@@ -231,14 +231,14 @@ def _cell(p, commit_ok: bool = True) -> str:
 
 def _check_lines(tasks: dict, measured: bool) -> list:
     """The target check's lines, one per task and method compared (see :func:`target_check`)."""
-    where = "measured at that speed-up or faster on dev" if measured else "at that speed-up or faster on the selection split"
+    where = "measured on dev" if measured else "on the selection split"
     lines = []
     for t, e in tasks.items():
         for c in target_check(e, measured=measured):
             who = LABELS[c["against"]]
             if not c["compared"]:
-                lines.append(f"- {t} vs {who}: nothing to compare ({who} has no setting {where} from "
-                             f"{TARGET_WINDOW[0]}x on)")
+                lines.append(f"- {t} vs {who}: nothing to compare ({who} has no setting at {TARGET_WINDOW[0]}x or "
+                             f"faster {where})")
             elif c["below_at"]:
                 detail = "; ".join(f"{s}x: {'-' if a is None else round(a, 2)} vs {round(b, 2)}"
                                    for s, a, b in c["below_at"])
