@@ -215,6 +215,37 @@ def test_the_pipeline_benchmark_plans_a_twelve_layer_run(tiny12, tiny_glue, tmp_
     assert not (tmp_path / "pipeline.json").exists()  # a plan runs nothing
 
 
+def test_the_pipeline_benchmark_passes_only_what_its_stage3_reads(tiny12, tiny_glue, tmp_path, monkeypatch):
+    import sys
+    import warnings
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import pipeline
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cfg):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cfg.validate()  # the benchmark's own defaults must not warn about settings its stage 3 ignores
+        seen[cfg.stage3] = cfg
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    monkeypatch.setattr(pipeline, "commit", lambda: "0" * 40)
+    base = ["--data-dir", str(tiny_glue), "--tasks", "rte", "--results", str(tmp_path / "p.json"),
+            "--output-dir", str(tmp_path / "runs")]
+    for stage3 in ("exact", "rl"):
+        with pytest.raises(Stop):
+            pipeline.main(base + ["--stage3", stage3, "--stage3-lr", "3e-5"])
+    assert seen["exact"].stage3_lr is None and seen["exact"].stage3_batch_size is None  # left at the defaults
+    assert seen["rl"].stage3_lr == 3e-5 and seen["rl"].stage3_batch_size == 8  # rl reads them: passed on
+
+
 def test_sampled_stage3_says_which_pipeline_flags_it_ignores():
     with pytest.warns(UserWarning, match=r"--stage3 sampled does not read --stage3-lr, --exact-epochs"):
         PipelineConfig(stage3="sampled", stage3_lr=1e-3, exact_epochs=3).validate()

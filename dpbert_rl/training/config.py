@@ -326,3 +326,10 @@ _IGNORED_BY_STAGE3 = {
     "sampled": (("stage3_lr", "detach_planner_input", "exact_epochs", "exact_lr", "path_calibration"),
                 "the backbone stays frozen and no path tree is walked, so no path is recalibrated"),
 }
+
+
+def unread_by_stage3(stage3: str) -> tuple:
+    """The :class:`PipelineConfig` settings that stage 3 ``stage3`` (resolved: 'exact', 'sampled' or 'rl') does not
+    read; setting one away from its default warns. A caller that fills every setting (a benchmark) leaves these
+    out."""
+    return tuple(_IGNORED_BY_STAGE3.get(stage3, ((), ""))[0])
