@@ -56,6 +56,7 @@ from dpbert_rl.pathtree.oracle import first_k_path  # noqa: E402
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
 from dpbert_rl.pathtree import tree_cache  # noqa: E402
+from dpbert_rl.training import exact_stage_backbone  # noqa: E402
 from envs.layer_skip_tree import BatchedLayerSkipTreeEnv  # noqa: E402
 
 # One setting per algorithm for every task, fixed before any run (not tuned on dev). gamma = 1: an episode
@@ -171,13 +172,15 @@ def write_tuning(rows: list, path: Path) -> None:
 
 
 def task_setup(task_name: str, args) -> dict:
-    """The pipeline run an agent starts from: its stage-2 checkpoint, the exact stage's directory and
+    """The pipeline run an agent starts from: the exact stage's frozen backbone (stage 2's, or the adapted one under
+    ``--skip-aware adapt``: :func:`~dpbert_rl.training.exact_stage_backbone`), the exact stage's directory and
     config (features, caches), and the starting layer price (where the exact stage's dual ascent ended;
     an env's c must be >= 0 to start)."""
     run_dir = Path(args.pipeline_dir) / task_name
-    model_dir, exact_dir = run_dir / "stage2_planner_init" / "model", run_dir / "stage3_exact"
+    exact_dir = run_dir / "stage3_exact"
     if not (exact_dir / "model" / "DONE").is_file():
         raise SystemExit(f"{exact_dir} is not finished: run benchmarks/pipeline.py --tasks {task_name} first")
+    model_dir = exact_stage_backbone(run_dir)
     exact_cfg = json.loads((exact_dir / "config.json").read_text())
     price0 = max(0.0, json.loads((exact_dir / "model" / "selection.json").read_text())["price"])
     return {"model_dir": model_dir, "exact_dir": exact_dir, "exact_cfg": exact_cfg, "price0": price0}

@@ -31,6 +31,7 @@ from dpbert_rl.evaluation.evaluate import run_dataset  # noqa: E402
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.model import DPBert  # noqa: E402
 from dpbert_rl.pathtree import tree_cache  # noqa: E402
+from dpbert_rl.training import exact_stage_backbone  # noqa: E402
 
 KEY = ("task", "learner", "backbone_mode", "features")
 
@@ -174,13 +175,14 @@ def main() -> None:
         fit = tokenize(load_split(task, "fit", args.data_dir, args.probe_train, shuffle_seed=0), model.tokenizer, seq)
         learner = run_dataset(model, dev, collate, 64, "hard")
         runs = {}
-        stage2 = model_dir.parent.parent / "stage2_planner_init" / "model"
-        if mode == "frozen" and not args.model and (model_dir.parent / "pathtree").is_dir() and stage2.is_dir():
-            # the exact stage's frozen backbone is stage 2's: every path's outcome is in its path-tree caches
-            # (the selection split's built by the exact stage, dev's built here once and shared with agents.py)
+        if mode == "frozen" and not args.model and (model_dir.parent / "pathtree").is_dir():
+            # every path's outcome on the exact stage's frozen backbone (stage 2's, or the adapted one under
+            # --skip-aware adapt) is in its path-tree caches (the selection split's built by the exact stage, dev's
+            # built here once and shared with agents.py)
+            backbone = exact_stage_backbone(model_dir.parent.parent)
             cfg = json.loads((model_dir.parent / "config.json").read_text())
             k = int(round(float(learner["actions"].sum(1).mean())))  # the probe's layer count, as routing_report
-            trees = {s: tree_cache(str(stage2), task.name, s, args.data_dir, n, seq, model.planner_features,
+            trees = {s: tree_cache(str(backbone), task.name, s, args.data_dir, n, seq, model.planner_features,
                                    model_dir.parent / "pathtree")
                      for s, n in (("select", None), ("dev", None), ("fit", cfg["max_train_samples"]))}
             runs = {"select_run": trees["select"].oracle_run(), "dev_run": trees["dev"].oracle_run(),

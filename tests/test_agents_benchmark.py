@@ -76,3 +76,21 @@ def test_the_curves_figure_reads_the_runs_of_the_settings_it_is_drawn_for(bench,
     args = type("A", (), dict(curves_task="rte", settings="tuned", output_dir=str(tmp_path), agents="ppo"))
     with pytest.raises(SystemExit, match="no TensorBoard logs at .*rte-frozen-tuned"):
         bench.draw_curves(args, tmp_path)
+
+
+def test_agents_start_from_the_backbone_the_exact_stage_walked(bench, tmp_path):
+    """Under --skip-aware adapt the final exact stage ran on the adapted backbone: the agents' env replays its
+    paths, so it must start there, not from stage 2."""
+    from types import SimpleNamespace
+
+    run = tmp_path / "rte"
+    for stage in ("stage2_planner_init", "stage3_adapt", "stage3_exact"):
+        (run / stage / "model").mkdir(parents=True)
+        (run / stage / "model" / "DONE").write_text("{}")
+    (run / "stage3_exact" / "model" / "selection.json").write_text(json.dumps({"price": 0.02}))
+    (run / "stage3_exact" / "config.json").write_text(json.dumps({"init": "runs/p/rte/stage3_adapt/model"}))
+    setup = bench.task_setup("rte", SimpleNamespace(pipeline_dir=str(tmp_path)))
+    assert setup["model_dir"] == run / "stage3_adapt" / "model" and setup["price0"] == 0.02
+    (run / "stage3_exact" / "config.json").write_text(json.dumps({"init": "runs/p/rte/stage2_planner_init/model"}))
+    assert bench.task_setup("rte", SimpleNamespace(pipeline_dir=str(tmp_path)))["model_dir"] == \
+        run / "stage2_planner_init" / "model"

@@ -13,7 +13,7 @@ from dpbert_rl.checks import CheckpointError
 from dpbert_rl.model import DPBert
 from dpbert_rl.model.objectives import apply_path_calibration, final_reward, fit_path_calibration
 from dpbert_rl.pathtree.cache import checkpoint_fingerprint
-from dpbert_rl.training import PipelineConfig, TrainConfig, run_pipeline, train_stage
+from dpbert_rl.training import PipelineConfig, TrainConfig, exact_stage_backbone, run_pipeline, train_stage
 from dpbert_rl.training.exact import ExactConfig, train_exact
 from tests.conftest import make_tiny_checkpoint
 
@@ -199,7 +199,7 @@ def test_adapt_needs_trained_planners(tiny_ckpt, tiny_glue, tmp_path):
         train_stage("adapt", cfg, init=str(tiny_ckpt))
 
 
-def test_pipeline_alternation_refits_the_planners_on_a_new_tree(tiny_ckpt, tiny_glue, tmp_path):
+def test_pipeline_alternation_refits_the_planners_on_a_new_tree(tiny_ckpt, tiny_glue, tmp_path, monkeypatch):
     out = tmp_path / "p"
     cfg = PipelineConfig(task="rte", data_dir=str(tiny_glue), backbone=str(tiny_ckpt), output_dir=str(out),
                          max_steps=2, batch_size=8, max_seq_length=32, progress=False, skip_aware="adapt",
@@ -211,6 +211,53 @@ def test_pipeline_alternation_refits_the_planners_on_a_new_tree(tiny_ckpt, tiny_
     assert Path(report["checkpoint"]).parent.name == "stage3_exact"  # the final planners, where they always are
     assert json.loads((out / "stage3_adapt" / "config.json").read_text())["init"].endswith("stage3_exact_frozen/model")
     assert json.loads((out / "stage3_exact" / "config.json").read_text())["init"].endswith("stage3_adapt/model")
+    assert exact_stage_backbone(out) == out / "stage3_adapt" / "model"  # what replays the final stage's paths
+
+    # the routing benchmark's fixed-path frontier and probe replay the final stage's path trees: they must be the
+    # adapted backbone's, not stage 2's (stage 2's backbone was never the one the final planners ran on)
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_routing_adapt", Path(__file__).resolve().parents[1] /
+                                                  "benchmarks" / "routing.py")
+    routing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(routing)
+    replayed = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_tree_cache(model, *args, **kwargs):
+        replayed.append(Path(model))
+        raise Stop
+
+    monkeypatch.setattr(routing, "tree_cache", fake_tree_cache)
+    monkeypatch.setattr(sys, "argv", ["routing.py", "--data-dir", str(tiny_glue), "--tasks", "rte", "--runs",
+                                      str(tmp_path), "--results", str(tmp_path / "routing.json")])
+    # the run directory is <runs>/<task>: this one is tmp_path/p, so point --runs at a folder holding it as 'rte'
+    (tmp_path / "rte").symlink_to(out, target_is_directory=True)
+    with pytest.raises(Stop):
+        routing.main()
+    assert replayed == [tmp_path / "rte" / "stage3_adapt" / "model"]
+
+
+def test_the_exact_stage_backbone_is_the_init_its_config_records(tmp_path):
+    run = tmp_path / "run"
+    (run / "stage3_exact").mkdir(parents=True)
+    (run / "stage2_planner_init" / "model").mkdir(parents=True)
+    (run / "stage2_planner_init" / "model" / "DONE").write_text("{}")
+    cfg = run / "stage3_exact" / "config.json"
+    # recorded relative to wherever the pipeline ran, or absolute elsewhere: read inside this run all the same
+    cfg.write_text(json.dumps({"init": "/somewhere/else/run/stage2_planner_init/model"}))
+    assert exact_stage_backbone(run) == run / "stage2_planner_init" / "model"
+    cfg.write_text(json.dumps({"init": "runs/x/stage3_adapt/model"}))
+    with pytest.raises(FileNotFoundError, match=r"stage3_adapt/model.*is not a finished model"):
+        exact_stage_backbone(run)  # an unfinished (or missing) adapted backbone is an error, not stage 2's
+    cfg.write_text(json.dumps({"lr": 0.01}))
+    with pytest.raises(ValueError, match=r"config.json: records no 'init'"):
+        exact_stage_backbone(run)
+    with pytest.raises(FileNotFoundError, match="no exact stage 3"):
+        exact_stage_backbone(tmp_path / "nothing")
 
 
 def test_pipeline_refuses_an_unknown_skip_aware_choice():

@@ -81,6 +81,25 @@ def resolve_stage3(stage3: str, backbone: str) -> str:
     return stage3 if stage3 != "auto" else stage3_for(stage3, backbone_layers(backbone))
 
 
+def exact_stage_backbone(run_dir) -> Path:
+    """The checkpoint whose frozen backbone a pipeline run's final exact stage (``run_dir/stage3_exact``) walked:
+    the adapted backbone (``stage3_adapt/model``) under ``--skip-aware adapt``, stage 2's otherwise, as that stage's
+    ``config.json`` records it (``init``, read inside ``run_dir`` so that a moved run still resolves). Whatever
+    replays that stage's paths (its path trees, the fixed-path frontier, the agents' env) must use this one."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "stage3_exact" / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: no exact stage 3 in this pipeline run")
+    init = json.loads(cfg_path.read_text()).get("init")
+    if not init:
+        raise ValueError(f"{cfg_path}: records no 'init' (the checkpoint the stage started from)")
+    backbone = run_dir / Path(*Path(init).parts[-2:])  # <stage>/model, inside this run
+    if not (backbone / DONE_FILE).is_file():
+        raise FileNotFoundError(f"{cfg_path}: its init {init!r} is not a finished model in {run_dir} "
+                                f"(looked for {backbone / DONE_FILE})")
+    return backbone
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Stage 1 -> 2 -> 3 -> evaluation; each finished stage is reused when re-run.
 
