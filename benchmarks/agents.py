@@ -180,7 +180,10 @@ def task_setup(task_name: str, args) -> dict:
     exact_dir = run_dir / "stage3_exact"
     if not (exact_dir / "model" / "DONE").is_file():
         raise SystemExit(f"{exact_dir} is not finished: run benchmarks/pipeline.py --tasks {task_name} first")
-    model_dir = exact_stage_backbone(run_dir)
+    try:
+        model_dir = exact_stage_backbone(run_dir)
+    except (OSError, ValueError) as err:
+        raise SystemExit(str(err)) from None
     exact_cfg = json.loads((exact_dir / "config.json").read_text())
     price0 = max(0.0, json.loads((exact_dir / "model" / "selection.json").read_text())["price"])
     return {"model_dir": model_dir, "exact_dir": exact_dir, "exact_cfg": exact_cfg, "price0": price0}

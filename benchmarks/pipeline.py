@@ -96,11 +96,10 @@ def print_plan(args) -> None:
     print(f"estimated total: {sum(r['total'] for r in rows) / 3600:.2f} h (seconds per column)")
 
 
-def task_config(task: str, args) -> PipelineConfig:
+def task_config(task: str, args, unread: set) -> PipelineConfig:
     """The pipeline's configuration for ``task`` from this script's arguments. The settings its stage 3 does not
-    read (:func:`~dpbert_rl.training.config.unread_by_stage3`: the joint REINFORCE ones under 'exact') are left at
-    their defaults, so that a benchmark run with its own defaults does not warn about them."""
-    unread = set(unread_by_stage3(resolve_stage3(args.stage3, args.backbone)))
+    read (``unread``, :func:`~dpbert_rl.training.config.unread_by_stage3`: the joint REINFORCE ones under 'exact')
+    are left at their defaults, so that a benchmark run with its own defaults does not warn about them."""
     settings = dict(
         stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs, stage3_epochs=args.stage3_epochs,
         target_rate=args.target_rate, lam=args.lam, beta=args.beta, seed=args.seed, threads=args.threads,
@@ -172,9 +171,10 @@ def main(argv=None) -> None:
         write_markdown(results, results_path.with_suffix(".md"))
         plot_layers(results, results_path.with_name("pipeline_layers.png"))
         return
-    unread = set(unread_by_stage3(resolve_stage3(args.stage3, args.backbone)))
+    stage3 = resolve_stage3(args.stage3, args.backbone)
+    unread = set(unread_by_stage3(stage3))
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        cfg = task_config(task, args)
+        cfg = task_config(task, args, unread)
         report = run_pipeline(cfg)
         row = {
             "task": report["task"],
@@ -198,10 +198,10 @@ def main(argv=None) -> None:
             "latency_ms_dpbert": report["latency_ms_dpbert"],
             "throughput_speedup": report["throughput_speedup"],
             "dev_examples": report["num_examples"],
-            "stage3": resolve_stage3(args.stage3, args.backbone),
+            "stage3": stage3,
             "checkpoint": report["checkpoint"],
             "epochs": [args.stage1_epochs, args.stage2_epochs,
-                       args.exact_epochs if resolve_stage3(args.stage3, args.backbone) == "exact" else args.stage3_epochs],
+                       args.exact_epochs if stage3 == "exact" else args.stage3_epochs],
             "target_rate": args.target_rate,
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
                                                               "target_rate", "evals_per_epoch", "stage3_batch_size",

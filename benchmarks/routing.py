@@ -179,7 +179,10 @@ def main() -> None:
             # every path's outcome on the exact stage's frozen backbone (stage 2's, or the adapted one under
             # --skip-aware adapt) is in its path-tree caches (the selection split's built by the exact stage, dev's
             # built here once and shared with agents.py)
-            backbone = exact_stage_backbone(model_dir.parent.parent)
+            try:
+                backbone = exact_stage_backbone(model_dir.parent.parent)
+            except (OSError, ValueError) as err:
+                fail(str(err))
             cfg = json.loads((model_dir.parent / "config.json").read_text())
             k = int(round(float(learner["actions"].sum(1).mean())))  # the probe's layer count, as routing_report
             trees = {s: tree_cache(str(backbone), task.name, s, args.data_dir, n, seq, model.planner_features,

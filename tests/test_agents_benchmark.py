@@ -94,3 +94,6 @@ def test_agents_start_from_the_backbone_the_exact_stage_walked(bench, tmp_path):
     (run / "stage3_exact" / "config.json").write_text(json.dumps({"init": "runs/p/rte/stage2_planner_init/model"}))
     assert bench.task_setup("rte", SimpleNamespace(pipeline_dir=str(tmp_path)))["model_dir"] == \
         run / "stage2_planner_init" / "model"
+    (run / "stage3_exact" / "config.json").write_text(json.dumps({"init": "runs/p/rte/stage3_gone/model"}))
+    with pytest.raises(SystemExit, match=r"config.json: its init 'runs/p/rte/stage3_gone/model' is not a finished"):
+        bench.task_setup("rte", SimpleNamespace(pipeline_dir=str(tmp_path)))  # one line, not a traceback
