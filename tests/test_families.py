@@ -135,6 +135,18 @@ def test_a_perturbed_layer_is_refused_at_load():
         Perturbed(tiny_model("bert"))
 
 
+def test_a_checkpoint_whose_own_forward_is_not_finite_is_refused(tmp_path):
+    """NaN weights make HF's forward NaN too: nothing to compare against, and nothing to trust, so it is refused."""
+    model = tiny_model("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    with pytest.raises(BackboneError, match="NaN or inf"):
+        Backbone(model)
+    path = save_tiny(model, tmp_path / "broken")
+    with pytest.raises(BackboneError, match="NaN or inf"):
+        DPBert.from_backbone(str(path))
+
+
 def test_the_check_runs_when_a_checkpoint_is_loaded(tmp_path, monkeypatch):
     """DPBert.from_backbone and DPBert.load pass through it: a good MPNet directory loads and runs as its
     family's forward; the same directory with the bias dropped from the loop is refused."""

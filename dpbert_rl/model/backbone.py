@@ -403,9 +403,13 @@ class Backbone(nn.Module):
             out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True, return_dict=True)
         theirs, theirs_h = out.logits, out.hidden_states[-1]
         real = attention.bool()
-        if not (torch.isfinite(theirs).all() and torch.isfinite(theirs_h[real]).all()):
-            return {"logits": float("nan"), "hidden": float("nan"), "tolerance": rtol}  # not the loop's doing
         family = getattr(self.config, "model_type", None) or type(model).__name__
+        if not (torch.isfinite(theirs).all() and torch.isfinite(theirs_h[real]).all()):
+            raise BackboneError(
+                f"{family} backbone ({type(model).__name__}): the model's own forward gives NaN or inf on a probe "
+                "input, so the checkpoint is broken (non-finite weights?) and nothing it computes can be trusted; "
+                "refusing to run it"
+            )
         report = {"logits": float((ours.float() - theirs.float()).abs().max()),
                   "hidden": float((h[real].float() - theirs_h[real].float()).abs().max()), "tolerance": rtol}
         for what, scale in (("logits", theirs), ("hidden", theirs_h[real])):
