@@ -264,3 +264,59 @@ def test_a_run_saved_before_a_setting_existed_is_compared_with_its_default(tiny1
     from dataclasses import replace
     with pytest.raises(TrainingError, match="group_by_length: False -> True"):
         check_same_run("finetune", replace(cfg, group_by_length=True), None, tmp_path)
+
+
+def test_an_sb3_agent_learns_on_the_live_env_at_twelve_layers(tiny12, tiny_glue, tmp_path):
+    """PPO on the live 12-layer env learns both of two rewards with opposite best policies (every layer
+    costs 1: skip all; layers free and skipping charged at the end: execute all), so it sees all 12
+    decisions and their consequences; what it learned survives save and load."""
+    from agents.base import Agent, make_agent
+    from envs.layer_skip import BatchedLayerSkipEnv
+
+    _, model_dir = tiny12
+    for reward, want in ((dict(c=1.0, lambda_=0.0), 0.0),
+                         (dict(c=0.0, lambda_=0.0, target_rate=0.0, rate_coef=10.0), 1.0)):
+        env = BatchedLayerSkipEnv(num_envs=8, task="rte", data_dir=str(tiny_glue), split="fit", model=str(model_dir),
+                                  features="cls", check_reward=False, **reward)
+        agent = make_agent("ppo", seed=0, n_steps=12, batch_size=48, n_epochs=4, learning_rate=3e-3)
+        agent.learn(env, total_steps=768)
+        obs, _ = env.reset(seed=123)
+        acts = []
+        for _ in range(env.num_layers):
+            acts.append(agent.act(obs, deterministic=True))
+            obs, *_ = env.step(acts[-1])
+        assert env.num_layers == 12 and abs(float(np.mean(acts)) - want) <= 0.1, reward
+    agent.save(tmp_path / "ppo")
+    obs, _ = env.reset(seed=1)
+    assert np.array_equal(Agent.load(tmp_path / "ppo").act(obs, deterministic=True), agent.act(obs, deterministic=True))
+
+
+def test_a_sampled_stage3_stopped_midway_resumes_to_the_same_planners(tiny12, tiny_glue, tmp_path, monkeypatch):
+    """The 12-layer stage 3 stops and resumes anywhere: a crash at step 5 keeps the checkpoint of step 4
+    (planners, optimiser, dual price, data order, RNG), and the rerun ends where an uninterrupted run ends."""
+    import dpbert_rl.training.stages as stages
+    from dpbert_rl.training import TrainingError
+
+    _, model_dir = tiny12
+
+    def run(out):
+        cfg = TrainConfig(task="rte", backbone=str(model_dir), data_dir=str(tiny_glue), output_dir=str(out),
+                          batch_size=4, eval_batch_size=16, progress=False, max_steps=6, eval_steps=100,
+                          save_steps=2, logging_steps=1, target_rate=0.3, samples=2)
+        return DPBert.load(train_stage("sampled", cfg, init=str(model_dir))).planners.state_dict()
+
+    ref = run(tmp_path / "ref")
+    real, calls = stages._stage_loss, {"n": 0}
+
+    def nan_at_step_5(*args, **kwargs):
+        loss, out, logs = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 5 else loss), out, logs
+
+    monkeypatch.setattr(stages, "_stage_loss", nan_at_step_5)
+    with pytest.raises(TrainingError, match="step 5"):
+        run(tmp_path / "crash")
+    assert json.loads((tmp_path / "crash" / "checkpoint" / "state.json").read_text())["global_step"] == 4
+    monkeypatch.setattr(stages, "_stage_loss", real)
+    resumed = run(tmp_path / "crash")
+    assert ref.keys() == resumed.keys() and all(torch.equal(ref[k], resumed[k]) for k in ref)
