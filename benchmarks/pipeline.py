@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     if args.report_only:
         write_markdown(results, results_path.with_suffix(".md"))
-        plot_layers(results, results_path.with_name("pipeline_layers.png"))
+        plot_layers(results, layers_plot_path(results_path))
         return
     stage3 = resolve_stage3(args.stage3, args.backbone)
     unread = set(unread_by_stage3(stage3))
@@ -214,7 +214,7 @@ def main(argv=None) -> None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2))
         write_markdown(results, results_path.with_suffix(".md"))
-        plot_layers(results, results_path.with_name("pipeline_layers.png"))
+        plot_layers(results, layers_plot_path(results_path))
         print(json.dumps(row, indent=2))
 
 
@@ -224,11 +224,18 @@ def write_markdown(results: list, path: Path) -> None:
             ("layers", "layers_executed_mean", ".2f"), ("of", "num_layers", ""),
             ("speed-up measured", "speedup_measured", ".2f"), ("speed-up ideal", "speedup_ideal", ".2f"),
             ("train ex.", "train_examples", ""), ("seconds", "seconds", ".0f"), ("commit", "commit", "")]
-    text = ("# DPBERT pipeline on MiniLM-L6 (batch-1 CPU latency)\n\n"
+    backbones = sorted({str(r.get("backbone", "an unnamed backbone")) for r in results})
+    text = (f"# DPBERT pipeline on {', '.join(backbones)} (batch-1 CPU latency)\n\n"
             "Written by `benchmarks/pipeline.py`; do not edit by hand.\n\n" + markdown_table(results, cols) + "\n\n"
             + "\n".join(f"- {r['task']}: `{r['command']}` on {r['machine']['processor']}, "
                         f"{r['machine']['threads']} threads, torch {r['machine']['torch']}" for r in results) + "\n")
     path.write_text(text)
+
+
+def layers_plot_path(results_path: Path) -> Path:
+    """``pipeline.json`` -> ``pipeline_layers.png``, ``pipeline_mpnet.json`` -> ``pipeline_mpnet_layers.png``: each
+    results file has its own figure (one name for all let a 12-layer run draw over the 6-layer figure)."""
+    return results_path.with_name(f"{results_path.stem}_layers.png")
 
 
 def plot_layers(results: list, path: Path) -> None:

@@ -320,3 +320,27 @@ def test_a_sampled_stage3_stopped_midway_resumes_to_the_same_planners(tiny12, ti
     monkeypatch.setattr(stages, "_stage_loss", real)
     resumed = run(tmp_path / "crash")
     assert ref.keys() == resumed.keys() and all(torch.equal(ref[k], resumed[k]) for k in ref)
+
+
+def test_the_pipeline_report_names_its_backbone_and_draws_its_own_figure(tmp_path):
+    """A 12-layer results file (`--results pipeline_mpnet.json`) gets a title that names MPNet and its own
+    layer figure; the 6-layer figure beside it is left as it was."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import pipeline
+
+    row = {"task": "sst2", "backbone": "mpnet-base", "metric": "accuracy", "backbone_score": 89.0, "dpbert_score": 88.3,
+           "score_retained": 0.992, "layers_executed_mean": 8.5, "num_layers": 12, "speedup_measured": 1.37,
+           "speedup_ideal": 1.41, "train_examples": 1000, "seconds": 2904.0, "commit": "0" * 40,
+           "command": "python benchmarks/pipeline.py --backbone mpnet-base", "layer_frequency": [0.7] * 12,
+           "machine": {"processor": "x86_64", "threads": 2, "torch": "2.13.0+cpu"}}
+    results = tmp_path / "pipeline_mpnet.json"
+    results.write_text(json.dumps([row]))
+    minilm_figure = tmp_path / "pipeline_layers.png"
+    minilm_figure.write_bytes(b"the 6-layer figure")
+    pipeline.main(["--report-only", "--results", str(results)])
+    assert (tmp_path / "pipeline_mpnet.md").read_text().startswith("# DPBERT pipeline on mpnet-base (")
+    assert (tmp_path / "pipeline_mpnet_layers.png").read_bytes()[:4] == b"\x89PNG"
+    assert minilm_figure.read_bytes() == b"the 6-layer figure"
