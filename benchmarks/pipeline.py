@@ -148,7 +148,8 @@ def main(argv=None) -> None:
     ap.add_argument("--evals-per-epoch", type=int, default=3)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement")
-    ap.add_argument("--results", default=str(RESULTS / "pipeline.json"))
+    ap.add_argument("--results", default=str(RESULTS / "pipeline.json"),
+                    help="results file (rows replaced per task); one file per backbone, e.g. pipeline_mpnet.json")
     ap.add_argument("--report-only", action="store_true",
                     help="only rewrite pipeline.md and the layer plot from the existing pipeline.json")
     ap.add_argument("--max-train-samples", type=int, default=None,
@@ -171,6 +172,11 @@ def main(argv=None) -> None:
         write_markdown(results, results_path.with_suffix(".md"))
         plot_layers(results, layers_plot_path(results_path))
         return
+    others = sorted({str(r["backbone"]) for r in results if "backbone" in r} - {args.backbone})
+    if others:  # rows are replaced by task: a 12-layer run would overwrite a 6-layer row of the same task
+        raise SystemExit(f"pipeline.py: error: {results_path} holds rows of backbone {', '.join(others)}, and this run "
+                         f"is {args.backbone}: give it its own file, e.g. --results "
+                         f"{results_path.with_name(f'pipeline_{Path(args.backbone).name}.json')}")
     stage3 = resolve_stage3(args.stage3, args.backbone)
     unread = set(unread_by_stage3(stage3))
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:

@@ -344,3 +344,22 @@ def test_the_pipeline_report_names_its_backbone_and_draws_its_own_figure(tmp_pat
     assert (tmp_path / "pipeline_mpnet.md").read_text().startswith("# DPBERT pipeline on mpnet-base (")
     assert (tmp_path / "pipeline_mpnet_layers.png").read_bytes()[:4] == b"\x89PNG"
     assert minilm_figure.read_bytes() == b"the 6-layer figure"
+
+
+def test_the_pipeline_benchmark_keeps_one_backbone_per_results_file(tmp_path, monkeypatch):
+    """Rows are replaced by task, so a 12-layer run into the 6-layer file would overwrite its row of that task:
+    refused before any training, with the file to use instead; the file is left as it was."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "commit", lambda: "0" * 40)
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: pytest.fail("trained before refusing"))
+    results = tmp_path / "pipeline.json"
+    results.write_text(json.dumps([{"task": "sst2", "backbone": "minilm"}]))
+    before = results.read_text()
+    with pytest.raises(SystemExit, match=r"holds rows of backbone minilm.*--results \S*pipeline_mpnet-base\.json"):
+        pipeline.main(["--tasks", "sst2", "--backbone", "mpnet-base", "--results", str(results)])
+    assert results.read_text() == before

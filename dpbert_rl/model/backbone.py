@@ -14,7 +14,8 @@ relative-position bias, which :meth:`Backbone.embed` computes once, as the famil
 travels with the state in :class:`Embedded`.
 
 At construction, a probe input is run through the per-layer loop and through the model's own forward; a
-family whose loop does not give the same logits is refused (:class:`BackboneError`), never run silently wrong.
+family whose loop does not give the same logits is refused (:class:`BackboneError`), never run silently wrong,
+and so is a checkpoint whose own forward is NaN or inf on the probe.
 """
 
 from __future__ import annotations
@@ -384,7 +385,8 @@ class Backbone(nn.Module):
     def check_against_forward(self) -> dict:
         """Run a probe (2 rows of 6 tokens, one padded) through this loop (:meth:`embed`, every :meth:`layer`,
         :meth:`head`) and through the model's own forward, in eval mode, and raise :class:`BackboneError` when
-        the final hidden states (on real tokens) or the logits differ by more than ``rtol * max(1, scale)``.
+        the final hidden states (on real tokens) or the logits differ by more than ``rtol * max(1, scale)``, or
+        when the model's own forward is NaN or inf (a broken checkpoint: nothing to compare with, nothing to trust).
         The model's train/eval modes (module by module) and the random-number state are left as they were.
 
         :return: ``{"logits": max abs difference, "hidden": ..., "tolerance": ...}`` (relative tolerance).
@@ -406,9 +408,9 @@ class Backbone(nn.Module):
         family = getattr(self.config, "model_type", None) or type(model).__name__
         if not (torch.isfinite(theirs).all() and torch.isfinite(theirs_h[real]).all()):
             raise BackboneError(
-                f"{family} backbone ({type(model).__name__}): the model's own forward gives NaN or inf on a probe "
-                "input, so the checkpoint is broken (non-finite weights?) and nothing it computes can be trusted; "
-                "refusing to run it"
+                f"{family} backbone ({type(model).__name__}, {param.dtype if param is not None else 'no parameters'}): "
+                "the model's own forward gives NaN or inf on a probe input, so nothing it computes can be trusted "
+                "(non-finite weights, or a half-precision checkpoint overflowing: save it in float32); refusing to run it"
             )
         report = {"logits": float((ours.float() - theirs.float()).abs().max()),
                   "hidden": float((h[real].float() - theirs_h[real].float()).abs().max()), "tolerance": rtol}
