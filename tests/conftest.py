@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,33 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 WORDS = ("the a man woman dog cat is was plays runs sleeps eats good bad happy sad movie film great "
          "terrible not very and or in on park house food music loud quiet").split()
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` loaded as a fresh module ``bench_<name>`` (a name of its own: ``agents.py`` shares
+    its name with the ``agents`` package), so that a test can monkeypatch it and call its ``main``."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:  # a script puts benchmarks/ first on the path, where its agents.py would hide the agents package:
+        sys.path[:] = path + [str(BENCHMARKS)] * (str(BENCHMARKS) not in path)  # last, for its later imports
+    return module
+
+
+def nan_loss_at(real, call: int):
+    """A stand-in for a stage's ``_stage_loss`` that returns ``real``'s, made NaN at the ``call``-th call: a
+    training run that crashes there, after the checkpoints before it."""
+    calls = {"n": 0}
+
+    def loss_fn(*args, **kwargs):
+        loss, out, logs = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == call else loss), out, logs
+
+    return loss_fn
 
 
 def shared_glue_dir() -> Path:

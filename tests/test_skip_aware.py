@@ -15,7 +15,7 @@ from dpbert_rl.model.objectives import apply_path_calibration, final_reward, fit
 from dpbert_rl.pathtree.cache import checkpoint_fingerprint
 from dpbert_rl.training import PipelineConfig, TrainConfig, exact_stage_backbone, run_pipeline, train_stage
 from dpbert_rl.training.exact import ExactConfig, train_exact
-from tests.conftest import make_tiny_checkpoint
+from tests.conftest import load_benchmark, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -215,13 +215,9 @@ def test_pipeline_alternation_refits_the_planners_on_a_new_tree(tiny_ckpt, tiny_
 
     # the routing benchmark's fixed-path frontier and probe replay the final stage's path trees: they must be the
     # adapted backbone's, not stage 2's (stage 2's backbone was never the one the final planners ran on)
-    import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("bench_routing_adapt", Path(__file__).resolve().parents[1] /
-                                                  "benchmarks" / "routing.py")
-    routing = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(routing)
+    routing = load_benchmark("routing")
     replayed = []
 
     class Stop(Exception):

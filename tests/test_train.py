@@ -12,6 +12,7 @@ import dpbert_rl.training.stages as train_mod
 from dpbert_rl.cli import main
 from dpbert_rl.model import DPBert
 from dpbert_rl.training import TrainConfig, TrainingError, train_stage
+from tests.conftest import nan_loss_at
 
 
 def cfg(tiny_ckpt, tiny_glue, out, **kw):
@@ -62,14 +63,7 @@ def test_crash_keeps_last_good_checkpoint_and_rerun_resumes_to_the_same_result(t
     assert_same_weights(weights(ref), weights(again))  # same seed, same numbers
 
     real = train_mod._stage_loss
-    calls = {"n": 0}
-
-    def nan_at_step_5(*args, **kwargs):
-        loss, out, logs = real(*args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 5 else loss), out, logs
-
-    monkeypatch.setattr(train_mod, "_stage_loss", nan_at_step_5)
+    monkeypatch.setattr(train_mod, "_stage_loss", nan_loss_at(real, 5))
     with pytest.raises(TrainingError, match=r"loss is nan at step 5.*checkpoint"):
         train_stage("rl", cfg(tiny_ckpt, tiny_glue, tmp_path / "crash", **kw))
     state = json.loads((tmp_path / "crash" / "checkpoint" / "state.json").read_text())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_checkpoint
+from conftest import load_benchmark, make_tiny_checkpoint, nan_loss_at
 from dpbert_rl.model import DPBert
 from dpbert_rl.training import PipelineConfig, TrainConfig, resolve_stage3, run_pipeline, train_stage
 from dpbert_rl.training.exact import ExactConfig, train_exact
@@ -199,11 +199,7 @@ def test_auto_stage3_is_checked_as_exact_on_a_six_layer_backbone_before_stage_1(
 
 
 def test_the_pipeline_benchmark_plans_a_twelve_layer_run(tiny12, tiny_glue, tmp_path, capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import pipeline
+    pipeline = load_benchmark("pipeline")
 
     ckpt, _ = tiny12
     pipeline.main(["--data-dir", str(tiny_glue), "--tasks", "rte", "--backbone", str(ckpt), "--plan",
@@ -216,12 +212,9 @@ def test_the_pipeline_benchmark_plans_a_twelve_layer_run(tiny12, tiny_glue, tmp_
 
 
 def test_the_pipeline_benchmark_passes_only_what_its_stage3_reads(tiny12, tiny_glue, tmp_path, monkeypatch):
-    import sys
     import warnings
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import pipeline
+    pipeline = load_benchmark("pipeline")
 
     seen = {}
 
@@ -306,14 +299,8 @@ def test_a_sampled_stage3_stopped_midway_resumes_to_the_same_planners(tiny12, ti
         return DPBert.load(train_stage("sampled", cfg, init=str(model_dir))).planners.state_dict()
 
     ref = run(tmp_path / "ref")
-    real, calls = stages._stage_loss, {"n": 0}
-
-    def nan_at_step_5(*args, **kwargs):
-        loss, out, logs = real(*args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 5 else loss), out, logs
-
-    monkeypatch.setattr(stages, "_stage_loss", nan_at_step_5)
+    real = stages._stage_loss
+    monkeypatch.setattr(stages, "_stage_loss", nan_loss_at(real, 5))
     with pytest.raises(TrainingError, match="step 5"):
         run(tmp_path / "crash")
     assert json.loads((tmp_path / "crash" / "checkpoint" / "state.json").read_text())["global_step"] == 4
@@ -325,11 +312,7 @@ def test_a_sampled_stage3_stopped_midway_resumes_to_the_same_planners(tiny12, ti
 def test_the_pipeline_report_names_its_backbone_and_draws_its_own_figure(tmp_path):
     """A 12-layer results file (`--results pipeline_mpnet.json`) gets a title that names MPNet and its own
     layer figure; the 6-layer figure beside it is left as it was."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import pipeline
+    pipeline = load_benchmark("pipeline")
 
     row = {"task": "sst2", "backbone": "mpnet-base", "metric": "accuracy", "backbone_score": 89.0, "dpbert_score": 88.3,
            "score_retained": 0.992, "layers_executed_mean": 8.5, "num_layers": 12, "speedup_measured": 1.37,
@@ -349,11 +332,7 @@ def test_the_pipeline_report_names_its_backbone_and_draws_its_own_figure(tmp_pat
 def test_the_pipeline_benchmark_keeps_one_backbone_per_results_file(tmp_path, monkeypatch):
     """Rows are replaced by task, so a 12-layer run into the 6-layer file would overwrite its row of that task:
     refused before any training, with the file to use instead; the file is left as it was."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import pipeline
+    pipeline = load_benchmark("pipeline")
 
     monkeypatch.setattr(pipeline, "commit", lambda: "0" * 40)
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: pytest.fail("trained before refusing"))
