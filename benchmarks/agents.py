@@ -46,7 +46,7 @@ from agents.cli import evaluate_trained, plot, train_agent  # noqa: E402
 sys.path.insert(0, _HERE)
 from _common import RESULTS, command, markdown_table  # noqa: E402
 from _common import pinned_code_commit as commit  # noqa: E402  (the last commit that changed code)
-from routing import merge_rows  # noqa: E402
+from routing import backbone_name, merge_rows  # noqa: E402
 from routing import write_markdown as write_routing  # noqa: E402
 
 from agents.evaluate import tree_run  # noqa: E402
@@ -409,7 +409,8 @@ def main() -> None:
         rows = [r for r in rows if (r["task"], r["agent"], r["backbone_mode"]) != (task.name, agent, mode)] + [row]
         path.write_text(json.dumps(rows, indent=2))
         routing = merge_rows(results / "routing.json", [{
-            "task": task.name, "learner": agent, "backbone_mode": mode, "features": sh["feats"], **rep,
+            "backbone": backbone_name(model_dir), "task": task.name, "learner": agent, "backbone_mode": mode,
+            "features": sh["feats"], **rep,
             "env": row["env"], "env_steps": ns.total_steps, "layer_price": row["layer_price"],
             "random_same_rate_score": row["random_same_rate_score"], "speedup_measured": row["speedup_measured"],
             "dev_examples": len(sh["sets"]["dev"]), "select_examples": len(sh["sets"]["select"]),

@@ -4,11 +4,15 @@ For each task whose pipeline run (``benchmarks/pipeline.py``) has finished, it l
 and reports, on dev, its score against the fixed-path frontier at the same mean number of layers (fixed
 paths chosen on the held-out selection split, never on dev; paired-bootstrap 95% interval), the number
 of distinct paths, the fraction of hesitant gates (p in (0.2, 0.8)) and a linear probe on the same
-features at the nearest layer count. Rows go to ``benchmarks/results/routing.json`` (one per task and
-learner, merged with the rows other benchmarks write there) and ``routing.md``.
+features at the nearest layer count. Rows go to ``benchmarks/results/routing.json`` (one per backbone, task
+and learner, merged with the rows other benchmarks write there) and ``routing.md``.
+
+Up to 8 layers the fixed paths are every path (the path tree); on a 12-layer backbone (4,096 paths) they are
+one path per layer count found by backward elimination on ``--frontier-samples`` selection inputs.
 
     python benchmarks/routing.py --data-dir ../shared/data/glue
     python benchmarks/routing.py --data-dir ../shared/data/glue --tasks rte --runs runs/bench-pipeline
+    python benchmarks/routing.py --data-dir ../shared/data/glue --tasks mrpc --runs runs/bench-pipeline-mpnet
     python benchmarks/routing.py --data-dir ../shared/data/glue --tasks rte \
         --model runs/feature-choice/rte-mean/model --learner dpbert-exact --backbone-mode frozen
 """
@@ -20,6 +24,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command, markdown_table  # noqa: E402
@@ -33,7 +38,9 @@ from dpbert_rl.model import DPBert  # noqa: E402
 from dpbert_rl.pathtree import tree_cache  # noqa: E402
 from dpbert_rl.training import exact_stage_backbone  # noqa: E402
 
-KEY = ("task", "learner", "backbone_mode", "features")
+KEY = ("backbone", "task", "learner", "backbone_mode", "features")
+LEGACY_BACKBONE = "minilm"
+"""The backbone of rows written before rows named theirs: every one of them ran on MiniLM."""
 
 
 NUMBER_FIELDS = ("score", "layers_executed_mean", "fixed_frontier_score", "margin", "mid_gate_fraction", "probe_score")
@@ -83,11 +90,31 @@ def read_rows(path: Path, check_fields: bool = True) -> list:
     return rows
 
 
+def row_key(row: dict) -> tuple:
+    """A row's identity: (backbone, task, learner, backbone_mode, features)."""
+    return tuple(row.get(k, LEGACY_BACKBONE) if k == "backbone" else row.get(k) for k in KEY)
+
+
+def backbone_name(model_dir: Path, given: Optional[str] = None) -> str:
+    """The backbone a checkpoint was trained from: its stage's ``config.json`` (``backbone``, written by the
+    pipeline), else ``given``, else MiniLM. A ``given`` name that the stage's config contradicts is refused."""
+    cfg = Path(model_dir).parent / "config.json"
+    recorded = None
+    if cfg.is_file():
+        try:
+            recorded = json.loads(cfg.read_text()).get("backbone")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = None
+    if recorded and given and Path(str(recorded)).name != Path(given).name:
+        raise ValueError(f"{model_dir}: its stage ran on backbone {recorded!r} ({cfg}), not {given!r}")
+    return Path(str(recorded or given or LEGACY_BACKBONE)).name
+
+
 def merge_rows(path: Path, new_rows: list) -> list:
-    """Replace the rows with the same (task, learner, backbone_mode, features), keep the others."""
+    """Replace the rows with the same (backbone, task, learner, backbone_mode, features), keep the others."""
     rows = read_rows(path, check_fields=False)
-    keys = {tuple(r[k] for k in KEY) for r in new_rows}
-    rows = [r for r in rows if tuple(r.get(k) for k in KEY) not in keys] + new_rows
+    keys = {row_key(r) for r in new_rows}
+    rows = [r for r in rows if row_key(r) not in keys] + new_rows
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2))
     return rows
@@ -98,7 +125,10 @@ def write_markdown(rows: list, path: Path) -> None:
         lo, hi = r["margin_ci95"]
         r["_ci"] = f"[{lo:+.2f}, {hi:+.2f}]"
         r["_mid"] = "-" if r.get("mid_gate_fraction") is None else f"{r['mid_gate_fraction']:.3f}"
-    cols = [("task", "task", ""), ("learner", "learner", ""), ("backbone", "backbone_mode", ""),
+        r["_backbone"] = r.get("backbone", LEGACY_BACKBONE)
+        r["_fixed"] = "all" if r.get("frontier", "every path") == "every path" else "greedy"
+    cols = [("backbone", "_backbone", ""), ("task", "task", ""), ("learner", "learner", ""),
+            ("backbone mode", "backbone_mode", ""), ("fixed paths", "_fixed", ""),
             ("features", "features", ""), ("score", "score", ".2f"), ("layers", "layers_executed_mean", ".2f"),
             ("fixed frontier", "fixed_frontier_score", ".2f"), ("margin", "margin", "+.2f"),
             ("95% CI", "_ci", ""), ("distinct paths", "distinct_paths", ""), ("gates in (0.2, 0.8)", "_mid", ""),
@@ -106,11 +136,13 @@ def write_markdown(rows: list, path: Path) -> None:
     text = ("# Routing: learners against the best fixed path at the same mean layers (dev)\n\n"
             "Written by the benchmark scripts (`benchmarks/routing.py`, `benchmarks/agents.py`); do not edit by "
             "hand. Fixed paths are chosen on the held-out selection split; the margin's interval is a paired "
-            "bootstrap over dev inputs.\n\n" + markdown_table(rows, cols) + "\n\n"
-            + "\n".join(f"- {r['task']} / {r['learner']}: `{r['command']}`" for r in rows) + "\n")
+            "bootstrap over dev inputs. Fixed paths \"all\": the best of every path at each layer count; "
+            "\"greedy\" (12-layer backbones, 4,096 paths): one path per layer count by backward elimination on "
+            "the selection split, so a margin over it is an upper bound on the margin over all paths.\n\n" + markdown_table(rows, cols) + "\n\n"
+            + "\n".join(f"- {r['_backbone']} / {r['task']} / {r['learner']}: `{r['command']}`" for r in rows) + "\n")
     for r in rows:
-        r.pop("_ci", None)
-        r.pop("_mid", None)
+        for k in ("_ci", "_mid", "_backbone", "_fixed"):
+            r.pop(k, None)
     path.write_text(text)
 
 
@@ -120,7 +152,7 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def main() -> None:
+def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
     ap.add_argument("--tasks", default="rte,mrpc,sst2,stsb", help="comma-separated GLUE tasks")
@@ -130,12 +162,19 @@ def main() -> None:
     ap.add_argument("--backbone-mode", default="frozen",
                     help="with --model, the row's backbone_mode: frozen or joint (for the pipeline's runs it follows "
                          "their stage 3: exact is frozen, rl is joint)")
+    ap.add_argument("--backbone", default=None,
+                    help="the rows' backbone name (default: the one the checkpoint's stage config names, else minilm); "
+                         "rows of different backbones live side by side in one results file")
+    ap.add_argument("--frontier-samples", type=int, default=500,
+                    help="above 8 layers, the selection inputs (seeded subset) on which the fixed paths are found by "
+                         "backward elimination (75 path passes at 12 layers); up to 8 layers every path is walked "
+                         "on the whole selection split")
     ap.add_argument("--probe-train", type=int, default=2000, help="training inputs for the linear probe")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the margin's interval")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=str(RESULTS / "routing.json"))
     ap.add_argument("--report-only", action="store_true", help="only rewrite routing.md from routing.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     commit()
     results = Path(args.results)
     if args.report_only:
@@ -158,14 +197,17 @@ def main() -> None:
         mode = args.backbone_mode
         if args.model:
             model_dir = Path(args.model)
-        else:  # the pipeline's stage 3: exact (frozen backbone) or rl (joint)
-            model_dir = Path(args.runs) / name / "stage3_exact" / "model"
-            mode = "frozen"
-            if not model_dir.is_dir():
-                model_dir, mode = Path(args.runs) / name / "stage3_rl" / "model", "joint"
+        else:  # the pipeline's stage 3: exact or sampled (frozen backbone), or rl (joint)
+            found = [(Path(args.runs) / name / f"stage3_{kind}" / "model", m)
+                     for kind, m in (("exact", "frozen"), ("sampled", "frozen"), ("rl", "joint"))]
+            model_dir, mode = next(((d, m) for d, m in found if d.is_dir()), found[0])
         if not (model_dir / "DONE").is_file():
             print(f"[routing] {name}: no finished stage-3 model at {model_dir}; skipped")
             continue
+        try:
+            backbone_label = backbone_name(model_dir, args.backbone)
+        except ValueError as err:
+            fail(str(err))
         task = get_task(name)
         model = DPBert.load(model_dir).eval()
         seq = model.task_info.max_seq_length
@@ -191,8 +233,8 @@ def main() -> None:
             runs = {"select_run": trees["select"].oracle_run(), "dev_run": trees["dev"].oracle_run(),
                     "probe": {k: tree_probe(model, task, trees["fit"], trees["dev"], k)}}  # the one k needed
         rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True,
-                             **runs)
-        row = {"task": task.name, "learner": args.learner, "backbone_mode": mode,
+                             frontier_samples=args.frontier_samples, **runs)
+        row = {"backbone": backbone_label, "task": task.name, "learner": args.learner, "backbone_mode": mode,
                "features": model.planner_features,
                **rep, "threshold": model.threshold, "dev_examples": len(dev), "select_examples": len(select),
                "checkpoint": str(model_dir), "commit": commit(), "command": command(), "machine": machine_info()}

@@ -27,6 +27,7 @@ from _common import RESULTS, MixedRunError
 from dpbert_rl import baselines as ee
 from dpbert_rl.pathtree import oracle
 from dpbert_rl.data import collator, get_task, load_split, tokenize
+from dpbert_rl.evaluation.diagnostics import greedy_fixed_paths
 from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_fields
 from dpbert_rl.evaluation.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.evaluation.metrics import compute_metrics
@@ -480,27 +481,15 @@ def m_bert_kl(run: TaskRun) -> dict:
 
 
 def greedy_static_paths(run: TaskRun) -> dict:
-    """Where the path tree is too big to walk (more than ``MAX_TREE_LAYERS`` layers): backward elimination on the
-    calibration subset of the selection split (stage-1 backbone): from all layers, drop at each step the layer
-    whose removal loses the least score (on a tie, the earlier layer). Returns ``{k: path}`` for k = L-1 .. 2
-    (cached in the task folder: sum of k path passes over the subset, 75 at L = 12)."""
+    """Where the path tree is too big to walk (more than ``MAX_TREE_LAYERS`` layers): backward elimination
+    (:func:`dpbert_rl.evaluation.diagnostics.greedy_fixed_paths`) on the calibration subset of the selection
+    split (stage-1 backbone). Returns ``{k: path}`` for k = L-1 .. 2 (cached in the task folder: sum of k path
+    passes over the subset, 75 at L = 12)."""
     cache = run.root / f"greedy_paths_calib{len(run.calib)}.json"  # the subset they were chosen on
     if cache.is_file():
         return {int(k): v for k, v in json.loads(cache.read_text()).items()}
     L = run.full.num_layers
-
-    def score(path):
-        acts = torch.tensor(path, dtype=torch.float32)
-        return score_run(run.t, run_dataset(run.full, run.calib, run.collate, 64, "path", actions=acts))["score"]
-
-    path, out = [1] * L, {}
-    while sum(path) > 2:
-        trials = []
-        for i in (j for j in range(L) if path[j]):
-            trial = path[:i] + [0] + path[i + 1:]
-            trials.append((score(trial), -i, trial))  # ties: drop the earlier layer
-        path = max(trials)[2]
-        out[sum(path)] = path
+    out = {k: path for k, (path, _) in greedy_fixed_paths(run.full, run.t, run.calib, run.collate).items() if k < L}
     cache.write_text(json.dumps(out))
     return out
 

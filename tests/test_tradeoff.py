@@ -628,11 +628,15 @@ def test_a_methods_code_hash_follows_the_code_it_runs(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- 12 layers (issue 22)
 def test_greedy_static_paths_drop_the_least_useful_layer_first(tmp_path, monkeypatch):
+    import dpbert_rl.evaluation.diagnostics as diagnostics
+    import dpbert_rl.evaluation.evaluate as evaluate
+
     methods = bench("tradeoff_methods")
     weight = [5, 1, 7, 3, 9, 2, 8, 4, 6, 0.5, 10, 11]  # what each layer adds to the score
-    monkeypatch.setattr(methods, "run_dataset", lambda model, ds, collate, bs, mode, actions: actions)
-    monkeypatch.setattr(methods, "score_run", lambda t, acts: {"score": float(sum(
-        w for w, a in zip(weight, acts.tolist()) if a))})
+    monkeypatch.setattr(evaluate, "run_dataset", lambda model, ds, collate, bs, mode, actions: {
+        "predictions": actions.numpy(), "labels": None})
+    monkeypatch.setattr(diagnostics, "task_score", lambda t, acts, labels: float(sum(
+        w for w, a in zip(weight, acts.tolist()) if a)))
     run = type("Run", (), {})()
     run.root, run.t, run.calib, run.collate = tmp_path, None, [None] * 8, None
     run.full = type("Full", (), {"num_layers": 12})()

@@ -342,3 +342,115 @@ def test_the_pipeline_benchmark_keeps_one_backbone_per_results_file(tmp_path, mo
     with pytest.raises(SystemExit, match=r"holds rows of backbone minilm.*--results \S*pipeline_mpnet-base\.json"):
         pipeline.main(["--tasks", "sst2", "--backbone", "mpnet-base", "--results", str(results)])
     assert results.read_text() == before
+
+
+def _greedy_by_hand(model, task, ds, collate):
+    """Backward elimination written out: the score of every candidate at every step, from run_dataset."""
+    from dpbert_rl.evaluation.diagnostics import task_score
+    from dpbert_rl.evaluation.evaluate import run_dataset
+
+    def score(p):
+        run = run_dataset(model, ds, collate, 64, "path", actions=torch.tensor(p, dtype=torch.float32))
+        return task_score(task, run["predictions"], run["labels"])
+
+    path, out = [1] * 12, {}
+    while sum(path) > 1:
+        cands = [path[:i] + [0] + path[i + 1:] for i in range(12) if path[i]]
+        scores = [score(c) for c in cands]
+        path = cands[int(np.argmax(scores))]  # argmax takes the first best: the earlier layer on a tie
+        out[sum(path)] = (path, max(scores))
+    return out
+
+
+def test_fixed_paths_at_twelve_layers_are_found_by_backward_elimination(tiny_glue, tmp_path):
+    """On a 12-layer regressor (STS-B: every path scores differently, so no step is decided by a tie)."""
+    from dpbert_rl.data import collator, get_task, load_split, tokenize
+    from dpbert_rl.evaluation.diagnostics import greedy_fixed_paths
+
+    torch.manual_seed(0)
+    model = DPBert.from_backbone(str(make_tiny_checkpoint(tmp_path / "reg12", num_labels=1, layers=12)),
+                                 num_labels=1).eval()
+    task, collate = get_task("stsb"), collator(model.tokenizer)
+    ds = tokenize(load_split(task, "fit", str(tiny_glue)), model.tokenizer, 64)
+    got = greedy_fixed_paths(model, task, ds, collate, min_layers=1)
+    assert sorted(got) == list(range(1, 13)) and got[12][0] == [1] * 12
+    for k in range(1, 12):  # nested: each path is the one above it with one layer dropped
+        assert sum(got[k][0]) == k and sum(a - b for a, b in zip(got[k + 1][0], got[k][0])) == 1
+    want = _greedy_by_hand(model, task, ds, collate)
+    assert {k: got[k][0] for k in want} == {k: p for k, (p, _) in want.items()}
+    assert [got[k][1] for k in want] == pytest.approx([s for _, s in want.values()])
+    assert len({s for _, s in want.values()}) > 6  # the scores do differ: the choices were not ties
+    with pytest.raises(ValueError, match=r"min_layers must be in \[1, 12\]; got 0"):
+        greedy_fixed_paths(model, task, ds, collate, min_layers=0)
+
+
+def test_routing_at_twelve_layers_scores_against_the_greedy_paths_without_the_tree(tiny12, tiny_glue, monkeypatch):
+    """4,096 paths per input are never walked: the frontier is the backward-elimination paths, its hull names
+    them by path id (layer 1 the top bit, as the tree's), and the margin is the learner's dev score minus theirs."""
+    import dpbert_rl.pathtree.oracle as oracle
+    from dpbert_rl.data import collator, get_task, load_split, tokenize
+    from dpbert_rl.evaluation.diagnostics import routing_report, task_score
+    from dpbert_rl.evaluation.evaluate import run_dataset
+
+    monkeypatch.setattr(oracle, "enumerate_paths", lambda *a, **k: pytest.fail("walked every path at 12 layers"))
+    _, model_dir = tiny12
+    model = DPBert.load(model_dir).eval()
+    task, collate = get_task("rte"), collator(model.tokenizer)
+    sets = {s: tokenize(load_split(task, s, str(tiny_glue)), model.tokenizer, 64) for s in ("select", "dev", "fit")}
+    learner = run_dataset(model, sets["dev"], collate, 64, "hard")
+    rep = routing_report(model, task, learner, sets["select"], sets["dev"], sets["fit"], collate, n_boot=50,
+                         frontier_samples=None)
+    assert rep["frontier"] == f"backward elimination on {len(sets['select'])} selection inputs"
+
+    def bits(pid):
+        return [(pid >> (11 - i)) & 1 for i in range(12)]
+
+    def dev_score(pid):
+        run = run_dataset(model, sets["dev"], collate, 64, "path", actions=torch.tensor(bits(pid), dtype=torch.float32))
+        return task_score(task, run["predictions"], run["labels"])
+
+    for k, pid, s in rep["frontier_hull"]:  # each hull point is its path's selection score
+        assert sum(bits(pid)) == k
+        run = run_dataset(model, sets["select"], collate, 64, "path",
+                          actions=torch.tensor(bits(pid), dtype=torch.float32))
+        assert s == pytest.approx(task_score(task, run["predictions"], run["labels"]))
+    frontier = sum(w * dev_score(pid) for pid, w in rep["frontier_paths"])
+    assert rep["fixed_frontier_score"] == pytest.approx(frontier)
+    assert rep["margin"] == pytest.approx(task_score(task, learner["predictions"], learner["labels"]) - frontier)
+
+
+def test_the_routing_benchmark_reads_a_twelve_layer_pipeline_run_and_keeps_backbones_apart(tiny12, tiny_glue,
+                                                                                           tmp_path, monkeypatch):
+    """The pipeline's 12-layer stage 3 is `sampled`: routing.py finds it, names the row's backbone from the stage's
+    config and writes it beside a MiniLM row of the same task and learner (rows written before rows named their
+    backbone are MiniLM's), and refuses a --backbone that the checkpoint's config contradicts."""
+    import shutil
+
+    routing = load_benchmark("routing")
+    monkeypatch.setattr(routing, "commit", lambda: "0" * 40)
+    _, model_dir = tiny12
+    stage = tmp_path / "runs" / "rte" / "stage3_sampled"
+    shutil.copytree(model_dir, stage / "model")
+    (stage / "model" / "DONE").write_text("{}")
+    (stage / "config.json").write_text(json.dumps({"backbone": "/somewhere/mpnet-base", "stage": "sampled"}))
+    results = tmp_path / "routing.json"
+    features = DPBert.load(model_dir).planner_features  # the same key as the new row's, but for the backbone
+    legacy = {"task": "rte", "learner": "dpbert", "backbone_mode": "frozen", "features": features, "score": 50.0,
+              "margin": 1.0, "margin_ci95": [0.0, 2.0], "command": "python benchmarks/routing.py"}
+    results.write_text(json.dumps([legacy]))
+    args = ["--data-dir", str(tiny_glue), "--tasks", "rte", "--runs", str(tmp_path / "runs"), "--results",
+            str(results), "--bootstrap", "20", "--probe-train", "16", "--threads", "1"]
+    routing.main(args)
+    rows = json.loads(results.read_text())
+    assert [r.get("backbone") for r in rows] == [None, "mpnet-base"] and rows[0] == legacy
+    new = rows[1]
+    assert (new["task"], new["learner"], new["backbone_mode"]) == ("rte", "dpbert", "frozen")
+    assert new["frontier"].startswith("backward elimination on ")
+    table = (tmp_path / "routing.md").read_text()
+    assert "| minilm | rte | dpbert | frozen | all |" in table and "| mpnet-base | rte | dpbert | frozen | greedy |" in table
+    routing.main(args)  # the same backbone again replaces its own row only
+    assert [r.get("backbone") for r in json.loads(results.read_text())] == [None, "mpnet-base"]
+    before = results.read_text()
+    with pytest.raises(SystemExit):
+        routing.main(args + ["--backbone", "minilm"])
+    assert results.read_text() == before

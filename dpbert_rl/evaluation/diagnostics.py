@@ -179,6 +179,59 @@ def fixed_frontier(task: GlueTask, select_run: dict) -> list:
     return rising
 
 
+def fixed_paths_run(model: DPBert, dataset, collate_fn, paths, batch_size: int = 64) -> dict:
+    """Given fixed paths run on every input (skipped layers not computed): the same dict as
+    :func:`dpbert_rl.pathtree.oracle.enumerate_paths` restricted to ``paths`` (``predictions`` ``(N, P)``,
+    ``labels`` ``(N,)``, ``paths`` ``(P, L)``), so :func:`fixed_frontier` and :func:`frontier_margin` read it."""
+    from .evaluate import run_dataset
+
+    P = np.asarray(paths, dtype=np.float32).reshape(-1, model.num_layers)
+    runs = [run_dataset(model, dataset, collate_fn, batch_size, "path", actions=torch.from_numpy(p)) for p in P]
+    return {"predictions": np.stack([r["predictions"] for r in runs], 1).astype(np.float32),
+            "labels": np.asarray(runs[0]["labels"], dtype=np.float32), "paths": P}
+
+
+def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch_size: int = 64,
+                       min_layers: int = 2, progress: bool = False) -> dict:
+    """Fixed paths by backward elimination, where every path cannot be walked (2^L - 1 layer calls per input):
+    from all ``L`` layers, drop at each step the layer whose removal loses the least score on ``dataset`` (on a
+    tie, the earlier layer), down to ``min_layers``. ``sum(k, k = min_layers+1 .. L)`` path passes (75 at L = 12).
+
+    :return: ``{k: (path, score)}`` for k = L .. min_layers, each path a list of 0/1 and each the one before
+        it with one layer dropped; ``score`` is the path's score on ``dataset``.
+    """
+    from .evaluate import run_dataset
+
+    L = model.num_layers
+    if not 1 <= min_layers <= L:
+        raise ValueError(f"min_layers must be in [1, {L}]; got {min_layers}")
+
+    def score(p):
+        run = run_dataset(model, dataset, collate_fn, batch_size, "path", actions=torch.tensor(p, dtype=torch.float32))
+        return task_score(task, run["predictions"], run["labels"])
+
+    path = [1] * L
+    out = {L: (path, score(path))}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(range(min_layers + 1, L + 1)), desc="fixed paths (backward elimination)", leave=False)
+    while sum(path) > min_layers:
+        trials = []
+        for i in (j for j in range(L) if path[j]):
+            trial = path[:i] + [0] + path[i + 1:]
+            s = score(trial)
+            trials.append((s if np.isfinite(s) else -np.inf, -i, trial))  # ties: drop the earlier layer
+            if bar is not None:
+                bar.update()
+        best, _, path = max(trials)
+        out[sum(path)] = (path, float(best))
+    if bar is not None:
+        bar.close()
+    return out
+
+
 def frontier_mixture(hull: list, layers: float) -> list:
     """The mix of (at most two) hull paths whose mean layer count is ``layers``: ``[(path, weight)]``.
     Below the first point it is the first point; past the last, the last."""
@@ -301,8 +354,14 @@ __all__ = ["warn_if_constant", "skip_one_losses", "inspect_features", "format_in
 def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set, dev_set, fit_set, collate_fn,
                    batch_size: int = 64, n_boot: int = 1000, seed: int = 0, progress: bool = False,
                    select_run: Optional[dict] = None, dev_run: Optional[dict] = None,
-                   probe: Optional[dict] = None) -> dict:
+                   probe: Optional[dict] = None, frontier_samples: Optional[int] = 500) -> dict:
     """Everything a routing row reports for one learner on one (frozen) backbone.
+
+    The fixed paths are every path of the backbone up to :data:`~dpbert_rl.pathtree.oracle.MAX_TREE_LAYERS`
+    layers. Deeper (4,096 paths at L = 12), they are found by backward elimination (:func:`greedy_fixed_paths`)
+    on ``frontier_samples`` inputs of the selection split (seeded; all of it when ``None`` or fewer): a frontier
+    of one path per layer count, not the best of all paths, so a margin over it is an upper bound on the margin
+    over the exact frontier. ``frontier`` in the result says which.
 
     :param learner_run: the learner's :func:`dpbert_rl.evaluation.evaluate.run_dataset` on ``dev_set`` (predictions,
         actions, and probs where the learner has gate probabilities).
@@ -313,8 +372,19 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
         ``distinct_paths``, ``mid_gate_fraction``, ``probe_score``, ``probe_layers`` and the frontier's paths.
     """
     from .evaluate import distinct_paths, mid_gate_fraction
-    from ..pathtree.oracle import enumerate_paths
+    from ..pathtree.oracle import MAX_TREE_LAYERS, enumerate_paths, path_indices
 
+    frontier = "every path"
+    if select_run is None and model.num_layers > MAX_TREE_LAYERS:
+        sub = select_set
+        if frontier_samples and frontier_samples < len(select_set):
+            sub = select_set.shuffle(seed=seed).select(range(frontier_samples))
+        greedy = greedy_fixed_paths(model, task, sub, collate_fn, batch_size, min_layers=1, progress=progress)
+        fixed = [p for _, (p, _) in sorted(greedy.items())]
+        select_run = fixed_paths_run(model, sub, collate_fn, fixed, batch_size)
+        if dev_run is None:
+            dev_run = fixed_paths_run(model, dev_set, collate_fn, fixed, batch_size)
+        frontier = f"backward elimination on {len(sub)} selection inputs"
     if select_run is None:
         select_run = enumerate_paths(model, select_set, collate_fn, batch_size, progress=progress)
     if dev_run is None:
@@ -322,11 +392,14 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
     hull = fixed_frontier(task, select_run)
     layers = float(np.asarray(learner_run["actions"]).sum(1).mean())
     out = frontier_margin(task, np.asarray(learner_run["predictions"]), layers, dev_run, hull, n_boot, seed)
+    path_id = path_indices(select_run["paths"])  # column -> path id (layer 1 the top bit), as enumerate_paths
+    out["frontier_paths"] = [[int(path_id[p]), w] for p, w in out["frontier_paths"]]
     out.update({
         "layers_executed_mean": layers,
         "distinct_paths": distinct_paths(learner_run["actions"]),
         "mid_gate_fraction": mid_gate_fraction(learner_run["probs"]) if "probs" in learner_run else None,
-        "frontier_hull": [[int(k), int(p), float(s)] for k, p, s in hull],
+        "frontier_hull": [[int(k), int(path_id[p]), float(s)] for k, p, s in hull],
+        "frontier": frontier,
     })
     k = int(round(layers))
     out.update(probe[k] if probe and k in probe else linear_probe(model, task, fit_set, dev_set, collate_fn, k,
