@@ -454,3 +454,49 @@ def test_the_routing_benchmark_reads_a_twelve_layer_pipeline_run_and_keeps_backb
     with pytest.raises(SystemExit):
         routing.main(args + ["--backbone", "minilm"])
     assert results.read_text() == before
+
+
+@pytest.mark.parametrize("stage", ["sampled", "rl"])
+def test_the_dual_price_follows_the_rate_of_the_greedy_path(tiny12, tiny_glue, tmp_path, monkeypatch, stage):
+    """The rate the price holds is the fraction of layers the greedy path executes, walked from its own states,
+    as the model will run: every dual step reads the mean of a hard forward's actions on that step's inputs (it
+    read `p >= 0.5` along the sampled paths, which at 12 layers sat 0.15-0.25 below the greedy path's rate)."""
+    from dpbert_rl.model.objectives import DualPrice
+
+    from dpbert_rl.data import collator, load_split, tokenize
+    from dpbert_rl.model.planner import Planners
+
+    model = DPBert.load(tiny12[1])
+    model.planners = Planners(12, model.backbone.hidden_size, 0.0, features=TrainConfig.planner_features)
+    model.fit_feature_stats(tokenize(load_split("rte", "fit", str(tiny_glue)), model.tokenizer, 64),
+                            collator(model.tokenizer))
+    torch.manual_seed(1)
+    with torch.no_grad():  # planners that read the state: the greedy path's rate is not that of p >= 0.5 elsewhere
+        model.planners.weight.normal_(0, 0.05)
+    model_dir = tmp_path / "init"
+    model.save(model_dir)
+    events = []
+    forward, update = DPBert.forward, DualPrice.update
+
+    def spy_forward(self, *args, mode="hard", **kwargs):
+        out = forward(self, *args, mode=mode, **kwargs)
+        if mode == "hard":
+            events.append(("hard", out.actions.float().mean().item(), args[0].shape[0] if args else
+                           kwargs["input_ids"].shape[0]))
+        return out
+
+    def spy_update(self, rate):
+        events.append(("dual", float(rate), None))
+        return update(self, rate)
+
+    monkeypatch.setattr(DPBert, "forward", spy_forward)
+    monkeypatch.setattr(DualPrice, "update", spy_update)
+    cfg = TrainConfig(task="rte", backbone=str(model_dir), data_dir=str(tiny_glue), output_dir=str(tmp_path / stage),
+                      batch_size=4, eval_batch_size=16, progress=False, max_steps=3, eval_steps=100, save_steps=100,
+                      logging_steps=1, lr=1e-4, target_rate=0.3, samples=2)
+    train_stage(stage, cfg, init=str(model_dir))
+    duals = [i for i, e in enumerate(events) if e[0] == "dual"]
+    assert len(duals) == 3
+    for i in duals:
+        kind, rate, rows = events[i - 1]
+        assert kind == "hard" and rows == 4 and events[i][1] == pytest.approx(rate)  # one row per input, not K

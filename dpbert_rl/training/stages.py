@@ -46,6 +46,7 @@ from ..checks import NonFiniteError, check_max_seq_length
 from ..data import collator, get_task, load_split, tokenize
 from ..evaluation.diagnostics import skip_all_check, warn_if_constant
 from ..evaluation.evaluate import evaluate_model
+from ..model.backbone import eval_mode
 from ..model.dpbert import DPBert, TaskInfo
 from ..model.objectives import DualPrice, dpbert_objective, final_reward, reward_to_go, skip_penalty, skip_rate
 from ..model.planner import Planners
@@ -112,7 +113,7 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
     :param price: the cost of an executed layer in stage 3's reward (``cfg.cost``, or the dual price).
     :param progress: fraction of the stage done, for the entropy bonus's decay.
     """
-    shared = None
+    shared, once = None, batch  # `once`: one row per input
     if stage in _REINFORCE and cfg.samples > 1:  # K paths per input, rows grouped by input
         n = batch["input_ids"].shape[0]
         batch = {k: v.repeat_interleave(cfg.samples, 0) for k, v in batch.items()}
@@ -145,11 +146,20 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
             return final_reward(cfg.reward, o.per_example_loss, raw_model.predict(o.logits), inputs["labels"],
                                 raw_model.is_regression)
 
-        greedy = None
+        greedy, rate = None, None
         if cfg.baseline == "self-critical":
             with torch.no_grad():
                 g = raw_model(**inputs, mode="hard", shared=shared)
             greedy = reward_to_go(g.actions, outcome(g), price, cfg.lam)
+            rate = g.actions.float().mean().item()
+        if rate is None and cfg.rate_control == "dual" and cfg.target_rate is not None:
+            # the dual price holds the rate of the path the model will run, the greedy one, walked from its own
+            # states: `p >= 0.5` read along the sampled paths is not that rate (those states skipped other layers;
+            # at 12 layers it read 0.15-0.25 below the greedy path's, and the price went negative while the greedy
+            # path ran 10-11 layers)
+            with torch.no_grad(), eval_mode(raw_model):  # as deployed: no dropout (and no random draws taken)
+                rate = raw_model(input_ids=once["input_ids"], attention_mask=once["attention_mask"],
+                                 token_type_ids=once.get("token_type_ids"), mode="hard").actions.float().mean().item()
         parts = dpbert_objective(out.loss, out.log_probs, out.probs, out.actions, out.per_example_loss,
                                  price, cfg.lam, cfg.beta, cfg.target_rate if with_penalty else None, cfg.baseline,
                                  greedy, outcome=outcome(out), samples=cfg.samples, normalise=cfg.normalise_advantages,
@@ -157,8 +167,9 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
         loss = parts["loss"]
         logs.update({"losses/policy_loss": parts["policy_loss"].item(), "losses/penalty": parts["penalty"].item(),
                      "losses/entropy_bonus": parts["entropy_bonus"].item(), "charts/layer_price": price,
-                     "charts/greedy_execute_rate": (out.probs >= 0.5).float().mean().item(),
                      "charts/episodic_return": parts["returns"][:, 0].mean().item()})
+        if rate is not None:
+            logs["charts/greedy_execute_rate"] = rate
     logs.update({
         "losses/entropy": out.entropy.mean().item(),
         "charts/expected_skip_rate": skip_rate(out.probs).item(),
