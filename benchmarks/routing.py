@@ -100,11 +100,14 @@ def backbone_name(model_dir: Path, given: Optional[str] = None) -> str:
     pipeline), else ``given``, else MiniLM. A ``given`` name that the stage's config contradicts is refused."""
     cfg = Path(model_dir).parent / "config.json"
     recorded = None
-    if cfg.is_file():
+    if cfg.is_file():  # the stage wrote it: a damaged one is an error, not a silent guess
         try:
-            recorded = json.loads(cfg.read_text()).get("backbone")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            recorded = None
+            stage = json.loads(cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{cfg}: not valid JSON ({err}); expected the stage's config, which names its backbone")
+        if not isinstance(stage, dict):
+            raise ValueError(f"{cfg}: expected a JSON object (the stage's config); got {json.dumps(stage)[:60]}")
+        recorded = stage.get("backbone")
     if recorded and given and Path(str(recorded)).name != Path(given).name:
         raise ValueError(f"{model_dir}: its stage ran on backbone {recorded!r} ({cfg}), not {given!r}")
     return Path(str(recorded or given or LEGACY_BACKBONE)).name

@@ -489,7 +489,7 @@ def greedy_static_paths(run: TaskRun) -> dict:
     if cache.is_file():
         return {int(k): v for k, v in json.loads(cache.read_text()).items()}
     L = run.full.num_layers
-    out = {k: path for k, (path, _) in greedy_fixed_paths(run.full, run.t, run.calib, run.collate).items() if k < L}
+    out = {k: path for k, (path, *_) in greedy_fixed_paths(run.full, run.t, run.calib, run.collate).items() if k < L}
     cache.write_text(json.dumps(out))
     return out
 

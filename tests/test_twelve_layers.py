@@ -362,14 +362,19 @@ def _greedy_by_hand(model, task, ds, collate):
     return out
 
 
-def test_fixed_paths_at_twelve_layers_are_found_by_backward_elimination(tiny_glue, tmp_path):
-    """On a 12-layer regressor (STS-B: every path scores differently, so no step is decided by a tie)."""
+@pytest.fixture(scope="module")
+def reg12(tmp_path_factory):
+    """A 12-layer regressor (STS-B): every path scores differently, so no choice among paths is decided by a tie."""
+    torch.manual_seed(0)
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("reg12"), num_labels=1, layers=12)
+    return DPBert.from_backbone(str(ckpt), num_labels=1).eval()
+
+
+def test_fixed_paths_at_twelve_layers_are_found_by_backward_elimination(reg12, tiny_glue):
     from dpbert_rl.data import collator, get_task, load_split, tokenize
     from dpbert_rl.evaluation.diagnostics import greedy_fixed_paths
 
-    torch.manual_seed(0)
-    model = DPBert.from_backbone(str(make_tiny_checkpoint(tmp_path / "reg12", num_labels=1, layers=12)),
-                                 num_labels=1).eval()
+    model = reg12
     task, collate = get_task("stsb"), collator(model.tokenizer)
     ds = tokenize(load_split(task, "fit", str(tiny_glue)), model.tokenizer, 64)
     got = greedy_fixed_paths(model, task, ds, collate, min_layers=1)
@@ -384,7 +389,7 @@ def test_fixed_paths_at_twelve_layers_are_found_by_backward_elimination(tiny_glu
         greedy_fixed_paths(model, task, ds, collate, min_layers=0)
 
 
-def test_routing_at_twelve_layers_scores_against_the_greedy_paths_without_the_tree(tiny12, tiny_glue, monkeypatch):
+def test_routing_at_twelve_layers_scores_against_the_greedy_paths_without_the_tree(reg12, tiny_glue, monkeypatch):
     """4,096 paths per input are never walked: the frontier is the backward-elimination paths, its hull names
     them by path id (layer 1 the top bit, as the tree's), and the margin is the learner's dev score minus theirs."""
     import dpbert_rl.pathtree.oracle as oracle
@@ -393,9 +398,8 @@ def test_routing_at_twelve_layers_scores_against_the_greedy_paths_without_the_tr
     from dpbert_rl.evaluation.evaluate import run_dataset
 
     monkeypatch.setattr(oracle, "enumerate_paths", lambda *a, **k: pytest.fail("walked every path at 12 layers"))
-    _, model_dir = tiny12
-    model = DPBert.load(model_dir).eval()
-    task, collate = get_task("rte"), collator(model.tokenizer)
+    model = reg12
+    task, collate = get_task("stsb"), collator(model.tokenizer)
     sets = {s: tokenize(load_split(task, s, str(tiny_glue)), model.tokenizer, 64) for s in ("select", "dev", "fit")}
     learner = run_dataset(model, sets["dev"], collate, 64, "hard")
     rep = routing_report(model, task, learner, sets["select"], sets["dev"], sets["fit"], collate, n_boot=50,
@@ -420,7 +424,8 @@ def test_routing_at_twelve_layers_scores_against_the_greedy_paths_without_the_tr
 
 
 def test_the_routing_benchmark_reads_a_twelve_layer_pipeline_run_and_keeps_backbones_apart(tiny12, tiny_glue,
-                                                                                           tmp_path, monkeypatch):
+                                                                                           tmp_path, monkeypatch,
+                                                                                           capsys):
     """The pipeline's 12-layer stage 3 is `sampled`: routing.py finds it, names the row's backbone from the stage's
     config and writes it beside a MiniLM row of the same task and learner (rows written before rows named their
     backbone are MiniLM's), and refuses a --backbone that the checkpoint's config contradicts."""
@@ -454,6 +459,10 @@ def test_the_routing_benchmark_reads_a_twelve_layer_pipeline_run_and_keeps_backb
     with pytest.raises(SystemExit):
         routing.main(args + ["--backbone", "minilm"])
     assert results.read_text() == before
+    (stage / "config.json").write_text("{not json")  # a damaged stage config: an error naming it, not a guess
+    with pytest.raises(SystemExit):
+        routing.main(args)
+    assert str(stage / "config.json") in capsys.readouterr().err and results.read_text() == before
 
 
 @pytest.mark.parametrize("stage", ["sampled", "rl"])

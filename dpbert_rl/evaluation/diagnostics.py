@@ -186,9 +186,14 @@ def fixed_paths_run(model: DPBert, dataset, collate_fn, paths, batch_size: int =
     from .evaluate import run_dataset
 
     P = np.asarray(paths, dtype=np.float32).reshape(-1, model.num_layers)
-    runs = [run_dataset(model, dataset, collate_fn, batch_size, "path", actions=torch.from_numpy(p)) for p in P]
+    return _paths_run(P, [run_dataset(model, dataset, collate_fn, batch_size, "path", actions=torch.from_numpy(p))
+                          for p in P])
+
+
+def _paths_run(paths: np.ndarray, runs: list) -> dict:
+    """One :func:`~dpbert_rl.evaluation.evaluate.run_dataset` result per path, as :func:`fixed_paths_run`'s dict."""
     return {"predictions": np.stack([r["predictions"] for r in runs], 1).astype(np.float32),
-            "labels": np.asarray(runs[0]["labels"], dtype=np.float32), "paths": P}
+            "labels": np.asarray(runs[0]["labels"], dtype=np.float32), "paths": np.asarray(paths, dtype=np.float32)}
 
 
 def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch_size: int = 64,
@@ -197,8 +202,9 @@ def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch
     from all ``L`` layers, drop at each step the layer whose removal loses the least score on ``dataset`` (on a
     tie, the earlier layer), down to ``min_layers``. ``sum(k, k = min_layers+1 .. L)`` path passes (75 at L = 12).
 
-    :return: ``{k: (path, score)}`` for k = L .. min_layers, each path a list of 0/1 and each the one before
-        it with one layer dropped; ``score`` is the path's score on ``dataset``.
+    :return: ``{k: (path, score, run)}`` for k = L .. min_layers, each path a list of 0/1 and each the one
+        before it with one layer dropped; ``score`` is the path's score on ``dataset`` and ``run`` its
+        ``run_dataset`` result there (predictions and labels: no second pass needed to read them).
     """
     from .evaluate import run_dataset
 
@@ -206,12 +212,13 @@ def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch
     if not 1 <= min_layers <= L:
         raise ValueError(f"min_layers must be in [1, {L}]; got {min_layers}")
 
-    def score(p):
+    def scored(p):
         run = run_dataset(model, dataset, collate_fn, batch_size, "path", actions=torch.tensor(p, dtype=torch.float32))
-        return task_score(task, run["predictions"], run["labels"])
+        s = task_score(task, run["predictions"], run["labels"])
+        return (s if np.isfinite(s) else -np.inf), run
 
     path = [1] * L
-    out = {L: (path, score(path))}
+    out = {L: (path, *scored(path))}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -221,12 +228,11 @@ def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch
         trials = []
         for i in (j for j in range(L) if path[j]):
             trial = path[:i] + [0] + path[i + 1:]
-            s = score(trial)
-            trials.append((s if np.isfinite(s) else -np.inf, -i, trial))  # ties: drop the earlier layer
+            trials.append((*scored(trial), -i, trial))
             if bar is not None:
                 bar.update()
-        best, _, path = max(trials)
-        out[sum(path)] = (path, float(best))
+        best, run, _, path = max(trials, key=lambda t: (t[0], t[2]))  # ties: drop the earlier layer
+        out[sum(path)] = (path, float(best), run)
     if bar is not None:
         bar.close()
     return out
@@ -379,9 +385,10 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
         sub = select_set
         if frontier_samples and frontier_samples < len(select_set):
             sub = select_set.shuffle(seed=seed).select(range(frontier_samples))
-        greedy = greedy_fixed_paths(model, task, sub, collate_fn, batch_size, min_layers=1, progress=progress)
-        fixed = [p for _, (p, _) in sorted(greedy.items())]
-        select_run = fixed_paths_run(model, sub, collate_fn, fixed, batch_size)
+        greedy = [v for _, v in sorted(greedy_fixed_paths(model, task, sub, collate_fn, batch_size, min_layers=1,
+                                                         progress=progress).items())]
+        fixed = [p for p, _, _ in greedy]
+        select_run = _paths_run(fixed, [run for _, _, run in greedy])  # the elimination's own passes
         if dev_run is None:
             dev_run = fixed_paths_run(model, dev_set, collate_fn, fixed, batch_size)
         frontier = f"backward elimination on {len(sub)} selection inputs"
