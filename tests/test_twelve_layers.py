@@ -181,12 +181,18 @@ def test_the_default_pipeline_runs_at_twelve_layers_with_sampled_stage3_and_adap
     ckpt, _ = tiny12
     cfg = PipelineConfig(task="rte", backbone=str(ckpt), data_dir=str(tiny_glue), output_dir=str(tmp_path / "p"),
                          progress=False, max_steps=2, batch_size=8, eval_batch_size=16, target_rate=0.3,
-                         latency_samples=4, latency_repeats=1)
+                         latency_samples=4, latency_repeats=1, logging_steps=1)
     report = run_pipeline(cfg)
     for sub in ("stage3_sampled_frozen", "stage3_adapt", "stage3_sampled"):
         assert (tmp_path / "p" / sub / "model" / "DONE").is_file(), sub
-    assert json.loads((tmp_path / "p" / "stage3_sampled" / "config.json").read_text())["stage"] == "sampled"
+    final = json.loads((tmp_path / "p" / "stage3_sampled" / "config.json").read_text())
+    assert final["stage"] == "sampled"
     assert report["num_layers"] == 12 and report["checkpoint"].endswith("stage3_sampled/model")
+    # the second fit starts at the layer price the first recorded with its chosen planners, not at --cost again
+    carried = json.loads((tmp_path / "p" / "stage3_sampled_frozen" / "model" / "selection.json").read_text())["price"]
+    assert carried != cfg.cost and final["cost"] == carried
+    rows = [json.loads(x) for x in (tmp_path / "p" / "stage3_sampled" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["charts/layer_price"] for r in rows if "charts/layer_price" in r][0] == pytest.approx(carried)
 
 
 def test_auto_stage3_is_checked_as_exact_on_a_six_layer_backbone_before_stage_1(tiny_glue, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -65,7 +66,24 @@ def planner_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0
         first = planner_stage(kind, cfg, init, first_out, epochs, lr, cache_dir, path_calibration, cost_unit)
         init = train_stage("adapt", adapt_cfg, init=str(first))
         trained += [first, init]
+        cfg = carried_price(cfg, first)
     return trained + [planner_stage(kind, cfg, init, out, epochs, lr, cache_dir, path_calibration, cost_unit)]
+
+
+def carried_price(cfg, first: Path):
+    """``cfg`` for the second fit of a skip-aware alternation: under ``rate_control`` 'dual' with a target rate,
+    its starting layer price (``cost``) is the price the first fit recorded in ``selection.json`` (the sampled
+    stage: the price at the chosen step; the exact stage: its final price). Restarting at ``--cost`` instead, the
+    price lagged the adapted planners' rate (MPNet, MRPC: the frozen fit had ended at 0.107; the second went
+    negative while its planners skipped too much, then overshot to 9.7 of 12 layers). Otherwise ``cfg`` unchanged
+    (with a fixed price, ``cost`` is the price itself)."""
+    if cfg.rate_control != "dual" or cfg.target_rate is None:
+        return cfg
+    selection = Path(first) / "selection.json"
+    price = json.loads(selection.read_text()).get("price") if selection.is_file() else None
+    if price is None or not math.isfinite(price):
+        return cfg
+    return replace(cfg, cost=float(price))
 
 
 def stage3_for(stage3: str, num_layers: int) -> str:

@@ -413,9 +413,13 @@ class StageRun:
             res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance
         if ok and (state["best"] is None or res["score"] > state["best"]):
             state["best"], state["best_step"] = res["score"], step
-            if self.main:
-                save_atomic(self.raw, self.model_dir, extra={"step": step, "select": res})
+            if self.main:  # with the layer price at that step: a later fit of these planners starts there
+                save_atomic(self.raw, self.model_dir, extra={"step": step, "select": res, **self._price()})
         return res
+
+    def _price(self) -> dict:
+        """``{"price": p}``, the dual layer price now, for ``selection.json`` (empty without a dual price)."""
+        return {} if self.dual is None else {"price": self.dual.price}
 
     # ---- the end
     def finish(self) -> None:
@@ -426,7 +430,8 @@ class StageRun:
         if self.main:
             if state["best"] is None:  # no evaluation met the selection rule: keep the last model
                 save_atomic(self.raw, self.model_dir,
-                            extra={"step": step, "note": "last (no evaluation met the skip-rate rule)"})
+                            extra={"step": step, "note": "last (no evaluation met the skip-rate rule)",
+                                   **self._price()})
             seconds = time.time() - self.t0
             dev = score_dev_once(self.model_dir, self.cfg, self.eval_mode)  # once, on the chosen model; chooses nothing
             (self.model_dir / DONE_FILE).write_text(json.dumps(
