@@ -515,3 +515,73 @@ def test_the_dual_price_follows_the_rate_of_the_greedy_path(tiny12, tiny_glue, t
     for i in duals:
         kind, rate, rows = events[i - 1]
         assert kind == "hard" and rows == 4 and events[i][1] == pytest.approx(rate)  # one row per input, not K
+
+
+def test_visited_paths_are_recalibrated_by_least_squares_with_one_pooled_pair_for_the_rest(reg12, tiny_glue):
+    """Above 8 layers no tree is walked: each path the greedy planners take on the fit split gets the
+    least-squares line of its own inputs (here every path taken by 2 or more), every other path, unseen ones
+    included, the line of the remaining inputs."""
+    from dpbert_rl.data import collator, get_task, load_split, tokenize
+    from dpbert_rl.evaluation.evaluate import run_dataset
+    from dpbert_rl.model.objectives import path_ids
+    from dpbert_rl.training.recalibrate import fit_visited_paths
+
+    import copy
+
+    model = copy.deepcopy(reg12)  # the fixture is shared
+    ds = tokenize(load_split(get_task("stsb"), "fit", str(tiny_glue)), model.tokenizer, 64)
+    collate = collator(model.tokenizer)
+    model.fit_feature_stats(ds, collate, 64)  # standardised features, and random planners: several paths
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.planners.weight.normal_(0, 1.0)
+        model.planners.bias.fill_(1.0)
+    earlier = torch.tensor([[2.0, 1.0]]).expand(4096, 2)  # an inherited map is set aside: the raw outputs are fitted
+    model.set_path_calibration(earlier)
+    table, info = fit_visited_paths(model, ds, collate, min_inputs=2)
+    assert torch.equal(model.path_calibration, earlier)  # and restored
+    model.set_path_calibration(None)
+    run = run_dataset(model, ds, collate, 64, "hard")
+    ids = path_ids(torch.as_tensor(run["actions"])).numpy()
+    x, y = np.asarray(run["predictions"], float), np.asarray(run["labels"], float)
+    paths, counts = np.unique(ids, return_counts=True)
+    own = paths[counts >= 2]
+    assert info["paths_fitted"] == len(own) >= 2 and info["paths_visited"] == len(paths) > len(own)
+    for p in own:
+        slope, intercept = np.polyfit(x[ids == p], y[ids == p], 1)
+        assert table[p].tolist() == pytest.approx([slope, intercept], rel=1e-3, abs=1e-3)
+    rest = ~np.isin(ids, own)
+    want = np.polyfit(x[rest], y[rest], 1) if rest.sum() >= 2 else np.polyfit(x, y, 1)
+    unseen = next(p for p in range(4096) if p not in set(paths.tolist()))
+    assert table[unseen].tolist() == pytest.approx(list(want), rel=1e-3, abs=1e-3)
+    with pytest.raises(ValueError, match="min_inputs must be at least 2"):
+        fit_visited_paths(model, ds, collate, min_inputs=1)
+
+
+@pytest.mark.parametrize("gain", [True, False])
+def test_a_sampled_regression_stage_keeps_its_recalibration_only_when_the_selection_split_gains(
+        reg12, tiny_glue, tmp_path, monkeypatch, gain):
+    from dpbert_rl.training import recalibrate as rc
+    from dpbert_rl.training.pipeline import planner_stage
+
+    init = tmp_path / "init"
+    reg12.save(init)
+    scores = iter([10.0, 20.0] if gain else [20.0, 10.0])  # the selection score before, then after
+    real_eval = rc.evaluate_model
+    monkeypatch.setattr(rc, "evaluate_model", lambda *a, **kw: {**real_eval(*a, **kw), "score": next(scores)})
+    cfg = TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(tmp_path / "unused"), batch_size=4,
+                      eval_batch_size=16, progress=False, max_steps=2, eval_steps=2, save_steps=100,
+                      target_rate=0.3, samples=4)
+    out = planner_stage("sampled", cfg, init, tmp_path / "s")
+    done = json.loads((out / "DONE").read_text())
+    outcome = done["path_calibration"]
+    assert outcome["kept"] is gain and (outcome["select_before"], outcome["select_after"]) == \
+        ((10.0, 20.0) if gain else (20.0, 10.0))
+    assert (DPBert.load(out).path_calibration is not None) is gain
+    assert ("dev_before_recalibration" in done) is gain  # dev scored once more, on the model kept
+    assert json.loads((out / "selection.json").read_text())["price"] is not None  # kept beside the model
+    # a re-run reuses the outcome: nothing is fitted or scored again
+    monkeypatch.setattr(rc, "fit_visited_paths", lambda *a, **kw: pytest.fail("fitted again"))
+    assert rc.recalibrate_stage(out, cfg) == outcome
+    # a classifier is left as it is
+    assert rc.recalibrate_stage(out, TrainConfig(task="rte", data_dir=str(tiny_glue), output_dir="x")) == outcome

@@ -209,9 +209,11 @@ class PipelineConfig(TrainConfig):
     skip_aware_lr: float = 5e-5
     """Learning rate of the skip-aware backbone training (as measured)."""
     path_calibration: bool = True
-    """Stage 3 'exact' on a regression task: the per-path recalibration of the head's output (see
-    ``dpbert-rl exact --path-calibration``). 'sampled' walks no tree and recalibrates nothing: a 12-layer
-    model's regression outputs stay the head's own."""
+    """Stage 3 on a regression task: the per-path recalibration of the head's output. 'exact' fits every path
+    on the fit split's tree (``dpbert-rl exact --path-calibration``); 'sampled' walks no tree and fits the paths
+    its trained planners take on the fit split (a pair per path taken by at least 20 inputs, one pooled pair for
+    the rest), kept only when it raises the selection-split score
+    (:func:`~dpbert_rl.training.recalibrate.recalibrate_stage`)."""
     cost_unit: str = "layers"
     """Stage 3 'exact' (and 'auto' where it is exact): what the layer price is paid per. 'layers' (the paper);
     'tokens', a layer executed on an input costs in proportion to its tokens, and the target rate counts
@@ -323,8 +325,8 @@ _DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
 # what each stage 3 of the pipeline does not read: (settings, what they are for)
 _IGNORED_BY_STAGE3 = {
     "exact": (_RL_ONLY_PIPELINE, "joint REINFORCE settings, for --stage3 rl"),
-    "sampled": (("stage3_lr", "detach_planner_input", "exact_epochs", "exact_lr", "path_calibration"),
-                "the backbone stays frozen and no path tree is walked, so no path is recalibrated"),
+    "sampled": (("stage3_lr", "detach_planner_input", "exact_epochs", "exact_lr"),
+                "the backbone stays frozen and no path tree is walked"),
 }
 
 

@@ -16,6 +16,7 @@ from .calibrate import calibrate_checkpoint
 from .checkpoint import DONE_FILE
 from .config import PipelineConfig, TrainConfig
 from .exact import ExactConfig, train_exact
+from .recalibrate import recalibrate_stage
 from .stages import train_stage
 
 
@@ -43,14 +44,19 @@ def planner_stage(kind: str, cfg: TrainConfig, init: Path, out: Path, epochs: fl
     """Stage 3 on ``init``'s frozen backbone into ``out``: ``kind`` 'exact' (:func:`exact_stage`, with ``epochs``,
     ``lr``, ``cache_dir``, ``path_calibration``, ``cost_unit``) or 'sampled' (stage ``sampled``: REINFORCE of the planners on
     paths drawn from them, with ``cfg``'s epochs, batch size, samples and planner learning rate; it scales to
-    any depth). Returns ``<out>/model``."""
+    any depth; with ``path_calibration``, a regression head's visited paths are then recalibrated,
+    :func:`~dpbert_rl.training.recalibrate.recalibrate_stage`). Returns ``<out>/model``."""
     if kind == "exact":
         return exact_stage(cfg, init, out, epochs, lr, cache_dir, path_calibration, cost_unit)
     if kind != "sampled":
         raise ValueError(f"unknown frozen-backbone stage 3 {kind!r}; expected 'exact' or 'sampled'")
     if cost_unit != "layers":
         raise ValueError(f"cost_unit {cost_unit!r} is for stage 3 'exact'; 'sampled' pays per layer")
-    return train_stage("sampled", replace(cfg, output_dir=str(out)), init=str(init))
+    cfg = replace(cfg, output_dir=str(out))
+    model = train_stage("sampled", cfg, init=str(init))
+    if path_calibration:  # a regression head: the paths its planners take, recalibrated when the selection split gains
+        recalibrate_stage(model, cfg)
+    return model
 
 
 def planner_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0, lr: float = 1e-2,

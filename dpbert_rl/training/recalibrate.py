@@ -1,0 +1,107 @@
+"""Per-path recalibration of a regression head where the path tree is not walked (stage 3 'sampled', 12 layers).
+
+The exact stage fits ``y ~ a_p * prediction_p + b_p`` for all 2^L paths on the fit split's tree
+(:func:`~dpbert_rl.model.objectives.fit_path_calibration`). Above 8 layers no tree is walked, but a trained
+model runs only a few of its 4,096 paths: this fits the map on the paths its greedy planners take on the fit
+split, one pair per path that at least ``min_inputs`` fit inputs take, one pooled pair for every other path.
+The pipeline keeps it only when it raises the selection-split score (a choice on the selection split; dev is
+then scored once, on the model kept).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import collator, get_task
+from ..evaluation.evaluate import evaluate_model, run_dataset
+from ..model.dpbert import DPBert
+from ..model.objectives import fit_path_calibration, path_ids
+from .checkpoint import DONE_FILE, swap_in
+from .config import TrainConfig
+
+#: fit inputs a path needs for a (scale, shift) pair of its own; the rest share one pooled pair
+MIN_INPUTS = 20
+
+
+@torch.no_grad()
+def fit_visited_paths(model: DPBert, dataset, collate_fn, batch_size: int = 64, min_inputs: int = MIN_INPUTS) -> tuple:
+    """The ``(2^L, 2)`` recalibration of ``model``'s greedy paths on ``dataset`` (labelled; the fit split): a
+    least-squares pair for each path taken by at least ``min_inputs`` inputs, and the pair fitted on the inputs
+    of all other paths (all inputs when those are fewer than ``min_inputs``) for every other path, unseen ones
+    included. The head's raw outputs are read (an existing map is set aside while they are).
+
+    Returns ``(table, info)``: ``info`` counts the paths with a pair of their own and the inputs on them."""
+    if min_inputs < 2:
+        raise ValueError(f"min_inputs must be at least 2 (a line needs two points); got {min_inputs}")
+    saved, model.path_calibration = model.path_calibration, None
+    try:
+        run = run_dataset(model, dataset, collate_fn, batch_size, "hard")
+    finally:
+        model.path_calibration = saved
+    preds = torch.as_tensor(np.asarray(run["predictions"]), dtype=torch.float64)
+    labels = torch.as_tensor(np.asarray(run["labels"]), dtype=torch.float64)
+    ids = path_ids(torch.as_tensor(np.asarray(run["actions"])))
+    visited, counts = torch.unique(ids, return_counts=True)
+    own = visited[counts >= min_inputs]
+    rest = ~torch.isin(ids, own)
+    pooled_rows = rest if int(rest.sum()) >= min_inputs else torch.ones_like(rest)
+    pooled = fit_path_calibration(preds[pooled_rows, None], labels[pooled_rows])[0]
+    table = pooled.expand(2 ** model.num_layers, 2).clone()
+    for p in own.tolist():
+        rows = ids == p
+        table[p] = fit_path_calibration(preds[rows, None], labels[rows])[0]
+    info = {"paths_visited": int(len(visited)), "paths_fitted": int(len(own)),
+            "inputs_on_fitted_paths": int((~rest).sum()), "inputs": int(len(ids)), "min_inputs": min_inputs}
+    return table, info
+
+
+def recalibrate_stage(model_dir, cfg: TrainConfig, min_inputs: int = MIN_INPUTS) -> dict:
+    """Fit :func:`fit_visited_paths` for a finished stage's regression model (``<stage>/model``, trained with
+    ``cfg``), keep it when it raises the selection-split score, then score dev once on the model kept; the
+    outcome goes into ``DONE`` (``path_calibration``) and the model is rewritten in place only when kept (the
+    folder swapped in whole, ``DONE`` and ``selection.json`` inside it). A model whose ``DONE`` already holds
+    an outcome is left as it is (a re-run pipeline reuses it). Returns the outcome; ``{}`` for a classifier."""
+    from .stages import load_data, score_dev_once
+
+    model_dir = Path(model_dir)
+    done = json.loads((model_dir / DONE_FILE).read_text())
+    if "path_calibration" in done:
+        return done["path_calibration"]
+    task = get_task(cfg.task)
+    if not task.is_regression:
+        return {}
+    model = DPBert.load(model_dir)
+    model.set_path_calibration(None)
+    data = load_data(cfg, model.tokenizer)
+    collate = collator(model.tokenizer)
+    before = evaluate_model(model, task, data["select"], collate, cfg.eval_batch_size, "hard")["score"]
+    table, info = fit_visited_paths(model, data["train"], collate, cfg.eval_batch_size, min_inputs)
+    model.set_path_calibration(table)
+    after = evaluate_model(model, task, data["select"], collate, cfg.eval_batch_size, "hard")["score"]
+    kept = math.isfinite(after) and after > before
+    outcome = {**info, "select_before": before, "select_after": after, "kept": kept}
+    if kept:
+        tmp = model_dir.with_name(model_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(tmp)
+        for name in ("selection.json",):
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        dev = score_dev_once(tmp, cfg, "hard")
+        (tmp / DONE_FILE).write_text(json.dumps({**done, "dev_before_recalibration": done.get("dev"), "dev": dev,
+                                                 "path_calibration": outcome}))
+        swap_in(tmp, model_dir)
+    else:
+        tmp_done = model_dir / (DONE_FILE + ".tmp")
+        tmp_done.write_text(json.dumps({**done, "path_calibration": outcome}))
+        tmp_done.replace(model_dir / DONE_FILE)
+    return outcome
+
+
+__all__ = ["MIN_INPUTS", "fit_visited_paths", "recalibrate_stage"]
