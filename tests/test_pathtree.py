@@ -711,3 +711,28 @@ def test_probe_read_from_the_trees_equals_the_live_probe(k, tiny_model_dir, tiny
              for s, n in (("fit", 24), ("dev", None))}
     live = linear_probe(model, task, fit, dev, collator(model.tokenizer), k)
     assert tree_probe(model, task, trees["fit"], trees["dev"], k, max_fit=24) == pytest.approx(live, abs=1e-6)
+
+
+def test_the_exact_stage_records_the_layer_price_of_the_step_it_chose(tiny_model_dir, tiny_glue, tmp_path, monkeypatch):
+    """``select_price`` (where a second fit of these planners starts) is the price the chosen evaluation ran at,
+    not the final one."""
+    from dpbert_rl.training import exact
+
+    seen, real = {}, exact.select_step
+
+    def spy(planners, select, task, cfg, price, index, step, best, weights=None):
+        seen[step] = float(price)
+        return real(planners, select, task, cfg, price, index, step, best, weights)
+
+    real_eval = exact.evaluate_tree
+    monkeypatch.setattr(exact, "select_step", spy)
+    monkeypatch.setattr(exact, "evaluate_tree", lambda *a, **kw: {  # the first evaluation scores best
+        **real_eval(*a, **kw), "score": 100.0 - len(seen), "skip_rate": 1.0})
+
+    cfg = ExactConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "x"),
+                      cache_dir=str(tmp_path / "c"), max_steps=6, batch_size=8, eval_steps=2, lr=0.01,
+                      target_rate=0.3, dual_lr=0.5, score_dev=False, progress=False, fresh_planners=True,
+                      planner_init_bias=0.0)
+    sel = json.loads((train_exact(tiny_model_dir, cfg) / "selection.json").read_text())
+    assert sel["step"] == 2 and sorted(seen) == [2, 4, 6]
+    assert sel["select_price"] == pytest.approx(seen[2]) and seen[2] != pytest.approx(sel["price"])

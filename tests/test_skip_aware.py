@@ -384,3 +384,21 @@ def test_a_finished_regression_run_from_before_the_calibration_is_not_reused_as_
     with pytest.raises(TrainingError, match="without the per-path recalibration"):
         train_exact(tiny_reg_dir, ExactConfig(**kw))
     train_exact(tiny_reg_dir, ExactConfig(path_calibration=False, **kw))  # reused as what it is
+
+
+def test_the_exact_second_fit_starts_at_the_first_fits_price_and_a_rerun_keeps_the_recorded_one(
+        tiny_ckpt, tiny_glue, tmp_path):
+    out = tmp_path / "p"
+    cfg = PipelineConfig(task="rte", data_dir=str(tiny_glue), backbone=str(tiny_ckpt), output_dir=str(out),
+                         max_steps=2, batch_size=8, max_seq_length=32, progress=False, skip_aware="adapt",
+                         latency_samples=4, latency_repeats=1)
+    run_pipeline(cfg)
+    carried = json.loads((out / "stage3_exact_frozen" / "model" / "selection.json").read_text())["select_price"]
+    final_cfg = out / "stage3_exact" / "config.json"
+    recorded = json.loads(final_cfg.read_text())
+    assert recorded["cost"] == carried != cfg.cost
+    # a second fit made before the carry (it started at --cost) is reused by a re-run, not refused
+    final_cfg.write_text(json.dumps({**recorded, "cost": cfg.cost}))
+    done = (out / "stage3_exact" / "model" / "DONE").read_text()
+    run_pipeline(cfg)
+    assert (out / "stage3_exact" / "model" / "DONE").read_text() == done

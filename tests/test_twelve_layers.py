@@ -11,6 +11,7 @@ import torch
 from conftest import load_benchmark, make_tiny_checkpoint, nan_loss_at
 from dpbert_rl.model import DPBert
 from dpbert_rl.training import PipelineConfig, TrainConfig, resolve_stage3, run_pipeline, train_stage
+from dpbert_rl.training.config import TrainingError
 from dpbert_rl.training.exact import ExactConfig, train_exact
 
 
@@ -189,7 +190,8 @@ def test_the_default_pipeline_runs_at_twelve_layers_with_sampled_stage3_and_adap
     assert final["stage"] == "sampled"
     assert report["num_layers"] == 12 and report["checkpoint"].endswith("stage3_sampled/model")
     # the second fit starts at the layer price the first recorded with its chosen planners, not at --cost again
-    carried = json.loads((tmp_path / "p" / "stage3_sampled_frozen" / "model" / "selection.json").read_text())["price"]
+    carried = json.loads((tmp_path / "p" / "stage3_sampled_frozen" / "model" / "selection.json").read_text())[
+        "select_price"]
     assert carried != cfg.cost and final["cost"] == carried
     rows = [json.loads(x) for x in (tmp_path / "p" / "stage3_sampled" / "metrics.jsonl").read_text().splitlines()]
     assert [r["charts/layer_price"] for r in rows if "charts/layer_price" in r][0] == pytest.approx(carried)
@@ -579,9 +581,47 @@ def test_a_sampled_regression_stage_keeps_its_recalibration_only_when_the_select
         ((10.0, 20.0) if gain else (20.0, 10.0))
     assert (DPBert.load(out).path_calibration is not None) is gain
     assert ("dev_before_recalibration" in done) is gain  # dev scored once more, on the model kept
-    assert json.loads((out / "selection.json").read_text())["price"] is not None  # kept beside the model
+    assert done["best_select"] != 20.0 if not gain else (done["best_select"] == 20.0 and
+                                                          done["best_select_before_recalibration"] != 20.0)
+    assert json.loads((out / "selection.json").read_text())["select_price"] is not None  # kept beside the model
     # a re-run reuses the outcome: nothing is fitted or scored again
     monkeypatch.setattr(rc, "fit_visited_paths", lambda *a, **kw: pytest.fail("fitted again"))
     assert rc.recalibrate_stage(out, cfg) == outcome
     # a classifier is left as it is
-    assert rc.recalibrate_stage(out, TrainConfig(task="rte", data_dir=str(tiny_glue), output_dir="x")) == outcome
+    assert rc.recalibrate_stage(out, TrainConfig(task="rte", data_dir=str(tiny_glue), output_dir="x")) == {}
+
+
+def test_the_pipeline_recalibrates_a_twelve_layer_regressor_once_and_only_its_final_fit(tiny_glue, tmp_path, caplog):
+    from dpbert_rl.training import recalibrate as rc
+
+    ckpt = make_tiny_checkpoint(tmp_path / "reg12", num_labels=1, layers=12)
+    out = tmp_path / "p"
+    cfg = PipelineConfig(task="stsb", backbone=str(ckpt), data_dir=str(tiny_glue), output_dir=str(out),
+                         progress=False, max_steps=2, batch_size=8, eval_batch_size=16, target_rate=0.3,
+                         latency_samples=4, latency_repeats=1)
+    run_pipeline(cfg)
+    first = json.loads((out / "stage3_sampled_frozen" / "model" / "DONE").read_text())
+    final_dir = out / "stage3_sampled" / "model"
+    final = json.loads((final_dir / "DONE").read_text())
+    assert "path_calibration" not in first  # adapt moves the head: a map there would be thrown away
+    outcome = final["path_calibration"]
+    assert outcome["inputs"] > 0 and outcome["kept"] is (outcome["select_after"] > outcome["select_before"])
+    assert (DPBert.load(final_dir).path_calibration is not None) is outcome["kept"]
+    run_pipeline(cfg)  # a re-run reuses every stage and the outcome
+    assert json.loads((final_dir / "DONE").read_text()) == final
+    # a stage finished by a version without the recalibration is reused as it is, not rewritten
+    old = {k: v for k, v in final.items() if k != "path_calibration"}
+    (final_dir / "DONE").write_text(json.dumps(old))
+    sel = json.loads((final_dir / "selection.json").read_text())
+    (final_dir / "selection.json").write_text(json.dumps({k: v for k, v in sel.items() if k != "select_price"}))
+    before = sorted(p.name for p in final_dir.iterdir())
+    with caplog.at_level("WARNING"):
+        rc.recalibrate_sampled(final_dir, TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(out)),
+                               True, earlier=True)
+    assert json.loads((final_dir / "DONE").read_text()) == old and sorted(p.name for p in final_dir.iterdir()) == before
+    assert "without the per-path recalibration" in caplog.text
+    # a recalibrated model reused without the recalibration is refused
+    (final_dir / "DONE").write_text(json.dumps({**old, "path_calibration": {**outcome, "kept": True}}))
+    with pytest.raises(TrainingError, match="another --output-dir"):
+        rc.recalibrate_sampled(final_dir, TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(out)),
+                               False, earlier=True)

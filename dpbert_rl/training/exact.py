@@ -294,7 +294,11 @@ def _train_exact(checkpoint: str, cfg: ExactConfig, out_dir: Path) -> Path:
     if bad:
         raise TrainingError(f"[exact] the chosen planners hold non-finite values ({', '.join(bad)}); nothing saved. "
                             "Check the path-tree cache's features and the settings (--lr, --planner-init-bias)")
-    save_atomic(model, model_dir, extra={"step": best["step"], "select": best["res"], "note": note, "price": price})
+    # select_price: the layer price at the chosen step (the last one's when none met the rule), where a second fit of
+    # these planners starts (pipeline.carried_price); price: the final one (price-conditioned planners: their own)
+    chosen_price = price if note else best["price"]
+    save_atomic(model, model_dir, extra={"step": best["step"], "select": best["res"], "note": note, "price": price,
+                                         **({"select_price": float(chosen_price)} if cfg.budget_range is None else {})})
     done = {"best_select": best["res"]["score"] if best["res"] else None, "best_step": best["step"],
             "steps": step, "train_seconds": seconds, "seconds": time.time() - t_start}  # seconds: caches included
     if cfg.score_dev:
@@ -456,7 +460,7 @@ def select_step(planners: Planners, select: PathTree, task: GlueTask, cfg: Exact
         res = evaluate_tree(planners, select, task, cfg, price, index, weights)
         ok, crit = True, res["greedy_return"]
     if ok and (best["criterion"] is None or crit > best["criterion"]):
-        best.update(criterion=crit, step=step, state=copy.deepcopy(planners.state_dict()), res=res)
+        best.update(criterion=crit, step=step, state=copy.deepcopy(planners.state_dict()), res=res, price=price)
     return res
 
 

@@ -16,7 +16,7 @@ from .calibrate import calibrate_checkpoint
 from .checkpoint import DONE_FILE
 from .config import PipelineConfig, TrainConfig
 from .exact import ExactConfig, train_exact
-from .recalibrate import recalibrate_stage
+from .recalibrate import recalibrate_sampled
 from .stages import train_stage
 
 
@@ -45,7 +45,7 @@ def planner_stage(kind: str, cfg: TrainConfig, init: Path, out: Path, epochs: fl
     ``lr``, ``cache_dir``, ``path_calibration``, ``cost_unit``) or 'sampled' (stage ``sampled``: REINFORCE of the planners on
     paths drawn from them, with ``cfg``'s epochs, batch size, samples and planner learning rate; it scales to
     any depth; with ``path_calibration``, a regression head's visited paths are then recalibrated,
-    :func:`~dpbert_rl.training.recalibrate.recalibrate_stage`). Returns ``<out>/model``."""
+    :func:`~dpbert_rl.training.recalibrate.recalibrate_sampled`). Returns ``<out>/model``."""
     if kind == "exact":
         return exact_stage(cfg, init, out, epochs, lr, cache_dir, path_calibration, cost_unit)
     if kind != "sampled":
@@ -53,9 +53,10 @@ def planner_stage(kind: str, cfg: TrainConfig, init: Path, out: Path, epochs: fl
     if cost_unit != "layers":
         raise ValueError(f"cost_unit {cost_unit!r} is for stage 3 'exact'; 'sampled' pays per layer")
     cfg = replace(cfg, output_dir=str(out))
+    earlier = (Path(out) / "model" / DONE_FILE).is_file()  # finished before this call
     model = train_stage("sampled", cfg, init=str(init))
-    if path_calibration:  # a regression head: the paths its planners take, recalibrated when the selection split gains
-        recalibrate_stage(model, cfg)
+    # a regression head: the paths its planners take, recalibrated when the selection split gains
+    recalibrate_sampled(model, cfg, path_calibration, earlier)
     return model
 
 
@@ -69,24 +70,33 @@ def planner_stage3(cfg: TrainConfig, init: Path, out: Path, epochs: float = 20.0
     trained = []
     if adapt is not None:
         adapt_cfg, first_out = adapt
-        first = planner_stage(kind, cfg, init, first_out, epochs, lr, cache_dir, path_calibration, cost_unit)
+        # a sampled fit's recalibration would be thrown away by adapt (the head moves): only the exact stage's
+        # shapes its reward
+        first = planner_stage(kind, cfg, init, first_out, epochs, lr, cache_dir,
+                              path_calibration and kind == "exact", cost_unit)
         init = train_stage("adapt", adapt_cfg, init=str(first))
         trained += [first, init]
-        cfg = carried_price(cfg, first)
+        cfg = carried_price(cfg, first, out)
     return trained + [planner_stage(kind, cfg, init, out, epochs, lr, cache_dir, path_calibration, cost_unit)]
 
 
-def carried_price(cfg, first: Path):
-    """``cfg`` for the second fit of a skip-aware alternation: under ``rate_control`` 'dual' with a target rate,
-    its starting layer price (``cost``) is the price the first fit recorded in ``selection.json`` (the sampled
-    stage: the price at the chosen step; the exact stage: its final price). Restarting at ``--cost`` instead, the
-    price lagged the adapted planners' rate (MPNet, MRPC: the frozen fit had ended at 0.107; the second went
-    negative while its planners skipped too much, then overshot to 9.7 of 12 layers). Otherwise ``cfg`` unchanged
-    (with a fixed price, ``cost`` is the price itself)."""
+def carried_price(cfg, first: Path, out: Path):
+    """``cfg`` for the second fit of a skip-aware alternation (into ``out``): under ``rate_control`` 'dual' with a
+    target rate, its starting layer price (``cost``) is the price at which the first fit's chosen planners were
+    selected (``select_price`` in its ``selection.json``), the planners the backbone was then adapted to.
+    Restarting at ``--cost`` instead, the price lagged the adapted planners' rate (MPNet, MRPC: the frozen fit
+    had ended at 0.107; the second went negative while its planners skipped too much, then overshot to 9.7 of
+    12 layers). A second fit already begun or finished in ``out`` keeps the price its ``config.json`` records (a
+    run from before the carry is reused, not refused). Otherwise ``cfg`` unchanged (with a fixed price,
+    ``cost`` is the price itself)."""
     if cfg.rate_control != "dual" or cfg.target_rate is None:
         return cfg
+    recorded = Path(out) / "config.json"
+    if recorded.is_file():
+        cost = json.loads(recorded.read_text()).get("cost")
+        return cfg if cost is None else replace(cfg, cost=float(cost))
     selection = Path(first) / "selection.json"
-    price = json.loads(selection.read_text()).get("price") if selection.is_file() else None
+    price = json.loads(selection.read_text()).get("select_price") if selection.is_file() else None
     if price is None or not math.isfinite(price):
         return cfg
     return replace(cfg, cost=float(price))

@@ -11,6 +11,7 @@ then scored once, on the model kept).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -22,8 +23,10 @@ from ..data import collator, get_task
 from ..evaluation.evaluate import evaluate_model, run_dataset
 from ..model.dpbert import DPBert
 from ..model.objectives import fit_path_calibration, path_ids
-from .checkpoint import DONE_FILE, swap_in
-from .config import TrainConfig
+from .checkpoint import DONE_FILE, stage_dir, swap_in
+from .config import TrainConfig, TrainingError
+
+_log = logging.getLogger(__name__)
 
 #: fit inputs a path needs for a (scale, shift) pair of its own; the rest share one pooled pair
 MIN_INPUTS = 20
@@ -61,47 +64,75 @@ def fit_visited_paths(model: DPBert, dataset, collate_fn, batch_size: int = 64, 
     return table, info
 
 
+def recalibrate_sampled(model_dir, cfg: TrainConfig, path_calibration: bool, earlier: bool) -> dict:
+    """The pipeline's step after a sampled stage 3 (``model_dir`` = ``<stage>/model``, trained with ``cfg``):
+    :func:`recalibrate_stage` with ``path_calibration``; ``earlier`` says the stage had finished before this
+    call. A stage finished by a version without the recalibration (its ``selection.json`` has no
+    ``select_price``) is reused as it is, with a warning: its model is not rewritten. A recalibrated model
+    reused with ``path_calibration`` off is refused (it would not be the run asked for). Returns the outcome
+    (``{}`` when none)."""
+    model_dir = Path(model_dir)
+    done = json.loads((model_dir / DONE_FILE).read_text())
+    if not get_task(cfg.task).is_regression:
+        return {}
+    outcome = done.get("path_calibration")
+    if not path_calibration:
+        if outcome and outcome.get("kept"):
+            raise TrainingError(f"{model_dir}: holds planners whose paths were recalibrated (DONE, path_calibration); "
+                                "without the recalibration this is another run: use another --output-dir")
+        return {}
+    if outcome is None and earlier:
+        selection = model_dir / "selection.json"
+        if not (selection.is_file() and "select_price" in json.loads(selection.read_text())):
+            _log.warning("%s: finished by a version without the per-path recalibration; reused as it is", model_dir)
+            return {}
+    return recalibrate_stage(model_dir, cfg)
+
+
 def recalibrate_stage(model_dir, cfg: TrainConfig, min_inputs: int = MIN_INPUTS) -> dict:
     """Fit :func:`fit_visited_paths` for a finished stage's regression model (``<stage>/model``, trained with
     ``cfg``), keep it when it raises the selection-split score, then score dev once on the model kept; the
-    outcome goes into ``DONE`` (``path_calibration``) and the model is rewritten in place only when kept (the
-    folder swapped in whole, ``DONE`` and ``selection.json`` inside it). A model whose ``DONE`` already holds
-    an outcome is left as it is (a re-run pipeline reuses it). Returns the outcome; ``{}`` for a classifier."""
+    outcome goes into ``DONE`` (``path_calibration``; with a map kept, ``best_select`` is the recalibrated
+    selection score, the earlier one and dev's beside it) and the model is rewritten in place only when kept
+    (the folder swapped in whole, ``DONE`` and ``selection.json`` inside it), under the stage folder's lock. A
+    model whose ``DONE`` already holds an outcome is left as it is. Returns the outcome; ``{}`` for a
+    classifier."""
     from .stages import load_data, score_dev_once
 
     model_dir = Path(model_dir)
-    done = json.loads((model_dir / DONE_FILE).read_text())
-    if "path_calibration" in done:
-        return done["path_calibration"]
     task = get_task(cfg.task)
     if not task.is_regression:
         return {}
-    model = DPBert.load(model_dir)
-    model.set_path_calibration(None)
-    data = load_data(cfg, model.tokenizer)
-    collate = collator(model.tokenizer)
-    before = evaluate_model(model, task, data["select"], collate, cfg.eval_batch_size, "hard")["score"]
-    table, info = fit_visited_paths(model, data["train"], collate, cfg.eval_batch_size, min_inputs)
-    model.set_path_calibration(table)
-    after = evaluate_model(model, task, data["select"], collate, cfg.eval_batch_size, "hard")["score"]
-    kept = math.isfinite(after) and after > before
-    outcome = {**info, "select_before": before, "select_after": after, "kept": kept}
-    if kept:
-        tmp = model_dir.with_name(model_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save(tmp)
-        for name in ("selection.json",):
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        dev = score_dev_once(tmp, cfg, "hard")
-        (tmp / DONE_FILE).write_text(json.dumps({**done, "dev_before_recalibration": done.get("dev"), "dev": dev,
-                                                 "path_calibration": outcome}))
-        swap_in(tmp, model_dir)
-    else:
-        tmp_done = model_dir / (DONE_FILE + ".tmp")
-        tmp_done.write_text(json.dumps({**done, "path_calibration": outcome}))
-        tmp_done.replace(model_dir / DONE_FILE)
+    with stage_dir(model_dir.parent, "sampled"):  # locked; an interrupted swap of the model finished first
+        done = json.loads((model_dir / DONE_FILE).read_text())
+        if "path_calibration" in done:
+            return done["path_calibration"]
+        model = DPBert.load(model_dir)
+        model.set_path_calibration(None)
+        data = load_data(cfg, model.tokenizer)
+        collate = collator(model.tokenizer)
+        before = evaluate_model(model, task, data["select"], collate, cfg.eval_batch_size, "hard")["score"]
+        table, info = fit_visited_paths(model, data["train"], collate, cfg.eval_batch_size, min_inputs)
+        model.set_path_calibration(table)
+        after = evaluate_model(model, task, data["select"], collate, cfg.eval_batch_size, "hard")["score"]
+        kept = math.isfinite(after) and after > before
+        outcome = {**info, "select_before": before, "select_after": after, "kept": kept}
+        if kept:
+            tmp = model_dir.with_name(model_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save(tmp)
+            if (model_dir / "selection.json").is_file():
+                shutil.copy2(model_dir / "selection.json", tmp / "selection.json")
+            dev = score_dev_once(tmp, cfg, "hard")
+            (tmp / DONE_FILE).write_text(json.dumps({
+                **done, "best_select": after, "best_select_before_recalibration": done.get("best_select"),
+                "dev": dev, "dev_before_recalibration": done.get("dev"), "path_calibration": outcome}))
+            swap_in(tmp, model_dir)
+        else:
+            tmp_done = model_dir / (DONE_FILE + ".tmp")
+            tmp_done.write_text(json.dumps({**done, "path_calibration": outcome}))
+            tmp_done.replace(model_dir / DONE_FILE)
     return outcome
 
 
-__all__ = ["MIN_INPUTS", "fit_visited_paths", "recalibrate_stage"]
+__all__ = ["MIN_INPUTS", "fit_visited_paths", "recalibrate_sampled", "recalibrate_stage"]

@@ -418,8 +418,8 @@ class StageRun:
         return res
 
     def _price(self) -> dict:
-        """``{"price": p}``, the dual layer price now, for ``selection.json`` (empty without a dual price)."""
-        return {} if self.dual is None else {"price": self.dual.price}
+        """``{"select_price": p}``, the dual layer price now, for ``selection.json`` (empty without one)."""
+        return {} if self.dual is None else {"select_price": self.dual.price}
 
     # ---- the end
     def finish(self) -> None:
