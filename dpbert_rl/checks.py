@@ -126,8 +126,13 @@ def check_config_numbers(cfg: Any) -> None:
     """Check every numeric setting of a training configuration against :data:`CONFIG_RULES` (a learning
     rate must be > 0, lambda, c and beta >= 0, step counts whole and >= 1, ...). Epoch counts must be
     finite and > 0 unless ``max_steps`` is given."""
+    # with the dual price (rate_control 'dual' and a target rate), c is only where the price starts, and the price
+    # has no sign (DualPrice): a second fit of the adapt alternation starts where the first's was, below 0 included
+    dual = getattr(cfg, "rate_control", None) == "dual" and getattr(cfg, "target_rate", None) is not None
     for field, (low, high, low_open, integer, optional) in CONFIG_RULES.items():
         if hasattr(cfg, field):
+            if field == "cost" and dual:
+                low = None
             check_number(getattr(cfg, field), _flag(field), low=low, high=high, low_open=low_open,
                          integer=integer, optional=optional)
     for field in _EPOCHS:

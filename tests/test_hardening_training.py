@@ -183,7 +183,7 @@ def test_exact_into_its_finished_folder_with_other_settings_is_refused(tiny_mode
 
 
 # ------------------------------------------------------------------ 6. the exact stage's checks
-@pytest.mark.parametrize("bad, flag", [(dict(max_steps=-1), "max_steps"), (dict(cost=-1.0), "cost"),
+@pytest.mark.parametrize("bad, flag", [(dict(max_steps=-1), "max_steps"), (dict(cost=-1.0, rate_control="none"), "cost"),
                                        (dict(lam=-1.0), "lam"), (dict(planner_init_bias=float("nan")),
                                                                  "planner_init_bias"),
                                        (dict(max_seq_length=4), "max_seq_length")])
@@ -294,3 +294,17 @@ def test_every_subcommand_does_something_layerdrop_included(tiny_ckpt, tiny_glue
                  "--output-dir", str(out), "--max-steps", "2", "--batch-size", "8", "--no-progress"])
     assert code == 0 and (out / "model" / "DONE").is_file()
     assert json.loads((out / "config.json").read_text())["stage"] == "layerdrop"
+
+
+def test_a_negative_cost_is_a_starting_dual_price_and_refused_as_a_fixed_price(tiny_glue, tmp_path):
+    """With the dual price (it has no sign) c is where it starts: the adapt alternation's second fit starts at the
+    first's price, below 0 included. As a fixed price, or without a target rate, a negative c is refused."""
+    from dpbert_rl.training import TrainConfig
+
+    base = dict(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "x"), cost=-0.3)
+    TrainConfig(**base, rate_control="dual", target_rate=0.3).validate()
+    for other in (dict(rate_control="dual", target_rate=None), dict(rate_control="penalty", target_rate=0.3)):
+        with pytest.raises(ValueError, match=r"cost \(--cost\) must be a finite number >= 0"):
+            TrainConfig(**base, **other).validate()
+    with pytest.raises(ValueError, match=r"cost \(--cost\) must be a finite number; got nan"):
+        TrainConfig(**{**base, "cost": float("nan")}, rate_control="dual", target_rate=0.3).validate()
