@@ -556,6 +556,14 @@ def test_visited_paths_are_recalibrated_by_least_squares_with_one_pooled_pair_fo
     want = np.polyfit(x[rest], y[rest], 1) if rest.sum() >= 2 else np.polyfit(x, y, 1)
     unseen = next(p for p in range(4096) if p not in set(paths.tolist()))
     assert table[unseen].tolist() == pytest.approx(list(want), rel=1e-3, abs=1e-3)
+    # a raw run mapped by the table predicts what the model with that map predicts, path by path
+    from dpbert_rl.training.recalibrate import recalibrated
+
+    model.set_path_calibration(table)
+    live = run_dataset(model, ds, collate, 64, "hard")
+    assert np.allclose(recalibrated(run, table)["predictions"], live["predictions"], atol=1e-5)
+    assert not np.allclose(live["predictions"], run["predictions"], atol=1e-3)  # the map does move them
+    model.set_path_calibration(None)
     with pytest.raises(ValueError, match="min_inputs must be at least 2"):
         fit_visited_paths(model, ds, collate, min_inputs=1)
 
@@ -569,8 +577,8 @@ def test_a_sampled_regression_stage_keeps_its_recalibration_only_when_the_select
     init = tmp_path / "init"
     reg12.save(init)
     scores = iter([10.0, 20.0] if gain else [20.0, 10.0])  # the selection score before, then after
-    real_eval = rc.evaluate_model
-    monkeypatch.setattr(rc, "evaluate_model", lambda *a, **kw: {**real_eval(*a, **kw), "score": next(scores)})
+    real_score = rc.score_run
+    monkeypatch.setattr(rc, "score_run", lambda *a, **kw: {**real_score(*a, **kw), "score": next(scores)})
     cfg = TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(tmp_path / "unused"), batch_size=4,
                       eval_batch_size=16, progress=False, max_steps=2, eval_steps=2, save_steps=100,
                       target_rate=0.3, samples=4)
@@ -607,6 +615,16 @@ def test_the_pipeline_recalibrates_a_twelve_layer_regressor_once_and_only_its_fi
     outcome = final["path_calibration"]
     assert outcome["inputs"] > 0 and outcome["kept"] is (outcome["select_after"] > outcome["select_before"])
     assert (DPBert.load(final_dir).path_calibration is not None) is outcome["kept"]
+    # the score after, read off the pass before with each path's pair applied, is the saved model's own
+    from dpbert_rl.data import collator, get_task
+    from dpbert_rl.evaluation.evaluate import evaluate_model
+    from dpbert_rl.training.stages import load_data
+
+    saved = DPBert.load(final_dir)
+    select = load_data(TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(out), max_train_samples=1),
+                       saved.tokenizer, splits=("select",))["select"]
+    live = evaluate_model(saved, get_task("stsb"), select, collator(saved.tokenizer), 16, "hard")["score"]
+    assert live == pytest.approx(outcome["select_after"] if outcome["kept"] else outcome["select_before"], abs=1e-4)
     run_pipeline(cfg)  # a re-run reuses every stage and the outcome
     assert json.loads((final_dir / "DONE").read_text()) == final
     # a stage finished by a version without the recalibration is reused as it is, not rewritten

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from ..data import collator, get_task
-from ..evaluation.evaluate import evaluate_model, run_dataset
+from ..evaluation.evaluate import run_dataset, score_run
 from ..model.dpbert import DPBert
-from ..model.objectives import fit_path_calibration, path_ids
+from ..model.objectives import apply_path_calibration, fit_path_calibration, path_ids
 from .checkpoint import DONE_FILE, stage_dir, swap_in
 from .config import TrainConfig, TrainingError
 
@@ -64,6 +64,14 @@ def fit_visited_paths(model: DPBert, dataset, collate_fn, batch_size: int = 64, 
     return table, info
 
 
+def recalibrated(run: dict, table: torch.Tensor) -> dict:
+    """A :func:`~dpbert_rl.evaluation.evaluate.run_dataset` result of the head's raw outputs with each input's
+    prediction mapped by its path's pair in ``table`` (what the model with that map predicts)."""
+    preds = apply_path_calibration(torch.as_tensor(np.asarray(run["predictions"])),
+                                   path_ids(torch.as_tensor(np.asarray(run["actions"]))), table)
+    return {**run, "predictions": preds.numpy()}
+
+
 def recalibrate_sampled(model_dir, cfg: TrainConfig, path_calibration: bool, earlier: bool) -> dict:
     """The pipeline's step after a sampled stage 3 (``model_dir`` = ``<stage>/model``, trained with ``cfg``):
     :func:`recalibrate_stage` with ``path_calibration``; ``earlier`` says the stage had finished before this
@@ -71,11 +79,10 @@ def recalibrate_sampled(model_dir, cfg: TrainConfig, path_calibration: bool, ear
     ``select_price``) is reused as it is, with a warning: its model is not rewritten. A recalibrated model
     reused with ``path_calibration`` off is refused (it would not be the run asked for). Returns the outcome
     (``{}`` when none)."""
-    model_dir = Path(model_dir)
-    done = json.loads((model_dir / DONE_FILE).read_text())
     if not get_task(cfg.task).is_regression:
         return {}
-    outcome = done.get("path_calibration")
+    model_dir = Path(model_dir)
+    outcome = json.loads((model_dir / DONE_FILE).read_text()).get("path_calibration")
     if not path_calibration:
         if outcome and outcome.get("kept"):
             raise TrainingError(f"{model_dir}: holds planners whose paths were recalibrated (DONE, path_calibration); "
@@ -111,10 +118,12 @@ def recalibrate_stage(model_dir, cfg: TrainConfig, min_inputs: int = MIN_INPUTS)
         model.set_path_calibration(None)
         data = load_data(cfg, model.tokenizer)
         collate = collator(model.tokenizer)
-        before = evaluate_model(model, task, data["select"], collate, cfg.eval_batch_size, "hard")["score"]
+        # one pass over the selection split: the map changes no path, so its score after is read off the same run
+        select = run_dataset(model, data["select"], collate, cfg.eval_batch_size, "hard")
+        before = score_run(task, select)["score"]
         table, info = fit_visited_paths(model, data["train"], collate, cfg.eval_batch_size, min_inputs)
         model.set_path_calibration(table)
-        after = evaluate_model(model, task, data["select"], collate, cfg.eval_batch_size, "hard")["score"]
+        after = score_run(task, recalibrated(select, table))["score"]
         kept = math.isfinite(after) and after > before
         outcome = {**info, "select_before": before, "select_after": after, "kept": kept}
         if kept:
@@ -135,4 +144,4 @@ def recalibrate_stage(model_dir, cfg: TrainConfig, min_inputs: int = MIN_INPUTS)
     return outcome
 
 
-__all__ = ["MIN_INPUTS", "fit_visited_paths", "recalibrate_sampled", "recalibrate_stage"]
+__all__ = ["MIN_INPUTS", "fit_visited_paths", "recalibrate_sampled", "recalibrate_stage", "recalibrated"]
