@@ -109,7 +109,8 @@ def task_config(task: str, args, unread: set) -> PipelineConfig:
         stage3=args.stage3, exact_epochs=args.exact_epochs, exact_lr=args.exact_lr,
         entropy_coef=args.entropy_coef, progress=False, max_seq_length=args.max_seq_length,
         latency_samples=args.latency_samples, group_by_length=args.group_by_length,
-        mixed_precision=args.mixed_precision, **task_settings(task, args),
+        mixed_precision=args.mixed_precision, calibrate_threshold=args.calibrate_threshold,
+        calibration_samples=args.calibration_samples, **task_settings(task, args),
     )
     return PipelineConfig(task=task, backbone=args.backbone, data_dir=args.data_dir,
                           output_dir=f"{args.output_dir}/{task}",
@@ -143,6 +144,10 @@ def main(argv=None) -> None:
     ap.add_argument("--stage3-lr", type=float, default=2e-5, help="backbone learning rate in stage 3")
     ap.add_argument("--planner-lr", type=float, default=1e-3)
     ap.add_argument("--target-rate", type=float, default=0.35)
+    ap.add_argument("--calibrate-threshold", default="auto", choices=("auto", "always", "never"),
+                    help="after stage 3, set the threshold so that the skip rate on the selection split's inputs (no "
+                         "labels) is --target-rate: auto = only when it misses it by more than 0.05")
+    ap.add_argument("--calibration-samples", type=int, default=1000, help="selection inputs to calibrate on")
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=200.0)
     ap.add_argument("--evals-per-epoch", type=int, default=3)
@@ -209,11 +214,13 @@ def main(argv=None) -> None:
             "epochs": [args.stage1_epochs, args.stage2_epochs,
                        args.exact_epochs if stage3 == "exact" else args.stage3_epochs],
             "target_rate": args.target_rate,
+            "calibration": report.get("calibration"),  # the threshold set on the selection inputs, if it was
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
                                                               "target_rate", "evals_per_epoch", "stage3_batch_size",
                                                               "samples", "cost", "dual_lr", "reward", "rate_control",
                                                               "planner_features", "stage3", "exact_epochs",
-                                                              "exact_lr", "entropy_coef") if k not in unread},
+                                                              "exact_lr", "entropy_coef", "calibrate_threshold",
+                                                              "calibration_samples") if k not in unread},
             "machine": machine_info(),
         }
         results = [r for r in results if r["task"] != row["task"]] + [row]

@@ -190,6 +190,45 @@ def test_threshold_calibration_reaches_the_target_rate(tiny_ckpt, tiny_glue):
         calibrate_threshold(model, ds, collate, 1.2)
 
 
+def test_auto_calibration_moves_the_knob_only_when_the_rate_is_missed(tiny_ckpt, tiny_glue, tmp_path, monkeypatch):
+    """The pipeline's 'auto' calibration (the 12-layer runs missed the asked rate by 2 layers either way): the
+    staircase planners of the test above skip half the layers at threshold 0.5. Asked 0.45 (within the 0.05
+    tolerance) the threshold stays; asked 0.25 it moves to the stair that skips a quarter, is saved, and a
+    re-run reads the record instead of passing over the inputs again."""
+    import dpbert_rl.model.budget as budget
+    from dpbert_rl.training import calibrate_checkpoint
+
+    model = DPBert.from_backbone(str(tiny_ckpt)).eval()
+    with torch.no_grad():
+        model.planners.weight.zero_()
+        model.planners.bias.copy_(torch.logit(torch.tensor([0.2, 0.4, 0.6, 0.8])))
+    cfg = lambda rate: TrainConfig(task="rte", data_dir=str(tiny_glue), target_rate=rate)  # noqa: E731
+    for rate in (0.45, 0.25):
+        model.save(tmp_path / "m")
+        info = calibrate_checkpoint(tmp_path / "m", cfg(rate), samples=16, only_if_missed=True)
+        assert info["before"] == pytest.approx(0.5) and info["calibrated"] == (rate == 0.25)
+        saved = DPBert.load(tmp_path / "m").threshold
+        if rate == 0.45:
+            assert saved == pytest.approx(0.5) and info["train_skip_rate"] == pytest.approx(0.5)
+        else:
+            assert info["train_skip_rate"] == pytest.approx(0.25) and 0.2 < saved <= 0.4
+            assert saved == pytest.approx(info["threshold"])
+    monkeypatch.setattr(budget, "mean_layers", lambda *a, **k: pytest.fail("the record was not reused"))
+    assert calibrate_checkpoint(tmp_path / "m", cfg(0.25), samples=16, only_if_missed=True) == info
+    with pytest.raises(pytest.fail.Exception):  # another target is calibrated afresh
+        calibrate_checkpoint(tmp_path / "m", cfg(0.5), samples=16, only_if_missed=True)
+
+
+@pytest.mark.parametrize("value, expected", [(True, "always"), (False, "never"), ("auto", "auto")])
+def test_calibrate_threshold_reads_its_earlier_boolean_form(value, expected):
+    from dpbert_rl.training import PipelineConfig
+
+    cfg = PipelineConfig(calibrate_threshold=value)
+    cfg.validate()
+    assert cfg.calibrate_threshold == expected
+    assert PipelineConfig().calibrate_threshold == "auto"
+
+
 def test_pipeline_stage3_rl_is_the_papers_joint_stage(tiny_ckpt, tiny_glue, tmp_path):
     from dpbert_rl.training import PipelineConfig, run_pipeline
 
@@ -221,7 +260,8 @@ def test_the_pipeline_passes_its_cost_unit_to_every_exact_stage(tiny_ckpt, tiny_
                                          ({"rate_control": "penalty", "stage3": "exact"}, "not 'penalty'"),
                                          ({"exact_epochs": 0}, "exact_epochs"),
                                          ({"cost_unit": "flops"}, "cost_unit must be"),
-                                         ({"cost_unit": "tokens", "stage3": "rl"}, "is for stage 3 'exact'")])
+                                         ({"cost_unit": "tokens", "stage3": "rl"}, "is for stage 3 'exact'"),
+                                         ({"calibrate_threshold": "sometimes"}, "must be one of")])
 def test_pipeline_config_refuses_bad_stage3_settings(kw, message):
     from dpbert_rl.training import PipelineConfig
 

@@ -621,6 +621,8 @@ def test_the_pipeline_recalibrates_a_twelve_layer_regressor_once_and_only_its_fi
     from dpbert_rl.training.stages import load_data
 
     saved = DPBert.load(final_dir)
+    calibration = json.loads((final_dir / "calibration.json").read_text())  # the threshold set after the stage
+    saved.threshold = calibration["value_before"]  # the stage's own, the one its recalibration was scored at
     select = load_data(TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(out), max_train_samples=1),
                        saved.tokenizer, splits=("select",))["select"]
     live = evaluate_model(saved, get_task("stsb"), select, collator(saved.tokenizer), 16, "hard")["score"]

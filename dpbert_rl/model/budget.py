@@ -106,10 +106,11 @@ def budget_curve(model, batches: Sequence[dict], n: int = CURVE_POINTS) -> list:
 
 
 def solve_knob(model, batches: Optional[Sequence[dict]], target_layers: float, iterations: int = 24,
-               layers_at: Optional[Callable[[float], float]] = None) -> tuple:
+               layers_at: Optional[Callable[[float], float]] = None, tol: float = 0.0) -> tuple:
     """The knob whose mean layers on ``batches`` is closest to ``target_layers``, by bisection over the knob
     (the price, or the logit of the threshold); returns ``(knob, layers reached)``. ``layers_at(knob)``
-    replaces the live passes over ``batches`` (e.g. a replay on a path tree)."""
+    replaces the live passes over ``batches`` (e.g. a replay on a path tree). The bisection stops early at a knob
+    within ``tol`` layers of the target (each step is a pass over ``batches``: at 12 layers they cost)."""
     layers_at = layers_at or (lambda knob: mean_layers(model, batches, knob))
     grid = knob_grid(model, 2)
     to_u, from_u = ((lambda c: c, lambda c: c) if model.planners.conditioned else
@@ -122,6 +123,8 @@ def solve_knob(model, batches: Optional[Sequence[dict]], target_layers: float, i
         layers = layers_at(knob)
         if best is None or abs(layers - target_layers) < abs(best[1] - target_layers):
             best = (knob, layers)
+        if abs(layers - target_layers) <= tol:
+            break
         if layers > target_layers:
             lo = mid
         else:

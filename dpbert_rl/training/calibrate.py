@@ -40,20 +40,58 @@ def calibrate_threshold(model: DPBert, dataset, collate_fn, target_rate: float, 
     return best
 
 
-def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = None) -> dict:
-    """Calibrate the threshold of a trained checkpoint on the selection split and save it in place."""
+def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = None,
+                         only_if_missed: bool = False) -> dict:
+    """Set the knob of a trained checkpoint (the threshold; the price of price-conditioned planners) so that its
+    greedy skip rate on the selection split's inputs is ``cfg.target_rate``, and save it in place with
+    ``calibration.json``. Labels are never read.
+
+    :param only_if_missed: leave the knob as it is when the rate there is already within
+        ``cfg.select_tolerance`` of the target (``PipelineConfig.calibrate_threshold='auto'``).
+    :return: what was done: ``calibrated``, ``knob``, ``value``, the skip rate ``before`` and ``train_skip_rate``
+        (reached; the key keeps its earlier name), ``target_rate``, ``examples``. A re-run on the same checkpoint
+        with the same target and inputs reads ``calibration.json`` back instead of moving the knob again.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..model.budget import get_knob, knob_name, mean_layers, set_knob, solve_knob
+
+    model_dir = Path(model_dir)
     model = DPBert.load(model_dir).eval()
     n = samples or getattr(cfg, "calibration_samples", 1000)
-    # calibration is a choice: it reads the held-out selection split, never dev
+    record = model_dir / "calibration.json"
+    if record.is_file():  # saved with the knob it set; a stage trained again replaces the directory, record and all
+        info = json.loads(record.read_text())
+        if (info.get("target_rate"), info.get("requested_examples"), info.get("only_if_missed")) == \
+                (cfg.target_rate, n, only_if_missed):
+            print(f"[calibration] reusing {record}")
+            return info
+    check_rate(cfg.target_rate)
+    # calibration is a choice: it reads the held-out selection split's inputs, never dev and never a label
     ds = tokenize(load_split(cfg.task, "select", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
                   model.tokenizer, cfg.max_seq_length)
-    threshold, reached = calibrate_threshold(model, ds, collator(model.tokenizer), cfg.target_rate,
-                                             cfg.eval_batch_size)
-    model.threshold = threshold
-    model.save(model_dir)
-    info = {"threshold": threshold, "train_skip_rate": reached, "target_rate": cfg.target_rate, "examples": len(ds)}
-    (Path(model_dir) / "calibration.json").write_text(json.dumps(info, indent=2))
-    print(f"[calibration] threshold {threshold:.4f}: skip rate {reached:.3f} on {len(ds)} selection inputs")
+    batches = list(DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator(model.tokenizer)))
+    L = model.num_layers
+    target_layers = (1.0 - cfg.target_rate) * L
+    before = 1.0 - mean_layers(model, batches) / L
+    info = {"knob": knob_name(model), "value_before": get_knob(model), "before": before,
+            "target_rate": cfg.target_rate, "examples": len(ds), "requested_examples": n,
+            "only_if_missed": only_if_missed}
+    if only_if_missed and abs(before - cfg.target_rate) <= cfg.select_tolerance:
+        info.update(calibrated=False, value=get_knob(model), train_skip_rate=before)
+        print(f"[calibration] skip rate {before:.3f} on {len(ds)} selection inputs, within "
+              f"{cfg.select_tolerance:g} of the target {cfg.target_rate:g}: {info['knob']} left at {info['value']:.4g}")
+    else:
+        # within 0.01 of the target rate: closer is the selection inputs' own noise
+        knob, layers = solve_knob(model, batches, target_layers, tol=0.01 * L)
+        set_knob(model, knob)
+        model.save(model_dir)
+        info.update(calibrated=True, value=knob, train_skip_rate=1.0 - layers / L)
+        print(f"[calibration] skip rate {before:.3f} -> {info['train_skip_rate']:.3f} (target {cfg.target_rate:g}) "
+              f"on {len(ds)} selection inputs: {info['knob']} {info['value_before']:.4g} -> {knob:.4g}")
+    if info["knob"] == "threshold":
+        info["threshold"] = info["value"]
+    record.write_text(json.dumps(info, indent=2))
     return info
 
 

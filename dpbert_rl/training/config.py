@@ -19,6 +19,7 @@ STAGES = ("finetune", "planner_init", "rl", "sampled", "soft", "layerdrop", "ada
 #: the pipeline's stage 3: 'auto' is 'exact' up to MAX_TREE_LAYERS layers and 'sampled' above
 STAGE3 = ("auto", "exact", "sampled", "rl")
 SKIP_AWARE = ("none", "layerdrop", "adapt")
+CALIBRATE = ("auto", "always", "never")  # when the pipeline calibrates the threshold (PipelineConfig)
 COST_UNITS = ("layers", "tokens")  # what stage 3 'exact' pays the layer price per (ExactConfig.cost_unit)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -218,12 +219,15 @@ class PipelineConfig(TrainConfig):
     """Stage 3 'exact' (and 'auto' where it is exact): what the layer price is paid per. 'layers' (the paper);
     'tokens', a layer executed on an input costs in proportion to its tokens, and the target rate counts
     token-layers, so skipping goes where it saves time (``dpbert-rl exact --cost-unit``)."""
-    calibrate_threshold: bool = False
-    """After stage 3, set the execute threshold of eq. (5) (0.5 in the paper) so that the greedy skip rate
-    on the selection split matches target_rate. Needed with rate_control 'penalty', whose gates stay near
-    p = 1 - r; with 'dual' (the default) the greedy policy at 0.5 already holds the rate."""
+    calibrate_threshold: str = "auto"
+    """After stage 3, set the planners' knob (the execute threshold of eq. (5), 0.5 in the paper; the price of
+    price-conditioned planners) so that the greedy skip rate on the selection split's inputs (labels never
+    read) is target_rate. 'auto': only when the chosen model misses target_rate there by more than
+    select_tolerance, either way (the dual price holds the rate at 6 layers; at 12 the planners swing faster
+    than it follows, and MPNet-base ran 5.8 or 11.2 layers when 7.8 were asked); 'always' (needed with
+    rate_control 'penalty', whose gates stay near p = 1 - r); 'never'. True/False read as 'always'/'never'."""
     calibration_samples: int = 1000
-    """Training inputs used to calibrate the threshold."""
+    """Selection-split inputs used to calibrate the threshold."""
     latency_repeats: int = 3
     """Batch-1 latency: passes over the dev set, full and DPBERT interleaved; the median is kept."""
     latency_samples: Optional[int] = None
@@ -241,6 +245,11 @@ class PipelineConfig(TrainConfig):
         check_number(self.skip_aware_lr, "skip_aware_lr (--skip-aware-lr)", low=0.0, low_open=True)
         if self.cost_unit not in COST_UNITS:
             raise ValueError(f"cost_unit must be one of {COST_UNITS}; got {self.cost_unit!r}")
+        if isinstance(self.calibrate_threshold, bool):  # the flag's earlier form
+            self.calibrate_threshold = "always" if self.calibrate_threshold else "never"
+        if self.calibrate_threshold not in CALIBRATE:
+            raise ValueError(f"calibrate_threshold (--calibrate-threshold) must be one of {CALIBRATE}; got "
+                             f"{self.calibrate_threshold!r}")
         if self.cost_unit != "layers" and self.stage3 not in ("exact", "auto"):
             raise ValueError(f"cost_unit {self.cost_unit!r} is for stage 3 'exact' (--stage3 {self.stage3} pays per "
                              "layer)")

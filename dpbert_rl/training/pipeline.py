@@ -173,8 +173,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
                                          batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))
     calibration = None
-    if cfg.calibrate_threshold and cfg.target_rate is not None:
-        calibration = calibrate_checkpoint(s3, cfg)
+    if cfg.calibrate_threshold != "never" and cfg.target_rate is not None:
+        calibration = calibrate_checkpoint(s3, cfg, only_if_missed=cfg.calibrate_threshold == "auto")
     t_eval = time.time()
     report = evaluate_checkpoint(
         str(s3), baseline_checkpoint=str(s1), data_dir=cfg.data_dir, max_eval_samples=cfg.max_eval_samples,
