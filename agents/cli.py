@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "the env's reward at each episode's end) or none")
         p.add_argument("--dual-lr", type=arg_type(float, 0.0), default=0.002,
                        help="dual step size per batch of finished episodes (--rate-control dual)")
+        p.add_argument("--rate-probe", type=arg_type(int, 0), default=64,
+                       help="--rate-control dual holds the rate of the agent's greedy actions, the ones it is scored "
+                            "on: every --probe-every updates they are run on this many training inputs and the gap "
+                            "to the training episodes' sampled rate is added to it; 0 holds the sampled rate")
+        p.add_argument("--probe-every", type=count, default=50, help="dual updates between two greedy probes")
         p.add_argument("--agent-kwargs", type=_json_object, default={},
                        help='JSON: keyword arguments per agent name, e.g. \'{"ppo": {"batch_size": 256}, '
                             '"reinforce": {"baseline": "loo", "samples": 4}}\' (SB3 agents: the algorithm\'s '
@@ -147,9 +152,19 @@ def train_agent(name: str, args, progress=None) -> dict:
     out = Path(args.output_dir)
     control = None
     if rate_control == "dual" and args.target_rate is not None and args.total_steps > 0:
-        from .rate import DualRateControl
+        from .rate import DualRateControl, greedy_execute_rate
 
-        control = progress = DualRateControl(env, args.target_rate, getattr(args, "dual_lr", 0.002), progress)
+        greedy = None
+        if getattr(args, "rate_probe", 0):  # the first N inputs of the training split, one batch
+            from dpbert_rl.data import collator, load_split, tokenize
+
+            rows = tokenize(load_split(task, "fit", args.data_dir, args.rate_probe), model.tokenizer,
+                            model.task_info.max_seq_length)
+            probe = collator(model.tokenizer)([rows[i] for i in range(len(rows))])
+            probe = {k: v for k, v in probe.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            greedy = lambda: greedy_execute_rate(agent, model, probe, env.observer)  # noqa: E731
+        control = progress = DualRateControl(env, args.target_rate, getattr(args, "dual_lr", 0.002), progress,
+                                             greedy_rate=greedy, probe_every=getattr(args, "probe_every", 50))
     t = time.time()
     agent.learn(env, args.total_steps, callback=progress, log_dir=str(out / "tb" / name))
     train_seconds = time.time() - t
@@ -167,7 +182,10 @@ def log_evaluation(log_dir: Path, steps: int, res: dict, control=None) -> None:
         writer.add_scalar("eval/layers_executed", res["layers_executed_mean"], steps)
         for step, price, execute in (control.history if control else [])[::10]:
             writer.add_scalar("charts/layer_price", price, step)
-            writer.add_scalar("charts/train_execute_rate", execute, step)
+            writer.add_scalar("charts/held_execute_rate", execute, step)
+        for step, greedy, sampled in (control.probes if control else []):
+            writer.add_scalar("charts/greedy_execute_rate", greedy, step)
+            writer.add_scalar("charts/sampled_execute_rate", sampled, step)
 
 
 def evaluate_trained(trained: dict, args) -> dict:
@@ -205,6 +223,7 @@ def evaluate_trained(trained: dict, args) -> dict:
             **({"target_rate": args.target_rate} if rate_control != "none" and args.target_rate is not None else {}),
             **({"rate_coef": env.core.rate_coef} if env.core.rate_coef else {}),
             "layer_price": env.layer_price, "lam": args.lam,
+            **({"rate_probe": args.rate_probe} if control is not None and getattr(args, "rate_probe", 0) else {}),
             "model": args.model}
 
 

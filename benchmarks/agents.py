@@ -199,7 +199,8 @@ def agent_namespace(task: str, agent: str, mode: str, setup: dict, args, kwargs:
         cache_dir=str(setup["exact_dir"] / "pathtree"), total_steps=total_steps, num_envs=args.num_envs,
         max_train_samples=cfg["max_train_samples"], max_eval_samples=None, lam=args.lam, cost=setup["price0"],
         target_rate=args.target_rate, rate_control="dual", dual_lr=dual_lr, agent_kwargs={agent: kwargs},
-        latency_samples=args.latency_samples, seed=args.seed, output_dir=output_dir)
+        latency_samples=args.latency_samples, seed=args.seed, output_dir=output_dir,
+        rate_probe=0)  # the recorded runs held the training episodes' sampled rate (the CLI now holds the greedy one)
 
 
 def tree_env(setup: dict, ns, split: str) -> BatchedLayerSkipTreeEnv:

@@ -268,6 +268,44 @@ def test_dual_rate_control_moves_the_env_price_against_the_violation():
     assert [h[0] for h in control.history] == [8, 16] and seen[-1]["charts/layer_price"] == env.layer_price
 
 
+def test_dual_rate_control_holds_the_greedy_rate_measured_by_its_probe():
+    """Training episodes at exactly the target (sampled execute rate 0.75) while the greedy actions, the ones the
+    agent is scored on, execute every layer: without the probe the price never moves; with it the gap (0.25) is
+    added between probes, and the probe runs on the first update and every ``probe_every`` after."""
+    from agents.rate import DualRateControl
+
+    class Env:
+        layer_price = 0.0
+
+    calls = []
+
+    def greedy():
+        calls.append(1)
+        return 1.0
+
+    blind, env = DualRateControl(Env(), target_rate=0.25, lr=0.1), Env()
+    probed = DualRateControl(env, target_rate=0.25, lr=0.1, greedy_rate=greedy, probe_every=3)
+    for step in range(1, 8):
+        blind({"steps": step, "charts/skip_rate": 0.25})
+        probed({"steps": step, "charts/skip_rate": 0.25})
+    assert blind.env.layer_price == 0.0
+    assert env.layer_price == pytest.approx(7 * 0.1 * 0.25) and len(calls) == 3  # updates 1, 4 and 7
+    assert [p[0] for p in probed.probes] == [1, 4, 7] and probed.probes[0][1:] == (1.0, 0.75)
+    assert all(h[2] == pytest.approx(1.0) for h in probed.history)
+    with pytest.raises(ValueError, match="probe_every"):
+        DualRateControl(Env(), 0.25, greedy_rate=greedy, probe_every=0)
+
+
+def test_greedy_execute_rate_is_the_rate_of_the_agents_deterministic_paths(tiny_model_dir):
+    from agents.rate import greedy_execute_rate
+    from agents.references import FirstK
+
+    model = DPBert.load(tiny_model_dir)
+    probe = dict(model.tokenizer(["the man plays a song", "a dog"], padding=True, return_tensors="pt"))
+    for k in (1, 3):
+        assert greedy_execute_rate(FirstK(k=k, num_layers=4), model, probe) == pytest.approx(k / 4)
+
+
 def test_agents_cli_dual_rate_control_and_agent_kwargs(tiny_model_dir, tiny_glue, tmp_path, capsys):
     from dpbert_rl.cli import main
 
@@ -277,7 +315,7 @@ def test_agents_cli_dual_rate_control_and_agent_kwargs(tiny_model_dir, tiny_glue
                  "--target-rate", "0.5", "--dual-lr", "0.5", "--cost", "0.0",
                  "--agent-kwargs", '{"ppo": {"n_steps": 8, "batch_size": 16}}', "--output-dir", str(out)]) == 0
     row = json.loads((out / "results.json").read_text())[0]
-    assert row["rate_control"] == "dual" and row["layer_price"] != 0.0
+    assert row["rate_control"] == "dual" and row["layer_price"] != 0.0 and row["rate_probe"] == 64
     assert Agent.load(out / "agents" / "ppo").model.n_steps == 8
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:  # argparse's own error: usage, message, exit status 2
