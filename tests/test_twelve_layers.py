@@ -581,7 +581,7 @@ def test_a_sampled_regression_stage_keeps_its_recalibration_only_when_the_select
     monkeypatch.setattr(rc, "score_run", lambda *a, **kw: {**real_score(*a, **kw), "score": next(scores)})
     cfg = TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(tmp_path / "unused"), batch_size=4,
                       eval_batch_size=16, progress=False, max_steps=2, eval_steps=2, save_steps=100,
-                      target_rate=0.3, samples=4)
+                      target_rate=0.3, samples=4, online_path_calibration=False)  # raw outputs: no map before
     out = planner_stage("sampled", cfg, init, tmp_path / "s")
     done = json.loads((out / "DONE").read_text())
     outcome = done["path_calibration"]
@@ -614,7 +614,7 @@ def test_the_pipeline_recalibrates_a_twelve_layer_regressor_once_and_only_its_fi
     assert "path_calibration" not in first  # adapt moves the head: a map there would be thrown away
     outcome = final["path_calibration"]
     assert outcome["inputs"] > 0 and outcome["kept"] is (outcome["select_after"] > outcome["select_before"])
-    assert (DPBert.load(final_dir).path_calibration is not None) is outcome["kept"]
+    assert DPBert.load(final_dir).path_calibration is not None  # the one refitted, or the stage's own (online)
     # the score after, read off the pass before with each path's pair applied, is the saved model's own
     from dpbert_rl.data import collator, get_task
     from dpbert_rl.evaluation.evaluate import evaluate_model
@@ -645,3 +645,120 @@ def test_the_pipeline_recalibrates_a_twelve_layer_regressor_once_and_only_its_fi
     with pytest.raises(TrainingError, match="another --output-dir"):
         rc.recalibrate_sampled(final_dir, TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(out)),
                                False, earlier=True)
+
+
+def test_the_running_path_calibration_is_the_least_squares_fit_of_each_paths_draws():
+    """Fed in batches, the online map equals :func:`fit_path_calibration` on each path's draws where a path has
+    at least ``min_inputs`` of them, the fit on all draws elsewhere, the identity before any; its state round-trips."""
+    from dpbert_rl.model.objectives import RunningPathCalibration, fit_path_calibration
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.zeros(30, dtype=torch.long), torch.full((25,), 5), torch.tensor([1, 1, 7])])
+    x = torch.randn(len(ids), generator=gen)
+    y = 0.5 + 2.0 * x + torch.randn(len(ids), generator=gen) * (1 + ids.float())  # each path its own line
+    cal = RunningPathCalibration(3, min_inputs=20)
+    assert torch.equal(cal.table(), torch.tensor([[1.0, 0.0]] * 8))
+    perm = torch.randperm(len(ids), generator=gen)
+    for part in perm.split(16):
+        cal.update(ids[part], x[part], y[part])
+    table = cal.table()
+    for p in (0, 5):
+        assert torch.allclose(table[p], fit_path_calibration(x[ids == p, None], y[ids == p])[0], atol=1e-5), p
+    pooled = fit_path_calibration(x[:, None], y)[0]
+    for p in (1, 2, 3, 4, 6, 7):
+        assert torch.allclose(table[p], pooled, atol=1e-5), p
+    back = RunningPathCalibration(3)
+    back.load_state_dict(json.loads(json.dumps(cal.state_dict())))
+    assert torch.equal(back.table(), table) and back.min_inputs == 20
+    with pytest.raises(ValueError, match="cannot be read into"):
+        RunningPathCalibration(4).load_state_dict(cal.state_dict())
+    with pytest.raises(ValueError, match="at least 2"):
+        RunningPathCalibration(3, min_inputs=1)
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_the_sampled_stage_rewards_a_regressor_on_its_paths_mapped_outputs(reg12, tiny_glue, tmp_path, monkeypatch,
+                                                                           online):
+    """STS-B at 12 layers: the reward reads each drawn path's output through the map fitted on the draws so far
+    (as the exact stage reads its tree's recalibrated outputs), and the model is scored on the selection split and
+    saved with that map; off, the reward reads the raw outputs and the model has none."""
+    import dpbert_rl.training.stages as stages
+
+    init = tmp_path / "init"
+    reg12.save(init)
+    mapped, rewarded = [], []
+    real_apply, real_reward = stages.apply_path_calibration, stages.final_reward
+
+    def spy_apply(pred, ids, table):
+        mapped.append(real_apply(pred, ids, table))
+        return mapped[-1]
+
+    def spy_reward(kind, losses, prediction, labels, regression):
+        rewarded.append(prediction.detach().clone())
+        return real_reward(kind, losses, prediction, labels, regression)
+
+    monkeypatch.setattr(stages, "apply_path_calibration", spy_apply)
+    monkeypatch.setattr(stages, "final_reward", spy_reward)
+    cfg = TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(tmp_path / "s"), batch_size=4,
+                      eval_batch_size=16, progress=False, max_steps=2, eval_steps=1, save_steps=100, target_rate=0.0,
+                      samples=4, online_path_calibration=online)
+    out = train_stage("sampled", cfg, init=str(init))
+    assert len(rewarded) == 2
+    if online:
+        assert len(mapped) == 2 and all(torch.equal(m, r) for m, r in zip(mapped, rewarded))
+    else:
+        assert not mapped
+    saved = DPBert.load(out)
+    assert (saved.path_calibration is not None) is online
+    from dpbert_rl.data import collator, get_task
+    from dpbert_rl.evaluation.evaluate import evaluate_model
+    from dpbert_rl.training.stages import load_data
+
+    select = load_data(cfg, saved.tokenizer, splits=("select",))["select"]
+    live = evaluate_model(saved, get_task("stsb"), select, collator(saved.tokenizer), 16, "hard")["score"]
+    assert live == pytest.approx(json.loads((out / "DONE").read_text())["best_select"], abs=1e-4)
+
+
+def test_a_sampled_regression_stage_stopped_midway_resumes_its_path_map(reg12, tiny_glue, tmp_path, monkeypatch):
+    """The online map's sums are in the resumable state: a crash at step 5 and a rerun end with the planners and
+    the map of an uninterrupted run."""
+    import dpbert_rl.training.stages as stages
+
+    init = tmp_path / "init"
+    reg12.save(init)
+
+    def run(out):
+        cfg = TrainConfig(task="stsb", data_dir=str(tiny_glue), output_dir=str(out), batch_size=4, eval_batch_size=16,
+                          progress=False, max_steps=6, eval_steps=100, save_steps=2, target_rate=0.0, samples=2)
+        return DPBert.load(train_stage("sampled", cfg, init=str(init)))
+
+    ref = run(tmp_path / "ref")
+    real = stages._stage_loss
+    monkeypatch.setattr(stages, "_stage_loss", nan_loss_at(real, 5))
+    with pytest.raises(TrainingError, match="step 5"):
+        run(tmp_path / "crash")
+    monkeypatch.setattr(stages, "_stage_loss", real)
+    resumed = run(tmp_path / "crash")
+    assert torch.allclose(ref.path_calibration, resumed.path_calibration)
+    assert all(torch.equal(a, b) for a, b in zip(ref.planners.parameters(), resumed.planners.parameters()))
+
+
+@pytest.mark.parametrize("task, refused", [("stsb", True), ("mrpc", False)])
+def test_a_sampled_stage_from_before_the_online_map_is_another_run_only_for_a_regressor(tmp_path, task, refused):
+    """A sampled stage saved before ``online_path_calibration`` existed ran without it: reusing it as a run with the
+    map is refused on a regression task, where it changes the reward, and allowed on a classifier, where it
+    changes nothing."""
+    from dataclasses import asdict
+
+    from dpbert_rl.training.config import check_same_run
+
+    cfg = TrainConfig(task=task, output_dir=str(tmp_path))
+    saved = {k: v for k, v in asdict(cfg).items() if k != "online_path_calibration"}
+    (tmp_path / "config.json").write_text(json.dumps({"stage": "sampled", "init": None, **saved}))
+    if refused:
+        with pytest.raises(TrainingError, match="online_path_calibration: False -> True"):
+            check_same_run("sampled", cfg, None, tmp_path)
+    else:
+        check_same_run("sampled", cfg, None, tmp_path)
+    check_same_run("sampled", TrainConfig(task=task, output_dir=str(tmp_path), online_path_calibration=False),
+                   None, tmp_path)

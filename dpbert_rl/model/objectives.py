@@ -56,6 +56,63 @@ def fit_path_calibration(predictions: torch.Tensor, labels: torch.Tensor, min_st
     return torch.stack([scale, shift], 1).to(torch.float32)
 
 
+class RunningPathCalibration:
+    """:func:`fit_path_calibration` fitted on the fly, for a stage that draws paths instead of walking the tree
+    (stage 3 'sampled'): the sums ``n, sum x, sum y, sum x^2, sum x y`` of every (output, label) drawn on each path
+    so far, and from them the least-squares ``(scale, shift)`` of each path with at least ``min_inputs`` draws;
+    every other path gets the pair fitted on all draws (the identity before there are two). On a frozen backbone
+    an input's output on a path is fixed, so the sums only sharpen.
+
+    :param num_layers: ``L``: the table has ``2^L`` rows (:func:`path_ids`).
+    """
+
+    def __init__(self, num_layers: int, min_inputs: int = 20):
+        if min_inputs < 2:
+            raise ValueError(f"min_inputs must be at least 2 (a line needs two points); got {min_inputs}")
+        self.num_layers, self.min_inputs = int(num_layers), int(min_inputs)
+        self.sums = torch.zeros(2 ** self.num_layers, 5, dtype=torch.float64)
+
+    def update(self, ids: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add the draws: path ids, raw outputs and labels, each ``(N,)``."""
+        x = predictions.detach().reshape(-1).double().cpu()
+        y = labels.detach().reshape(-1).double().cpu()
+        rows = torch.stack([torch.ones_like(x), x, y, x * x, x * y], 1)
+        self.sums.index_add_(0, ids.detach().reshape(-1).long().cpu(), rows)
+
+    @staticmethod
+    def _pairs(sums: torch.Tensor, min_std: float = 1e-6) -> torch.Tensor:
+        n = sums[..., 0].clamp_min(1.0)
+        xm, ym = sums[..., 1] / n, sums[..., 2] / n
+        var = sums[..., 3] / n - xm ** 2
+        cov = sums[..., 4] / n - xm * ym
+        scale = torch.where(var > min_std ** 2, cov / var.clamp_min(min_std ** 2), torch.zeros_like(var))
+        return torch.stack([scale, ym - scale * xm], -1)
+
+    def table(self) -> torch.Tensor:
+        """The ``(2^L, 2)`` map of :func:`apply_path_calibration` for the draws so far."""
+        total = self.sums.sum(0)
+        pooled = self._pairs(total) if total[0] >= 2 else torch.tensor([1.0, 0.0], dtype=torch.float64)
+        table = pooled.expand(len(self.sums), 2).clone()
+        own = self.sums[:, 0] >= self.min_inputs
+        table[own] = self._pairs(self.sums[own])
+        return table.to(torch.float32)
+
+    def state_dict(self) -> dict:
+        """JSON-ready: the sums of the visited paths only."""
+        visited = torch.nonzero(self.sums[:, 0]).reshape(-1).tolist()
+        return {"num_layers": self.num_layers, "min_inputs": self.min_inputs,
+                "sums": {str(p): self.sums[p].tolist() for p in visited}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["num_layers"]) != self.num_layers:
+            raise ValueError(f"a per-path calibration of {state['num_layers']} layers cannot be read into "
+                             f"{self.num_layers}")
+        self.min_inputs = int(state["min_inputs"])
+        self.sums.zero_()
+        for p, row in state["sums"].items():
+            self.sums[int(p)] = torch.tensor(row, dtype=torch.float64)
+
+
 def path_ids(actions: torch.Tensor) -> torch.Tensor:
     """The path index of each row of 0/1 ``actions`` ``(..., L)``: its bits, layer 1 the most significant (the
     path tree's order, :func:`dpbert_rl.pathtree.oracle.paths`)."""

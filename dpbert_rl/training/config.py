@@ -97,6 +97,12 @@ class TrainConfig:
     detach_planner_input: bool = True
     """[choice] In stage 3, keep the policy gradient out of the backbone: the planners read the states
     without passing gradients into them (the backbone still trains on the task loss)."""
+    online_path_calibration: bool = True
+    """[choice] Stage 'sampled' on a regression task: the reward reads each drawn path's output through a
+    (scale, shift) fitted by least squares on every output the stage has drawn on that path so far (a pooled pair
+    until a path has 20), as the exact stage's reward reads its tree's recalibrated outputs; the selection
+    scores and the saved model use the same map (:class:`~dpbert_rl.model.objectives.RunningPathCalibration`).
+    Off: the head's raw outputs, on which a path that ranks the inputs well but off the label's scale loses."""
     beta: float = 200.0
     """[choice] beta of eq. (12): weight of the skip-rate penalty. The paper's grid is 0.1-1.5, but
     with S of eq. (10) a mean over layers and examples, P is tiny (0.2^2 = 0.04): at 0.5 the planners
@@ -274,12 +280,12 @@ _RL_ONLY = {"cost", "lam", "baseline", "reward", "rate_control", "dual_lr", "sam
             "entropy_coef", "detach_planner_input"}
 _NO_PLANNERS = _RL_ONLY | {"beta", "target_rate", "init_penalty", "planner_lr", "planner_init_bias", "planner_features",
                            "feature_stats_samples"}
-_UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
-           "layerdrop": _NO_PLANNERS,
-           "adapt": _NO_PLANNERS | {"layerdrop"},
-           "planner_init": _RL_ONLY | {"lr", "layerdrop", "weight_decay"},
-           "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop"},
-           "rl": {"init_penalty", "layerdrop"},
+_UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop", "online_path_calibration"},
+           "layerdrop": _NO_PLANNERS | {"online_path_calibration"},
+           "adapt": _NO_PLANNERS | {"layerdrop", "online_path_calibration"},
+           "planner_init": _RL_ONLY | {"lr", "layerdrop", "weight_decay", "online_path_calibration"},
+           "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop", "online_path_calibration"},
+           "rl": {"init_penalty", "layerdrop", "online_path_calibration"},
            "sampled": {"init_penalty", "layerdrop", "lr", "detach_planner_input", "weight_decay"}}
 
 
@@ -287,6 +293,21 @@ _UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop"},
 # run from before the per-path recalibration did not recalibrate, which matters on regression tasks only
 # (dpbert_rl.training.exact._check_calibration_setting)
 ABSENT_JUDGED_BY_STAGE = {"path_calibration"}
+# settings added later whose absence means they were off: a sampled stage from before the online per-path map
+ABSENT_MEANS = {"online_path_calibration": False}
+
+# settings that change nothing on a classification task
+REGRESSION_ONLY = {"online_path_calibration"}
+
+
+def _is_regression(task: str) -> bool:
+    from ..data import get_task
+
+    try:
+        return get_task(task).is_regression
+    except ValueError:  # DataError is one; an unknown task is refused where it is read
+        return False
+
 
 # settings a resumed (unfinished) stage may change: after a NaN stop, re-run with a lower learning rate
 RESUME_MAY_CHANGE = {"lr", "planner_lr"}
@@ -313,9 +334,11 @@ def check_same_run(stage: str, cfg, init: Optional[str], out_dir: Path, resuming
     if ignore is None:
         ignore = _BOOKKEEPING | _UNUSED.get(stage, set())
     ignore = ignore | (RESUME_MAY_CHANGE if resuming else set())
+    if getattr(cfg, "task", None) and not _is_regression(cfg.task):
+        ignore = ignore | REGRESSION_ONLY
     current = json.loads(json.dumps({"init": init, **asdict(cfg)}))  # as saved: tuples read back as lists
     # a setting added after the run was saved: that run had its default (but those the stage judges itself)
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(cfg)
+    defaults = json.loads(json.dumps({f.name: ABSENT_MEANS.get(f.name, f.default) for f in fields(cfg)
                                       if f.default is not MISSING and f.name not in ABSENT_JUDGED_BY_STAGE}))
     diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
             if k not in ignore and (k in saved or k in defaults) and saved.get(k, defaults.get(k)) != v

@@ -98,7 +98,8 @@ def recalibrate_sampled(model_dir, cfg: TrainConfig, path_calibration: bool, ear
 
 def recalibrate_stage(model_dir, cfg: TrainConfig, min_inputs: int = MIN_INPUTS) -> dict:
     """Fit :func:`fit_visited_paths` for a finished stage's regression model (``<stage>/model``, trained with
-    ``cfg``), keep it when it raises the selection-split score, then score dev once on the model kept; the
+    ``cfg``), keep it when it raises the selection-split score over the model as saved (raw, or with the map the
+    stage fitted on its draws), then score dev once on the model kept; the
     outcome goes into ``DONE`` (``path_calibration``; with a map kept, ``best_select`` is the recalibrated
     selection score, the earlier one and dev's beside it) and the model is rewritten in place only when kept
     (the folder swapped in whole, ``DONE`` and ``selection.json`` inside it), under the stage folder's lock. A
@@ -115,12 +116,14 @@ def recalibrate_stage(model_dir, cfg: TrainConfig, min_inputs: int = MIN_INPUTS)
         if "path_calibration" in done:
             return done["path_calibration"]
         model = DPBert.load(model_dir)
+        own = model.path_calibration  # the map the stage fitted on its draws (online_path_calibration), or None
         model.set_path_calibration(None)
         data = load_data(cfg, model.tokenizer)
         collate = collator(model.tokenizer)
-        # one pass over the selection split: the map changes no path, so its score after is read off the same run
+        # one pass over the selection split: a map changes no path, so the score with either map is read off the
+        # same run of the raw outputs
         select = run_dataset(model, data["select"], collate, cfg.eval_batch_size, "hard")
-        before = score_run(task, select)["score"]
+        before = score_run(task, select if own is None else recalibrated(select, own))["score"]
         table, info = fit_visited_paths(model, data["train"], collate, cfg.eval_batch_size, min_inputs)
         model.set_path_calibration(table)
         after = score_run(task, recalibrated(select, table))["score"]

@@ -30,6 +30,7 @@ is not run again. The same code runs on CPU, one GPU, or many with ``accelerate 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -48,7 +49,8 @@ from ..evaluation.diagnostics import skip_all_check, warn_if_constant
 from ..evaluation.evaluate import evaluate_model
 from ..model.backbone import eval_mode
 from ..model.dpbert import DPBert, TaskInfo
-from ..model.objectives import DualPrice, dpbert_objective, final_reward, reward_to_go, skip_penalty, skip_rate
+from ..model.objectives import (DualPrice, RunningPathCalibration, apply_path_calibration, dpbert_objective,
+                                final_reward, path_ids, reward_to_go, skip_penalty, skip_rate)
 from ..model.planner import Planners
 from .checkpoint import (DONE_FILE, check_finite_parameters, is_checkpoint, load_checkpoint, recovery, save_atomic,
                          save_checkpoint, stage_dir, stage_done, truncate_metrics)
@@ -107,11 +109,13 @@ def _flat_config(d: dict) -> dict:
 
 
 def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: dict, price: float = 1.0,
-                progress: float = 0.0):
+                progress: float = 0.0, calibration: Optional[RunningPathCalibration] = None):
     """One forward pass of ``stage`` on ``batch``; returns (loss, output, logs).
 
     :param price: the cost of an executed layer in stage 3's reward (``cfg.cost``, or the dual price).
     :param progress: fraction of the stage done, for the entropy bonus's decay.
+    :param calibration: a regression head's per-path map fitted on the fly (``cfg.online_path_calibration``): this
+        batch's draws are added to it, and the reward reads each output through it.
     """
     shared, once = None, batch  # `once`: one row per input
     if stage in _REINFORCE and cfg.samples > 1:  # K paths per input, rows grouped by input
@@ -143,8 +147,13 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
             logs["losses/penalty"] = penalty.item()
     else:  # rl: eq. (12)
         def outcome(o):
-            return final_reward(cfg.reward, o.per_example_loss, raw_model.predict(o.logits), inputs["labels"],
-                                raw_model.is_regression)
+            prediction = raw_model.predict(o.logits)
+            if calibration is not None:  # each path's output on the label's scale, fitted on the draws so far
+                prediction = apply_path_calibration(prediction, path_ids(o.actions), calibration.table())
+            return final_reward(cfg.reward, o.per_example_loss, prediction, inputs["labels"], raw_model.is_regression)
+
+        if calibration is not None:
+            calibration.update(path_ids(out.actions), raw_model.predict(out.logits), inputs["labels"])
 
         greedy, rate = None, None
         if cfg.baseline == "self-critical":
@@ -297,6 +306,12 @@ class StageRun:
             self.dual = DualPrice(cfg.target_rate, cfg.dual_lr, init=cfg.cost)
             if "dual" in self.state:
                 self.dual.load_state_dict(self.state["dual"])
+        self.path_map = None  # the regression head's per-path map, fitted on the stage's draws
+        if self.stage == "sampled" and cfg.online_path_calibration and self.task.is_regression:
+            self.path_map = RunningPathCalibration(self.raw.num_layers)
+            if "path_map" in self.state:
+                self.path_map.load_state_dict(self.state["path_map"])
+            self.raw.set_path_calibration(None)  # the forward gives raw outputs; the reward maps them
 
     def _write_config(self) -> None:
         cfg = self.cfg
@@ -361,7 +376,8 @@ class StageRun:
         cfg, stage, step = self.cfg, self.stage, self.step
         price = self.dual.price if self.dual is not None else cfg.cost
         try:
-            loss, _, logs = _stage_loss(stage, cfg, self.model, self.raw, batch, price, step / self.total_steps)
+            loss, _, logs = _stage_loss(stage, cfg, self.model, self.raw, batch, price, step / self.total_steps,
+                                        self.path_map)
         except NonFiniteError as err:  # e.g. exploded planners: caught before torch.bernoulli fails on them
             raise TrainingError(f"[{stage}] {err} at step {step + 1}; stopped. {recovery(self.ckpt_dir)}") from None
         if not torch.isfinite(loss):
@@ -380,6 +396,8 @@ class StageRun:
                                                         device=self.accelerator.device), "mean")
             self.dual.update(float(rate))
             self.state["dual"] = self.dual.state_dict()
+        if self.path_map is not None:
+            self.state["path_map"] = self.path_map.state_dict()
         return logs
 
     def _after_step(self, logs: dict, bar) -> None:
@@ -407,15 +425,28 @@ class StageRun:
         """Score on the selection split; keep the model as the stage's choice when it is the best so far among
         evaluations that meet the skip-rate rule (stages with a target rate)."""
         cfg, state = self.cfg, self.state
-        res = evaluate_model(self.raw, self.task, self.data["select"], self.collate, cfg.eval_batch_size,
-                             self.eval_mode)
-        ok = self.stage in _BACKBONE_ONLY + ("planner_init",) or cfg.target_rate is None or \
-            res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance
-        if ok and (state["best"] is None or res["score"] > state["best"]):
-            state["best"], state["best_step"] = res["score"], step
-            if self.main:  # with the layer price at that step: a later fit of these planners starts there
-                save_atomic(self.raw, self.model_dir, extra={"step": step, "select": res, **self._price()})
+        with self._path_map_set():  # scored, and saved, with the map the reward reads
+            res = evaluate_model(self.raw, self.task, self.data["select"], self.collate, cfg.eval_batch_size,
+                                 self.eval_mode)
+            ok = self.stage in _BACKBONE_ONLY + ("planner_init",) or cfg.target_rate is None or \
+                res["skip_rate"] >= cfg.target_rate - cfg.select_tolerance
+            if ok and (state["best"] is None or res["score"] > state["best"]):
+                state["best"], state["best_step"] = res["score"], step
+                if self.main:  # with the layer price at that step: a later fit of these planners starts there
+                    save_atomic(self.raw, self.model_dir, extra={"step": step, "select": res, **self._price()})
         return res
+
+    @contextlib.contextmanager
+    def _path_map_set(self):
+        """The model with the per-path map fitted so far (when the stage fits one), then raw again."""
+        if self.path_map is None:
+            yield
+            return
+        self.raw.set_path_calibration(self.path_map.table())
+        try:
+            yield
+        finally:
+            self.raw.set_path_calibration(None)
 
     def _price(self) -> dict:
         """``{"select_price": p}``, the dual layer price now, for ``selection.json`` (empty without one)."""
@@ -429,9 +460,10 @@ class StageRun:
         accelerator.wait_for_everyone()
         if self.main:
             if state["best"] is None:  # no evaluation met the selection rule: keep the last model
-                save_atomic(self.raw, self.model_dir,
-                            extra={"step": step, "note": "last (no evaluation met the skip-rate rule)",
-                                   **self._price()})
+                with self._path_map_set():
+                    save_atomic(self.raw, self.model_dir,
+                                extra={"step": step, "note": "last (no evaluation met the skip-rate rule)",
+                                       **self._price()})
             seconds = time.time() - self.t0
             dev = score_dev_once(self.model_dir, self.cfg, self.eval_mode)  # once, on the chosen model; chooses nothing
             (self.model_dir / DONE_FILE).write_text(json.dumps(
