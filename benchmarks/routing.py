@@ -113,6 +113,20 @@ def backbone_name(model_dir: Path, given: Optional[str] = None) -> str:
     return Path(str(recorded or given or LEGACY_BACKBONE)).name
 
 
+def pipeline_choice(run_dir: Path) -> Optional[Path]:
+    """The final model a pipeline run chose between its skip-aware alternation and the first fit
+    (``alternation.json``'s ``chosen``, resolved inside ``run_dir`` so that a moved run still resolves); None
+    when the run made no such choice."""
+    record = Path(run_dir) / "alternation.json"
+    if not record.is_file():
+        return None
+    try:
+        chosen = json.loads(record.read_text(encoding="utf-8"))["chosen"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{record}: expected the pipeline's JSON record with 'chosen' ({err})") from None
+    return Path(run_dir) / Path(*Path(chosen).parts[-2:])  # <stage>/model, inside this run
+
+
 def merge_rows(path: Path, new_rows: list) -> list:
     """Replace the rows with the same (backbone, task, learner, backbone_mode, features), keep the others."""
     rows = read_rows(path, check_fields=False)
@@ -204,6 +218,12 @@ def main(argv: Optional[list] = None) -> None:
             found = [(Path(args.runs) / name / f"stage3_{kind}" / "model", m)
                      for kind, m in (("exact", "frozen"), ("sampled", "frozen"), ("rl", "joint"))]
             model_dir, mode = next(((d, m) for d, m in found if d.is_dir()), found[0])
+            try:
+                chosen = pipeline_choice(Path(args.runs) / name)
+            except ValueError as err:
+                fail(str(err))
+            if chosen is not None:  # the first fit, where the pipeline kept it over the skip-aware alternation
+                model_dir = chosen
         if not (model_dir / "DONE").is_file():
             print(f"[routing] {name}: no finished stage-3 model at {model_dir}; skipped")
             continue

@@ -115,7 +115,10 @@ def test_pipeline_evaluate_and_predict_from_the_cli(tiny_ckpt, tiny_glue, tmp_pa
     assert len(report["layer_frequency"]) == 4 and report["num_examples"] == 24
     assert "speed-up measured" in capsys.readouterr().out
     model_dir = out / "stage3_exact" / "model"  # the default stage 3: exact expectation, then adapt, exact again
-    assert not (out / "stage3_rl").exists() and report["checkpoint"] == str(model_dir)
+    assert not (out / "stage3_rl").exists()
+    # the final model is the alternation's, or the first fit's where that scored higher on the selection split
+    assert report["checkpoint"] == report["alternation"]["chosen"] in (str(model_dir),
+                                                                       str(out / "stage3_exact_frozen" / "model"))
     stage2 = DPBert.load(out / "stage2_planner_init" / "model")
     frozen = DPBert.load(out / "stage3_exact_frozen" / "model")
     adapted = DPBert.load(out / "stage3_adapt" / "model")
@@ -227,6 +230,48 @@ def test_calibrate_threshold_reads_its_earlier_boolean_form(value, expected):
     cfg.validate()
     assert cfg.calibrate_threshold == expected
     assert PipelineConfig().calibrate_threshold == "auto"
+
+
+def test_selection_at_rate_scores_a_checkpoint_at_the_asked_rate_and_saves_nothing(tiny_ckpt, tiny_glue, tmp_path):
+    from dpbert_rl.data import collator, get_task
+    from dpbert_rl.evaluation.evaluate import evaluate_model
+    from dpbert_rl.training.calibrate import selection_at_rate
+    from dpbert_rl.training.stages import load_data
+
+    model = DPBert.from_backbone(str(tiny_ckpt)).eval()
+    with torch.no_grad():
+        model.planners.weight.zero_()
+        model.planners.bias.copy_(torch.logit(torch.tensor([0.2, 0.4, 0.6, 0.8])))
+    model.save(tmp_path / "m")
+    cfg = TrainConfig(task="rte", data_dir=str(tiny_glue), target_rate=0.25, output_dir=str(tmp_path / "x"))
+    res = selection_at_rate(tmp_path / "m", cfg, samples=16)
+    assert res["skip_rate"] == pytest.approx(0.25) and 0.2 < res["value"] <= 0.4
+    assert DPBert.load(tmp_path / "m").threshold == pytest.approx(0.5)  # nothing saved
+    model.threshold = res["value"]
+    select = load_data(cfg, model.tokenizer, splits=("select",))["select"]
+    assert res["score"] == pytest.approx(evaluate_model(model, get_task("rte"), select, collator(model.tokenizer),
+                                                        64, "hard")["score"])
+
+
+@pytest.mark.parametrize("scores, kept", [((50.0, 60.0), True), ((60.0, 50.0), False)])
+def test_the_alternation_is_kept_only_when_it_beats_the_first_fit_on_the_selection_split(tmp_path, monkeypatch,
+                                                                                          scores, kept):
+    import dpbert_rl.training.calibrate as cal
+    from dpbert_rl.training import PipelineConfig
+    from dpbert_rl.training.pipeline import keep_alternation
+
+    first, final = tmp_path / "stage3_sampled_frozen" / "model", tmp_path / "stage3_sampled" / "model"
+    given = dict(zip((str(first), str(final)), scores))
+    monkeypatch.setattr(cal, "selection_at_rate", lambda d, cfg, n: {"score": given[str(d)], "knob": "threshold",
+                                                                     "value": 0.5, "skip_rate": 0.35, "examples": 9})
+    cfg = PipelineConfig(target_rate=0.35)
+    chosen, outcome = keep_alternation(first, final, cfg, tmp_path)
+    assert chosen == (final if kept else first) and outcome["kept"] is kept
+    assert (outcome["first"]["score"], outcome["final"]["score"]) == scores
+    monkeypatch.setattr(cal, "selection_at_rate", lambda *a: pytest.fail("scored again"))
+    assert keep_alternation(first, final, cfg, tmp_path) == (chosen, outcome)  # a re-run reads the record
+    with pytest.raises(pytest.fail.Exception):  # another target is compared afresh
+        keep_alternation(first, final, PipelineConfig(target_rate=0.5), tmp_path)
 
 
 def test_pipeline_stage3_rl_is_the_papers_joint_stage(tiny_ckpt, tiny_glue, tmp_path):

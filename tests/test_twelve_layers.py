@@ -762,3 +762,18 @@ def test_a_sampled_stage_from_before_the_online_map_is_another_run_only_for_a_re
         check_same_run("sampled", cfg, None, tmp_path)
     check_same_run("sampled", TrainConfig(task=task, output_dir=str(tmp_path), online_path_calibration=False),
                    None, tmp_path)
+
+
+def test_routing_reads_the_model_the_pipeline_chose(tmp_path):
+    """Where the pipeline kept the first fit over the skip-aware alternation, routing scores that model (inside the
+    run folder, wherever it was moved); a damaged record is an error naming it."""
+    routing = load_benchmark("routing")
+
+    run = tmp_path / "moved" / "stsb"
+    run.mkdir(parents=True)
+    assert routing.pipeline_choice(run) is None
+    (run / "alternation.json").write_text(json.dumps({"chosen": "/elsewhere/stsb/stage3_sampled_frozen/model"}))
+    assert routing.pipeline_choice(run) == run / "stage3_sampled_frozen" / "model"
+    (run / "alternation.json").write_text("{not json")
+    with pytest.raises(ValueError, match="alternation.json"):
+        routing.pipeline_choice(run)

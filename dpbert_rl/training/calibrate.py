@@ -52,8 +52,6 @@ def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = N
         (reached; the key keeps its earlier name), ``target_rate``, ``examples``. A re-run on the same checkpoint
         with the same target and inputs reads ``calibration.json`` back instead of moving the knob again.
     """
-    from torch.utils.data import DataLoader
-
     from ..model.budget import get_knob, knob_name, mean_layers, set_knob, solve_knob
 
     model_dir = Path(model_dir)
@@ -68,9 +66,7 @@ def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = N
             return info
     check_rate(cfg.target_rate)
     # calibration is a choice: it reads the held-out selection split's inputs, never dev and never a label
-    ds = tokenize(load_split(cfg.task, "select", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
-                  model.tokenizer, cfg.max_seq_length)
-    batches = list(DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator(model.tokenizer)))
+    ds, batches = _selection_batches(model, cfg, n)
     L = model.num_layers
     target_layers = (1.0 - cfg.target_rate) * L
     before = 1.0 - mean_layers(model, batches) / L
@@ -93,6 +89,36 @@ def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = N
         info["threshold"] = info["value"]
     record.write_text(json.dumps(info, indent=2))
     return info
+
+
+def _selection_batches(model: DPBert, cfg: TrainConfig, n: int) -> tuple:
+    """The first ``n`` inputs of the selection split, tokenised, and their padded batches (labels in the batches,
+    read only by a caller that scores)."""
+    from torch.utils.data import DataLoader
+
+    ds = tokenize(load_split(cfg.task, "select", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
+                  model.tokenizer, cfg.max_seq_length)
+    return ds, list(DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator(model.tokenizer)))
+
+
+@torch.no_grad()
+def selection_at_rate(model_dir, cfg: TrainConfig, samples: Optional[int] = None) -> dict:
+    """The selection-split score of a checkpoint with its knob set (in memory, nothing saved) so that its skip rate
+    on those inputs is ``cfg.target_rate``: two models compared at the rate that was asked for, as they will run.
+    Returns ``score``, ``knob``, ``value``, ``skip_rate``, ``examples``."""
+    from ..data import get_task
+    from ..evaluation.evaluate import evaluate_model
+    from ..model.budget import knob_name, set_knob, solve_knob
+
+    check_rate(cfg.target_rate)
+    model = DPBert.load(model_dir).eval()
+    ds, batches = _selection_batches(model, cfg, samples or getattr(cfg, "calibration_samples", 1000))
+    L = model.num_layers
+    knob, layers = solve_knob(model, batches, (1.0 - cfg.target_rate) * L, tol=0.01 * L)
+    set_knob(model, knob)
+    res = evaluate_model(model, get_task(cfg.task), ds, collator(model.tokenizer), cfg.eval_batch_size, "hard")
+    return {"score": res["score"], "knob": knob_name(model), "value": knob, "skip_rate": res["skip_rate"],
+            "examples": len(ds)}
 
 
 def calibrate_budget(model_dir, inputs, target_layers: float, task: Optional[str] = None,

@@ -102,6 +102,32 @@ def carried_price(cfg, first: Path, out: Path):
     return replace(cfg, cost=float(price))
 
 
+def keep_alternation(first: Path, final: Path, cfg, out: Path) -> tuple:
+    """The skip-aware alternation (first fit, adapt, second fit) kept only when its final model beats the first
+    fit's on the selection split, each with its knob set so that it skips ``cfg.target_rate`` of the layers there
+    (:func:`~dpbert_rl.training.calibrate.selection_at_rate`): a choice on the selection split, made before dev is
+    scored. (On MPNet STS-B the backbone adapted to the first fit's 3.7-layer paths scored 2-4 on the selection
+    split and its second fit ran every layer.) The outcome is kept in ``<out>/alternation.json`` and read back by a
+    re-run with the same target. Returns ``(model chosen, outcome)``."""
+    from .calibrate import selection_at_rate
+
+    record = Path(out) / "alternation.json"
+    n = getattr(cfg, "calibration_samples", 1000)
+    if record.is_file():
+        outcome = json.loads(record.read_text())
+        if (outcome.get("target_rate"), outcome.get("requested_examples")) == (cfg.target_rate, n):
+            return Path(outcome["chosen"]), outcome
+    a, b = selection_at_rate(first, cfg, n), selection_at_rate(final, cfg, n)
+    kept = b["score"] >= a["score"]
+    chosen = final if kept else first
+    outcome = {"first": {**a, "checkpoint": str(first)}, "final": {**b, "checkpoint": str(final)}, "kept": kept,
+               "chosen": str(chosen), "target_rate": cfg.target_rate, "requested_examples": n}
+    print(f"[alternation] selection score at skip rate {cfg.target_rate:g}: first fit {a['score']:.2f}, after adapt "
+          f"{b['score']:.2f}: {'kept' if kept else 'not kept, the first fit is the final model'}")
+    record.write_text(json.dumps(outcome, indent=2))
+    return chosen, outcome
+
+
 def stage3_for(stage3: str, num_layers: int) -> str:
     """'auto' is 'exact' when a ``num_layers``-layer path tree can be walked
     (:data:`~dpbert_rl.pathtree.oracle.MAX_TREE_LAYERS` layers or fewer) and 'sampled' above; others as given."""
@@ -172,6 +198,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     else:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
                                          batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))
+    alternation = None
+    if cfg.skip_aware == "adapt" and cfg.stage3 in ("exact", "sampled") and cfg.target_rate is not None \
+            and cfg.calibrate_threshold != "never":  # compared at the asked rate, the one the model will then run
+        s3, alternation = keep_alternation(out / f"stage3_{cfg.stage3}_frozen" / "model", s3, cfg, out)
     calibration = None
     if cfg.calibrate_threshold != "never" and cfg.target_rate is not None:
         calibration = calibrate_checkpoint(s3, cfg, only_if_missed=cfg.calibrate_threshold == "auto")
@@ -187,5 +217,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         + (time.time() - t_eval)
     report["seed"] = cfg.seed
     report["calibration"] = calibration
+    report["alternation"] = alternation
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
