@@ -59,7 +59,8 @@ class DualRateControl:
 
     def __call__(self, scalars: dict):
         sampled = 1.0 - float(scalars["charts/skip_rate"])
-        self._sampled.append(sampled)
+        if self.greedy_rate is not None:  # the sampled rates since the last probe
+            self._sampled.append(sampled)
         if self.greedy_rate is not None and len(self.history) % self.probe_every == 0:
             greedy, mean_sampled = float(self.greedy_rate()), float(np.mean(self._sampled))
             self.gap, self._sampled = greedy - mean_sampled, []

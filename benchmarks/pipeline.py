@@ -215,6 +215,7 @@ def main(argv=None) -> None:
                        args.exact_epochs if stage3 == "exact" else args.stage3_epochs],
             "target_rate": args.target_rate,
             "calibration": report.get("calibration"),  # the threshold set on the selection inputs, if it was
+            "alternation": report.get("alternation"),  # first fit vs the skip-aware alternation, on the selection split
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
                                                               "target_rate", "evals_per_epoch", "stage3_batch_size",
                                                               "samples", "cost", "dual_lr", "reward", "rate_control",

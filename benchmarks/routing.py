@@ -245,7 +245,7 @@ def main(argv: Optional[list] = None) -> None:
             # --skip-aware adapt) is in its path-tree caches (the selection split's built by the exact stage, dev's
             # built here once and shared with agents.py)
             try:
-                backbone = exact_stage_backbone(model_dir.parent.parent)
+                backbone = exact_stage_backbone(model_dir.parent.parent, model_dir.parent.name)  # the chosen fit's
             except (OSError, ValueError) as err:
                 fail(str(err))
             cfg = json.loads((model_dir.parent / "config.json").read_text())

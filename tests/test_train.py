@@ -261,6 +261,9 @@ def test_the_alternation_is_kept_only_when_it_beats_the_first_fit_on_the_selecti
     from dpbert_rl.training.pipeline import keep_alternation
 
     first, final = tmp_path / "stage3_sampled_frozen" / "model", tmp_path / "stage3_sampled" / "model"
+    for m in (first, final):
+        m.mkdir(parents=True)
+        (m / "DONE").write_text(json.dumps({"best_select": 1.0}))
     given = dict(zip((str(first), str(final)), scores))
     monkeypatch.setattr(cal, "selection_at_rate", lambda d, cfg, n: {"score": given[str(d)], "knob": "threshold",
                                                                      "value": 0.5, "skip_rate": 0.35, "examples": 9})
@@ -272,6 +275,9 @@ def test_the_alternation_is_kept_only_when_it_beats_the_first_fit_on_the_selecti
     assert keep_alternation(first, final, cfg, tmp_path) == (chosen, outcome)  # a re-run reads the record
     with pytest.raises(pytest.fail.Exception):  # another target is compared afresh
         keep_alternation(first, final, PipelineConfig(target_rate=0.5), tmp_path)
+    (final / "DONE").write_text(json.dumps({"best_select": 2.0}))  # that stage trained again: compared afresh
+    with pytest.raises(pytest.fail.Exception):
+        keep_alternation(first, final, cfg, tmp_path)
 
 
 def test_pipeline_stage3_rl_is_the_papers_joint_stage(tiny_ckpt, tiny_glue, tmp_path):
@@ -295,7 +301,10 @@ def test_the_pipeline_passes_its_cost_unit_to_every_exact_stage(tiny_ckpt, tiny_
     cfg = PipelineConfig(task="rte", backbone=str(tiny_ckpt), data_dir=str(tiny_glue), output_dir=str(out),
                          stage3="exact", cost_unit="tokens", max_steps=2, batch_size=8, progress=False,
                          latency_samples=4, latency_repeats=1, skip_aware_epochs=0.1)
-    run_pipeline(cfg)
+    report = run_pipeline(cfg)
+    # the rate counts token-layers: the layer-count calibration and the alternation's comparison are not made
+    assert report["calibration"] is None and report["alternation"] is None
+    assert not (out / "alternation.json").exists() and report["checkpoint"] == str(out / "stage3_exact" / "model")
     for stage in ("stage3_exact_frozen", "stage3_exact"):  # both fits of the skip-aware alternation
         saved = json.loads((out / stage / "config.json").read_text())
         assert saved["cost_unit"] == "tokens" and saved["fit_mean_tokens"] > 0, stage

@@ -231,7 +231,10 @@ class PipelineConfig(TrainConfig):
     read) is target_rate. 'auto': only when the chosen model misses target_rate there by more than
     select_tolerance, either way (the dual price holds the rate at 6 layers; at 12 the planners swing faster
     than it follows, and MPNet-base ran 5.8 or 11.2 layers when 7.8 were asked); 'always' (needed with
-    rate_control 'penalty', whose gates stay near p = 1 - r); 'never'. True/False read as 'always'/'never'."""
+    rate_control 'penalty', whose gates stay near p = 1 - r); 'never'. True/False read as 'always'/'never'. A run
+    whose rate counts token-layers (cost_unit 'tokens') is not calibrated: the bisection counts layers. With
+    skip_aware 'adapt', the alternation is kept only when it beats the first fit on the selection split at the
+    asked rate (``alternation.json``)."""
     calibration_samples: int = 1000
     """Selection-split inputs used to calibrate the threshold."""
     latency_repeats: int = 3

@@ -113,15 +113,18 @@ def keep_alternation(first: Path, final: Path, cfg, out: Path) -> tuple:
 
     record = Path(out) / "alternation.json"
     n = getattr(cfg, "calibration_samples", 1000)
+    # the same comparison: the same target and inputs, the same two models (their stage folders and DONE records)
+    key = {"target_rate": cfg.target_rate, "requested_examples": n,
+           "models": [[Path(m).parent.name, (Path(m) / DONE_FILE).read_text()] for m in (first, final)]}
     if record.is_file():
         outcome = json.loads(record.read_text())
-        if (outcome.get("target_rate"), outcome.get("requested_examples")) == (cfg.target_rate, n):
-            return Path(outcome["chosen"]), outcome
+        if all(outcome.get(k) == v for k, v in key.items()):
+            return Path(out) / Path(*Path(outcome["chosen"]).parts[-2:]), outcome  # inside this run, wherever moved
     a, b = selection_at_rate(first, cfg, n), selection_at_rate(final, cfg, n)
     kept = b["score"] >= a["score"]
     chosen = final if kept else first
     outcome = {"first": {**a, "checkpoint": str(first)}, "final": {**b, "checkpoint": str(final)}, "kept": kept,
-               "chosen": str(chosen), "target_rate": cfg.target_rate, "requested_examples": n}
+               "chosen": str(chosen), **key}
     print(f"[alternation] selection score at skip rate {cfg.target_rate:g}: first fit {a['score']:.2f}, after adapt "
           f"{b['score']:.2f}: {'kept' if kept else 'not kept, the first fit is the final model'}")
     record.write_text(json.dumps(outcome, indent=2))
@@ -141,15 +144,17 @@ def resolve_stage3(stage3: str, backbone: str) -> str:
     return stage3 if stage3 != "auto" else stage3_for(stage3, backbone_layers(backbone))
 
 
-def exact_stage_backbone(run_dir) -> Path:
+def exact_stage_backbone(run_dir, stage: str = "stage3_exact") -> Path:
     """The checkpoint whose frozen backbone a pipeline run's final exact stage (``run_dir/stage3_exact``) walked:
     the adapted backbone (``stage3_adapt/model``) under ``--skip-aware adapt``, stage 2's otherwise, as that stage's
     ``config.json`` records it (``init``, read inside ``run_dir`` so that a moved run still resolves). Whatever
-    replays that stage's paths (its path trees, the fixed-path frontier, the agents' env) must use this one."""
+    replays that stage's paths (its path trees, the fixed-path frontier, the agents' env) must use this one.
+    ``stage``: another stage folder of the run, e.g. ``stage3_exact_frozen`` where the pipeline kept the first fit."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "stage3_exact" / "config.json"
+    cfg_path = run_dir / stage / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: no exact stage 3 in this pipeline run")
+        what = "exact stage 3" if stage == "stage3_exact" else stage
+        raise FileNotFoundError(f"{cfg_path}: no {what} in this pipeline run")
     init = json.loads(cfg_path.read_text()).get("init")
     if not init:
         raise ValueError(f"{cfg_path}: records no 'init' (the checkpoint the stage started from)")
@@ -198,12 +203,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     else:
         s3 = train_stage("rl", stage_cfg("stage3_rl", epochs=cfg.stage3_epochs, lr=cfg.stage3_lr or cfg.lr,
                                          batch_size=cfg.stage3_batch_size or cfg.batch_size), init=str(s2))
-    alternation = None
-    if cfg.skip_aware == "adapt" and cfg.stage3 in ("exact", "sampled") and cfg.target_rate is not None \
-            and cfg.calibrate_threshold != "never":  # compared at the asked rate, the one the model will then run
+    alternation, final = None, s3
+    # both read the rate in layers: a run that counts token-layers (cost_unit 'tokens') keeps its own threshold
+    calibrating = cfg.calibrate_threshold != "never" and cfg.target_rate is not None and cfg.cost_unit == "layers"
+    if not calibrating:  # no choice made: no record of one (routing reads it)
+        (out / "alternation.json").unlink(missing_ok=True)
+    if cfg.skip_aware == "adapt" and cfg.stage3 in ("exact", "sampled") and calibrating:
+        # compared at the asked rate, the one the model will then run
         s3, alternation = keep_alternation(out / f"stage3_{cfg.stage3}_frozen" / "model", s3, cfg, out)
     calibration = None
-    if cfg.calibrate_threshold != "never" and cfg.target_rate is not None:
+    if calibrating:
         calibration = calibrate_checkpoint(s3, cfg, only_if_missed=cfg.calibrate_threshold == "auto")
     t_eval = time.time()
     report = evaluate_checkpoint(
@@ -213,7 +222,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     )
     report["train_examples"] = json.loads((Path(s1).parent / "config.json").read_text())["train_examples"]
     # training time of every stage (also when a finished stage was reused) plus this evaluation
-    report["seconds"] = sum(json.loads((Path(s) / DONE_FILE).read_text())["seconds"] for s in (*trained, s3)) \
+    report["seconds"] = sum(json.loads((Path(s) / DONE_FILE).read_text())["seconds"] for s in (*trained, final)) \
         + (time.time() - t_eval)
     report["seed"] = cfg.seed
     report["calibration"] = calibration

@@ -148,11 +148,13 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
     else:  # rl: eq. (12)
         def outcome(o):
             prediction = raw_model.predict(o.logits)
-            if calibration is not None:  # each path's output on the label's scale, fitted on the draws so far
-                prediction = apply_path_calibration(prediction, path_ids(o.actions), calibration.table())
+            if table is not None:  # each path's output on the label's scale, fitted on the earlier draws
+                prediction = apply_path_calibration(prediction, path_ids(o.actions), table)
             return final_reward(cfg.reward, o.per_example_loss, prediction, inputs["labels"], raw_model.is_regression)
 
-        if calibration is not None:
+        table = None
+        if calibration is not None:  # this batch's draws join the map after its rewards are read
+            table = calibration.table()
             calibration.update(path_ids(out.actions), raw_model.predict(out.logits), inputs["labels"])
 
         greedy, rate = None, None
@@ -308,6 +310,9 @@ class StageRun:
                 self.dual.load_state_dict(self.state["dual"])
         self.path_map = None  # the regression head's per-path map, fitted on the stage's draws
         if self.stage == "sampled" and cfg.online_path_calibration and self.task.is_regression:
+            if self.accelerator.num_processes > 1:  # each process would fit its own shard's map
+                raise TrainingError("[sampled] online_path_calibration fits one map on one process; run the stage on "
+                                    "one process, or pass --no-online-path-calibration")
             self.path_map = RunningPathCalibration(self.raw.num_layers)
             if "path_map" in self.state:
                 self.path_map.load_state_dict(self.state["path_map"])
