@@ -216,6 +216,13 @@ def test_auto_calibration_moves_the_knob_only_when_the_rate_is_missed(tiny_ckpt,
         else:
             assert info["train_skip_rate"] == pytest.approx(0.25) and 0.2 < saved <= 0.4
             assert saved == pytest.approx(info["threshold"])
+    # a knob already found for this target (the pipeline's alternation choice) is saved without a bisection
+    model.save(tmp_path / "s")
+    with monkeypatch.context() as m:
+        m.setattr(budget, "solve_knob", lambda *a, **k: pytest.fail("searched again"))
+        given = calibrate_checkpoint(tmp_path / "s", cfg(0.25), samples=16, solved=(0.3, 3.0))
+    assert given["value"] == 0.3 and given["train_skip_rate"] == pytest.approx(0.25)
+    assert DPBert.load(tmp_path / "s").threshold == pytest.approx(0.3)
     monkeypatch.setattr(budget, "mean_layers", lambda *a, **k: pytest.fail("the record was not reused"))
     assert calibrate_checkpoint(tmp_path / "m", cfg(0.25), samples=16, only_if_missed=True) == info
     with pytest.raises(pytest.fail.Exception):  # another target is calibrated afresh

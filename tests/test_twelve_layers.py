@@ -684,10 +684,11 @@ def test_the_sampled_stage_rewards_a_regressor_on_its_paths_mapped_outputs(reg12
 
     init = tmp_path / "init"
     reg12.save(init)
-    mapped, rewarded = [], []
+    mapped, raw, rewarded = [], [], []
     real_apply, real_reward = stages.apply_path_calibration, stages.final_reward
 
     def spy_apply(pred, ids, table):
+        raw.append(pred.detach().clone())
         mapped.append(real_apply(pred, ids, table))
         return mapped[-1]
 
@@ -704,6 +705,8 @@ def test_the_sampled_stage_rewards_a_regressor_on_its_paths_mapped_outputs(reg12
     assert len(rewarded) == 2
     if online:
         assert len(mapped) == 2 and all(torch.equal(m, r) for m, r in zip(mapped, rewarded))
+        # a batch's rewards read the map of the earlier draws: the first batch's, the identity
+        assert torch.equal(mapped[0], raw[0]) and not torch.equal(mapped[1], raw[1])
     else:
         assert not mapped
     saved = DPBert.load(out)

@@ -49,19 +49,24 @@ def fit_path_calibration(predictions: torch.Tensor, labels: torch.Tensor, min_st
     y = labels.double().reshape(-1, 1)
     xm, ym = x.mean(0), y.mean()
     xc = x - xm
-    var = (xc ** 2).mean(0)
-    cov = (xc * (y - ym)).mean(0)
+    return _least_squares_line(xm, ym, (xc ** 2).mean(0), (xc * (y - ym)).mean(0), min_std).to(torch.float32)
+
+
+def _least_squares_line(xm, ym, var, cov, min_std: float = 1e-6) -> torch.Tensor:
+    """``(..., 2)`` of ``(scale, shift)`` from the means, variance of x and covariance; a flat x (std below
+    ``min_std``) gets scale 0, the label mean."""
     scale = torch.where(var > min_std ** 2, cov / var.clamp_min(min_std ** 2), torch.zeros_like(var))
-    shift = ym - scale * xm
-    return torch.stack([scale, shift], 1).to(torch.float32)
+    return torch.stack([scale, ym - scale * xm], -1)
 
 
 class RunningPathCalibration:
     """:func:`fit_path_calibration` fitted on the fly, for a stage that draws paths instead of walking the tree
     (stage 3 'sampled'): the sums ``n, sum x, sum y, sum x^2, sum x y`` of every (output, label) drawn on each path
     so far, and from them the least-squares ``(scale, shift)`` of each path with at least ``min_inputs`` draws;
-    every other path gets the pair fitted on all draws (the identity before there are two). On a frozen backbone
-    an input's output on a path is fixed, so the sums only sharpen.
+    every other path gets the pair fitted on the draws of all such paths (on all draws when those are fewer than
+    ``min_inputs``; the identity before there are two). On a frozen backbone an input's output on a path is fixed,
+    so the sums only sharpen. Also the post-hoc fit of a trained model's greedy paths
+    (:func:`~dpbert_rl.training.recalibrate.fit_visited_paths`).
 
     :param num_layers: ``L``: the table has ``2^L`` rows (:func:`path_ids`).
     """
@@ -80,20 +85,19 @@ class RunningPathCalibration:
         self.sums.index_add_(0, ids.detach().reshape(-1).long().cpu(), rows)
 
     @staticmethod
-    def _pairs(sums: torch.Tensor, min_std: float = 1e-6) -> torch.Tensor:
+    def _pairs(sums: torch.Tensor) -> torch.Tensor:
         n = sums[..., 0].clamp_min(1.0)
         xm, ym = sums[..., 1] / n, sums[..., 2] / n
-        var = sums[..., 3] / n - xm ** 2
-        cov = sums[..., 4] / n - xm * ym
-        scale = torch.where(var > min_std ** 2, cov / var.clamp_min(min_std ** 2), torch.zeros_like(var))
-        return torch.stack([scale, ym - scale * xm], -1)
+        return _least_squares_line(xm, ym, sums[..., 3] / n - xm ** 2, sums[..., 4] / n - xm * ym)
 
     def table(self) -> torch.Tensor:
         """The ``(2^L, 2)`` map of :func:`apply_path_calibration` for the draws so far."""
-        total = self.sums.sum(0)
-        pooled = self._pairs(total) if total[0] >= 2 else torch.tensor([1.0, 0.0], dtype=torch.float64)
-        table = pooled.expand(len(self.sums), 2).clone()
         own = self.sums[:, 0] >= self.min_inputs
+        pooled = self.sums[~own].sum(0)
+        if pooled[0] < self.min_inputs:
+            pooled = self.sums.sum(0)
+        pair = self._pairs(pooled) if pooled[0] >= 2 else torch.tensor([1.0, 0.0], dtype=torch.float64)
+        table = pair.expand(len(self.sums), 2).clone()
         table[own] = self._pairs(self.sums[own])
         return table.to(torch.float32)
 

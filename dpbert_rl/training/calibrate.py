@@ -41,13 +41,15 @@ def calibrate_threshold(model: DPBert, dataset, collate_fn, target_rate: float, 
 
 
 def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = None,
-                         only_if_missed: bool = False) -> dict:
+                         only_if_missed: bool = False, solved: Optional[tuple] = None) -> dict:
     """Set the knob of a trained checkpoint (the threshold; the price of price-conditioned planners) so that its
     greedy skip rate on the selection split's inputs is ``cfg.target_rate``, and save it in place with
     ``calibration.json``. Labels are never read.
 
     :param only_if_missed: leave the knob as it is when the rate there is already within
         ``cfg.select_tolerance`` of the target (``PipelineConfig.calibrate_threshold='auto'``).
+    :param solved: ``(knob, mean layers)`` already found for this target on the same inputs
+        (:func:`selection_at_rate`, as the pipeline's alternation choice does): no bisection again.
     :return: what was done: ``calibrated``, ``knob``, ``value``, the skip rate ``before`` and ``train_skip_rate``
         (reached; the key keeps its earlier name), ``target_rate``, ``examples``. A re-run on the same checkpoint
         with the same target and inputs reads ``calibration.json`` back instead of moving the knob again.
@@ -79,7 +81,7 @@ def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = N
               f"{cfg.select_tolerance:g} of the target {cfg.target_rate:g}: {info['knob']} left at {info['value']:.4g}")
     else:
         # within 0.01 of the target rate: closer is the selection inputs' own noise
-        knob, layers = solve_knob(model, batches, target_layers, tol=0.01 * L)
+        knob, layers = solved or solve_knob(model, batches, target_layers, tol=0.01 * L)
         set_knob(model, knob)
         model.save(model_dir)
         info.update(calibrated=True, value=knob, train_skip_rate=1.0 - layers / L)
@@ -105,7 +107,7 @@ def _selection_batches(model: DPBert, cfg: TrainConfig, n: int) -> tuple:
 def selection_at_rate(model_dir, cfg: TrainConfig, samples: Optional[int] = None) -> dict:
     """The selection-split score of a checkpoint with its knob set (in memory, nothing saved) so that its skip rate
     on those inputs is ``cfg.target_rate``: two models compared at the rate that was asked for, as they will run.
-    Returns ``score``, ``knob``, ``value``, ``skip_rate``, ``examples``."""
+    Returns ``score``, ``knob``, ``value``, ``layers`` (mean, reached), ``skip_rate``, ``examples``."""
     from ..data import get_task
     from ..evaluation.evaluate import evaluate_model
     from ..model.budget import knob_name, set_knob, solve_knob
@@ -117,8 +119,8 @@ def selection_at_rate(model_dir, cfg: TrainConfig, samples: Optional[int] = None
     knob, layers = solve_knob(model, batches, (1.0 - cfg.target_rate) * L, tol=0.01 * L)
     set_knob(model, knob)
     res = evaluate_model(model, get_task(cfg.task), ds, collator(model.tokenizer), cfg.eval_batch_size, "hard")
-    return {"score": res["score"], "knob": knob_name(model), "value": knob, "skip_rate": res["skip_rate"],
-            "examples": len(ds)}
+    return {"score": res["score"], "knob": knob_name(model), "value": knob, "layers": layers,
+            "skip_rate": res["skip_rate"], "examples": len(ds)}
 
 
 def calibrate_budget(model_dir, inputs, target_layers: float, task: Optional[str] = None,

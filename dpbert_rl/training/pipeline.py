@@ -212,8 +212,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         # compared at the asked rate, the one the model will then run
         s3, alternation = keep_alternation(out / f"stage3_{cfg.stage3}_frozen" / "model", s3, cfg, out)
     calibration = None
-    if calibrating:
-        calibration = calibrate_checkpoint(s3, cfg, only_if_missed=cfg.calibrate_threshold == "auto")
+    if calibrating:  # the knob the alternation's comparison found for the model chosen is not searched for again
+        side = alternation and alternation["final" if alternation["kept"] else "first"]
+        solved = (side["value"], side["layers"]) if side and "layers" in side else None
+        calibration = calibrate_checkpoint(s3, cfg, only_if_missed=cfg.calibrate_threshold == "auto", solved=solved)
     t_eval = time.time()
     report = evaluate_checkpoint(
         str(s3), baseline_checkpoint=str(s1), data_dir=cfg.data_dir, max_eval_samples=cfg.max_eval_samples,

@@ -22,7 +22,7 @@ import torch
 from ..data import collator, get_task
 from ..evaluation.evaluate import run_dataset, score_run
 from ..model.dpbert import DPBert
-from ..model.objectives import apply_path_calibration, fit_path_calibration, path_ids
+from ..model.objectives import RunningPathCalibration, apply_path_calibration, path_ids
 from .checkpoint import DONE_FILE, stage_dir, swap_in
 from .config import TrainConfig, TrainingError
 
@@ -47,21 +47,14 @@ def fit_visited_paths(model: DPBert, dataset, collate_fn, batch_size: int = 64, 
         run = run_dataset(model, dataset, collate_fn, batch_size, "hard")
     finally:
         model.path_calibration = saved
-    preds = torch.as_tensor(np.asarray(run["predictions"]), dtype=torch.float64)
-    labels = torch.as_tensor(np.asarray(run["labels"]), dtype=torch.float64)
     ids = path_ids(torch.as_tensor(np.asarray(run["actions"])))
+    fit = RunningPathCalibration(model.num_layers, min_inputs)  # the same fit, from one pass's sums
+    fit.update(ids, torch.as_tensor(np.asarray(run["predictions"])), torch.as_tensor(np.asarray(run["labels"])))
     visited, counts = torch.unique(ids, return_counts=True)
-    own = visited[counts >= min_inputs]
-    rest = ~torch.isin(ids, own)
-    pooled_rows = rest if int(rest.sum()) >= min_inputs else torch.ones_like(rest)
-    pooled = fit_path_calibration(preds[pooled_rows, None], labels[pooled_rows])[0]
-    table = pooled.expand(2 ** model.num_layers, 2).clone()
-    for p in own.tolist():
-        rows = ids == p
-        table[p] = fit_path_calibration(preds[rows, None], labels[rows])[0]
-    info = {"paths_visited": int(len(visited)), "paths_fitted": int(len(own)),
-            "inputs_on_fitted_paths": int((~rest).sum()), "inputs": int(len(ids)), "min_inputs": min_inputs}
-    return table, info
+    own = counts >= min_inputs
+    info = {"paths_visited": int(len(visited)), "paths_fitted": int(own.sum()),
+            "inputs_on_fitted_paths": int(counts[own].sum()), "inputs": int(len(ids)), "min_inputs": min_inputs}
+    return fit.table(), info
 
 
 def recalibrated(run: dict, table: torch.Tensor) -> dict:
