@@ -26,6 +26,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` loaded as a fresh module ``bench_<name>`` (a name of its own: ``agents.py`` shares
     its name with the ``agents`` package), so that a test can monkeypatch it and call its ``main``."""
+    # the package first: a script run below puts benchmarks/ first on the path, where `import agents` (by it or by
+    # a module it imports) would otherwise find benchmarks/agents.py, and a later test would see no package
+    importlib.import_module("agents")
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     path = list(sys.path)

@@ -190,6 +190,92 @@ def test_adapt_trains_the_backbone_on_the_planners_paths_and_skips(tiny_model_di
     assert checkpoint_fingerprint(str(out)) != checkpoint_fingerprint(str(init))
 
 
+def _eager_planners(init_dir, out: Path, bias: float = 3.0) -> str:
+    """``init_dir`` with planners whose execute probability varies with the input around sigmoid(bias) (about
+    0.95 at 3): their own paths run nearly every layer."""
+    model = DPBert.load(init_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.planners.weight.normal_(0.0, 0.05)
+        model.planners.bias.fill_(bias)
+    model.planners.set_feature_stats(torch.zeros_like(model.planners.feature_mean),
+                                     torch.ones_like(model.planners.feature_std))
+    return str(model.save(out))
+
+
+def test_sample_at_threshold_draws_around_the_hard_path_at_that_threshold(tiny_model_dir):
+    model = DPBert.load(tiny_model_dir).eval()
+    with torch.no_grad():  # every planner: p = sigmoid(2) = 0.88
+        model.planners.weight.zero_()
+        model.planners.bias.fill_(2.0)
+    model.planners.set_feature_stats(torch.zeros_like(model.planners.feature_mean),
+                                     torch.ones_like(model.planners.feature_std))
+    ids = torch.randint(5, 20, (400, 8))
+    mask = torch.ones_like(ids)
+    g = torch.Generator().manual_seed(0)
+    own = model(ids, mask, mode="sample", generator=g).actions.mean().item()
+    model.threshold = 1.0 / (1.0 + math.exp(-2.0))  # logit(t) = 2: centred on p = 0.5
+    centred = model(ids, mask, mode="sample", generator=g, sample_at_threshold=True).actions.mean().item()
+    model.threshold = 1.0 / (1.0 + math.exp(-4.0))  # logit(t) = 4: sigmoid(-2) = 0.12
+    shy = model(ids, mask, mode="sample", generator=g, sample_at_threshold=True).actions.mean().item()
+    assert abs(own - 0.88) < 0.03 and abs(centred - 0.5) < 0.03 and abs(shy - 0.12) < 0.03
+    assert model(ids, mask, mode="sample", generator=g).actions.mean().item() > 0.85  # off: the threshold is not read
+
+
+@pytest.mark.parametrize("at_rate", [True, False])
+def test_adapt_draws_its_paths_at_the_target_rate(at_rate, tiny_model_dir, tiny_glue, tmp_path, monkeypatch):
+    """Planners that run about 95% of the layers; asked for a skip rate of 0.5, stage adapt draws paths that skip
+    about half of them (its own rate without ``adapt_at_rate``), records the knob, and saves the model with the knob
+    it came with."""
+    init = _eager_planners(tiny_model_dir, tmp_path / "eager")
+    out, c = _skipping_stage("adapt", init, tiny_glue, tmp_path, monkeypatch, lr=1e-3, target_rate=0.5,
+                             adapt_at_rate=at_rate)
+    executed = c["executed"] / c["possible"]
+    selection = json.loads((out / "selection.json").read_text())
+    assert DPBert.load(out).threshold == DPBert.load(init).threshold == 0.5
+    if at_rate:
+        knob = selection["adapt_knob"]
+        assert knob["before"] == 0.5 and knob["value"] > 0.9  # skipping half needs p >= 0.9 and more
+        assert abs(knob["layers"] - 0.5 * DPBert.load(out).num_layers) <= 0.5 and abs(executed - 0.5) < 0.2
+        assert abs(selection["select"]["skip_rate"] - 0.5) < 0.25  # scored at that knob
+    else:
+        assert "adapt_knob" not in selection and executed > 0.8
+
+
+def test_adapt_resumes_with_the_knob_it_solved(tiny_model_dir, tiny_glue, tmp_path):
+    """The knob is solved once: a resumed adapt stage reads it from the checkpoint's state, not from a new
+    bisection on its moved backbone."""
+    import dpbert_rl.training.stages as stages
+    from dpbert_rl.model import budget
+
+    init = _eager_planners(tiny_model_dir, tmp_path / "eager")
+    cfg = TrainConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "adapt"), max_steps=4,
+                      batch_size=8, progress=False, max_seq_length=32, lr=1e-3, target_rate=0.5, save_steps=2,
+                      eval_steps=100)
+    run = stages.StageRun("adapt", cfg, init)
+    solved = run.state["adapt_knob"]
+    run.t0 = 0.0
+    run.step = 0
+    for batch in run._epoch_loader():
+        run.logs = run._update(batch)
+        run.step += 1
+        run._after_step(run.logs, type("Bar", (), {"set_postfix": lambda *a: None})())
+        if run.step == 2:
+            break
+    assert json.loads((tmp_path / "adapt" / "checkpoint" / "state.json").read_text())["adapt_knob"] == solved
+
+    def no_search(*a, **k):
+        raise AssertionError("the knob was searched for again")
+
+    original = budget.solve_knob
+    budget.solve_knob = no_search
+    try:
+        resumed = stages.StageRun("adapt", cfg, init)
+    finally:
+        budget.solve_knob = original
+    assert resumed.state["global_step"] == 2 and resumed.raw.threshold == solved["value"]
+
+
 def test_adapt_needs_trained_planners(tiny_ckpt, tiny_glue, tmp_path):
     from dpbert_rl.training.config import TrainingError
 
@@ -314,7 +400,7 @@ def test_planner_cost_benchmark_times_both_hard_mode_paths(tiny_model_dir, tiny_
     with torch.no_grad():  # planners that skip some layers: the ideal speed-up is above 1
         torch.manual_seed(0)
         model.planners.bias.fill_(0.0)
-        model.planners.weight.normal_(0.0, 1.0)
+        model.planners.weight.normal_(0.0, 0.05)
     model.planners.set_feature_stats(torch.zeros_like(model.planners.feature_mean),
                                      torch.ones_like(model.planners.feature_std))
     ckpt = model.save(tmp_path / "m")

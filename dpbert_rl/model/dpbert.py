@@ -285,6 +285,7 @@ class DPBert(nn.Module):
         generator: Optional[torch.Generator] = None,
         planners: bool = True,
         shared: Optional[torch.Tensor] = None,
+        sample_at_threshold: bool = False,
     ) -> DPBertOutput:
         """Run one batch along the paths chosen by ``mode`` (see the module docstring).
 
@@ -300,6 +301,10 @@ class DPBert(nn.Module):
         :param shared: ``(batch,)`` ids, equal for rows that repeat one input (``sample``, ``hard`` and ``path``
             modes): their common path prefixes are computed once (:meth:`execute_shared`; the backbone must
             be in eval mode).
+        :param sample_at_threshold: ``mode="sample"`` draws layer ``i`` with probability
+            ``sigmoid(logit_i - logit(threshold))`` instead of ``p_i``: draws centred on the hard-mode path at that
+            threshold (stage ``adapt`` trains the backbone on paths at a calibrated rate). ``log_probs`` stay those
+            of ``p_i``: not for a policy gradient.
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -353,7 +358,8 @@ class DPBert(nn.Module):
                         a = logit.item() >= thr_item if single else logit >= logit_thr
                     elif mode == "sample":
                         check_finite_logits(logit, i)  # a NaN here is an exploded planner, not a probability
-                        a = torch.bernoulli(torch.sigmoid(logit.detach()), generator=generator).bool()
+                        drawn = logit.detach() - logit_thr if sample_at_threshold else logit.detach()
+                        a = torch.bernoulli(torch.sigmoid(drawn), generator=generator).bool()
                     else:  # path
                         a = bool(given[i]) if single else actions[:, i].bool()
                     if shared is not None:

@@ -103,6 +103,13 @@ class TrainConfig:
     until a path has 20), as the exact stage's reward reads its tree's recalibrated outputs; the selection
     scores and the saved model use the same map (:class:`~dpbert_rl.model.objectives.RunningPathCalibration`).
     Off: the head's raw outputs, on which a path that ranks the inputs well but off the label's scale loses."""
+    adapt_at_rate: bool = True
+    """[choice] Stage 'adapt' with a target_rate: the paths it trains the backbone on are drawn around the
+    planners' greedy path at the knob (threshold, or price) that makes their skip rate on the selection split's
+    inputs target_rate (solved once at the start, labels never read; the model is saved with its knob as it came),
+    not at their own rate: MPNet's first sampled fit on STS-B skipped 0.61 at threshold 0.5 when 0.35 was
+    asked, and a regression head trained on such short paths predicted near the mean (selection 2-4). Off: drawn
+    from the planners as they are."""
     beta: float = 200.0
     """[choice] beta of eq. (12): weight of the skip-rate penalty. The paper's grid is 0.1-1.5, but
     with S of eq. (10) a mean over layers and examples, P is tiny (0.2^2 = 0.04): at 0.5 the planners
@@ -283,21 +290,24 @@ _RL_ONLY = {"cost", "lam", "baseline", "reward", "rate_control", "dual_lr", "sam
             "entropy_coef", "detach_planner_input"}
 _NO_PLANNERS = _RL_ONLY | {"beta", "target_rate", "init_penalty", "planner_lr", "planner_init_bias", "planner_features",
                            "feature_stats_samples"}
-_UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop", "online_path_calibration"},
-           "layerdrop": _NO_PLANNERS | {"online_path_calibration"},
-           "adapt": _NO_PLANNERS | {"layerdrop", "online_path_calibration"},
-           "planner_init": _RL_ONLY | {"lr", "layerdrop", "weight_decay", "online_path_calibration"},
-           "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop", "online_path_calibration"},
-           "rl": {"init_penalty", "layerdrop", "online_path_calibration"},
-           "sampled": {"init_penalty", "layerdrop", "lr", "detach_planner_input", "weight_decay"}}
+_UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop", "online_path_calibration", "adapt_at_rate"},
+           "layerdrop": _NO_PLANNERS | {"online_path_calibration", "adapt_at_rate"},
+           # adapt reads target_rate for its paths' rate (adapt_at_rate)
+           "adapt": (_NO_PLANNERS - {"target_rate"}) | {"layerdrop", "online_path_calibration"},
+           "planner_init": _RL_ONLY | {"lr", "layerdrop", "weight_decay", "online_path_calibration", "adapt_at_rate"},
+           "soft": (_RL_ONLY - {"detach_planner_input"}) | {"init_penalty", "layerdrop", "online_path_calibration",
+                                                           "adapt_at_rate"},
+           "rl": {"init_penalty", "layerdrop", "online_path_calibration", "adapt_at_rate"},
+           "sampled": {"init_penalty", "layerdrop", "lr", "detach_planner_input", "weight_decay", "adapt_at_rate"}}
 
 
 # settings added later whose absence from a saved config.json is not their default, judged by the stage: an exact
 # run from before the per-path recalibration did not recalibrate, which matters on regression tasks only
 # (dpbert_rl.training.exact._check_calibration_setting)
 ABSENT_JUDGED_BY_STAGE = {"path_calibration"}
-# settings added later whose absence means they were off: a sampled stage from before the online per-path map
-ABSENT_MEANS = {"online_path_calibration": False}
+# settings added later whose absence means they were off: a sampled stage from before the online per-path map, an
+# adapt stage from before its paths were drawn at the asked rate
+ABSENT_MEANS = {"online_path_calibration": False, "adapt_at_rate": False}
 
 # settings that change nothing on a classification task
 REGRESSION_ONLY = {"online_path_calibration"}

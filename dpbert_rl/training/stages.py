@@ -9,7 +9,8 @@ rl            sample    backbone + head + planners  eq. (12): ``ell - sum (R_i-b
 sampled       sample    planners (backbone frozen)  eq. (12)'s policy term: stage 3 that scales to 12 layers
 soft          soft      backbone + head + planners  ``ell + beta P``            (DPBERT-soft)
 layerdrop     path      backbone + head             ``ell`` on a random layer subset (LayerDrop)
-adapt         sample    backbone + head             ``ell`` on paths drawn from the frozen planners
+adapt         sample    backbone + head             ``ell`` on paths drawn from the frozen planners (at the
+                                                        target rate: ``adapt_at_rate``)
 ============  ========  ==========================  ==========================================
 
 Each stage reads the previous stage's checkpoint (``init``) and writes to its own directory::
@@ -130,6 +131,8 @@ def _stage_loss(stage: str, cfg: TrainConfig, model, raw_model: DPBert, batch: d
         out = model(**inputs, mode="path", actions=keep.to(batch["input_ids"].device))
     elif shared is not None:
         out = model(**inputs, mode="sample", shared=shared)
+    elif stage == "adapt":  # around the greedy path at the knob set for the target rate (StageRun._set_adapt_knob)
+        out = model(**inputs, mode="sample", sample_at_threshold=_adapts_at_rate(cfg))
     else:
         out = model(**inputs, mode=_STAGE_MODE[stage])
     logs = {"losses/task_loss": out.loss.item()}
@@ -276,6 +279,7 @@ class StageRun:
         self.groups = trainable_groups(stage, cfg, model)
         self._prepare(model)
         self._resume(resuming)
+        self._set_adapt_knob()
         self._write_config()
         self.eval_mode = "full" if stage in ("finetune", "layerdrop") else "hard"
         self.eval_steps = cfg.eval_steps or max(1, self.steps_per_epoch // max(1, cfg.evals_per_epoch))
@@ -317,6 +321,36 @@ class StageRun:
             if "path_map" in self.state:
                 self.path_map.load_state_dict(self.state["path_map"])
             self.raw.set_path_calibration(None)  # the forward gives raw outputs; the reward maps them
+
+    def _set_adapt_knob(self) -> None:
+        """Stage ``adapt`` with ``adapt_at_rate``: the planners' knob set so that their greedy skip rate on the
+        selection split's inputs (labels never read) is ``target_rate``, solved once at the start (then read from
+        the resumable state: the backbone moves, the paths it was adapted on must not) and kept while the stage
+        draws its paths and scores its evaluations; each model is saved with its knob as it came
+        (:meth:`_knob_as_loaded`), so that the next planner stage starts from the planners it was given."""
+        from ..model.budget import get_knob, set_knob, solve_knob
+
+        self.knob_before = None
+        if self.stage != "adapt" or not _adapts_at_rate(self.cfg):
+            return
+        if "adapt_knob" not in self.state:
+            cfg, L = self.cfg, self.raw.num_layers
+            batches = list(DataLoader(self.data["select"], batch_size=cfg.eval_batch_size, shuffle=False,
+                                      collate_fn=self.collate))
+            before = get_knob(self.raw)
+            knob, layers = solve_knob(self.raw, batches, (1.0 - cfg.target_rate) * L, tol=0.01 * L)
+            self.state["adapt_knob"] = {"before": before, "value": knob, "layers": layers}
+            self.accelerator.print(f"[adapt] paths drawn at the knob {before:.4g} -> {knob:.4g}: {layers:.2f} of {L} "
+                                   f"layers on {len(self.data['select'])} selection inputs (target rate "
+                                   f"{cfg.target_rate:g})")
+        self.knob_before = self.state["adapt_knob"]["before"]
+        set_knob(self.raw, self.state["adapt_knob"]["value"])
+
+    def _knob_as_loaded(self):
+        """The model with the knob it was loaded with (for saving a chosen model), then as it runs in the stage."""
+        from ..model.budget import knob_at
+
+        return knob_at(self.raw, self.knob_before)
 
     def _write_config(self) -> None:
         cfg = self.cfg
@@ -438,7 +472,8 @@ class StageRun:
             if ok and (state["best"] is None or res["score"] > state["best"]):
                 state["best"], state["best_step"] = res["score"], step
                 if self.main:  # with the layer price at that step: a later fit of these planners starts there
-                    save_atomic(self.raw, self.model_dir, extra={"step": step, "select": res, **self._price()})
+                    with self._knob_as_loaded():
+                        save_atomic(self.raw, self.model_dir, extra={"step": step, "select": res, **self._price()})
         return res
 
     @contextlib.contextmanager
@@ -454,8 +489,12 @@ class StageRun:
             self.raw.set_path_calibration(None)
 
     def _price(self) -> dict:
-        """``{"select_price": p}``, the dual layer price now, for ``selection.json`` (empty without one)."""
-        return {} if self.dual is None else {"select_price": self.dual.price}
+        """``{"select_price": p}``, the dual layer price now, for ``selection.json`` (empty without one); stage
+        ``adapt`` at the rate: ``adapt_knob``, the knob its paths were drawn and scored at."""
+        extra = {} if self.dual is None else {"select_price": self.dual.price}
+        if "adapt_knob" in self.state:
+            extra["adapt_knob"] = self.state["adapt_knob"]
+        return extra
 
     # ---- the end
     def finish(self) -> None:
@@ -465,7 +504,7 @@ class StageRun:
         accelerator.wait_for_everyone()
         if self.main:
             if state["best"] is None:  # no evaluation met the selection rule: keep the last model
-                with self._path_map_set():
+                with self._path_map_set(), self._knob_as_loaded():
                     save_atomic(self.raw, self.model_dir,
                                 extra={"step": step, "note": "last (no evaluation met the skip-rate rule)",
                                        **self._price()})
@@ -480,6 +519,11 @@ class StageRun:
         accelerator.wait_for_everyone()
         for tracker in accelerator.trackers:  # not end_training(): it would tear down the process group
             tracker.finish()                  # that the pipeline's next stage still needs
+
+
+def _adapts_at_rate(cfg: TrainConfig) -> bool:
+    """Stage ``adapt`` draws its paths at the target rate (``cfg.adapt_at_rate`` with a ``target_rate``)."""
+    return bool(cfg.adapt_at_rate) and cfg.target_rate is not None
 
 
 def _check_adapt_planners(model: DPBert, init: Optional[str]) -> None:
