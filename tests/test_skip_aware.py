@@ -15,7 +15,7 @@ from dpbert_rl.model.objectives import apply_path_calibration, final_reward, fit
 from dpbert_rl.pathtree.cache import checkpoint_fingerprint
 from dpbert_rl.training import PipelineConfig, TrainConfig, exact_stage_backbone, run_pipeline, train_stage
 from dpbert_rl.training.exact import ExactConfig, train_exact
-from tests.conftest import load_benchmark, make_tiny_checkpoint
+from tests.conftest import load_benchmark, make_tiny_checkpoint, nan_loss_at
 
 
 @pytest.fixture(scope="module")
@@ -242,37 +242,31 @@ def test_adapt_draws_its_paths_at_the_target_rate(at_rate, tiny_model_dir, tiny_
         assert "adapt_knob" not in selection and executed > 0.8
 
 
-def test_adapt_resumes_with_the_knob_it_solved(tiny_model_dir, tiny_glue, tmp_path):
+def test_adapt_resumes_with_the_knob_it_solved(tiny_model_dir, tiny_glue, tmp_path, monkeypatch):
     """The knob is solved once: a resumed adapt stage reads it from the checkpoint's state, not from a new
     bisection on its moved backbone."""
     import dpbert_rl.training.stages as stages
     from dpbert_rl.model import budget
+    from dpbert_rl.training.config import TrainingError
 
     init = _eager_planners(tiny_model_dir, tmp_path / "eager")
     cfg = TrainConfig(task="rte", data_dir=str(tiny_glue), output_dir=str(tmp_path / "adapt"), max_steps=4,
                       batch_size=8, progress=False, max_seq_length=32, lr=1e-3, target_rate=0.5, save_steps=2,
                       eval_steps=100)
-    run = stages.StageRun("adapt", cfg, init)
-    solved = run.state["adapt_knob"]
-    run.t0 = 0.0
-    run.step = 0
-    for batch in run._epoch_loader():
-        run.logs = run._update(batch)
-        run.step += 1
-        run._after_step(run.logs, type("Bar", (), {"set_postfix": lambda *a: None})())
-        if run.step == 2:
-            break
+    real_solve, found = budget.solve_knob, []
+    monkeypatch.setattr(budget, "solve_knob", lambda *a, **k: found.append(real_solve(*a, **k)) or found[-1])
+    monkeypatch.setattr(stages, "_stage_loss", nan_loss_at(stages._stage_loss, 3))  # crashes after step 2's save
+    with pytest.raises(TrainingError):
+        train_stage("adapt", cfg, init=init)
+    solved = {"before": 0.5, "value": found[0][0], "layers": found[0][1]}
+    assert len(found) == 1
     assert json.loads((tmp_path / "adapt" / "checkpoint" / "state.json").read_text())["adapt_knob"] == solved
 
     def no_search(*a, **k):
         raise AssertionError("the knob was searched for again")
 
-    original = budget.solve_knob
-    budget.solve_knob = no_search
-    try:
-        resumed = stages.StageRun("adapt", cfg, init)
-    finally:
-        budget.solve_knob = original
+    monkeypatch.setattr(budget, "solve_knob", no_search)
+    resumed = stages.StageRun("adapt", cfg, init)
     assert resumed.state["global_step"] == 2 and resumed.raw.threshold == solved["value"]
 
 

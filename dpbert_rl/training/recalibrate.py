@@ -50,9 +50,9 @@ def fit_visited_paths(model: DPBert, dataset, collate_fn, batch_size: int = 64, 
     ids = path_ids(torch.as_tensor(np.asarray(run["actions"])))
     fit = RunningPathCalibration(model.num_layers, min_inputs)  # the same fit, from one pass's sums
     fit.update(ids, torch.as_tensor(np.asarray(run["predictions"])), torch.as_tensor(np.asarray(run["labels"])))
-    visited, counts = torch.unique(ids, return_counts=True)
+    counts = fit.sums[:, 0]  # inputs per path, as the fit counted them
     own = counts >= min_inputs
-    info = {"paths_visited": int(len(visited)), "paths_fitted": int(own.sum()),
+    info = {"paths_visited": int((counts > 0).sum()), "paths_fitted": int(own.sum()),
             "inputs_on_fitted_paths": int(counts[own].sum()), "inputs": int(len(ids)), "min_inputs": min_inputs}
     return fit.table(), info
 

@@ -473,7 +473,8 @@ class StageRun:
                 state["best"], state["best_step"] = res["score"], step
                 if self.main:  # with the layer price at that step: a later fit of these planners starts there
                     with self._knob_as_loaded():
-                        save_atomic(self.raw, self.model_dir, extra={"step": step, "select": res, **self._price()})
+                        save_atomic(self.raw, self.model_dir,
+                                    extra={"step": step, "select": res, **self._selection_extra()})
         return res
 
     @contextlib.contextmanager
@@ -488,9 +489,10 @@ class StageRun:
         finally:
             self.raw.set_path_calibration(None)
 
-    def _price(self) -> dict:
-        """``{"select_price": p}``, the dual layer price now, for ``selection.json`` (empty without one); stage
-        ``adapt`` at the rate: ``adapt_knob``, the knob its paths were drawn and scored at."""
+    def _selection_extra(self) -> dict:
+        """What ``selection.json`` records beyond the step and score: ``select_price``, the dual layer price now
+        (where a later fit of these planners starts); stage ``adapt`` at the rate: ``adapt_knob``, the knob its
+        paths were drawn and scored at. Empty without either."""
         extra = {} if self.dual is None else {"select_price": self.dual.price}
         if "adapt_knob" in self.state:
             extra["adapt_knob"] = self.state["adapt_knob"]
@@ -507,7 +509,7 @@ class StageRun:
                 with self._path_map_set(), self._knob_as_loaded():
                     save_atomic(self.raw, self.model_dir,
                                 extra={"step": step, "note": "last (no evaluation met the skip-rate rule)",
-                                       **self._price()})
+                                       **self._selection_extra()})
             seconds = time.time() - self.t0
             dev = score_dev_once(self.model_dir, self.cfg, self.eval_mode)  # once, on the chosen model; chooses nothing
             (self.model_dir / DONE_FILE).write_text(json.dumps(
