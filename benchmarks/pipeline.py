@@ -110,7 +110,8 @@ def task_config(task: str, args, unread: set) -> PipelineConfig:
         entropy_coef=args.entropy_coef, progress=False, max_seq_length=args.max_seq_length,
         latency_samples=args.latency_samples, group_by_length=args.group_by_length,
         mixed_precision=args.mixed_precision, calibrate_threshold=args.calibrate_threshold,
-        calibration_samples=args.calibration_samples, **task_settings(task, args),
+        calibration_samples=args.calibration_samples, rate_on_eval_inputs=args.rate_on_eval_inputs,
+        **task_settings(task, args),
     )
     return PipelineConfig(task=task, backbone=args.backbone, data_dir=args.data_dir,
                           output_dir=f"{args.output_dir}/{task}",
@@ -148,6 +149,10 @@ def main(argv=None) -> None:
                     help="after stage 3, set the threshold so that the skip rate on the selection split's inputs (no "
                          "labels) is --target-rate: auto = only when it misses it by more than 0.05")
     ap.add_argument("--calibration-samples", type=int, default=1000, help="selection inputs to calibrate on")
+    ap.add_argument("--rate-on-eval-inputs", action="store_true",
+                    help="score dev with the threshold set so that the model skips --target-rate on dev's own inputs "
+                         "(labels never read: a budget set on the served inputs); the saved model keeps the "
+                         "selection split's. Use its own --results file")
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=200.0)
     ap.add_argument("--evals-per-epoch", type=int, default=3)
@@ -216,12 +221,14 @@ def main(argv=None) -> None:
             "target_rate": args.target_rate,
             "calibration": report.get("calibration"),  # the threshold set on the selection inputs, if it was
             "alternation": report.get("alternation"),  # first fit vs the skip-aware alternation, on the selection split
+            "rate_on_inputs": report.get("rate_on_inputs"),  # the threshold set on dev's inputs (no label), if it was
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
                                                               "target_rate", "evals_per_epoch", "stage3_batch_size",
                                                               "samples", "cost", "dual_lr", "reward", "rate_control",
                                                               "planner_features", "stage3", "exact_epochs",
                                                               "exact_lr", "entropy_coef", "calibrate_threshold",
-                                                              "calibration_samples") if k not in unread},
+                                                              "calibration_samples", "rate_on_eval_inputs")
+                                if k not in unread},
             "machine": machine_info(),
         }
         results = [r for r in results if r["task"] != row["task"]] + [row]

@@ -168,3 +168,49 @@ def test_label_names_are_the_glue_datasets_own():
     assert get_task("mrpc").display_names == ["not_equivalent", "equivalent"]
     assert get_task("rte").display_names == ["entailment", "not_entailment"]
     assert get_task("stsb").display_names is None
+
+
+def test_evaluate_holds_the_rate_on_the_scored_inputs_without_their_labels(tiny_model_dir, tiny_glue, tmp_path,
+                                                                            monkeypatch):
+    """``rate_on_inputs`` (the pipeline's --rate-on-eval-inputs): the knob is solved in memory on the evaluated
+    split's own inputs, with no label in the batches it reads, the score is taken at that knob, and the
+    checkpoint on disk keeps its own."""
+    from dpbert_rl.evaluation.latency import evaluate_checkpoint
+    from dpbert_rl.model import budget as budget_mod
+    from dpbert_rl.model.dpbert import TaskInfo
+
+    model = DPBert.load(tiny_model_dir)
+    with torch.no_grad():  # gates p = 0.95, 0.73, 0.27, 0.05 on every input: 1 layer at threshold 0.9, 2 at 0.5
+        model.planners.weight.zero_()
+        model.planners.bias.copy_(torch.tensor([3.0, 1.0, -1.0, -3.0]))
+    model.threshold = 0.9
+    model.task_info = TaskInfo("sst2", ["negative", "positive"], 128)
+    ckpt = model.save(tmp_path / "m")
+    seen = []
+    real = budget_mod.solve_knob
+    monkeypatch.setattr(budget_mod, "solve_knob", lambda m, batches, *a, **k: seen.extend(batches) or
+                        real(m, batches, *a, **k))
+    kw = dict(data_dir=str(tiny_glue), repeats=1, latency_samples=2, progress=False)
+    as_saved = evaluate_checkpoint(str(ckpt), **kw)
+    assert as_saved["layers_executed_mean"] == 1.0 and as_saved["rate_on_inputs"] is None and not seen
+    report = evaluate_checkpoint(str(ckpt), rate_on_inputs=0.5, **kw)
+    assert seen and all("labels" not in b for b in seen)  # the knob read the inputs alone
+    assert sum(len(b["input_ids"]) for b in seen) % 24 == 0  # all 24 dev inputs, and only those
+    on = report["rate_on_inputs"]
+    assert on["split"] == "dev" and on["num_inputs"] == 24 and on["value_before"] == 0.9
+    assert 0.27 < on["value"] < 0.73 and on["skip_rate"] == 0.5
+    assert report["layers_executed_mean"] == 2.0 and report["threshold"] == on["value"]  # scored at that knob
+    assert DPBert.load(ckpt).threshold == 0.9  # the checkpoint on disk is not changed
+    with pytest.raises(ValueError, match="give one of them"):
+        evaluate_checkpoint(str(ckpt), threshold=0.5, rate_on_inputs=0.5, **kw)
+
+
+def test_pipeline_rate_on_eval_inputs_needs_a_rate_in_layers():
+    from dpbert_rl.training import PipelineConfig
+
+    PipelineConfig(task="sst2", target_rate=0.3, rate_on_eval_inputs=True).validate()
+    with pytest.raises(ValueError, match="--rate-on-eval-inputs"):
+        PipelineConfig(task="sst2", target_rate=None, rate_on_eval_inputs=True).validate()
+    with pytest.raises(ValueError, match="--rate-on-eval-inputs"):
+        PipelineConfig(task="sst2", target_rate=0.3, stage3="exact", cost_unit="tokens",
+                       rate_on_eval_inputs=True).validate()

@@ -17,10 +17,11 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from ..data import collator, get_task, load_split, tokenize
+from ..data import collator, get_task, load_inputs, load_split, tokenize
 from ..checks import check_max_seq_length, check_task_compatible, check_threshold
 from .evaluate import evaluate_model, run_dataset, score_run, speedup_ideal_fields
-from ..model.budget import apply_budget
+from ..model.budget import apply_budget, get_knob, knob_name, set_knob_on_inputs
+from ..model.objectives import check_rate
 from ..model.dpbert import DPBert
 
 
@@ -175,17 +176,24 @@ def evaluate_checkpoint(
     progress: bool = True,
     output: Optional[str] = None,
     budget: Optional[float] = None,
+    rate_on_inputs: Optional[float] = None,
 ) -> dict:
     """Everything ``dpbert-rl evaluate`` reports about a trained DPBERT checkpoint.
 
     :param budget: run at this fraction of the layers (read off the checkpoint's budget curve,
         :mod:`dpbert_rl.model.budget`); default: the checkpoint's own setting.
+    :param rate_on_inputs: set the knob, in memory, so that the model skips this fraction of the layers on
+        the evaluated split's own inputs, read without their labels (a budget set on the inputs that are
+        served, as ``dpbert-rl calibrate --inputs`` does); the checkpoint on disk is not changed. The report's
+        ``rate_on_inputs`` records the knob before and after.
 
     :param baseline_checkpoint: the fine-tuned backbone whose full-model score is the reference
         (stage 1's ``model/``); default: this checkpoint's own backbone with every layer run.
     :return: dev score, layers executed (mean and per layer), measured and ideal speed-ups,
         batched throughput; written as JSON to ``output`` when given.
     """
+    if sum(x is not None for x in (threshold, budget, rate_on_inputs)) > 1:
+        raise ValueError("threshold, budget and rate_on_inputs each set the planners' knob: give one of them")
     model = DPBert.load(checkpoint, require_planners=True).eval()
     if budget is not None:
         apply_budget(model, budget)
@@ -201,6 +209,15 @@ def evaluate_checkpoint(
     if threshold is not None:
         model.threshold = check_threshold(threshold)
     L = model.num_layers
+    on_inputs = None
+    if rate_on_inputs is not None:
+        check_rate(rate_on_inputs)
+        before = get_knob(model)
+        # the inputs scored below, read again without the label column: no label reaches the knob
+        inputs = load_inputs(t, split, data_dir, max_eval_samples)
+        knob, reached, _ = set_knob_on_inputs(model, inputs, (1.0 - rate_on_inputs) * L, seq, tol=0.01 * L)
+        on_inputs = {"split": split, "num_inputs": len(inputs["text_a"]), "target_rate": rate_on_inputs,
+                     "knob": knob_name(model), "value_before": before, "value": knob, "skip_rate": 1.0 - reached / L}
 
     dp_run = run_dataset(model, ds, collate, batch_size, "hard", progress=progress)
     dp = score_run(t, dp_run)
@@ -234,6 +251,7 @@ def evaluate_checkpoint(
         "dpbert_metrics": dp["metrics"],
         "num_layers": L,
         "threshold": model.threshold,
+        "rate_on_inputs": on_inputs,
         "layers_executed_mean": dp["layers_executed_mean"],
         "layer_frequency": dp["layer_frequency"],
         "latency_ms_full": lat["full"]["latency_ms"],

@@ -244,6 +244,12 @@ class PipelineConfig(TrainConfig):
     asked rate (``alternation.json``)."""
     calibration_samples: int = 1000
     """Selection-split inputs used to calibrate the threshold."""
+    rate_on_eval_inputs: bool = False
+    """Score dev with the knob set, in memory, so that the model skips target_rate of the layers on dev's own
+    inputs, read without their labels (a budget set on the inputs that are served, as ``dpbert-rl calibrate
+    --inputs`` does; the report's ``rate_on_inputs``). The saved model keeps the knob set on the selection split,
+    and every choice (checkpoints, the alternation) is still made there. Off: the rate is held on the selection
+    split's inputs and dev's may run another (SST-2 on MPNet-base: 7.8 layers asked, 8.38 run on dev)."""
     latency_repeats: int = 3
     """Batch-1 latency: passes over the dev set, full and DPBERT interleaved; the median is kept."""
     latency_samples: Optional[int] = None
@@ -266,6 +272,9 @@ class PipelineConfig(TrainConfig):
         if self.calibrate_threshold not in CALIBRATE:
             raise ValueError(f"calibrate_threshold (--calibrate-threshold) must be one of {CALIBRATE}; got "
                              f"{self.calibrate_threshold!r}")
+        if self.rate_on_eval_inputs and (self.target_rate is None or self.cost_unit != "layers"):
+            raise ValueError("rate_on_eval_inputs (--rate-on-eval-inputs) holds target_rate in layers on dev's "
+                             "inputs: it needs --target-rate and --cost-unit layers")
         if self.cost_unit != "layers" and self.stage3 not in ("exact", "auto"):
             raise ValueError(f"cost_unit {self.cost_unit!r} is for stage 3 'exact' (--stage3 {self.stage3} pays per "
                              "layer)")

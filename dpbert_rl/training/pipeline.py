@@ -221,6 +221,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         str(s3), baseline_checkpoint=str(s1), data_dir=cfg.data_dir, max_eval_samples=cfg.max_eval_samples,
         repeats=cfg.latency_repeats, latency_samples=cfg.latency_samples, threads=cfg.threads,
         batch_size=cfg.eval_batch_size, progress=cfg.progress,
+        rate_on_inputs=cfg.target_rate if cfg.rate_on_eval_inputs else None,
     )
     report["train_examples"] = json.loads((Path(s1).parent / "config.json").read_text())["train_examples"]
     # training time of every stage (also when a finished stage was reused) plus this evaluation
