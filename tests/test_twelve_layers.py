@@ -778,3 +778,19 @@ def test_routing_reads_the_model_the_pipeline_chose(tmp_path):
     (run / "alternation.json").write_text("{not json")
     with pytest.raises(ValueError, match="alternation.json"):
         routing.pipeline_choice(run)
+
+
+def test_the_pipeline_benchmark_passes_on_the_rate_on_dev_inputs(tmp_path, monkeypatch):
+    """`--rate-on-eval-inputs` reaches the pipeline's configuration (and is off without the flag)."""
+    pipeline = load_benchmark("pipeline")
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+    monkeypatch.setattr(pipeline, "commit", lambda: "0" * 40)
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: seen.append(cfg) or (_ for _ in ()).throw(Stop()))
+    for flags in ([], ["--rate-on-eval-inputs"]):
+        with pytest.raises(Stop):
+            pipeline.main(["--tasks", "sst2", "--results", str(tmp_path / "p.json"), *flags])
+    assert [c.rate_on_eval_inputs for c in seen] == [False, True]
