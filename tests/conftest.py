@@ -28,7 +28,14 @@ def load_benchmark(name: str):
     its name with the ``agents`` package), so that a test can monkeypatch it and call its ``main``."""
     # the package first: a script run below puts benchmarks/ first on the path, where `import agents` (by it or by
     # a module it imports) would otherwise find benchmarks/agents.py, and a later test would see no package
-    importlib.import_module("agents")
+    if not hasattr(sys.modules.get("agents"), "__path__"):  # not yet the package: import it past benchmarks/
+        saved = list(sys.path)
+        sys.modules.pop("agents", None)
+        sys.path[:] = [p for p in saved if Path(p or ".").resolve() != BENCHMARKS]
+        try:
+            importlib.import_module("agents")
+        finally:
+            sys.path[:] = saved
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     path = list(sys.path)

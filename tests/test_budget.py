@@ -175,8 +175,8 @@ def test_evaluate_holds_the_rate_on_the_scored_inputs_without_their_labels(tiny_
     """``rate_on_inputs`` (the pipeline's --rate-on-eval-inputs): the knob is solved in memory on the evaluated
     split's own inputs, with no label in the batches it reads, the score is taken at that knob, and the
     checkpoint on disk keeps its own."""
+    from dpbert_rl.evaluation import latency
     from dpbert_rl.evaluation.latency import evaluate_checkpoint
-    from dpbert_rl.model import budget as budget_mod
     from dpbert_rl.model.dpbert import TaskInfo
 
     model = DPBert.load(tiny_model_dir)
@@ -187,8 +187,8 @@ def test_evaluate_holds_the_rate_on_the_scored_inputs_without_their_labels(tiny_
     model.task_info = TaskInfo("sst2", ["negative", "positive"], 128)
     ckpt = model.save(tmp_path / "m")
     seen = []
-    real = budget_mod.solve_knob
-    monkeypatch.setattr(budget_mod, "solve_knob", lambda m, batches, *a, **k: seen.extend(batches) or
+    real = latency.solve_knob
+    monkeypatch.setattr(latency, "solve_knob", lambda m, batches, *a, **k: seen.extend(batches) or
                         real(m, batches, *a, **k))
     kw = dict(data_dir=str(tiny_glue), repeats=1, latency_samples=2, progress=False)
     as_saved = evaluate_checkpoint(str(ckpt), **kw)

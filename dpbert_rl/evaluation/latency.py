@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
+from torch.utils.data import DataLoader
 
-from ..data import collator, get_task, load_inputs, load_split, tokenize
+from ..data import collator, get_task, load_split, tokenize
 from ..checks import check_max_seq_length, check_task_compatible, check_threshold
 from .evaluate import evaluate_model, run_dataset, score_run, speedup_ideal_fields
-from ..model.budget import apply_budget, get_knob, knob_name, set_knob_on_inputs
+from ..model.budget import apply_budget, get_knob, knob_name, set_knob, solve_knob
 from ..model.objectives import check_rate
 from ..model.dpbert import DPBert
 
@@ -213,11 +214,12 @@ def evaluate_checkpoint(
     if rate_on_inputs is not None:
         check_rate(rate_on_inputs)
         before = get_knob(model)
-        # the inputs scored below, read again without the label column: no label reaches the knob
-        inputs = load_inputs(t, split, data_dir, max_eval_samples)
-        knob, reached, _ = set_knob_on_inputs(model, inputs, (1.0 - rate_on_inputs) * L, seq, tol=0.01 * L)
-        on_inputs = {"split": split, "num_inputs": len(inputs["text_a"]), "target_rate": rate_on_inputs,
-                     "knob": knob_name(model), "value_before": before, "value": knob, "skip_rate": 1.0 - reached / L}
+        # the inputs scored below, their label column dropped: no label reaches the knob
+        unlabelled = DataLoader(ds.remove_columns("labels"), batch_size=batch_size, collate_fn=collate)
+        knob, reached = solve_knob(model, list(unlabelled), (1.0 - rate_on_inputs) * L, tol=0.01 * L)
+        set_knob(model, knob)
+        on_inputs = {"split": split, "num_inputs": len(ds), "target_rate": rate_on_inputs, "knob": knob_name(model),
+                     "value_before": before, "value": knob, "skip_rate": 1.0 - reached / L}
 
     dp_run = run_dataset(model, ds, collate, batch_size, "hard", progress=progress)
     dp = score_run(t, dp_run)

@@ -132,15 +132,6 @@ def solve_knob(model, batches: Optional[Sequence[dict]], target_layers: float, i
     return best
 
 
-def set_knob_on_inputs(model, inputs: dict, target_layers: float, max_seq_length: int, tol: float = 0.0) -> tuple:
-    """Set ``model``'s knob, in memory, so that it runs ``target_layers`` on average over ``inputs`` (``{"text_a",
-    "text_b"}``, no labels: :func:`dpbert_rl.data.load_inputs`); returns ``(knob, layers reached, batches)``."""
-    batches = encode_inputs(model, inputs, max_seq_length)
-    knob, reached = solve_knob(model, batches, target_layers, tol=tol)
-    set_knob(model, knob)
-    return knob, reached, batches
-
-
 def check_budget(budget: float) -> float:
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0 < budget <= 1):
         raise ValueError(f"budget must be a fraction of the layers in (0, 1] (1 = the full model); got {budget!r}")

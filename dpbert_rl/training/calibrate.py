@@ -135,7 +135,7 @@ def calibrate_budget(model_dir, inputs, target_layers: float, task: Optional[str
     """
     from ..data import load_inputs
     from ..evaluation.evaluate import speedup_ideal
-    from ..model.budget import budget_curve, knob_name, set_knob_on_inputs
+    from ..model.budget import budget_curve, encode_inputs, knob_name, set_knob, solve_knob
 
     model = DPBert.load(model_dir, require_planners=True).eval()
     L = model.num_layers
@@ -144,8 +144,10 @@ def calibrate_budget(model_dir, inputs, target_layers: float, task: Optional[str
     if not isinstance(inputs, dict):
         source = source or str(inputs)
         inputs = load_inputs(task or model.task_info.task, inputs, data_dir, max_samples)
-    knob, reached, batches = set_knob_on_inputs(model, inputs, target_layers, model.task_info.max_seq_length or 128)
-    curve = budget_curve(model, batches)  # leaves the knob where it found it
+    batches = encode_inputs(model, inputs, model.task_info.max_seq_length or 128)
+    knob, reached = solve_knob(model, batches, target_layers)
+    curve = budget_curve(model, batches)
+    set_knob(model, knob)
     n = len(inputs["text_a"])
     model.budget_table = {"knob": knob_name(model), "points": curve, "inputs": source, "num_inputs": n,
                           "requested_layers": target_layers, "layers_executed_mean": reached, "value": knob}
