@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import check_one_commit, markdown_table
+from _common import MixedRunError, check_one_commit, markdown_table
 
 METHODS = ("backbone", "dpbert", "dpbert_soft", "deebert", "pabee", "berxit", "layerdrop", "bert_kl", "static_path",
            "oracle")
@@ -185,14 +185,36 @@ def current_code(entry: dict, method: str, hashes: dict) -> bool:
     return entry.get("code_hash") is not None and entry.get("code_hash") == hashes.get(method)
 
 
+#: How reports and figures name the packaged backbones; any other backbone by its directory or hub name.
+BACKBONE_TITLES = {"minilm": "MiniLM-L6", "mpnet-base": "MPNet-base"}
+
+
+def results_backbone(results: dict) -> str:
+    """The backbone a results file (or a run's results) was run on: its ``args`` (or ``context.settings``)
+    ``backbone``; files written before the backbone was recorded ran on MiniLM."""
+    return str((results.get("args") or {}).get("backbone")
+               or ((results.get("context") or {}).get("settings") or {}).get("backbone") or "minilm")
+
+
+def backbone_title(results: dict) -> str:
+    """:func:`results_backbone` as reports and figures name it."""
+    name = results_backbone(results)
+    return BACKBONE_TITLES.get(name, Path(name).name)
+
+
 def merge(existing: dict, incoming: dict, allow_mixed: bool = False, rerun=()) -> dict:
     """``incoming`` (this run) merged into ``existing`` (the results file), method by method.
 
-    Refuses (:class:`_common.MixedRunError`) results of another code commit or a dirty tree unless
+    Refuses (:class:`_common.MixedRunError`) results on another backbone (always: one file per backbone), and
+    results of another code commit or a dirty tree unless
     ``allow_mixed``; then the file records ``mixed_commits`` and the report marks those methods. Results of
     another commit whose method's code hash is this run's (:func:`current_code`) are not mixed: that code did
     not change. What this run re-runs (``rerun``: ``(task, method)`` pairs) replaces the old results, so those are
     not checked."""
+    if existing.get("tasks") and results_backbone(existing) != results_backbone(incoming):
+        raise MixedRunError(f"tradeoff.json holds results on backbone {results_backbone(existing)!r} and this run is on "
+                            f"{results_backbone(incoming)!r}: one results file per backbone (give this run its own "
+                            "--results-dir, e.g. benchmarks/results/tradeoff-mpnet)")
     hashes = incoming.get("code_hashes", {})
     rerun = set(rerun)
     commits = [e.get("commit") for t, te in existing.get("tasks", {}).items() for m, e in te.get("methods", {}).items()
@@ -252,7 +274,8 @@ def _check_lines(tasks: dict, measured: bool) -> list:
 def write_report(results: dict, out_dir: Path) -> None:
     tasks = results.get("tasks", {})
     top = results.get("commit")
-    lines = ["# Score vs measured batch-1 speed-up: DPBERT and the early-exit baselines (MiniLM-L6, CPU)", "",
+    lines = [f"# Score vs measured batch-1 speed-up: DPBERT and the early-exit baselines ({backbone_title(results)}, CPU)",
+             "",
              "Written by `benchmarks/tradeoff.py`; do not edit by hand. Every method starts from the same stage-1 "
              "backbone and is trained for the same number of epochs beyond it; checkpoints, thresholds, patience, "
              "rates and the settings in the tables are chosen on the selection split (held out from the training "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from _common import layer_heatmap
-from tradeoff_analysis import LABELS, WINDOW, choose, front, headline
+from tradeoff_analysis import LABELS, WINDOW, backbone_title, choose, front, headline
 
 STYLE = {"dpbert": ("o-", "C3"), "dpbert_soft": ("s--", "C1"), "deebert": ("^-", "C0"), "pabee": ("v-", "C2"),
          "berxit": ("D-", "C4"), "layerdrop": ("x-", "C5"), "bert_kl": ("P-", "C7"),
@@ -75,9 +75,10 @@ def plot(results: dict, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = results.get("tasks", {})
+    model = backbone_title(results)
     for t, e in tasks.items():
         fig, ax = plt.subplots(figsize=(8.6, 4.6))
-        draw_task(ax, t, e, f"{t}: best dev score at each speed-up or faster (MiniLM-L6; shaded {WINDOW[0]}-{WINDOW[1]}x; "
+        draw_task(ax, t, e, f"{t}: best dev score at each speed-up or faster ({model}; shaded {WINDOW[0]}-{WINDOW[1]}x; "
                      "star: chosen on the selection split)")
         fig.tight_layout()
         fig.savefig(out_dir / f"tradeoff_{t}.png", dpi=120)
@@ -92,7 +93,7 @@ def plot(results: dict, out_dir: Path) -> None:
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         shared_legend(fig, axes)
-        fig.suptitle(f"Best dev score at each batch-1 speed-up or faster, MiniLM-L6 on CPU "
+        fig.suptitle(f"Best dev score at each batch-1 speed-up or faster, {model} on CPU "
                      f"(shaded: {WINDOW[0]}-{WINDOW[1]}x)", fontsize=11)
         fig.tight_layout(rect=(0, 0, 1 - 2.0 / (6.2 * cols + 2.2), 0.96))
         fig.savefig(out_dir / "tradeoff.png", dpi=110)

@@ -716,3 +716,26 @@ def test_the_tradeoff_runs_at_twelve_layers(tiny_glue_big, tmp_path, monkeypatch
     assert list(root.glob("greedy_paths_calib*.json")) and not (root / "paths_select.npz").exists()
     assert e["oracle"]["points"] == [] and "4,095" in e["oracle"]["note"]
     assert e["dpbert"]["points"] and all(p["layers_executed_mean"] <= 12 for p in e["dpbert"]["points"])
+
+
+def test_a_results_file_holds_one_backbone_and_its_report_names_it(tmp_path):
+    an = bench("tradeoff_analysis")
+    pt = {"setting": "s", "score": 70.0, "speedup_measured": 1.5, "speedup_ideal": 1.5, "layers_executed_mean": 8.0,
+          "select_score": 71.0, "select_speedup_ideal": 1.5}
+
+    def res(backbone, task):
+        out = {"commit": "a" * 40, "tasks": {task: {"metric": "accuracy", "methods": {"backbone": {"points": [pt]}}}}}
+        if backbone:
+            out["args"] = {"backbone": backbone}
+        return out
+
+    mpnet = an.merge({}, res("mpnet-base", "sst2"))
+    an.write_report(mpnet, tmp_path)
+    assert (tmp_path / "tradeoff.md").read_text().splitlines()[0].endswith("(MPNet-base, CPU)")
+    an.write_report(res(None, "rte"), tmp_path)  # written before the backbone was recorded: MiniLM
+    assert (tmp_path / "tradeoff.md").read_text().splitlines()[0].endswith("(MiniLM-L6, CPU)")
+    assert an.merge(mpnet, res("mpnet-base", "rte"))["tasks"].keys() == {"sst2", "rte"}
+    with pytest.raises(bench("_common").MixedRunError, match="backbone 'mpnet-base' and this run is on 'minilm'"):
+        an.merge(mpnet, res("minilm", "rte"), allow_mixed=True)
+    with pytest.raises(bench("_common").MixedRunError, match="--results-dir"):
+        an.merge(res(None, "rte"), res("mpnet-base", "sst2"))
