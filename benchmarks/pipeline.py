@@ -209,6 +209,8 @@ def main(argv=None) -> None:
             "command": command(),
             # beyond the required keys
             "score_retained": report["score_retained"],
+            "score_retained_ci95": report.get("score_retained_ci95"),  # paired bootstrap on dev: DPBERT / backbone
+            "score_diff_ci95": report.get("score_diff_ci95"),  # and DPBERT - backbone
             "layer_frequency": report["layer_frequency"],
             "latency_ms_full": report["latency_ms_full"],
             "latency_ms_dpbert": report["latency_ms_dpbert"],
@@ -242,12 +244,17 @@ def main(argv=None) -> None:
 def write_markdown(results: list, path: Path) -> None:
     cols = [("task", "task", ""), ("metric", "metric", ""), ("backbone", "backbone_score", ".2f"),
             ("DPBERT", "dpbert_score", ".2f"), ("retained", "score_retained", ".3f"),
+            ("retained, 95% CI", "retained_ci", ""),
             ("layers", "layers_executed_mean", ".2f"), ("of", "num_layers", ""),
             ("speed-up measured", "speedup_measured", ".2f"), ("speed-up ideal", "speedup_ideal", ".2f"),
             ("train ex.", "train_examples", ""), ("seconds", "seconds", ".0f"), ("commit", "commit", "")]
     backbones = sorted({str(r.get("backbone", "an unnamed backbone")) for r in results})
+    shown = [{**r, "retained_ci": "[{:.3f}, {:.3f}]".format(*r["score_retained_ci95"])
+              if r.get("score_retained_ci95") else None} for r in results]
     text = (f"# DPBERT pipeline on {', '.join(backbones)} (batch-1 CPU latency)\n\n"
-            "Written by `benchmarks/pipeline.py`; do not edit by hand.\n\n" + markdown_table(results, cols) + "\n\n"
+            "Written by `benchmarks/pipeline.py`; do not edit by hand. Retained: DPBERT's dev score over the full "
+            "backbone's; its 95% interval is a paired bootstrap over the dev inputs ('-': a row written before "
+            "intervals were recorded).\n\n" + markdown_table(shown, cols) + "\n\n"
             + "\n".join(f"- {r['task']}: `{r['command']}` on {r['machine']['processor']}, "
                         f"{r['machine']['threads']} threads, torch {r['machine']['torch']}" for r in results) + "\n")
     path.write_text(text)

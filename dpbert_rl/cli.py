@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="local GLUE directory (default: $GLUE_DIR, else the hub)")
     p.add_argument("--samples", type=arg_type(int, 1), default=1000, help="training inputs to calibrate on")
 
-    p = sub.add_parser("evaluate", help="dev score, layers executed and measured speed-up of a checkpoint")
+    p = sub.add_parser("evaluate", help="dev score, layers executed and measured speed-up of a checkpoint",
+                       description="Scores a DPBERT checkpoint and its full backbone on the same inputs (with a "
+                                   "paired-bootstrap 95% interval of their difference and of the score retained), "
+                                   "counts the layers executed, and times both at batch size 1, interleaved in one "
+                                   "run (median of --repeats passes), and batched.")
     p.add_argument("checkpoint", help="a trained DPBERT model/ directory")
     p.add_argument("--baseline-checkpoint", help="fine-tuned backbone for the reference score (default: this one, all layers)")
     p.add_argument("--task", help="GLUE task (default: the one the checkpoint was trained on)")

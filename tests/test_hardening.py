@@ -199,6 +199,11 @@ def test_4_zero_layers_have_no_finite_ideal_speedup(rte_model_dir, tiny_glue):
                                repeats=1, latency_samples=2, progress=False)
     assert full["speedup_ideal"] == full["speedup_ideal_length_weighted"] == 1.0
     assert "length-weighted" in format_report(full)
+    # DPBERT at every layer is the backbone: the paired interval of their difference is exactly 0
+    assert full["score_diff_ci95"] == [0.0, 0.0] and full["bootstrap"] == 1000
+    assert re.search(r"DPBERT - backbone +\+0\.00 \[\+0\.00, \+0\.00\] \(paired bootstrap 95%\)", format_report(full))
+    lo, hi = report["score_diff_ci95"]
+    assert lo <= report["dpbert_score"] - report["backbone_score"] <= hi
     model = DPBert.load(rte_model_dir).eval()
     dev = tokenize(load_split("rte", "dev", str(tiny_glue), 4), model.tokenizer)
     res = evaluate_agent(FixedPath([0, 0, 0, 0]), model, get_task("rte"), dev, collator(model.tokenizer),

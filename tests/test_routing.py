@@ -10,6 +10,7 @@ import torch
 
 from dpbert_rl.data import carve_selection, collator, get_task, load_split, selection_size, tokenize
 from dpbert_rl.evaluation.diagnostics import (fixed_frontier, frontier_margin, frontier_mixture, inspect_features,
+                                              score_interval,
                                    linear_probe, skip_all_check)
 from dpbert_rl.evaluation.evaluate import distinct_paths, mid_gate_fraction
 from dpbert_rl.model import DPBert
@@ -282,6 +283,31 @@ def test_frontier_margin_and_its_interval():
     assert m["margin_ci95"][0] < m["margin"] < m["margin_ci95"][1] and m["margin_ci95"][0] > 0
     same = frontier_margin(task, preds[:, 1], 1.0, run, hull, n_boot=200)  # the frontier itself
     assert same["margin"] == 0 and same["margin_ci95"] == [0.0, 0.0]
+
+
+def test_score_interval_is_paired_and_brackets_the_gap():
+    task = get_task("sst2")
+    rng = np.random.RandomState(2)
+    labels = rng.randint(0, 2, 300)
+    backbone = np.where(rng.rand(300) < 0.9, labels, 1 - labels)
+    same = score_interval(task, backbone.copy(), backbone, labels, n_boot=200)
+    assert same["score_diff_ci95"] == [0.0, 0.0] and same["score_retained_ci95"] == [1.0, 1.0]
+    # DPBERT flips 12 of the backbone's correct answers: 4 points lost on every resample's share of them
+    flipped = backbone.copy()
+    wrong = np.flatnonzero(backbone == labels)[:12]
+    flipped[wrong] = 1 - flipped[wrong]
+    ci = score_interval(task, flipped, backbone, labels, n_boot=500)
+    gap = 100 * ((flipped == labels).mean() - (backbone == labels).mean())
+    assert gap == pytest.approx(-4.0)
+    lo, hi = ci["score_diff_ci95"]
+    assert lo < gap < hi and hi < 0 and hi - lo < 5  # paired: unpaired scores of ~88% on 300 inputs spread ~7 points
+    base = 100 * (backbone == labels).mean()
+    assert ci["score_retained_ci95"][0] < (base + gap) / base < ci["score_retained_ci95"][1] < 1
+    with pytest.raises(ValueError, match="one of each per input"):
+        score_interval(task, flipped[:10], backbone, labels)
+    stsb = score_interval(get_task("stsb"), labels + 0.3 * rng.randn(300), labels + 0.1 * rng.randn(300),
+                          labels.astype(float), n_boot=100)  # a correlation on each resample
+    assert stsb["score_diff_ci95"][1] < 0 and stsb["bootstrap"] == 100
 
 
 def test_linear_probe_learns_a_feature_that_gives_the_label(tiny_model_dir, tiny_glue):

@@ -328,11 +328,13 @@ def test_the_pipeline_report_names_its_backbone_and_draws_its_own_figure(tmp_pat
            "command": "python benchmarks/pipeline.py --backbone mpnet-base", "layer_frequency": [0.7] * 12,
            "machine": {"processor": "x86_64", "threads": 2, "torch": "2.13.0+cpu"}}
     results = tmp_path / "pipeline_mpnet.json"
-    results.write_text(json.dumps([row]))
+    results.write_text(json.dumps([row, {**row, "task": "rte", "score_retained_ci95": [0.951, 1.032]}]))
     minilm_figure = tmp_path / "pipeline_layers.png"
     minilm_figure.write_bytes(b"the 6-layer figure")
     pipeline.main(["--report-only", "--results", str(results)])
-    assert (tmp_path / "pipeline_mpnet.md").read_text().startswith("# DPBERT pipeline on mpnet-base (")
+    md = (tmp_path / "pipeline_mpnet.md").read_text()
+    assert md.startswith("# DPBERT pipeline on mpnet-base (") and "| retained, 95% CI |" in md
+    assert "| 0.992 | - |" in md and "| 0.992 | [0.951, 1.032] |" in md  # a row without an interval, one with
     assert (tmp_path / "pipeline_mpnet_layers.png").read_bytes()[:4] == b"\x89PNG"
     assert minilm_figure.read_bytes() == b"the 6-layer figure"
 
@@ -794,3 +796,20 @@ def test_the_pipeline_benchmark_passes_on_the_rate_on_dev_inputs(tmp_path, monke
         with pytest.raises(Stop):
             pipeline.main(["--tasks", "sst2", "--results", str(tmp_path / "p.json"), *flags])
     assert [c.rate_on_eval_inputs for c in seen] == [False, True]
+
+
+def test_the_pipeline_benchmark_row_keeps_the_scores_interval(tmp_path, monkeypatch):
+    """The interval of DPBERT against the backbone (evaluate_checkpoint's paired bootstrap) reaches the row and
+    the table."""
+    pipeline = load_benchmark("pipeline")
+    report = {"task": "rte", "backbone_score": 60.0, "dpbert_score": 58.0, "metric": "accuracy",
+              "layers_executed_mean": 4.0, "num_layers": 6, "speedup_measured": 1.4, "speedup_ideal": 1.5,
+              "train_examples": 100, "seconds": 1.0, "score_retained": 58 / 60, "score_retained_ci95": [0.9, 1.01],
+              "score_diff_ci95": [-6.0, 0.5], "layer_frequency": [0.5] * 6, "latency_ms_full": 10.0,
+              "latency_ms_dpbert": 7.0, "throughput_speedup": 1.3, "num_examples": 277, "checkpoint": "x"}
+    monkeypatch.setattr(pipeline, "commit", lambda: "0" * 40)
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: dict(report))
+    pipeline.main(["--tasks", "rte", "--results", str(tmp_path / "p.json")])
+    row = json.loads((tmp_path / "p.json").read_text())[0]
+    assert row["score_retained_ci95"] == [0.9, 1.01] and row["score_diff_ci95"] == [-6.0, 0.5]
+    assert "| 0.967 | [0.900, 1.010] |" in (tmp_path / "p.md").read_text()

@@ -9,7 +9,8 @@ the agents and every benchmark.
 * :func:`fixed_frontier` and :func:`frontier_margin`: the best *fixed* path (one path for every input)
   at each layer count, chosen on the selection split (never on dev); the frontier at a learner's mean
   number of layers mixes the two neighbouring paths of the selection split's upper hull; the learner's
-  margin over it on dev comes with a paired-bootstrap 95% interval.
+  margin over it on dev comes with a paired-bootstrap 95% interval (:func:`paired_bootstrap`; the same for
+  DPBERT against the full backbone, :func:`score_interval`).
 * :func:`linear_probe`: a classifier (or regressor) on the same planner features at the nearest layer
   count, as a reference: a planner may act as a classifier that steers each input to the path whose
   prediction it wants, so routing gains should be read next to what a probe alone gets.
@@ -250,6 +251,36 @@ def frontier_mixture(hull: list, layers: float) -> list:
     return [(hull[-1][1], 1.0)]
 
 
+def paired_bootstrap(score_pair, n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """``(n_boot, 2)``: ``score_pair(idx)`` (two scores of the same inputs) on ``n_boot`` resamples of the ``n``
+    inputs drawn with replacement, both sides scored on the same resample (a paired bootstrap)."""
+    rng = np.random.RandomState(seed)
+    return np.array([score_pair(rng.randint(0, n, n)) for _ in range(n_boot)], dtype=float).reshape(n_boot, 2)
+
+
+def score_interval(task: GlueTask, preds: np.ndarray, reference_preds: np.ndarray, labels: np.ndarray,
+                   n_boot: int = 1000, seed: int = 0) -> dict:
+    """How far ``preds`` (e.g. DPBERT's) are from ``reference_preds`` (the full backbone's) on the same inputs:
+    paired-bootstrap 95% intervals of the score difference and of the score retained (ratio).
+
+    :return: ``score_diff_ci95`` (``[lo, hi]`` of score - reference score) and ``score_retained_ci95`` (of
+        score / reference score; ``None`` where a resample's reference score is 0), ``bootstrap`` (resamples).
+    """
+    if not (len(preds) == len(reference_preds) == len(labels)):
+        raise ValueError(f"{len(preds)} predictions, {len(reference_preds)} reference predictions and "
+                         f"{len(labels)} labels: expected one of each per input")
+    draws = paired_bootstrap(lambda idx: (task_score(task, preds[idx], labels[idx]),
+                                          task_score(task, reference_preds[idx], labels[idx])),
+                             len(labels), n_boot, seed)
+    diff = np.nanpercentile(draws[:, 0] - draws[:, 1], [2.5, 97.5])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = draws[:, 0] / draws[:, 1]
+    ratio = ratio[np.isfinite(ratio)]
+    return {"score_diff_ci95": [float(x) for x in diff],
+            "score_retained_ci95": [float(x) for x in np.percentile(ratio, [2.5, 97.5])] if len(ratio) else None,
+            "bootstrap": int(n_boot)}
+
+
 def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: float, dev_run: dict, hull: list,
                     n_boot: int = 1000, seed: int = 0) -> dict:
     """The learner's dev score minus the fixed-path frontier's at the same mean layers, with a paired
@@ -269,14 +300,9 @@ def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: f
         frontier = sum(w * task_score(task, dev_run["predictions"][idx, p], labels[idx]) for p, w in mix)
         return learner, frontier
 
-    everything = np.arange(len(labels))
-    learner, frontier = scores(everything)
-    rng = np.random.RandomState(seed)
-    margins = []
-    for _ in range(n_boot):
-        a, b = scores(rng.randint(0, len(labels), len(labels)))
-        margins.append(a - b)
-    lo, hi = np.nanpercentile(margins, [2.5, 97.5])
+    learner, frontier = scores(np.arange(len(labels)))
+    draws = paired_bootstrap(scores, len(labels), n_boot, seed)
+    lo, hi = np.nanpercentile(draws[:, 0] - draws[:, 1], [2.5, 97.5])
     return {"score": learner, "fixed_frontier_score": frontier, "margin": learner - frontier,
             "margin_ci95": [float(lo), float(hi)], "frontier_paths": [[int(p), float(w)] for p, w in mix]}
 

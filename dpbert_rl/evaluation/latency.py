@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from ..data import collator, get_task, load_split, tokenize
 from ..checks import check_max_seq_length, check_task_compatible, check_threshold
-from .evaluate import evaluate_model, run_dataset, score_run, speedup_ideal_fields
+from .diagnostics import score_interval
+from .evaluate import run_dataset, score_run, speedup_ideal_fields
 from ..model.budget import apply_budget, get_knob, knob_name, set_knob, solve_knob
 from ..model.objectives import check_rate
 from ..model.dpbert import DPBert
@@ -178,6 +179,7 @@ def evaluate_checkpoint(
     output: Optional[str] = None,
     budget: Optional[float] = None,
     rate_on_inputs: Optional[float] = None,
+    bootstrap: int = 1000,
 ) -> dict:
     """Everything ``dpbert-rl evaluate`` reports about a trained DPBERT checkpoint.
 
@@ -188,6 +190,8 @@ def evaluate_checkpoint(
         served, as ``dpbert-rl calibrate --inputs`` does); the checkpoint on disk is not changed. The report's
         ``rate_on_inputs`` records the knob before and after.
 
+    :param bootstrap: resamples of the paired bootstrap behind ``score_diff_ci95`` and ``score_retained_ci95``
+        (DPBERT against the full backbone on the same resampled inputs; 95% intervals).
     :param baseline_checkpoint: the fine-tuned backbone whose full-model score is the reference
         (stage 1's ``model/``); default: this checkpoint's own backbone with every layer run.
     :return: dev score, layers executed (mean and per layer), measured and ideal speed-ups,
@@ -225,7 +229,9 @@ def evaluate_checkpoint(
     dp = score_run(t, dp_run)
     base_model = DPBert.load(baseline_checkpoint).eval() if baseline_checkpoint else model
     check_task_compatible(base_model, t, baseline_checkpoint or checkpoint)
-    base = evaluate_model(base_model, t, ds, collate, batch_size, "full", progress=progress)
+    base_run = run_dataset(base_model, ds, collate, batch_size, "full", progress=progress)
+    base = score_run(t, base_run)
+    interval = score_interval(t, dp_run["predictions"], base_run["predictions"], dp_run["labels"], bootstrap)
 
     examples = encode_examples(ds, latency_samples)
 
@@ -249,6 +255,7 @@ def evaluate_checkpoint(
         "backbone_score": base["score"],
         "dpbert_score": dp["score"],
         "score_retained": dp["score"] / base["score"] if base["score"] else None,
+        **interval,
         "backbone_metrics": base["metrics"],
         "dpbert_metrics": dp["metrics"],
         "num_layers": L,
@@ -281,6 +288,9 @@ def format_report(r: dict) -> str:
         ("task", r["task"]),
         (f"backbone {r['metric']}", f"{r['backbone_score']:.2f}"),
         (f"DPBERT {r['metric']}", f"{r['dpbert_score']:.2f}"),
+        *([("DPBERT - backbone", f"{r['dpbert_score'] - r['backbone_score']:+.2f} "
+                                 f"[{r['score_diff_ci95'][0]:+.2f}, {r['score_diff_ci95'][1]:+.2f}] "
+                                 "(paired bootstrap 95%)")] if r.get("score_diff_ci95") else []),
         ("layers executed", f"{r['layers_executed_mean']:.2f} / {r['num_layers']}"),
         ("layer frequency", " ".join(f"{x:.2f}" for x in r["layer_frequency"])),
         ("batch-1 latency", f"{r['latency_ms_full']:.2f} ms -> {r['latency_ms_dpbert']:.2f} ms"),
