@@ -1,7 +1,7 @@
 """Benchmark: score against measured batch-1 speed-up for DPBERT and the early-exit baselines.
 
-On each task (RTE, MRPC, SST-2 on a training subset, STS-B) with the packaged MiniLM-L6, one task and
-one method after another, at a fixed thread count:
+On each task (RTE, MRPC, SST-2 on a training subset, STS-B) with the packaged MiniLM-L6 (or ``--backbone``), one
+task and one method after another, at a fixed thread count:
 
 * stage 1 fine-tunes the backbone once; every method starts from it and is trained for the same
   ``--extra-epochs`` beyond it (DPBERT: stage 2 takes ``--stage2-share`` of them, stage 3 the rest,
@@ -64,7 +64,7 @@ from dpbert_rl.data import SELECTION_FRACTION, SELECTION_MAX, SELECTION_SEED, lo
 from dpbert_rl.evaluation.evaluate import speedup_ideal_fields  # noqa: E402
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.training import PipelineConfig  # noqa: E402
-from dpbert_rl.model.backbone import backbone_layers  # noqa: E402
+from dpbert_rl.model.backbone import backbone_layers, canonical_backbone  # noqa: E402
 from dpbert_rl.training import stage3_for  # noqa: E402
 from dpbert_rl.training.config import SKIP_AWARE, STAGE3  # noqa: E402
 
@@ -215,7 +215,10 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", default=os.environ.get("GLUE_DIR"), help="local GLUE directory (default: $GLUE_DIR)")
     ap.add_argument("--tasks", default="rte,mrpc,stsb,sst2", help="comma-separated GLUE tasks, run one after another")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    ap.add_argument("--backbone", default="minilm")
+    ap.add_argument("--backbone", default="minilm",
+                    help="minilm (the packaged 6-layer all-MiniLM-L6-v2), mpnet-base (the 12-layer all-mpnet-base-v2 "
+                         "of the extra 'mpnet'), a local checkpoint directory or a hub name; one results file per "
+                         "backbone (--results-dir)")
     ap.add_argument("--output-dir", default="runs/tradeoff", help="trained models and cached points")
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--recompute", action="store_true", help="recompute points even where cached (models are reused)")
@@ -301,6 +304,7 @@ def parse_args(argv=None):
     args.batch_sizes = [int(x) for x in bs.split(",")]
     if args.data_dir:
         args.data_dir = str(Path(args.data_dir).resolve())
+    args.backbone = canonical_backbone(args.backbone)  # the results file records one spelling per backbone
     return args
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dpbert_rl.model.backbone import canonical_backbone
+
 from _common import MixedRunError, check_one_commit, markdown_table
 
 METHODS = ("backbone", "dpbert", "dpbert_soft", "deebert", "pabee", "berxit", "layerdrop", "bert_kl", "static_path",
@@ -190,16 +192,22 @@ BACKBONE_TITLES = {"minilm": "MiniLM-L6", "mpnet-base": "MPNet-base"}
 
 
 def results_backbone(results: dict) -> str:
-    """The backbone a results file (or a run's results) was run on: its ``args`` (or ``context.settings``)
-    ``backbone``; files written before the backbone was recorded ran on MiniLM."""
-    return str((results.get("args") or {}).get("backbone")
-               or ((results.get("context") or {}).get("settings") or {}).get("backbone") or "minilm")
+    """The backbone a results file (or a run's results) was run on, spelled one way
+    (:func:`dpbert_rl.model.backbone.canonical_backbone`): its ``args`` (or ``context.settings``) ``backbone``;
+    files written before the backbone was recorded ran on MiniLM."""
+    return canonical_backbone(str((results.get("args") or {}).get("backbone")
+                                  or ((results.get("context") or {}).get("settings") or {}).get("backbone")
+                                  or "minilm"))
 
 
 def backbone_title(results: dict) -> str:
-    """:func:`results_backbone` as reports and figures name it."""
+    """:func:`results_backbone` as reports and figures name it (a checkpoint directory ``.../<name>/model`` as
+    ``<name>/model``)."""
     name = results_backbone(results)
-    return BACKBONE_TITLES.get(name, Path(name).name)
+    if name in BACKBONE_TITLES:
+        return BACKBONE_TITLES[name]
+    path = Path(name)
+    return f"{path.parent.name}/{path.name}" if path.name == "model" and path.parent.name else path.name
 
 
 def merge(existing: dict, incoming: dict, allow_mixed: bool = False, rerun=()) -> dict:
@@ -214,7 +222,7 @@ def merge(existing: dict, incoming: dict, allow_mixed: bool = False, rerun=()) -
     if existing.get("tasks") and results_backbone(existing) != results_backbone(incoming):
         raise MixedRunError(f"tradeoff.json holds results on backbone {results_backbone(existing)!r} and this run is on "
                             f"{results_backbone(incoming)!r}: one results file per backbone (give this run its own "
-                            "--results-dir, e.g. benchmarks/results/tradeoff-mpnet)")
+                            "--results-dir)")
     hashes = incoming.get("code_hashes", {})
     rerun = set(rerun)
     commits = [e.get("commit") for t, te in existing.get("tasks", {}).items() for m, e in te.get("methods", {}).items()

@@ -243,6 +243,23 @@ def test_the_cache_directory_follows_dpbert_rl_cache(tmp_path, monkeypatch):
     assert mpnet_checkpoint(locate=lambda: pieces, expected_sha256=sha) == tmp_path / "elsewhere" / "mpnet-base"
 
 
+def test_a_backbone_has_one_spelling(tmp_path, monkeypatch):
+    """Aliases and the directories they resolve to, relative and absolute paths, and a trailing slash all name one
+    backbone; a hub name stays as it is. Nothing is unpacked on the way."""
+    from dpbert_rl.model.backbone import canonical_backbone, resolve_backbone_path
+
+    monkeypatch.setenv("DPBERT_RL_CACHE", str(tmp_path / "cache"))
+    assert canonical_backbone("minilm") == "minilm" == canonical_backbone(resolve_backbone_path("minilm"))
+    assert canonical_backbone("mpnet-base") == "mpnet-base" and not (tmp_path / "cache").exists()
+    (tmp_path / "cache" / "mpnet-base").mkdir(parents=True)
+    assert canonical_backbone(str(tmp_path / "cache" / "mpnet-base")) == "mpnet-base"
+    (tmp_path / "runs" / "bb").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    spellings = {canonical_backbone(x) for x in ("runs/bb", "runs/bb/", "./runs/bb", str(tmp_path / "runs" / "bb"))}
+    assert spellings == {str((tmp_path / "runs" / "bb").resolve())}
+    assert canonical_backbone("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def test_without_the_pieces_the_alias_says_how_to_get_them(tmp_path, monkeypatch):
     from dpbert_rl.model import backbone
 

