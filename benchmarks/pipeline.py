@@ -202,6 +202,9 @@ def main(argv=None) -> None:
             "num_layers": report["num_layers"],
             "speedup_measured": report["speedup_measured"],
             "speedup_ideal": report["speedup_ideal"],
+            # L * sum(T) / sum(T * k) over dev's inputs (tokens T, layers k): below the plain ideal when short inputs
+            # skip more, as a layer on a long input costs more
+            "speedup_ideal_length_weighted": report.get("speedup_ideal_length_weighted"),
             "train_examples": report["train_examples"],
             "seconds": report["seconds"],
             "seed": args.seed,
