@@ -8,7 +8,9 @@ features at the nearest layer count. Rows go to ``benchmarks/results/routing.jso
 and learner, merged with the rows other benchmarks write there) and ``routing.md``.
 
 Up to 8 layers the fixed paths are every path (the path tree); on a 12-layer backbone (4,096 paths) they are
-one path per layer count found by backward elimination on ``--frontier-samples`` selection inputs.
+one path per layer count found by backward elimination on ``--frontier-samples`` selection inputs (75 passes,
+up to an hour on 2 cores): each scored path is kept in ``routing_frontier.npz`` beside the model as it comes, so
+a stopped run started again scores only the paths it had not.
 
     python benchmarks/routing.py --data-dir ../shared/data/glue
     python benchmarks/routing.py --data-dir ../shared/data/glue --tasks rte --runs runs/bench-pipeline
@@ -255,8 +257,13 @@ def main(argv: Optional[list] = None) -> None:
                      for s, n in (("select", None), ("dev", None), ("fit", cfg["max_train_samples"]))}
             runs = {"select_run": trees["select"].oracle_run(), "dev_run": trees["dev"].oracle_run(),
                     "probe": {k: tree_probe(model, task, trees["fit"], trees["dev"], k)}}  # the one k needed
+        weights = (model_dir / "model.safetensors").resolve()  # fixed paths read the backbone only
+        stat = weights.stat() if weights.is_file() else None
         rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True,
-                             frontier_samples=args.frontier_samples, **runs)
+                             frontier_samples=args.frontier_samples, **runs,
+                             frontier_cache=model_dir.parent / "routing_frontier.npz",  # a stopped run resumes
+                             frontier_key=f"{weights}" + (f" ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
+                                                          if stat else ""))
         row = {"backbone": backbone_label, "task": task.name, "learner": args.learner, "backbone_mode": mode,
                "features": model.planner_features,
                **rep, "threshold": model.threshold, "dev_examples": len(dev), "select_examples": len(select),

@@ -399,6 +399,58 @@ def test_fixed_paths_at_twelve_layers_are_found_by_backward_elimination(reg12, t
         greedy_fixed_paths(model, task, ds, collate, min_layers=0)
 
 
+def test_a_stopped_backward_elimination_resumes_from_its_cache(reg12, tiny_glue, tmp_path, monkeypatch):
+    """Each scored path's predictions go to the cache file as they come; a search stopped midway and started again
+    scores only the paths it had not, and finds the same paths. A cache of another model or other inputs, or a file
+    that is not one, is refused and left as it was."""
+    import dpbert_rl.evaluation.evaluate as evaluate
+    from dpbert_rl.data import collator, get_task, load_split, tokenize
+    from dpbert_rl.evaluation.diagnostics import FixedPathCache, greedy_fixed_paths
+
+    model = reg12
+    task, collate = get_task("stsb"), collator(model.tokenizer)
+    ds = tokenize(load_split(task, "fit", str(tiny_glue)), model.tokenizer, 64)
+    want = greedy_fixed_paths(model, task, ds, collate, min_layers=1)
+    real, calls, stop_at = evaluate.run_dataset, [], [30]
+
+    class Stopped(Exception):
+        pass
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == stop_at[0]:
+            raise Stopped  # stopped midway, after 29 paths were scored and kept
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "run_dataset", counted)
+    file = tmp_path / "frontier.npz"
+    with pytest.raises(Stopped):
+        greedy_fixed_paths(model, task, ds, collate, min_layers=1, cache=FixedPathCache(file, "reg12", ds["labels"]))
+    assert len(FixedPathCache(file, "reg12", ds["labels"]).preds) == 29
+    calls.clear()
+    stop_at[0] = None
+    got = greedy_fixed_paths(model, task, ds, collate, min_layers=1, cache=FixedPathCache(file, "reg12", ds["labels"]))
+    assert len(calls) == 78 - 29  # 1 + 12 + 11 + ... + 2 passes in all; the 29 scored before are read back
+    assert {k: got[k][0] for k in want} == {k: want[k][0] for k in want}
+    assert [got[k][1] for k in sorted(want)] == pytest.approx([want[k][1] for k in sorted(want)])
+    calls.clear()
+    greedy_fixed_paths(model, task, ds, collate, min_layers=1, cache=FixedPathCache(file, "reg12", ds["labels"]))
+    assert not calls  # everything read back
+    before = file.read_bytes()
+    with pytest.raises(ValueError, match="a fixed-path cache of 'reg12'.*move it away"):
+        FixedPathCache(file, "another model", ds["labels"])
+    with pytest.raises(ValueError, match="move it away"):
+        FixedPathCache(file, "reg12", ds["labels"][:5])
+    assert file.read_bytes() == before
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz: not a fixed-path cache"):
+        FixedPathCache(tmp_path / "junk.npz", "reg12", ds["labels"])
+    np.savez(tmp_path / "pickled.npz", key=np.array("reg12"), labels=np.zeros(2), paths=np.array([object()]),
+             predictions=np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="pickled.npz: not a fixed-path cache"):  # an object array is not unpickled
+        FixedPathCache(tmp_path / "pickled.npz", "reg12", np.zeros(2))
+
+
 def test_routing_at_twelve_layers_scores_against_the_greedy_paths_without_the_tree(reg12, tiny_glue, monkeypatch):
     """4,096 paths per input are never walked: the frontier is the backward-elimination paths, its hull names
     them by path id (layer 1 the top bit, as the tree's), and the margin is the learner's dev score minus theirs."""
@@ -463,6 +515,8 @@ def test_the_routing_benchmark_reads_a_twelve_layer_pipeline_run_and_keeps_backb
     assert new["frontier"].startswith("backward elimination on ")
     table = (tmp_path / "routing.md").read_text()
     assert "| minilm | rte | dpbert | frozen | all |" in table and "| mpnet-base | rte | dpbert | frozen | greedy |" in table
+    cache = stage / "routing_frontier.npz"  # the elimination's passes, kept beside the model as they came
+    assert cache.is_file() and str((stage / "model" / "model.safetensors").resolve()) in str(np.load(cache)["key"])
     routing.main(args)  # the same backbone again replaces its own row only
     assert [r.get("backbone") for r in json.loads(results.read_text())] == [None, "mpnet-base"]
     before = results.read_text()

@@ -20,6 +20,7 @@ the agents and every benchmark.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -197,15 +198,61 @@ def _paths_run(paths: np.ndarray, runs: list) -> dict:
             "labels": np.asarray(runs[0]["labels"], dtype=np.float32), "paths": np.asarray(paths, dtype=np.float32)}
 
 
+class FixedPathCache:
+    """Fixed paths' predictions on one set of inputs, kept in an ``.npz`` file as each path is scored (the whole
+    file written to a temporary name, then renamed over the old one), so that a search stopped midway resumes
+    where it was. Nothing is unpickled. A file written for another ``key`` (the model and the inputs) or other
+    labels is refused, not overwritten.
+
+    :param key: what the predictions depend on, e.g. the backbone's weights file and the inputs drawn.
+    """
+
+    def __init__(self, file, key: str, labels) -> None:
+        import zipfile
+
+        self.file, self.key = Path(file), str(key)
+        self.labels = np.asarray(labels, dtype=np.float32)
+        self.preds: dict = {}
+        if not self.file.is_file():
+            return
+        try:
+            with np.load(self.file, allow_pickle=False) as z:
+                key_, labels_, paths, preds = str(z["key"]), z["labels"], z["paths"], z["predictions"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{self.file}: not a fixed-path cache ({err}); move it away to search afresh") from err
+        if key_ != self.key or not np.array_equal(labels_, self.labels):
+            raise ValueError(f"{self.file}: a fixed-path cache of {key_!r} on {len(labels_)} inputs, not of "
+                             f"{self.key!r} on these {len(self.labels)}; move it away to search afresh")
+        if paths.ndim != 2 or preds.shape[0] != paths.shape[0] or preds.shape[1:2] != (len(self.labels),):
+            raise ValueError(f"{self.file}: {paths.shape[0]} paths and predictions of shape {preds.shape}; expected "
+                             f"one row of {len(self.labels)} predictions per path")
+        self.preds = {tuple(int(x) for x in p): v for p, v in zip(paths, preds)}
+
+    def get(self, path) -> Optional[np.ndarray]:
+        return self.preds.get(tuple(int(x) for x in path))
+
+    def put(self, path, predictions) -> None:
+        import os
+
+        self.preds[tuple(int(x) for x in path)] = np.asarray(predictions, dtype=np.float32)
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(self.file.name + ".tmp.npz")
+        np.savez(tmp, key=np.array(self.key), labels=self.labels, paths=np.array(list(self.preds), dtype=np.int8),
+                 predictions=np.stack(list(self.preds.values())))
+        os.replace(tmp, self.file)
+
+
 def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch_size: int = 64,
-                       min_layers: int = 2, progress: bool = False) -> dict:
+                       min_layers: int = 2, progress: bool = False, cache: Optional[FixedPathCache] = None) -> dict:
     """Fixed paths by backward elimination, where every path cannot be walked (2^L - 1 layer calls per input):
     from all ``L`` layers, drop at each step the layer whose removal loses the least score on ``dataset`` (on a
     tie, the earlier layer), down to ``min_layers``. ``sum(k, k = min_layers+1 .. L)`` path passes (75 at L = 12).
 
+    :param cache: where each scored path's predictions are kept as the search goes (:class:`FixedPathCache`, on
+        ``dataset``'s inputs): a search stopped midway and started again scores only the paths it has not.
     :return: ``{k: (path, score, run)}`` for k = L .. min_layers, each path a list of 0/1 and each the one
         before it with one layer dropped; ``score`` is the path's score on ``dataset`` and ``run`` its
-        ``run_dataset`` result there (predictions and labels: no second pass needed to read them).
+        ``run_dataset`` result there (predictions and labels, the only fields read from a cached path's run).
     """
     from .evaluate import run_dataset
 
@@ -214,7 +261,14 @@ def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch
         raise ValueError(f"min_layers must be in [1, {L}]; got {min_layers}")
 
     def scored(p):
-        run = run_dataset(model, dataset, collate_fn, batch_size, "path", actions=torch.tensor(p, dtype=torch.float32))
+        known = cache.get(p) if cache is not None else None
+        if known is not None:
+            run = {"predictions": known, "labels": cache.labels}
+        else:
+            run = run_dataset(model, dataset, collate_fn, batch_size, "path",
+                              actions=torch.tensor(p, dtype=torch.float32))
+            if cache is not None:
+                cache.put(p, run["predictions"])
         s = task_score(task, run["predictions"], run["labels"])
         return (s if np.isfinite(s) else -np.inf), run
 
@@ -387,7 +441,8 @@ __all__ = ["warn_if_constant", "skip_one_losses", "inspect_features", "format_in
 def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set, dev_set, fit_set, collate_fn,
                    batch_size: int = 64, n_boot: int = 1000, seed: int = 0, progress: bool = False,
                    select_run: Optional[dict] = None, dev_run: Optional[dict] = None,
-                   probe: Optional[dict] = None, frontier_samples: Optional[int] = 500) -> dict:
+                   probe: Optional[dict] = None, frontier_samples: Optional[int] = 500,
+                   frontier_cache: Optional[str] = None, frontier_key: str = "") -> dict:
     """Everything a routing row reports for one learner on one (frozen) backbone.
 
     The fixed paths are every path of the backbone up to :data:`~dpbert_rl.pathtree.oracle.MAX_TREE_LAYERS`
@@ -401,6 +456,8 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
     :param select_run, dev_run: every path's predictions on the two splits, when already known (e.g.
         :func:`dpbert_rl.pathtree.PathTree.oracle_run` of a cache); else enumerated here.
     :param probe: a dict that memoises the linear probe per layer count across calls (same model, same sets).
+    :param frontier_cache, frontier_key: an ``.npz`` file that keeps the backward elimination's scored paths as
+        it goes (:class:`FixedPathCache`; ``frontier_key`` names the backbone), so that a stopped run resumes.
     :return: ``score``, ``layers_executed_mean``, ``fixed_frontier_score``, ``margin``, ``margin_ci95``,
         ``distinct_paths``, ``mid_gate_fraction``, ``probe_score``, ``probe_layers`` and the frontier's paths.
     """
@@ -412,8 +469,12 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
         sub = select_set
         if frontier_samples and frontier_samples < len(select_set):
             sub = select_set.shuffle(seed=seed).select(range(frontier_samples))
+        cache = None
+        if frontier_cache:
+            cache = FixedPathCache(frontier_cache, f"{frontier_key} | {len(sub)} selection inputs, seed {seed}",
+                                   sub["labels"])
         greedy = [v for _, v in sorted(greedy_fixed_paths(model, task, sub, collate_fn, batch_size, min_layers=1,
-                                                         progress=progress).items())]
+                                                         progress=progress, cache=cache).items())]
         fixed = [p for p, _, _ in greedy]
         select_run = _paths_run(fixed, [run for _, _, run in greedy])  # the elimination's own passes
         if dev_run is None:
