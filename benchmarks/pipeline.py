@@ -257,7 +257,8 @@ def write_markdown(results: list, path: Path) -> None:
     text = (f"# DPBERT pipeline on {', '.join(backbones)} (batch-1 CPU latency)\n\n"
             "Written by `benchmarks/pipeline.py`; do not edit by hand. Retained: DPBERT's dev score over the full "
             "backbone's; its 95% interval is a paired bootstrap over the dev inputs ('-': none, in a row written "
-            "before intervals were recorded or where the backbone's score can be 0 or below).\n\n" + markdown_table(shown, cols) + "\n\n"
+            "before intervals were recorded or where the backbone's score can be 0 or below).\n\n"
+            + markdown_table(shown, cols) + "\n\n"
             + "\n".join(f"- {r['task']}: `{r['command']}` on {r['machine']['processor']}, "
                         f"{r['machine']['threads']} threads, torch {r['machine']['torch']}" for r in results) + "\n")
     path.write_text(text)

@@ -257,13 +257,9 @@ def main(argv: Optional[list] = None) -> None:
                      for s, n in (("select", None), ("dev", None), ("fit", cfg["max_train_samples"]))}
             runs = {"select_run": trees["select"].oracle_run(), "dev_run": trees["dev"].oracle_run(),
                     "probe": {k: tree_probe(model, task, trees["fit"], trees["dev"], k)}}  # the one k needed
-        weights = (model_dir / "model.safetensors").resolve()  # fixed paths read the backbone only
-        stat = weights.stat() if weights.is_file() else None
         rep = routing_report(model, task, learner, select, dev, fit, collate, n_boot=args.bootstrap, progress=True,
                              frontier_samples=args.frontier_samples, **runs,
-                             frontier_cache=model_dir.parent / "routing_frontier.npz",  # a stopped run resumes
-                             frontier_key=f"{weights}" + (f" ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
-                                                          if stat else ""))
+                             frontier_cache=model_dir.parent / "routing_frontier.npz")  # a stopped run resumes
         row = {"backbone": backbone_label, "task": task.name, "learner": args.learner, "backbone_mode": mode,
                "features": model.planner_features,
                **rep, "threshold": model.threshold, "dev_examples": len(dev), "select_examples": len(select),

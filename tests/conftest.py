@@ -145,6 +145,21 @@ def tiny_model_dir(tiny_ckpt, tmp_path_factory) -> str:
     return str(path)
 
 
+def gated_sst2_model(model_dir):
+    """The tiny DPBERT of ``model_dir`` as an SST-2 model whose planners ignore the input: gates p = 0.95, 0.73,
+    0.27, 0.05 on every input, so 1 layer runs at its threshold 0.9 and 2 at 0.5."""
+    from dpbert_rl.model import DPBert
+    from dpbert_rl.model.dpbert import TaskInfo
+
+    model = DPBert.load(model_dir).eval()
+    with torch.no_grad():
+        model.planners.weight.zero_()
+        model.planners.bias.copy_(torch.tensor([3.0, 1.0, -1.0, -3.0]))
+    model.threshold = 0.9
+    model.task_info = TaskInfo("sst2", ["negative", "positive"], 128)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_glue(tmp_path_factory) -> Path:
     return make_tiny_glue(tmp_path_factory.mktemp("glue"))

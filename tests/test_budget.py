@@ -175,17 +175,12 @@ def test_evaluate_holds_the_rate_on_the_scored_inputs_without_their_labels(tiny_
     """``rate_on_inputs`` (the pipeline's --rate-on-eval-inputs): the knob is solved in memory on the evaluated
     split's own inputs, with no label in the batches it reads, the score is taken at that knob, and the
     checkpoint on disk keeps its own."""
+    from conftest import gated_sst2_model
     from dpbert_rl.evaluation import latency
     from dpbert_rl.evaluation.latency import evaluate_checkpoint
-    from dpbert_rl.model.dpbert import TaskInfo
 
-    model = DPBert.load(tiny_model_dir)
-    with torch.no_grad():  # gates p = 0.95, 0.73, 0.27, 0.05 on every input: 1 layer at threshold 0.9, 2 at 0.5
-        model.planners.weight.zero_()
-        model.planners.bias.copy_(torch.tensor([3.0, 1.0, -1.0, -3.0]))
-    model.threshold = 0.9
-    model.task_info = TaskInfo("sst2", ["negative", "positive"], 128)
-    ckpt = model.save(tmp_path / "m")
+    # gates p = 0.95, 0.73, 0.27, 0.05 on every input: 1 layer at threshold 0.9, 2 at 0.5
+    ckpt = gated_sst2_model(tiny_model_dir).save(tmp_path / "m")
     seen = []
     real = latency.solve_knob
     monkeypatch.setattr(latency, "solve_knob", lambda m, batches, *a, **k: seen.extend(batches) or

@@ -365,23 +365,19 @@ def test_evaluate_scores_dpbert_against_the_backbones_own_predictions(tiny_model
                                                                       monkeypatch):
     """The interval in ``evaluate_checkpoint``'s report pairs DPBERT's predictions with the full backbone's on the
     same dev inputs, in the same order."""
+    from conftest import gated_sst2_model
     from dpbert_rl.evaluation import latency
     from dpbert_rl.evaluation.evaluate import run_dataset
-    from dpbert_rl.model.dpbert import TaskInfo
 
-    model = DPBert.load(tiny_model_dir).eval()
+    model = gated_sst2_model(tiny_model_dir)  # one layer of four at its threshold 0.9
     dev = tokenize(load_split("sst2", "dev", str(tiny_glue)), model.tokenizer, 128)
-    with torch.no_grad():  # gates p = 0.95, 0.73, 0.27, 0.05: one layer of four at threshold 0.9
-        model.planners.weight.zero_()
-        model.planners.bias.copy_(torch.tensor([3.0, 1.0, -1.0, -3.0]))
+    with torch.no_grad():
         # the random head answers 1 everywhere: centre its margin on the full model's median, so answers differ
         out = model(**{k: v for k, v in collator(model.tokenizer)([dev[i] for i in range(len(dev))]).items()
                        if k != "labels"}, mode="full")
         margin = out.logits[:, 1] - out.logits[:, 0]
         [m for m in model.backbone.model.classifier.modules()
          if isinstance(m, torch.nn.Linear)][-1].bias[1] -= margin.median()
-    model.threshold = 0.9
-    model.task_info = TaskInfo("sst2", ["negative", "positive"], 128)
     ckpt = model.save(tmp_path / "m")
     seen = []
     real = latency.score_interval

@@ -405,7 +405,7 @@ def test_a_stopped_backward_elimination_resumes_from_its_cache(reg12, tiny_glue,
     that is not one, is refused and left as it was."""
     import dpbert_rl.evaluation.evaluate as evaluate
     from dpbert_rl.data import collator, get_task, load_split, tokenize
-    from dpbert_rl.evaluation.diagnostics import FixedPathCache, greedy_fixed_paths
+    from dpbert_rl.evaluation.diagnostics import FixedPathCache, fixed_path_key, greedy_fixed_paths
 
     model = reg12
     task, collate = get_task("stsb"), collator(model.tokenizer)
@@ -445,6 +445,21 @@ def test_a_stopped_backward_elimination_resumes_from_its_cache(reg12, tiny_glue,
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz: not a fixed-path cache"):
         FixedPathCache(tmp_path / "junk.npz", "reg12", ds["labels"])
+    # the key follows what a fixed path's predictions read: the backbone's tensors and the per-path output map,
+    # not the planners
+    key = fixed_path_key(model)
+    with torch.no_grad():
+        model.planners.bias.add_(1.0)
+        assert fixed_path_key(model) == key
+        model.set_path_calibration(torch.tensor([[1.0, 0.5]] * 2 ** 12))
+        assert fixed_path_key(model) != key
+        model.set_path_calibration(None)
+        assert fixed_path_key(model) == key
+        p = next(model.backbone.parameters())
+        p.add_(1e-3)
+        assert fixed_path_key(model) != key
+        p.sub_(1e-3)
+        model.planners.bias.sub_(1.0)
     np.savez(tmp_path / "pickled.npz", key=np.array("reg12"), labels=np.zeros(2), paths=np.array([object()]),
              predictions=np.zeros((1, 2)))
     with pytest.raises(ValueError, match="pickled.npz: not a fixed-path cache"):  # an object array is not unpickled
@@ -516,7 +531,9 @@ def test_the_routing_benchmark_reads_a_twelve_layer_pipeline_run_and_keeps_backb
     table = (tmp_path / "routing.md").read_text()
     assert "| minilm | rte | dpbert | frozen | all |" in table and "| mpnet-base | rte | dpbert | frozen | greedy |" in table
     cache = stage / "routing_frontier.npz"  # the elimination's passes, kept beside the model as they came
-    assert cache.is_file() and str((stage / "model" / "model.safetensors").resolve()) in str(np.load(cache)["key"])
+    from dpbert_rl.evaluation.diagnostics import fixed_path_key
+
+    assert cache.is_file() and fixed_path_key(DPBert.load(stage / "model")) in str(np.load(cache)["key"])
     routing.main(args)  # the same backbone again replaces its own row only
     assert [r.get("backbone") for r in json.loads(results.read_text())] == [None, "mpnet-base"]
     before = results.read_text()

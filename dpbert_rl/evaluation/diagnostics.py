@@ -20,6 +20,8 @@ the agents and every benchmark.
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -204,12 +206,10 @@ class FixedPathCache:
     where it was. Nothing is unpickled. A file written for another ``key`` (the model and the inputs) or other
     labels is refused, not overwritten.
 
-    :param key: what the predictions depend on, e.g. the backbone's weights file and the inputs drawn.
+    :param key: what the predictions depend on: the model (:func:`fixed_path_key`) and the inputs drawn.
     """
 
     def __init__(self, file, key: str, labels) -> None:
-        import zipfile
-
         self.file, self.key = Path(file), str(key)
         self.labels = np.asarray(labels, dtype=np.float32)
         self.preds: dict = {}
@@ -232,14 +232,25 @@ class FixedPathCache:
         return self.preds.get(tuple(int(x) for x in path))
 
     def put(self, path, predictions) -> None:
-        import os
-
         self.preds[tuple(int(x) for x in path)] = np.asarray(predictions, dtype=np.float32)
         self.file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.file.with_name(self.file.name + ".tmp.npz")
         np.savez(tmp, key=np.array(self.key), labels=self.labels, paths=np.array(list(self.preds), dtype=np.int8),
                  predictions=np.stack(list(self.preds.values())))
         os.replace(tmp, self.file)
+
+
+def fixed_path_key(model: DPBert) -> str:
+    """What a fixed path's predictions depend on: the backbone's tensors, head included
+    (:func:`dpbert_rl.pathtree.cache.checkpoint_fingerprint`), and the per-path output map that every hard mode
+    applies (regression heads); not the planners."""
+    import hashlib
+
+    from ..pathtree.cache import checkpoint_fingerprint
+
+    cal = model.path_calibration
+    cal_hash = "none" if cal is None else hashlib.sha256(cal.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
+    return f"{checkpoint_fingerprint(model)}, path map {cal_hash}"
 
 
 def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch_size: int = 64,
@@ -311,7 +322,7 @@ def paired_bootstrap(score_pair, n: int, n_boot: int = 1000, seed: int = 0) -> n
     if n_boot < 2:
         raise ValueError(f"n_boot={n_boot}: a bootstrap interval needs at least 2 resamples (1000 is usual)")
     rng = np.random.RandomState(seed)
-    return np.array([score_pair(rng.randint(0, n, n)) for _ in range(n_boot)], dtype=float).reshape(n_boot, 2)
+    return np.array([score_pair(rng.randint(0, n, n)) for _ in range(n_boot)], dtype=float)
 
 
 def score_interval(task: GlueTask, preds: np.ndarray, reference_preds: np.ndarray, labels: np.ndarray,
@@ -442,7 +453,7 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
                    batch_size: int = 64, n_boot: int = 1000, seed: int = 0, progress: bool = False,
                    select_run: Optional[dict] = None, dev_run: Optional[dict] = None,
                    probe: Optional[dict] = None, frontier_samples: Optional[int] = 500,
-                   frontier_cache: Optional[str] = None, frontier_key: str = "") -> dict:
+                   frontier_cache: Optional[str] = None) -> dict:
     """Everything a routing row reports for one learner on one (frozen) backbone.
 
     The fixed paths are every path of the backbone up to :data:`~dpbert_rl.pathtree.oracle.MAX_TREE_LAYERS`
@@ -456,8 +467,8 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
     :param select_run, dev_run: every path's predictions on the two splits, when already known (e.g.
         :func:`dpbert_rl.pathtree.PathTree.oracle_run` of a cache); else enumerated here.
     :param probe: a dict that memoises the linear probe per layer count across calls (same model, same sets).
-    :param frontier_cache, frontier_key: an ``.npz`` file that keeps the backward elimination's scored paths as
-        it goes (:class:`FixedPathCache`; ``frontier_key`` names the backbone), so that a stopped run resumes.
+    :param frontier_cache: an ``.npz`` file that keeps the backward elimination's scored paths as it goes
+        (:class:`FixedPathCache`, keyed by :func:`fixed_path_key`), so that a stopped run resumes.
     :return: ``score``, ``layers_executed_mean``, ``fixed_frontier_score``, ``margin``, ``margin_ci95``,
         ``distinct_paths``, ``mid_gate_fraction``, ``probe_score``, ``probe_layers`` and the frontier's paths.
     """
@@ -471,7 +482,7 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
             sub = select_set.shuffle(seed=seed).select(range(frontier_samples))
         cache = None
         if frontier_cache:
-            cache = FixedPathCache(frontier_cache, f"{frontier_key} | {len(sub)} selection inputs, seed {seed}",
+            cache = FixedPathCache(frontier_cache, f"{fixed_path_key(model)} | {len(sub)} selection inputs, seed {seed}",
                                    sub["labels"])
         greedy = [v for _, v in sorted(greedy_fixed_paths(model, task, sub, collate_fn, batch_size, min_layers=1,
                                                          progress=progress, cache=cache).items())]
