@@ -23,7 +23,7 @@ from _common import pinned_code_commit as commit  # noqa: E402  (the last commit
 
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.training import PipelineConfig, resolve_stage3, run_pipeline  # noqa: E402
-from dpbert_rl.training.config import STAGE3, unread_by_stage3  # noqa: E402
+from dpbert_rl.training.config import PLANNER_START, STAGE3, unread_by_stage3  # noqa: E402
 
 # Per-task budget for a 2-core CPU. The paper runs 5 epochs per stage; we run fewer (see README).
 TASK_SETTINGS = {
@@ -65,8 +65,11 @@ def plan_rows(args, sizes: dict, scale: dict) -> list:
         else:
             s3 = args.stage3_epochs * (ep * args.samples * 0.8 + evals(1))
         adapt = 0.5 * ep * 0.8 + evals(0.5) if stage3 != "rl" else 0.0  # PipelineConfig.skip_aware_epochs
+        keep = L - int(round(args.target_rate * L))  # a fixed-path start: backward elimination down to keep layers
+        passes = sum(range(keep + 1, L + 1)) + 1 if getattr(args, "planner_start", "stage2") == "fixed-path" else 0
         est = {"stage1": args.stage1_epochs * ep + evals(args.stage1_epochs),
                "stage2": args.stage2_epochs * ep + evals(args.stage2_epochs),
+               "fixed_path_start": passes * min(sel, args.calibration_samples) * ms * 0.6 * (keep + L) / (2 * L),
                "stage3": s3 * (2 if adapt else 1) + adapt,
                "evaluation": min(dev, args.latency_samples or dev) * 3 * ms * 1.7 + dev * ms * 0.6 * 2}
         rows.append({"task": task, "fit": n, "select": sel, "dev": dev, **est, "total": sum(est.values())})
@@ -111,7 +114,7 @@ def task_config(task: str, args, unread: set) -> PipelineConfig:
         latency_samples=args.latency_samples, group_by_length=args.group_by_length,
         mixed_precision=args.mixed_precision, calibrate_threshold=args.calibrate_threshold,
         calibration_samples=args.calibration_samples, rate_on_eval_inputs=args.rate_on_eval_inputs,
-        **task_settings(task, args),
+        planner_start=args.planner_start, **task_settings(task, args),
     )
     return PipelineConfig(task=task, backbone=args.backbone, data_dir=args.data_dir,
                           output_dir=f"{args.output_dir}/{task}",
@@ -153,6 +156,10 @@ def main(argv=None) -> None:
                     help="score dev with the threshold set so that the model skips --target-rate on dev's own inputs "
                          "(labels never read: a budget set on the served inputs); the saved model keeps the "
                          "selection split's. Use its own --results file")
+    ap.add_argument("--planner-start", default="stage2", choices=PLANNER_START,
+                    help="where stage 3 'sampled' starts its planners: stage2 (the paper), or fixed-path: the best "
+                         "fixed path at --target-rate on every input, by backward elimination on "
+                         "--calibration-samples selection inputs (stage 2's backbone frozen)")
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=200.0)
     ap.add_argument("--evals-per-epoch", type=int, default=3)
@@ -232,7 +239,8 @@ def main(argv=None) -> None:
                                                               "samples", "cost", "dual_lr", "reward", "rate_control",
                                                               "planner_features", "stage3", "exact_epochs",
                                                               "exact_lr", "entropy_coef", "calibrate_threshold",
-                                                              "calibration_samples", "rate_on_eval_inputs")
+                                                              "calibration_samples", "rate_on_eval_inputs",
+                                                              "planner_start")
                                 if k not in unread},
             "machine": machine_info(),
         }

@@ -167,6 +167,25 @@ class Planners(nn.Module):
         The model's planners, the environments' observations and the agents all read this."""
         return self.standardise(i, raw_features(hidden, mask, self.features))
 
+    @torch.no_grad()
+    def set_fixed_path(self, path, margin: float = 2.0) -> None:
+        """Planners whose every decision is one fixed path: the weights (and a budget's ``V``, ``u``) zeroed and
+        ``b_i = +margin`` on the layers ``path`` executes, ``-margin`` on those it skips, so that the greedy
+        decision (threshold 0.5) is ``path`` on every input and a sampled one follows it with probability
+        ``sigmoid(margin)``. A later stage learns from there what to read of the state.
+
+        :param path: ``L`` decisions, 1 execute and 0 skip."""
+        decisions = torch.as_tensor(path, dtype=torch.float32).flatten()
+        if decisions.numel() != self.num_layers or not bool(((decisions == 0) | (decisions == 1)).all()):
+            raise ValueError(f"a fixed path is {self.num_layers} decisions of 0 (skip) or 1 (execute); got {path!r}")
+        if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+            raise ValueError(f"margin must be a positive number; got {margin!r}")
+        self.weight.zero_()
+        self.bias.copy_((2.0 * decisions - 1.0) * float(margin))
+        if self.budget is not None:
+            self.budget_weight.zero_()
+            self.budget_bias.zero_()
+
     @property
     def conditioned(self) -> bool:
         """Whether the planners read a budget (the layer price) as well as the state."""

@@ -21,6 +21,7 @@ STAGE3 = ("auto", "exact", "sampled", "rl")
 SKIP_AWARE = ("none", "layerdrop", "adapt")
 CALIBRATE = ("auto", "always", "never")  # when the pipeline calibrates the threshold (PipelineConfig)
 COST_UNITS = ("layers", "tokens")  # what stage 3 'exact' pays the layer price per (ExactConfig.cost_unit)
+PLANNER_START = ("stage2", "fixed-path")  # where the pipeline's stage-3 planners start (PipelineConfig)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -202,6 +203,12 @@ class PipelineConfig(TrainConfig):
     r = 0.35) while 'rl' ended at 5.3 layers with a lower score (benchmarks/README.md, "How it works, and the choices we made")."""
     stage3_epochs: float = 5.0
     """Stage 3 with 'rl' or 'sampled': REINFORCE epochs (paper: not given; 5)."""
+    planner_start: str = "stage2"
+    """[choice] Where stage 3 'sampled' starts its planners: 'stage2', stage 2's (the paper); 'fixed-path', planners
+    that take one fixed path on every input (weights 0, biases +-planner_init_bias), the best at the target rate's
+    number of layers by backward elimination on ``calibration_samples`` selection inputs, stage 2's backbone frozen
+    (``stage2_fixed_path/``). On MPNet-base a fixed path of the adapted backbone scored above the planners trained
+    from stage 2 on SST-2 and MRPC dev. Needs --target-rate."""
     exact_epochs: float = 20.0
     """Stage 3 with 'exact': passes over the fit split's path tree (a step is array lookups)."""
     exact_lr: float = 1e-2
@@ -265,6 +272,12 @@ class PipelineConfig(TrainConfig):
             raise ValueError(f"unknown skip_aware {self.skip_aware!r}; expected one of {SKIP_AWARE}")
         check_number(self.skip_aware_epochs, "skip_aware_epochs (--skip-aware-epochs)", low=0.0, low_open=True)
         check_number(self.skip_aware_lr, "skip_aware_lr (--skip-aware-lr)", low=0.0, low_open=True)
+        if self.planner_start not in PLANNER_START:
+            raise ValueError(f"planner_start (--planner-start) must be one of {PLANNER_START}; got {self.planner_start!r}")
+        if self.planner_start == "fixed-path" and (self.target_rate is None or self.stage3 not in ("sampled", "auto")):
+            raise ValueError("planner_start 'fixed-path' (--planner-start) starts stage 3 'sampled' on the best fixed "
+                             f"path at --target-rate: it needs both (got stage3 {self.stage3!r}, target_rate "
+                             f"{self.target_rate!r})")
         if self.cost_unit not in COST_UNITS:
             raise ValueError(f"cost_unit must be one of {COST_UNITS}; got {self.cost_unit!r}")
         if isinstance(self.calibrate_threshold, bool):  # the flag's earlier form

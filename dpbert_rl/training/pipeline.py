@@ -16,6 +16,7 @@ from .calibrate import calibrate_checkpoint
 from .checkpoint import DONE_FILE
 from .config import PipelineConfig, TrainConfig
 from .exact import ExactConfig, train_exact
+from .fixed_start import fixed_path_start
 from .recalibrate import recalibrate_sampled
 from .stages import train_stage
 
@@ -186,6 +187,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         trained.append(start)
     s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(start))
     trained.append(s2)
+    if cfg.planner_start == "fixed-path":  # stage 3 starts on the best fixed path at the target rate
+        s2 = fixed_path_start(cfg, s2, out / "stage2_fixed_path", cfg.calibration_samples, cfg.planner_init_bias)
+        trained.append(s2)
     if cfg.stage3 in ("exact", "sampled"):
         # the final planners are always stage3_<kind>/model; with 'adapt' they are fitted on the adapted backbone
         # after a first fit on the frozen one (stage3_<kind>_frozen), whose paths the backbone is adapted to

@@ -1,0 +1,119 @@
+"""Stage 3 started on the best fixed path (``--planner-start fixed-path``): planners that take one path on every
+input, the path found by backward elimination on the selection split, and the pipeline's sampled stage 3
+starting from them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_checkpoint
+from dpbert_rl.data import collator, get_task
+from dpbert_rl.evaluation.diagnostics import greedy_fixed_paths
+from dpbert_rl.model import DPBert
+from dpbert_rl.training import PipelineConfig, run_pipeline
+from dpbert_rl.training import fixed_start
+from dpbert_rl.training.calibrate import _selection_batches
+from dpbert_rl.training.fixed_start import fixed_path_start, path_layers
+
+
+def _batch(model, n=6):
+    texts = [f"sentence number {i} " + "word " * (i % 4) for i in range(n)]
+    return model.tokenizer(texts, padding=True, return_tensors="pt")
+
+
+def test_fixed_path_planners_take_the_path_on_every_input_and_sample_around_it(tiny_model_dir):
+    model = DPBert.load(tiny_model_dir).eval()
+    with torch.no_grad():
+        model.planners.weight.normal_(0, 1.0)  # planners that read the state, before
+    path = [1, 0, 1, 0]
+    model.planners.set_fixed_path(path, margin=2.0)
+    b = _batch(model)
+    with torch.no_grad():
+        out = model(b["input_ids"], b["attention_mask"], mode="hard", threshold=0.5)
+        assert out.actions.tolist() == [path] * 6
+        assert torch.allclose(out.probs, torch.sigmoid(torch.tensor([2.0, -2.0, 2.0, -2.0])).expand(6, 4))
+        g = torch.Generator().manual_seed(0)
+        drawn = torch.cat([model(b["input_ids"], b["attention_mask"], mode="sample", generator=g).actions
+                           for _ in range(60)])
+    follows = (drawn == torch.tensor(path, dtype=drawn.dtype)).float().mean().item()
+    assert abs(follows - torch.sigmoid(torch.tensor(2.0)).item()) < 0.05  # 360 draws of 4 gates
+    assert model.planners.weight.abs().max().item() == 0.0  # nothing of the state read yet
+
+
+@pytest.mark.parametrize("path, margin", [([1, 0, 1], 2.0), ([1, 0, 2, 1], 2.0), ([1, 0, 1, 0], 0.0),
+                                          ([1, 0, 1, 0], float("nan"))])
+def test_a_bad_fixed_path_or_margin_is_refused(tiny_model_dir, path, margin):
+    model = DPBert.load(tiny_model_dir)
+    before = model.planners.bias.clone()
+    with pytest.raises(ValueError, match="fixed path is 4 decisions|margin must be a positive number"):
+        model.planners.set_fixed_path(path, margin)
+    assert torch.equal(model.planners.bias, before)
+
+
+def test_the_path_length_follows_the_target_rate():
+    assert path_layers(12, 0.3) == 8 and path_layers(12, 0.35) == 8 and path_layers(6, 0.35) == 4
+    assert path_layers(6, 0.99) == 1
+    with pytest.raises(ValueError):
+        path_layers(12, 1.5)
+
+
+@pytest.fixture(scope="module")
+def tiny12_ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny12_fixed"), layers=12)
+
+
+def _cfg(ckpt, glue, out, **kw):
+    kw = {"target_rate": 0.3, "skip_aware": "none", "stage3": "sampled", "planner_start": "fixed-path", **kw}
+    return PipelineConfig(task="rte", backbone=str(ckpt), data_dir=str(glue), output_dir=str(out), progress=False,
+                          max_steps=2, batch_size=8, eval_batch_size=16, latency_samples=4, latency_repeats=1,
+                          logging_steps=1, **kw)
+
+
+def test_the_pipeline_starts_sampled_stage3_on_the_best_fixed_path_and_reuses_it(tiny12_ckpt, tiny_glue, tmp_path,
+                                                                                 monkeypatch):
+    cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p")
+    run_pipeline(cfg)
+    start = tmp_path / "p" / "stage2_fixed_path" / "model"
+    record = json.loads((start / "selection.json").read_text())
+    assert record["layers"] == 8 and sum(record["path"]) == 8 and len(record["path"]) == 12
+    # the path is the backward elimination's on the selection split, with stage 2's backbone
+    s2 = DPBert.load(tmp_path / "p" / "stage2_planner_init" / "model").eval()
+    ds, _ = _selection_batches(s2, cfg, cfg.calibration_samples)
+    found = greedy_fixed_paths(s2, get_task("rte"), ds, collator(s2.tokenizer), 16, min_layers=8)
+    assert record["path"] == found[8][0] and record["select_score"] == pytest.approx(found[8][1])
+    # stage 2's feature statistics kept, the decisions those of the path on every input
+    model = DPBert.load(start).eval()
+    assert torch.equal(model.planners.feature_mean, s2.planners.feature_mean)
+    b = _batch(model)
+    with torch.no_grad():
+        assert model(b["input_ids"], b["attention_mask"], mode="hard").actions.tolist() == [record["path"]] * 6
+    # stage 3 started there (its first evaluation follows the path: weights start at 0)
+    s3 = json.loads((tmp_path / "p" / "stage3_sampled" / "config.json").read_text())
+    assert s3["init"].endswith("stage2_fixed_path/model")
+    assert (start / "DONE").is_file() and (tmp_path / "p" / "stage2_fixed_path" / "fixed_paths.npz").is_file()
+    # a re-run reuses the finished start: no elimination again
+    monkeypatch.setattr(fixed_start, "greedy_fixed_paths", lambda *a, **k: pytest.fail("searched again"))
+    run_pipeline(cfg)
+    assert json.loads((start / "selection.json").read_text()) == record
+
+
+def test_a_fixed_path_start_without_feature_statistics_is_refused(tiny12_ckpt, tiny_glue, tmp_path):
+    raw = tmp_path / "raw"
+    DPBert.from_backbone(str(tiny12_ckpt)).save(raw)  # planners never fitted
+    cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p")
+    with pytest.raises(ValueError, match="no feature statistics; start from a stage-2 model"):
+        fixed_path_start(cfg, raw, tmp_path / "start")
+    assert not (tmp_path / "start" / "model").exists()
+
+
+@pytest.mark.parametrize("kw, match", [({"target_rate": None}, "target_rate None"),
+                                       ({"stage3": "rl"}, "stage3 'rl'"),
+                                       ({"planner_start": "best"}, "must be one of")])
+def test_a_fixed_path_start_without_a_rate_or_for_another_stage3_is_refused(tiny12_ckpt, tiny_glue, tmp_path, kw,
+                                                                             match):
+    cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p", **kw)
+    with pytest.raises(ValueError, match=match):
+        run_pipeline(cfg)
+    assert not (tmp_path / "p" / "stage1_finetune").exists()
