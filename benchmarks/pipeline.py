@@ -24,6 +24,7 @@ from _common import pinned_code_commit as commit  # noqa: E402  (the last commit
 from dpbert_rl.evaluation.latency import machine_info  # noqa: E402
 from dpbert_rl.training import PipelineConfig, resolve_stage3, run_pipeline  # noqa: E402
 from dpbert_rl.training.config import PLANNER_START, STAGE3, unread_by_stage3  # noqa: E402
+from dpbert_rl.training.fixed_start import path_layers  # noqa: E402
 
 # Per-task budget for a 2-core CPU. The paper runs 5 epochs per stage; we run fewer (see README).
 TASK_SETTINGS = {
@@ -65,13 +66,15 @@ def plan_rows(args, sizes: dict, scale: dict) -> list:
         else:
             s3 = args.stage3_epochs * (ep * args.samples * 0.8 + evals(1))
         adapt = 0.5 * ep * 0.8 + evals(0.5) if stage3 != "rl" else 0.0  # PipelineConfig.skip_aware_epochs
-        keep = L - int(round(args.target_rate * L))  # a fixed-path start: backward elimination down to keep layers
-        passes = sum(range(keep + 1, L + 1)) + 1 if getattr(args, "planner_start", "stage2") == "fixed-path" else 0
+        keep = path_layers(L, args.target_rate)  # a fixed-path start: backward elimination down to keep layers
+        fixed = getattr(args, "planner_start", "stage2") == "fixed-path" and stage3 == "sampled"
+        passes = sum(range(keep + 1, L + 1)) + 1 if fixed else 0
         est = {"stage1": args.stage1_epochs * ep + evals(args.stage1_epochs),
                "stage2": args.stage2_epochs * ep + evals(args.stage2_epochs),
-               "fixed_path_start": passes * min(sel, args.calibration_samples) * ms * 0.6 * (keep + L) / (2 * L),
                "stage3": s3 * (2 if adapt else 1) + adapt,
                "evaluation": min(dev, args.latency_samples or dev) * 3 * ms * 1.7 + dev * ms * 0.6 * 2}
+        if passes:  # each pass runs the path's layers, from L down to keep
+            est["fixed_path_start"] = passes * min(sel, args.calibration_samples) * ms * 0.6 * (keep + L) / (2 * L)
         rows.append({"task": task, "fit": n, "select": sel, "dev": dev, **est, "total": sum(est.values())})
     return rows
 
@@ -159,7 +162,8 @@ def main(argv=None) -> None:
     ap.add_argument("--planner-start", default="stage2", choices=PLANNER_START,
                     help="where stage 3 'sampled' starts its planners: stage2 (the paper), or fixed-path: the best "
                          "fixed path at --target-rate on every input, by backward elimination on "
-                         "--calibration-samples selection inputs (stage 2's backbone frozen)")
+                         "--calibration-samples selection inputs (stage 2's backbone frozen). Needs stage 3 "
+                         "sampled (the default at 12 layers); use its own --results file")
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--beta", type=float, default=200.0)
     ap.add_argument("--evals-per-epoch", type=int, default=3)

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_checkpoint
+from conftest import load_benchmark, make_tiny_checkpoint
 from dpbert_rl.data import collator, get_task
 from dpbert_rl.evaluation.diagnostics import greedy_fixed_paths
 from dpbert_rl.model import DPBert
 from dpbert_rl.training import PipelineConfig, run_pipeline
 from dpbert_rl.training import fixed_start
 from dpbert_rl.training.calibrate import _selection_batches
+from dpbert_rl.training.config import TrainingError
 from dpbert_rl.training.fixed_start import fixed_path_start, path_layers
 
 
@@ -89,9 +90,12 @@ def test_the_pipeline_starts_sampled_stage3_on_the_best_fixed_path_and_reuses_it
     b = _batch(model)
     with torch.no_grad():
         assert model(b["input_ids"], b["attention_mask"], mode="hard").actions.tolist() == [record["path"]] * 6
-    # stage 3 started there (its first evaluation follows the path: weights start at 0)
+    # stage 3 started there and kept those planners: two Adam steps at lr 1e-3 leave every bias's sign
     s3 = json.loads((tmp_path / "p" / "stage3_sampled" / "config.json").read_text())
     assert s3["init"].endswith("stage2_fixed_path/model")
+    trained = DPBert.load(tmp_path / "p" / "stage3_sampled" / "model").planners
+    assert ((trained.bias > 0).long().tolist() == record["path"]) and trained.bias.abs().min().item() > 1.9
+    assert torch.equal(trained.feature_mean, s2.planners.feature_mean)
     assert (start / "DONE").is_file() and (tmp_path / "p" / "stage2_fixed_path" / "fixed_paths.npz").is_file()
     # a re-run reuses the finished start: no elimination again
     monkeypatch.setattr(fixed_start, "greedy_fixed_paths", lambda *a, **k: pytest.fail("searched again"))
@@ -117,3 +121,49 @@ def test_a_fixed_path_start_without_a_rate_or_for_another_stage3_is_refused(tiny
     with pytest.raises(ValueError, match=match):
         run_pipeline(cfg)
     assert not (tmp_path / "p" / "stage1_finetune").exists()
+
+
+def test_with_adapt_the_first_fit_starts_on_the_path_and_the_second_continues_it(tiny12_ckpt, tiny_glue, tmp_path):
+    run_pipeline(_cfg(tiny12_ckpt, tiny_glue, tmp_path / "p", skip_aware="adapt"))
+    first = json.loads((tmp_path / "p" / "stage3_sampled_frozen" / "config.json").read_text())
+    second = json.loads((tmp_path / "p" / "stage3_sampled" / "config.json").read_text())
+    assert first["init"].endswith("stage2_fixed_path/model") and second["init"].endswith("stage3_adapt/model")
+
+
+def test_a_finished_start_made_with_other_settings_is_refused_not_reused(tiny12_ckpt, tiny_glue, tmp_path):
+    cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p")
+    s2 = tmp_path / "s2"
+    model = DPBert.from_backbone(str(tiny12_ckpt))
+    ds, _ = _selection_batches(model, cfg, 8)
+    model.fit_feature_stats(ds, collator(model.tokenizer), 16)
+    model.save(s2)
+    out = fixed_path_start(cfg, s2, tmp_path / "start", samples=8)
+    assert json.loads((out / "DONE").read_text())["requested_examples"] == 8
+    assert fixed_path_start(cfg, s2, tmp_path / "start", samples=8) == out  # the same settings: reused
+    with pytest.raises(TrainingError, match=r"other settings \(requested_examples: 8 -> 4\)"):
+        fixed_path_start(cfg, s2, tmp_path / "start", samples=4)
+
+
+def test_a_six_layer_auto_run_or_a_bias_of_zero_is_refused_before_stage_1(tiny_glue, tmp_path):
+    six = make_tiny_checkpoint(tmp_path / "six", layers=6)
+    with pytest.raises(ValueError, match="stage3 'exact'"):  # auto resolves to exact up to 8 layers
+        run_pipeline(_cfg(six, tiny_glue, tmp_path / "p", stage3="auto"))
+    with pytest.raises(ValueError, match="planner-init-bias.*above 0"):
+        run_pipeline(_cfg(six, tiny_glue, tmp_path / "p", planner_init_bias=0.0))
+    assert not (tmp_path / "p" / "stage1_finetune").exists()
+
+
+def test_the_benchmark_plans_the_elimination_only_where_it_runs(tiny12_ckpt, tiny_glue, tmp_path, capsys):
+    pipeline = load_benchmark("pipeline")
+
+    def plan(*extra):
+        pipeline.main(["--data-dir", str(tiny_glue), "--tasks", "rte", "--plan", "--max-train-samples", "20",
+                       "--results", str(tmp_path / "pipeline.json"), *extra])
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+        return dict(zip(*[[c.strip() for c in line.split("|")[1:-1]] for line in lines[:2]]))
+
+    fixed = plan("--backbone", str(tiny12_ckpt), "--planner-start", "fixed-path")
+    assert "fixed_path_start" in fixed and float(fixed["total"]) >= float(fixed["fixed_path_start"])
+    assert "fixed_path_start" not in plan("--backbone", str(tiny12_ckpt))
+    six = make_tiny_checkpoint(tmp_path / "six", layers=6)  # stage 3 exact: no start to plan
+    assert "fixed_path_start" not in plan("--backbone", str(six), "--planner-start", "fixed-path")

@@ -204,11 +204,12 @@ class PipelineConfig(TrainConfig):
     stage3_epochs: float = 5.0
     """Stage 3 with 'rl' or 'sampled': REINFORCE epochs (paper: not given; 5)."""
     planner_start: str = "stage2"
-    """[choice] Where stage 3 'sampled' starts its planners: 'stage2', stage 2's (the paper); 'fixed-path', planners
+    """[choice] Where stage 3 'sampled' starts its planners (with skip_aware 'adapt', those of its first fit, on the
+    frozen backbone; the second fit continues the first's): 'stage2', stage 2's (the paper); 'fixed-path', planners
     that take one fixed path on every input (weights 0, biases +-planner_init_bias), the best at the target rate's
     number of layers by backward elimination on ``calibration_samples`` selection inputs, stage 2's backbone frozen
     (``stage2_fixed_path/``). On MPNet-base a fixed path of the adapted backbone scored above the planners trained
-    from stage 2 on SST-2 and MRPC dev. Needs --target-rate."""
+    from stage 2 on SST-2 and MRPC dev. Needs --target-rate and stage 3 'sampled'."""
     exact_epochs: float = 20.0
     """Stage 3 with 'exact': passes over the fit split's path tree (a step is array lookups)."""
     exact_lr: float = 1e-2
@@ -278,6 +279,9 @@ class PipelineConfig(TrainConfig):
             raise ValueError("planner_start 'fixed-path' (--planner-start) starts stage 3 'sampled' on the best fixed "
                              f"path at --target-rate: it needs both (got stage3 {self.stage3!r}, target_rate "
                              f"{self.target_rate!r})")
+        if self.planner_start == "fixed-path" and not self.planner_init_bias > 0:
+            raise ValueError("planner_start 'fixed-path' sets the planners' biases to +-planner_init_bias "
+                             f"(--planner-init-bias): it must be above 0; got {self.planner_init_bias!r}")
         if self.cost_unit not in COST_UNITS:
             raise ValueError(f"cost_unit must be one of {COST_UNITS}; got {self.cost_unit!r}")
         if isinstance(self.calibrate_threshold, bool):  # the flag's earlier form

@@ -21,7 +21,7 @@ from ..model.dpbert import DPBert
 from ..model.objectives import check_rate
 from .calibrate import _selection_batches
 from .checkpoint import DONE_FILE, save_atomic, stage_dir, stage_done
-from .config import TrainConfig
+from .config import TrainConfig, TrainingError
 
 STAGE = "fixed_path_start"
 
@@ -41,14 +41,23 @@ def fixed_path_start(cfg: TrainConfig, init, out, samples: int = 1000, margin: f
     the full model's and the elimination's order. Returns ``<out>/model``."""
     out = Path(out)
     model_dir = out / "model"
-    if stage_done(out):
-        return model_dir
     if cfg.target_rate is None:
         raise ValueError("a fixed-path start needs a target rate (--target-rate): it picks the path's length")
+    # what the path depends on: a finished start made with other settings is refused, not reused
+    settings = {"init": str(init), "target_rate": cfg.target_rate, "requested_examples": samples, "seed": cfg.seed,
+                "task": cfg.task}
+    if stage_done(out):
+        done = json.loads((model_dir / DONE_FILE).read_text())
+        other = {k: (done.get(k), v) for k, v in settings.items() if done.get(k) != v}
+        if other:
+            raise TrainingError(f"[{STAGE}] {out} holds a start made with other settings ("
+                                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in other.items())
+                                + "); use another --output-dir, or delete that directory to start over")
+        return model_dir
     with stage_dir(out, STAGE, init):
         t0 = time.time()
         model = DPBert.load(init, require_planners=True).eval()
-        if not bool(model.planners.stats_set):  # stage 3 would start such planners afresh, the path thrown away
+        if not bool(model.planners.stats_set):  # stage 3 would refit their statistics: not stage 2's planners
             raise ValueError(f"{init}: its planners have no feature statistics; start from a stage-2 model")
         L = model.num_layers
         keep = path_layers(L, cfg.target_rate)
@@ -59,7 +68,7 @@ def fixed_path_start(cfg: TrainConfig, init, out, samples: int = 1000, margin: f
                                    min_layers=keep, progress=cfg.progress, cache=cache)
         path, score, _ = found[keep]
         model.planners.set_fixed_path(path, margin)
-        record = {"path": [int(a) for a in path], "layers": keep, "select_score": score,
+        record = {**settings, "path": [int(a) for a in path], "layers": keep, "select_score": score,
                   "full_select_score": found[L][1], "examples": len(ds), "margin": margin,
                   "elimination": [[k, [int(a) for a in p], s] for k, (p, s, _) in sorted(found.items(), reverse=True)]}
         save_atomic(model, model_dir, extra=record)
