@@ -48,7 +48,8 @@ def fixed_path_start(cfg: TrainConfig, init, out, samples: int = 1000, margin: f
                 "task": cfg.task}
     if stage_done(out):
         done = json.loads((model_dir / DONE_FILE).read_text())
-        other = {k: (done.get(k), v) for k, v in settings.items() if done.get(k) != v}
+        # (a start written before these were recorded, at f06d19b, is reused: nothing to compare)
+        other = {k: (done[k], v) for k, v in settings.items() if k in done and done[k] != v}
         if other:
             raise TrainingError(f"[{STAGE}] {out} holds a start made with other settings ("
                                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in other.items())
