@@ -3,6 +3,7 @@ input, the path found by backward elimination on the selection split, and the pi
 starting from them."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -96,6 +97,10 @@ def test_the_pipeline_starts_sampled_stage3_on_the_best_fixed_path_and_reuses_it
     trained = DPBert.load(tmp_path / "p" / "stage3_sampled" / "model").planners
     assert ((trained.bias > 0).long().tolist() == record["path"]) and trained.bias.abs().min().item() > 1.9
     assert torch.equal(trained.feature_mean, s2.planners.feature_mean)
+    assert s3["eval_at_start"] is True  # the start itself is one of stage 3's candidates (step 0)
+    evals = [json.loads(x) for x in (tmp_path / "p" / "stage3_sampled" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in evals if "eval/select_score" in r)
+    assert first["step"] == 0 and first["eval/layers_executed"] == pytest.approx(8.0)
     assert (start / "DONE").is_file() and (tmp_path / "p" / "stage2_fixed_path" / "fixed_paths.npz").is_file()
     # a re-run reuses the finished start: no elimination again
     monkeypatch.setattr(fixed_start, "greedy_fixed_paths", lambda *a, **k: pytest.fail("searched again"))
@@ -167,3 +172,33 @@ def test_the_benchmark_plans_the_elimination_only_where_it_runs(tiny12_ckpt, tin
     assert "fixed_path_start" not in plan("--backbone", str(tiny12_ckpt))
     six = make_tiny_checkpoint(tmp_path / "six", layers=6)  # stage 3 exact: no start to plan
     assert "fixed_path_start" not in plan("--backbone", str(six), "--planner-start", "fixed-path")
+
+
+def test_a_stage_that_only_drifts_off_its_start_keeps_the_start(tiny12_ckpt, tiny_glue, tmp_path, monkeypatch):
+    """With eval_at_start, step 0 is a candidate: a sampled stage whose every later evaluation scores lower chooses
+    the starting planners (without it, a later step)."""
+    from dpbert_rl.training import TrainConfig, train_stage
+    from dpbert_rl.training import stages
+
+    s2 = tmp_path / "s2"
+    model = DPBert.from_backbone(str(tiny12_ckpt))
+    cfg = TrainConfig(task="rte", backbone=str(tiny12_ckpt), data_dir=str(tiny_glue), progress=False, max_steps=2,
+                      batch_size=8, eval_batch_size=16, eval_steps=1, logging_steps=1, target_rate=0.3,
+                      planner_features="cls")
+    ds, _ = _selection_batches(model, cfg, 8)
+    model.fit_feature_stats(ds, collator(model.tokenizer), 16)
+    model.planners.set_fixed_path([1] * 8 + [0] * 4)
+    model.save(s2)
+    real = stages.evaluate_model
+    scores = iter([90.0, 80.0, 70.0, 60.0, 50.0, 40.0])  # the start, then steps 1 and 2: each worse
+
+    def falling(*a, **k):
+        return {**real(*a, **k), "score": next(scores)}
+
+    monkeypatch.setattr(stages, "evaluate_model", falling)
+    kept = train_stage("sampled", replace(cfg, output_dir=str(tmp_path / "on"), eval_at_start=True), init=str(s2))
+    assert json.loads((kept / "DONE").read_text())["best_step"] == 0
+    assert (DPBert.load(kept).planners.bias > 0).long().tolist() == [1] * 8 + [0] * 4
+    scores = iter([80.0, 70.0, 60.0])
+    later = train_stage("sampled", replace(cfg, output_dir=str(tmp_path / "off")), init=str(s2))
+    assert json.loads((later / "DONE").read_text())["best_step"] == 1

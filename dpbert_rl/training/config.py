@@ -135,6 +135,11 @@ class TrainConfig:
     """Evaluate every N optimizer steps (default: evals_per_epoch times per epoch)."""
     evals_per_epoch: int = 1
     """Selection-split evaluations per epoch when eval_steps is not given."""
+    eval_at_start: bool = False
+    """Score the starting model on the selection split before the first step, as one of the stage's candidates (step
+    0): a stage that only moves away from a good start can then keep it. The pipeline sets it for a stage 3 started
+    on the best fixed path (``planner_start`` 'fixed-path'; on MPNet SST-2 the sampled stage's first evaluation
+    read 88.25 where its start had read 90.20)."""
     save_steps: int = 50
     """Write the resumable checkpoint every N steps (and at every evaluation)."""
     logging_steps: int = 10
@@ -333,7 +338,7 @@ _UNUSED = {"finetune": _NO_PLANNERS | {"layerdrop", "online_path_calibration", "
 ABSENT_JUDGED_BY_STAGE = {"path_calibration"}
 # settings added later whose absence means they were off: a sampled stage from before the online per-path map, an
 # adapt stage from before its paths were drawn at the asked rate
-ABSENT_MEANS = {"online_path_calibration": False, "adapt_at_rate": False}
+ABSENT_MEANS = {"online_path_calibration": False, "adapt_at_rate": False, "eval_at_start": False}
 
 # settings that change nothing on a classification task
 REGRESSION_ONLY = {"online_path_calibration"}

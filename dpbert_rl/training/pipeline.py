@@ -199,7 +199,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             adapt = (stage_cfg("stage3_adapt", epochs=cfg.skip_aware_epochs, lr=cfg.skip_aware_lr),
                      out / f"stage3_{kind}_frozen")
         s3_cfg = cfg if kind == "exact" else stage_cfg(f"stage3_{kind}", epochs=cfg.stage3_epochs,
-                                                       batch_size=cfg.stage3_batch_size or cfg.batch_size)
+                                                       batch_size=cfg.stage3_batch_size or cfg.batch_size,
+                                                       eval_at_start=cfg.eval_at_start or cfg.planner_start == "fixed-path")
         *earlier, s3 = planner_stage3(s3_cfg, s2, out / f"stage3_{kind}", cfg.exact_epochs, cfg.exact_lr,
                                       path_calibration=cfg.path_calibration, adapt=adapt, kind=kind,
                                       cost_unit=cfg.cost_unit)

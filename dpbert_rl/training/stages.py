@@ -374,6 +374,8 @@ class StageRun:
         bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc=f"{self.stage} {self.task.name}",
                    disable=not (self.main and cfg.progress), dynamic_ncols=True)
         self.step = self.state["global_step"]
+        if self.step == 0 and cfg.eval_at_start:  # the start is a candidate too (re-scored if stopped before step 1)
+            self._evaluate(0)
         while self.step < self.total_steps:
             for batch in self._epoch_loader():
                 logs = self._update(batch)
@@ -449,16 +451,20 @@ class StageRun:
             bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in logs.items()
                              if k in ("losses/task_loss", "charts/layers_executed")})
         if step % self.eval_steps == 0 or step == total:
-            res = self.evaluate_and_select(step)
-            diag = {"eval/select_score": res["score"], "eval/layers_executed": res["layers_executed_mean"],
-                    "eval/skip_rate": res["skip_rate"], "eval/distinct_paths": res["distinct_paths"]}
-            if res.get("mid_gate_fraction") is not None:
-                diag["eval/mid_gate_fraction"] = res["mid_gate_fraction"]
-            _log(self.accelerator, self.metrics_file, diag, step, self.main)
-            self.accelerator.print(f"[{self.stage}] step {step}: selection {self.task.metric} {res['score']:.2f}, "
-                                   f"layers {res['layers_executed_mean']:.2f}/{self.raw.num_layers}")
+            self._evaluate(step)
         if (step % cfg.save_steps == 0 or step % self.eval_steps == 0) and step < total and self.main:
             save_checkpoint(self.ckpt_dir, self.raw, self.optimizer, self.scheduler, {**self.state, "global_step": step})
+
+    def _evaluate(self, step: int) -> None:
+        """:meth:`evaluate_and_select`, logged and printed."""
+        res = self.evaluate_and_select(step)
+        diag = {"eval/select_score": res["score"], "eval/layers_executed": res["layers_executed_mean"],
+                "eval/skip_rate": res["skip_rate"], "eval/distinct_paths": res["distinct_paths"]}
+        if res.get("mid_gate_fraction") is not None:
+            diag["eval/mid_gate_fraction"] = res["mid_gate_fraction"]
+        _log(self.accelerator, self.metrics_file, diag, step, self.main)
+        self.accelerator.print(f"[{self.stage}] step {step}: selection {self.task.metric} {res['score']:.2f}, "
+                               f"layers {res['layers_executed_mean']:.2f}/{self.raw.num_layers}")
 
     def evaluate_and_select(self, step: int) -> dict:
         """Score on the selection split; keep the model as the stage's choice when it is the best so far among
