@@ -67,7 +67,7 @@ def plan_rows(args, sizes: dict, scale: dict) -> list:
             s3 = args.stage3_epochs * (ep * args.samples * 0.8 + evals(1))
         adapt = 0.5 * ep * 0.8 + evals(0.5) if stage3 != "rl" else 0.0  # PipelineConfig.skip_aware_epochs
         keep = path_layers(L, args.target_rate)  # a fixed-path start: backward elimination down to keep layers
-        fixed = getattr(args, "planner_start", "stage2") == "fixed-path" and stage3 == "sampled"
+        fixed = args.planner_start == "fixed-path" and stage3 == "sampled"
         passes = sum(range(keep + 1, L + 1)) + 1 if fixed else 0
         est = {"stage1": args.stage1_epochs * ep + evals(args.stage1_epochs),
                "stage2": args.stage2_epochs * ep + evals(args.stage2_epochs),

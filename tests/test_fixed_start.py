@@ -15,7 +15,7 @@ from dpbert_rl.evaluation.diagnostics import greedy_fixed_paths
 from dpbert_rl.model import DPBert
 from dpbert_rl.training import PipelineConfig, run_pipeline
 from dpbert_rl.training import fixed_start
-from dpbert_rl.training.calibrate import _selection_batches
+from dpbert_rl.training.calibrate import selection_inputs
 from dpbert_rl.training.config import TrainingError
 from dpbert_rl.training.fixed_start import fixed_path_start, path_layers
 
@@ -82,7 +82,7 @@ def test_the_pipeline_starts_sampled_stage3_on_the_best_fixed_path_and_reuses_it
     assert record["layers"] == 8 and sum(record["path"]) == 8 and len(record["path"]) == 12
     # the path is the backward elimination's on the selection split, with stage 2's backbone
     s2 = DPBert.load(tmp_path / "p" / "stage2_planner_init" / "model").eval()
-    ds, _ = _selection_batches(s2, cfg, cfg.calibration_samples)
+    ds = selection_inputs(s2, cfg, cfg.calibration_samples)
     found = greedy_fixed_paths(s2, get_task("rte"), ds, collator(s2.tokenizer), 16, min_layers=8)
     assert record["path"] == found[8][0] and record["select_score"] == pytest.approx(found[8][1])
     # stage 2's feature statistics kept, the decisions those of the path on every input
@@ -139,7 +139,7 @@ def test_a_finished_start_made_with_other_settings_is_refused_not_reused(tiny12_
     cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p")
     s2 = tmp_path / "s2"
     model = DPBert.from_backbone(str(tiny12_ckpt))
-    ds, _ = _selection_batches(model, cfg, 8)
+    ds = selection_inputs(model, cfg, 8)
     model.fit_feature_stats(ds, collator(model.tokenizer), 16)
     model.save(s2)
     out = fixed_path_start(cfg, s2, tmp_path / "start", samples=8)
@@ -185,7 +185,7 @@ def test_a_stage_that_only_drifts_off_its_start_keeps_the_start(tiny12_ckpt, tin
     cfg = TrainConfig(task="rte", backbone=str(tiny12_ckpt), data_dir=str(tiny_glue), progress=False, max_steps=2,
                       batch_size=8, eval_batch_size=16, eval_steps=1, logging_steps=1, target_rate=0.3,
                       planner_features="cls")
-    ds, _ = _selection_batches(model, cfg, 8)
+    ds = selection_inputs(model, cfg, 8)
     model.fit_feature_stats(ds, collator(model.tokenizer), 16)
     model.planners.set_fixed_path([1] * 8 + [0] * 4)
     model.save(s2)
@@ -202,3 +202,24 @@ def test_a_stage_that_only_drifts_off_its_start_keeps_the_start(tiny12_ckpt, tin
     scores = iter([80.0, 70.0, 60.0])
     later = train_stage("sampled", replace(cfg, output_dir=str(tmp_path / "off")), init=str(s2))
     assert json.loads((later / "DONE").read_text())["best_step"] == 1
+
+
+def test_a_stopped_start_resumes_from_its_cache_to_the_same_path(tiny12_ckpt, tiny_glue, tmp_path, monkeypatch):
+    """The elimination's scored paths are kept as it goes: started again (the model not yet written), it scores no
+    path afresh and finds the same path with the same selection score."""
+    import shutil
+
+    from dpbert_rl.evaluation import evaluate
+
+    cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p")
+    s2 = tmp_path / "s2"
+    model = DPBert.from_backbone(str(tiny12_ckpt))
+    ds = selection_inputs(model, cfg, 8)
+    model.fit_feature_stats(ds, collator(model.tokenizer), 16)
+    model.save(s2)
+    first = json.loads((fixed_path_start(cfg, s2, tmp_path / "start", samples=8) / "DONE").read_text())
+    shutil.rmtree(tmp_path / "start" / "model")  # stopped after the search, before the model was written
+    monkeypatch.setattr(evaluate, "run_dataset", lambda *a, **k: pytest.fail("a path scored again"))
+    again = json.loads((fixed_path_start(cfg, s2, tmp_path / "start", samples=8) / "DONE").read_text())
+    assert again["path"] == first["path"] and again["select_score"] == first["select_score"]
+    assert again["elimination"] == first["elimination"]

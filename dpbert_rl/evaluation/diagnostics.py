@@ -253,6 +253,13 @@ def fixed_path_key(model: DPBert) -> str:
     return f"{checkpoint_fingerprint(model)}, path map {cal_hash}"
 
 
+def fixed_path_cache(file, model: DPBert, inputs, seed: int) -> FixedPathCache:
+    """The :class:`FixedPathCache` of ``model``'s fixed paths on ``inputs`` (a tokenised dataset with labels, drawn
+    from the selection split with ``seed``), keyed by :func:`fixed_path_key` and the inputs drawn."""
+    return FixedPathCache(file, f"{fixed_path_key(model)} | {len(inputs)} selection inputs, seed {seed}",
+                          inputs["labels"])
+
+
 def greedy_fixed_paths(model: DPBert, task: GlueTask, dataset, collate_fn, batch_size: int = 64,
                        min_layers: int = 2, progress: bool = False, cache: Optional[FixedPathCache] = None) -> dict:
     """Fixed paths by backward elimination, where every path cannot be walked (2^L - 1 layer calls per input):
@@ -480,10 +487,7 @@ def routing_report(model: DPBert, task: GlueTask, learner_run: dict, select_set,
         sub = select_set
         if frontier_samples and frontier_samples < len(select_set):
             sub = select_set.shuffle(seed=seed).select(range(frontier_samples))
-        cache = None
-        if frontier_cache:
-            cache = FixedPathCache(frontier_cache, f"{fixed_path_key(model)} | {len(sub)} selection inputs, seed {seed}",
-                                   sub["labels"])
+        cache = fixed_path_cache(frontier_cache, model, sub, seed) if frontier_cache else None
         greedy = [v for _, v in sorted(greedy_fixed_paths(model, task, sub, collate_fn, batch_size, min_layers=1,
                                                          progress=progress, cache=cache).items())]
         fixed = [p for p, _, _ in greedy]

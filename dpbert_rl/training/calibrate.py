@@ -93,13 +93,18 @@ def calibrate_checkpoint(model_dir, cfg: TrainConfig, samples: Optional[int] = N
     return info
 
 
+def selection_inputs(model: DPBert, cfg: TrainConfig, n: int):
+    """The first ``n`` inputs of the selection split (as every choice of a run reads it), tokenised."""
+    return tokenize(load_split(cfg.task, "select", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
+                    model.tokenizer, cfg.max_seq_length)
+
+
 def _selection_batches(model: DPBert, cfg: TrainConfig, n: int) -> tuple:
-    """The first ``n`` inputs of the selection split, tokenised, and their padded batches (labels in the batches,
-    read only by a caller that scores)."""
+    """:func:`selection_inputs` and their padded batches (labels in the batches, read only by a caller that
+    scores)."""
     from torch.utils.data import DataLoader
 
-    ds = tokenize(load_split(cfg.task, "select", cfg.data_dir, n, shuffle_seed=cfg.seed + 1, bad_rows=cfg.bad_rows),
-                  model.tokenizer, cfg.max_seq_length)
+    ds = selection_inputs(model, cfg, n)
     return ds, list(DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collator(model.tokenizer)))
 
 

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from ..data import collator, get_task
-from ..evaluation.diagnostics import FixedPathCache, fixed_path_key, greedy_fixed_paths
+from ..evaluation.diagnostics import fixed_path_cache, greedy_fixed_paths
 from ..model.dpbert import DPBert
 from ..model.objectives import check_rate
-from .calibrate import _selection_batches
+from .calibrate import selection_inputs
 from .checkpoint import DONE_FILE, save_atomic, stage_dir, stage_done
 from .config import TrainConfig, TrainingError
 
@@ -62,9 +62,8 @@ def fixed_path_start(cfg: TrainConfig, init, out, samples: int = 1000, margin: f
             raise ValueError(f"{init}: its planners have no feature statistics; start from a stage-2 model")
         L = model.num_layers
         keep = path_layers(L, cfg.target_rate)
-        ds, _ = _selection_batches(model, cfg, samples)
-        cache = FixedPathCache(out / "fixed_paths.npz", f"{fixed_path_key(model)} | {len(ds)} selection inputs, "
-                                                        f"seed {cfg.seed}", ds["labels"])
+        ds = selection_inputs(model, cfg, samples)  # tokenised once; the elimination batches them itself
+        cache = fixed_path_cache(out / "fixed_paths.npz", model, ds, cfg.seed)
         found = greedy_fixed_paths(model, get_task(cfg.task), ds, collator(model.tokenizer), cfg.eval_batch_size,
                                    min_layers=keep, progress=cfg.progress, cache=cache)
         path, score, _ = found[keep]
