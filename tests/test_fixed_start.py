@@ -135,13 +135,17 @@ def test_with_adapt_the_first_fit_starts_on_the_path_and_the_second_continues_it
     assert first["init"].endswith("stage2_fixed_path/model") and second["init"].endswith("stage3_adapt/model")
 
 
+def _stage2_like(ckpt, cfg, path):
+    """A tiny 12-layer DPBERT whose planners have feature statistics (as stage 2 leaves them), saved at ``path``."""
+    model = DPBert.from_backbone(str(ckpt))
+    model.fit_feature_stats(selection_inputs(model, cfg, 8), collator(model.tokenizer), 16)
+    model.save(path)
+    return path
+
+
 def test_a_finished_start_made_with_other_settings_is_refused_not_reused(tiny12_ckpt, tiny_glue, tmp_path):
     cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p")
-    s2 = tmp_path / "s2"
-    model = DPBert.from_backbone(str(tiny12_ckpt))
-    ds = selection_inputs(model, cfg, 8)
-    model.fit_feature_stats(ds, collator(model.tokenizer), 16)
-    model.save(s2)
+    s2 = _stage2_like(tiny12_ckpt, cfg, tmp_path / "s2")
     out = fixed_path_start(cfg, s2, tmp_path / "start", samples=8)
     assert json.loads((out / "DONE").read_text())["requested_examples"] == 8
     assert fixed_path_start(cfg, s2, tmp_path / "start", samples=8) == out  # the same settings: reused
@@ -212,11 +216,7 @@ def test_a_stopped_start_resumes_from_its_cache_to_the_same_path(tiny12_ckpt, ti
     from dpbert_rl.evaluation import evaluate
 
     cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p")
-    s2 = tmp_path / "s2"
-    model = DPBert.from_backbone(str(tiny12_ckpt))
-    ds = selection_inputs(model, cfg, 8)
-    model.fit_feature_stats(ds, collator(model.tokenizer), 16)
-    model.save(s2)
+    s2 = _stage2_like(tiny12_ckpt, cfg, tmp_path / "s2")
     first = json.loads((fixed_path_start(cfg, s2, tmp_path / "start", samples=8) / "DONE").read_text())
     shutil.rmtree(tmp_path / "start" / "model")  # stopped after the search, before the model was written
     monkeypatch.setattr(evaluate, "run_dataset", lambda *a, **k: pytest.fail("a path scored again"))
