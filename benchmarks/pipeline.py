@@ -238,6 +238,7 @@ def main(argv=None) -> None:
             "calibration": report.get("calibration"),  # the threshold set on the selection inputs, if it was
             "alternation": report.get("alternation"),  # first fit vs the skip-aware alternation, on the selection split
             "rate_on_inputs": report.get("rate_on_inputs"),  # the threshold set on dev's inputs (no label), if it was
+            "fixed_path_start": report.get("fixed_path_start"),  # the start's path and selection score, if one ran
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
                                                               "target_rate", "evals_per_epoch", "stage3_batch_size",
                                                               "samples", "cost", "dual_lr", "reward", "rate_control",

@@ -76,10 +76,13 @@ def _cfg(ckpt, glue, out, **kw):
 def test_the_pipeline_starts_sampled_stage3_on_the_best_fixed_path_and_reuses_it(tiny12_ckpt, tiny_glue, tmp_path,
                                                                                  monkeypatch):
     cfg = _cfg(tiny12_ckpt, tiny_glue, tmp_path / "p")
-    run_pipeline(cfg)
+    report = run_pipeline(cfg)
     start = tmp_path / "p" / "stage2_fixed_path" / "model"
     record = json.loads((start / "selection.json").read_text())
     assert record["layers"] == 8 and sum(record["path"]) == 8 and len(record["path"]) == 12
+    # the report (and so the benchmark's row) carries the start: its path and both selection scores
+    assert report["fixed_path_start"] == {k: record[k] for k in ("path", "layers", "select_score",
+                                                                 "full_select_score", "examples")}
     # the path is the backward elimination's on the selection split, with stage 2's backbone
     s2 = DPBert.load(tmp_path / "p" / "stage2_planner_init" / "model").eval()
     ds = selection_inputs(s2, cfg, cfg.calibration_samples)

@@ -187,9 +187,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         trained.append(start)
     s2 = train_stage("planner_init", stage_cfg("stage2_planner_init", epochs=cfg.stage2_epochs), init=str(start))
     trained.append(s2)
+    start_record = None
     if cfg.planner_start == "fixed-path":  # stage 3 starts on the best fixed path at the target rate
         s2 = fixed_path_start(cfg, s2, out / "stage2_fixed_path", cfg.calibration_samples, cfg.planner_init_bias)
         trained.append(s2)
+        done = json.loads((Path(s2) / DONE_FILE).read_text())
+        start_record = {k: done.get(k) for k in ("path", "layers", "select_score", "full_select_score", "examples")}
     if cfg.stage3 in ("exact", "sampled"):
         # the final planners are always stage3_<kind>/model; with 'adapt' they are fitted on the adapted backbone
         # after a first fit on the frozen one (stage3_<kind>_frozen), whose paths the backbone is adapted to
@@ -235,5 +238,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     report["seed"] = cfg.seed
     report["calibration"] = calibration
     report["alternation"] = alternation
+    report["fixed_path_start"] = start_record  # the path stage 3 started on, and its selection-split score
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
