@@ -239,6 +239,9 @@ def main(argv=None) -> None:
             "alternation": report.get("alternation"),  # first fit vs the skip-aware alternation, on the selection split
             "rate_on_inputs": report.get("rate_on_inputs"),  # the threshold set on dev's inputs (no label), if it was
             "fixed_path_start": report.get("fixed_path_start"),  # the start's path and selection score, if one ran
+            # every metric of a composite score (STS-B: Pearson and Spearman; MRPC: accuracy and F1), both models
+            "dpbert_metrics": report.get("dpbert_metrics"),
+            "backbone_metrics": report.get("backbone_metrics"),
             "hyperparameters": {k: getattr(args, k) for k in ("lr", "stage3_lr", "planner_lr", "lam", "beta",
                                                               "target_rate", "evals_per_epoch", "stage3_batch_size",
                                                               "samples", "cost", "dual_lr", "reward", "rate_control",

@@ -871,7 +871,7 @@ def test_the_pipeline_benchmark_passes_on_the_rate_on_dev_inputs(tmp_path, monke
 
 def test_the_pipeline_benchmark_row_keeps_the_scores_interval(tmp_path, monkeypatch):
     """The interval of DPBERT against the backbone (evaluate_checkpoint's paired bootstrap) reaches the row and
-    the table, and so do the length-weighted ideal speed-up and the fixed-path start's record."""
+    the table, and so do the length-weighted ideal speed-up, the fixed-path start's record and each metric of both models."""
     pipeline = load_benchmark("pipeline")
     report = {"task": "rte", "backbone_score": 60.0, "dpbert_score": 58.0, "metric": "accuracy",
               "layers_executed_mean": 4.0, "num_layers": 6, "speedup_measured": 1.4, "speedup_ideal": 1.5,
@@ -879,7 +879,8 @@ def test_the_pipeline_benchmark_row_keeps_the_scores_interval(tmp_path, monkeypa
               "score_diff_ci95": [-6.0, 0.5], "layer_frequency": [0.5] * 6, "latency_ms_full": 10.0,
               "latency_ms_dpbert": 7.0, "throughput_speedup": 1.3, "num_examples": 277, "checkpoint": "x",
               "fixed_path_start": {"path": [1, 0, 1, 1, 0, 1], "layers": 4, "select_score": 57.0,
-                                   "full_select_score": 59.0, "examples": 249}}
+                                   "full_select_score": 59.0, "examples": 249},
+              "dpbert_metrics": {"accuracy": 58.0, "score": 58.0}, "backbone_metrics": {"accuracy": 60.0, "score": 60.0}}
     monkeypatch.setattr(pipeline, "commit", lambda: "0" * 40)
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg: dict(report))
     pipeline.main(["--tasks", "rte", "--results", str(tmp_path / "p.json")])
@@ -887,4 +888,5 @@ def test_the_pipeline_benchmark_row_keeps_the_scores_interval(tmp_path, monkeypa
     assert row["score_retained_ci95"] == [0.9, 1.01] and row["score_diff_ci95"] == [-6.0, 0.5]
     assert row["speedup_ideal_length_weighted"] == 1.45
     assert row["fixed_path_start"] == report["fixed_path_start"]  # the start's path and scores, where one ran
+    assert row["dpbert_metrics"] == report["dpbert_metrics"] and row["backbone_metrics"] == report["backbone_metrics"]
     assert "| 0.967 | [0.900, 1.010] |" in (tmp_path / "p.md").read_text()
