@@ -209,3 +209,24 @@ def test_pipeline_rate_on_eval_inputs_needs_a_rate_in_layers():
     with pytest.raises(ValueError, match="--rate-on-eval-inputs"):
         PipelineConfig(task="sst2", target_rate=0.3, stage3="exact", cost_unit="tokens",
                        rate_on_eval_inputs=True).validate()
+
+
+def test_the_knob_search_stops_at_its_resolution_where_the_layers_jump(tiny_model_dir):
+    """Nearly deterministic planners jump from one layer count to another: no knob is within tol, and the search
+    stops once its bracket is narrower than its resolution (14 passes, not 24) on the side nearest the target."""
+    from dpbert_rl.model.budget import solve_knob
+
+    model = DPBert.load(tiny_model_dir)
+    calls = []
+
+    def layers_at(knob):  # 4 layers up to threshold 0.7, then 1
+        calls.append(knob)
+        return 4.0 if knob < 0.7 else 1.0
+
+    knob, layers = solve_knob(model, None, target_layers=3.2, tol=0.01, layers_at=layers_at)
+    assert len(calls) == 14 and layers == 4.0 and knob < 0.7
+    assert max(k for k in calls if k < 0.7) == pytest.approx(0.7, abs=2e-3)  # it closed in on the jump
+    calls.clear()
+    solve_knob(model, None, target_layers=3.2, tol=0.01, layers_at=layers_at, resolution=0.0)
+    assert len(calls) == 24  # without the stop, every iteration
+

@@ -44,6 +44,28 @@ def test_fixed_path_planners_take_the_path_on_every_input_and_sample_around_it(t
     assert model.planners.weight.abs().max().item() == 0.0  # nothing of the state read yet
 
 
+def test_the_knob_of_fixed_path_planners_is_solved_on_one_input_to_the_same_knob(tiny_model_dir):
+    """A fixed path runs the same path on every input, so the rate search reads one input per step (at 12 layers a
+    pass over the selection split costs minutes, and a fixed path's rate is a step no step reaches within tol)."""
+    from dpbert_rl.model import budget
+
+    model = DPBert.load(tiny_model_dir).eval()
+    assert not model.planners.input_independent  # trained planners read their input
+    model.planners.set_fixed_path([1, 0, 1, 1], margin=2.0)
+    assert model.planners.input_independent
+    b = _batch(model, n=6)
+    batches = [dict(b), dict(_batch(model, n=5))]
+    rows = []
+    real = model.forward
+    model.forward = lambda input_ids, *a, **k: rows.append(input_ids.shape[0]) or real(input_ids, *a, **k)
+    got = budget.solve_knob(model, batches, target_layers=2.5, tol=0.0)
+    assert rows and set(rows) == {1}  # one input per step
+    model.forward = real
+    every = budget.solve_knob(model, batches, target_layers=2.5, tol=0.0,
+                              layers_at=lambda k: budget.mean_layers(model, batches, k))
+    assert got == pytest.approx(every) and got[1] == pytest.approx(3.0)  # 3 layers: the path, on every input
+
+
 @pytest.mark.parametrize("path, margin", [([1, 0, 1], 2.0), ([1, 0, 2, 1], 2.0), ([1, 0, 1, 0], 0.0),
                                           ([1, 0, 1, 0], float("nan"))])
 def test_a_bad_fixed_path_or_margin_is_refused(tiny_model_dir, path, margin):

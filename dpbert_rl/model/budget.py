@@ -106,18 +106,30 @@ def budget_curve(model, batches: Sequence[dict], n: int = CURVE_POINTS) -> list:
 
 
 def solve_knob(model, batches: Optional[Sequence[dict]], target_layers: float, iterations: int = 24,
-               layers_at: Optional[Callable[[float], float]] = None, tol: float = 0.0) -> tuple:
+               layers_at: Optional[Callable[[float], float]] = None, tol: float = 0.0,
+               resolution: float = 1e-4) -> tuple:
     """The knob whose mean layers on ``batches`` is closest to ``target_layers``, by bisection over the knob
     (the price, or the logit of the threshold); returns ``(knob, layers reached)``. ``layers_at(knob)``
     replaces the live passes over ``batches`` (e.g. a replay on a path tree). The bisection stops early at a knob
-    within ``tol`` layers of the target (each step is a pass over ``batches``: at 12 layers they cost)."""
-    layers_at = layers_at or (lambda knob: mean_layers(model, batches, knob))
+    within ``tol`` layers of the target, or once its bracket is narrower than ``resolution`` of the knob's range
+    (where the layers jump, as on nearly deterministic planners, no knob reaches ``tol``); each step is a pass
+    over ``batches``, and at 12 layers they cost. Planners that read no input (a fixed path,
+    :attr:`~dpbert_rl.model.planner.Planners.input_independent`) run the same path on every input, so their
+    passes read one input."""
+    if layers_at is None:
+        if model.planners.input_independent and batches:
+            first = batches[0]
+            batches = [{k: (v[:1] if torch.is_tensor(v) else v) for k, v in first.items()}]
+        layers_at = lambda knob: mean_layers(model, batches, knob)  # noqa: E731
     grid = knob_grid(model, 2)
     to_u, from_u = ((lambda c: c, lambda c: c) if model.planners.conditioned else
                     (lambda t: np.log(t / (1 - t)), lambda u: 1.0 / (1.0 + np.exp(-u))))
     lo, hi = float(to_u(grid[0])), float(to_u(grid[1]))  # lo: more compute, hi: less
+    width = hi - lo
     best = None
     for _ in range(iterations):
+        if hi - lo < resolution * width:
+            break
         mid = (lo + hi) / 2
         knob = float(from_u(mid))
         layers = layers_at(knob)

@@ -187,6 +187,12 @@ class Planners(nn.Module):
             self.budget_bias.zero_()
 
     @property
+    def input_independent(self) -> bool:
+        """Whether no planner reads its input (every weight zero, :meth:`set_fixed_path`): then every input
+        takes the same greedy path, and a rate measured on one input is the rate on all of them."""
+        return not bool(self.weight.any()) and (self.budget is None or not bool(self.budget_weight.any()))
+
+    @property
     def conditioned(self) -> bool:
         """Whether the planners read a budget (the layer price) as well as the state."""
         return self.budget is not None
