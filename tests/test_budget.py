@@ -213,7 +213,8 @@ def test_pipeline_rate_on_eval_inputs_needs_a_rate_in_layers():
 
 def test_the_knob_search_stops_at_its_resolution_where_the_layers_jump(tiny_model_dir):
     """Nearly deterministic planners jump from one layer count to another: no knob is within tol, and the search
-    stops once its bracket is narrower than its resolution (14 passes, not 24) on the side nearest the target."""
+    stops once its bracket is narrower than its resolution (14 passes, not 24) on the side nearest the target; a
+    search for the closest knob (tol 0) runs every iteration it asks for."""
     from dpbert_rl.model.budget import solve_knob
 
     model = DPBert.load(tiny_model_dir)
@@ -229,4 +230,9 @@ def test_the_knob_search_stops_at_its_resolution_where_the_layers_jump(tiny_mode
     calls.clear()
     solve_knob(model, None, target_layers=3.2, tol=0.01, layers_at=layers_at, resolution=0.0)
     assert len(calls) == 24  # without the stop, every iteration
+    calls.clear()
+    solve_knob(model, None, target_layers=3.2, layers_at=layers_at, iterations=30)
+    assert len(calls) == 30  # asked for the closest knob (tol 0): no stop by default
+    with pytest.raises(ValueError, match="resolution"):
+        solve_knob(model, None, target_layers=3.2, layers_at=layers_at, resolution=1.5)
 

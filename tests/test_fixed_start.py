@@ -15,6 +15,7 @@ from dpbert_rl.evaluation.diagnostics import greedy_fixed_paths
 from dpbert_rl.model import DPBert
 from dpbert_rl.training import PipelineConfig, run_pipeline
 from dpbert_rl.training import fixed_start
+from dpbert_rl.model.planner import Planners
 from dpbert_rl.training.calibrate import selection_inputs
 from dpbert_rl.training.config import TrainingError
 from dpbert_rl.training.fixed_start import fixed_path_start, path_layers
@@ -64,6 +65,18 @@ def test_the_knob_of_fixed_path_planners_is_solved_on_one_input_to_the_same_knob
     every = budget.solve_knob(model, batches, target_layers=2.5, tol=0.0,
                               layers_at=lambda k: budget.mean_layers(model, batches, k))
     assert got == pytest.approx(every) and got[1] == pytest.approx(3.0)  # 3 layers: the path, on every input
+
+
+def test_planners_that_read_the_price_but_no_input_are_input_independent():
+    planners = Planners(4, 8, features="mean", budget=(-0.1, 0.1))
+    planners.set_fixed_path([1, 0, 1, 1])
+    assert planners.input_independent
+    with torch.no_grad():
+        planners.budget_bias.fill_(0.5)  # the price moves every input's gates alike
+    assert planners.input_independent
+    with torch.no_grad():
+        planners.budget_weight[2, 0] = 0.1  # the price's effect now depends on the input
+    assert not planners.input_independent
 
 
 @pytest.mark.parametrize("path, margin", [([1, 0, 1], 2.0), ([1, 0, 2, 1], 2.0), ([1, 0, 1, 0], 0.0),

@@ -107,19 +107,25 @@ def budget_curve(model, batches: Sequence[dict], n: int = CURVE_POINTS) -> list:
 
 def solve_knob(model, batches: Optional[Sequence[dict]], target_layers: float, iterations: int = 24,
                layers_at: Optional[Callable[[float], float]] = None, tol: float = 0.0,
-               resolution: float = 1e-4) -> tuple:
+               resolution: Optional[float] = None) -> tuple:
     """The knob whose mean layers on ``batches`` is closest to ``target_layers``, by bisection over the knob
     (the price, or the logit of the threshold); returns ``(knob, layers reached)``. ``layers_at(knob)``
     replaces the live passes over ``batches`` (e.g. a replay on a path tree). The bisection stops early at a knob
     within ``tol`` layers of the target, or once its bracket is narrower than ``resolution`` of the knob's range
-    (where the layers jump, as on nearly deterministic planners, no knob reaches ``tol``); each step is a pass
-    over ``batches``, and at 12 layers they cost. Planners that read no input (a fixed path,
-    :attr:`~dpbert_rl.model.planner.Planners.input_independent`) run the same path on every input, so their
-    passes read one input."""
+    (default: 1e-4 when ``tol`` > 0, at most 14 passes where the layers jump, as on nearly deterministic planners,
+    and no knob reaches ``tol``; 0 when ``tol`` is 0, so that a search asked for the closest knob runs its
+    ``iterations``); each step is a pass over ``batches``, and at 12 layers they cost. Planners that read no input
+    (a fixed path, :attr:`~dpbert_rl.model.planner.Planners.input_independent`) run the same path on every input,
+    so their passes read one input (a NaN in an input's features, which would skip its layers, is not seen)."""
+    if resolution is None:
+        resolution = 1e-4 if tol > 0 else 0.0
+    if not (0.0 <= resolution < 1.0):
+        raise ValueError(f"resolution is a fraction of the knob's range in [0, 1); got {resolution!r}")
     if layers_at is None:
-        if model.planners.input_independent and batches:
-            first = batches[0]
-            batches = [{k: (v[:1] if torch.is_tensor(v) else v) for k, v in first.items()}]
+        if model.planners.input_independent:
+            first = next(iter(batches), None)
+            if first is not None:
+                batches = [{k: (v[:1] if torch.is_tensor(v) else v) for k, v in first.items()}]
         layers_at = lambda knob: mean_layers(model, batches, knob)  # noqa: E731
     grid = knob_grid(model, 2)
     to_u, from_u = ((lambda c: c, lambda c: c) if model.planners.conditioned else
