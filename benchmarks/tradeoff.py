@@ -46,6 +46,7 @@ import os
 import re
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,6 +93,19 @@ def run_context(args) -> dict:
                                                                                         "threads", "cuda")}}))
 
 
+# settings added after results were cached, read as the value every earlier run had
+_ABSENT_SETTINGS = {"planner_start": "stage2"}
+
+
+def settings_changed(cached: Optional[dict], current: dict) -> list:
+    """``[(setting, cached value, current value)]`` where a cached method's context (``run_context``) and this run's
+    differ, over the settings both record (and those of ``_ABSENT_SETTINGS``, absent meaning their old value)."""
+    old, new = (cached or {}).get("settings", {}), current.get("settings", {})
+    keys = (old.keys() & new.keys()) | (_ABSENT_SETTINGS.keys() & new.keys())
+    return [(k, old.get(k, _ABSENT_SETTINGS.get(k)), new[k]) for k in sorted(keys)
+            if old.get(k, _ABSENT_SETTINGS.get(k)) != new[k]]
+
+
 def run_task(task: str, args, results: dict, save) -> None:
     """Every method of ``args.methods`` on ``task``, one after another; each method's result is cached
     (``points/<method>.json``) and merged into ``results`` (then ``save()``) as soon as it is done."""
@@ -114,6 +128,11 @@ def run_task(task: str, args, results: dict, save) -> None:
             print(f"[{task}] {name}: reused from commit {str(prior.get('commit'))[:12]} (its code hash is unchanged)")
         elif cache.is_file() and not args.recompute:
             out = json.loads(cache.read_text())
+            changed = settings_changed(out.get("context"), results["context"])
+            if changed and "context" in out:
+                raise ValueError(f"{cache}: these points were computed with other settings ("
+                                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+                                 + "); pass --recompute to compute them again, or use another --output-dir")
             if out.get("code_hash") != code:
                 check_one_commit([out.get("commit")], args.code_commit, args.allow_mixed, f"the cached points {cache}")
         else:
@@ -253,6 +272,12 @@ def parse_args(argv=None):
                         "--skip-aware (default: the pipeline's): adapt, the backbone fine-tuned on the exact "
                         "planners' paths for (1 - stage2-share) of --extra-epochs, then the planners again on its "
                         "new path tree; layerdrop, random layer subsets for that share before stage 2")
+    g.add_argument("--planner-start", default=PipelineConfig.planner_start, choices=("stage2", "fixed-path"),
+                   help="where DPBERT's sampled stage 3 starts (as the pipeline's --planner-start): stage2, the "
+                        "planners as stage 2 left them; fixed-path, planners that take, on every input, the best "
+                        "fixed path at each target rate (backward elimination on --calibration-samples selection "
+                        "inputs, stage 2's backbone frozen), the start itself a candidate. Its models go to folders "
+                        "of their own (_fixedstart); use a new --output-dir or --recompute for DPBERT's points")
     g.add_argument("--exact-epochs", type=float, default=20.0, help="stage 3 exact: passes over the path tree")
     g.add_argument("--exact-lr", type=float, default=1e-2, help="stage 3 exact: the planners' Adam learning rate")
     g.add_argument("--stage3-lr", type=float, default=2e-5, help="backbone lr in DPBERT's stage 3 and DPBERT-soft")

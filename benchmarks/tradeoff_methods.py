@@ -32,6 +32,7 @@ from dpbert_rl.evaluation.evaluate import run_dataset, score_run, speedup_ideal_
 from dpbert_rl.evaluation.latency import encode_batches, interleaved_latency, sample_indices
 from dpbert_rl.evaluation.metrics import compute_metrics
 from dpbert_rl.model import DPBert
+from dpbert_rl.training.fixed_start import fixed_path_start, path_layers
 from dpbert_rl.training import (TrainConfig, load_data, planner_stage3, resolve_stage3, stage3_for, stage_done,
                                 train_stage)
 
@@ -302,13 +303,20 @@ def dpbert_models(run: TaskRun, skip_aware: Optional[str] = None, path_calibrati
     takes ``stage2_share`` of ``extra_epochs``, the skip-aware backbone training (``skip_aware``, default
     ``--skip-aware``) the rest: ``adapt`` after each rate's stage 3 on the frozen backbone (``--dpbert-stage3``:
     exact, or sampled beyond 8 layers), then that stage again on the adapted backbone
-    (:func:`dpbert_rl.training.planner_stage3`); ``layerdrop`` before stage 2; ``none``.
+    (:func:`dpbert_rl.training.planner_stage3`); ``layerdrop`` before stage 2; ``none``. With ``--planner-start
+    fixed-path`` (sampled stage 3 only) each rate's stage 3 starts on the best fixed path at that rate
+    (:func:`dpbert_rl.training.fixed_start.fixed_path_start`), the start a step-0 candidate.
     Returns ``({r: model}, stage-2 model)``; each variant writes folders of its own (``benchmarks/skip_aware.py``
     trains them side by side)."""
     a = run.args
     skip_aware = skip_aware or getattr(a, "skip_aware", "none")
     backbone_epochs = a.extra_epochs * (1 - a.stage2_share)
     tag = ("_layerdrop" if skip_aware == "layerdrop" else "") + ("" if path_calibration else "_raw")
+    kind = resolve_stage3(getattr(a, "dpbert_stage3", "rl"), str(run.s1))
+    fixed_start = getattr(a, "planner_start", "stage2") == "fixed-path"
+    if fixed_start and kind != "sampled":  # refused before any training
+        raise ValueError(f"--planner-start fixed-path starts the sampled stage 3 (12 layers, or --dpbert-stage3 "
+                         f"sampled); DPBERT's stage 3 here is {kind!r}")
     if skip_aware == "layerdrop":  # the backbone on random paths first
         ld = train_stage("layerdrop", run.config("dpbert_layerdrop", epochs=backbone_epochs, lr=a.adapt_lr,
                                                  layerdrop=a.layerdrop), init=str(run.s1))
@@ -317,20 +325,26 @@ def dpbert_models(run: TaskRun, skip_aware: Optional[str] = None, path_calibrati
     else:
         s2 = _stage2(run)
     models = {}
-    kind = resolve_stage3(getattr(a, "dpbert_stage3", "rl"), str(run.s1))
     for r in a.target_rates:
         if kind == "rl":
             models[r] = train_stage("rl", run.config(f"stage3_rl_r{r:g}", epochs=backbone_epochs, lr=a.stage3_lr,
                                                      target_rate=r, batch_size=a.stage3_batch_size), init=str(s2))
             continue
-        first = run.root / f"stage3_{kind}_r{r:g}{tag}"
-        adapt = (run.config(f"stage3_adapt_r{r:g}{tag}", epochs=backbone_epochs, lr=a.adapt_lr), first) \
+        start, rtag = s2, tag
+        if fixed_start:  # the planners start on the best fixed path at r (as the pipeline's --planner-start)
+            rtag = tag + "_fixedstart"
+            start = fixed_path_start(run.config(f"stage2_fixed_path_r{r:g}{tag}", target_rate=r), s2,
+                                     run.root / f"stage2_fixed_path_r{r:g}{tag}", a.calibration_samples,
+                                     TrainConfig.planner_init_bias)
+        first = run.root / f"stage3_{kind}_r{r:g}{rtag}"
+        adapt = (run.config(f"stage3_adapt_r{r:g}{rtag}", epochs=backbone_epochs, lr=a.adapt_lr), first) \
             if skip_aware == "adapt" else None
-        final = run.root / f"stage3_adapt_{kind}_r{r:g}{tag}" if adapt else first
+        final = run.root / f"stage3_adapt_{kind}_r{r:g}{rtag}" if adapt else first
         cfg = run.config(final.name, target_rate=r)
-        if kind == "sampled":
-            cfg = run.config(final.name, target_rate=r, epochs=a.sampled_epochs, batch_size=a.stage3_batch_size)
-        models[r] = planner_stage3(cfg, s2, final, a.exact_epochs, a.exact_lr, cache_dir=run.root / "pathtree",
+        if kind == "sampled":  # with a fixed-path start, the start itself is a candidate (step 0)
+            cfg = run.config(final.name, target_rate=r, epochs=a.sampled_epochs, batch_size=a.stage3_batch_size,
+                             eval_at_start=fixed_start)
+        models[r] = planner_stage3(cfg, start, final, a.exact_epochs, a.exact_lr, cache_dir=run.root / "pathtree",
                                    path_calibration=path_calibration, adapt=adapt, kind=kind)[-1]
     return models, s2
 
@@ -644,6 +658,10 @@ def plan(args, sizes: dict, scale: Optional[dict] = None) -> list:
                 stage3 = len(args.target_rates) * once
             if skip_aware == "adapt":  # per r: the backbone on the planners' paths, then stage 3 again
                 stage3 += len(args.target_rates) * (adapt + once)
+            if kind == "sampled" and getattr(args, "planner_start", "stage2") == "fixed-path":
+                # per r: the backward elimination down to r's layers on the calibration inputs
+                stage3 += sum(sum(k * (k - 1) / L for k in range(path_layers(L, r) + 1, L + 1)) * infer(cal)
+                              for r in args.target_rates)
             elif skip_aware == "layerdrop":  # once: random subsets before stage 2
                 stage3 += adapt
         else:

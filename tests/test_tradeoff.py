@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import types
 import subprocess
 import sys
 from pathlib import Path
@@ -698,6 +699,9 @@ def test_plan_at_twelve_layers_uses_sampled_stage3_greedy_paths_and_no_oracle(ti
     assert plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"] > row["dpbert"]  # the sampled stage counts
     args.dpbert_stage3 = "exact"  # a walked tree of 12 layers would cost far more
     assert plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"] > 10 * row["dpbert"]
+    args.dpbert_stage3, args.sampled_epochs = "auto", args.sampled_epochs / 2
+    args.planner_start = "fixed-path"  # the elimination per target rate counts
+    assert plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"] > row["dpbert"]
 
 
 def test_the_tradeoff_runs_at_twelve_layers(tiny_glue_big, tmp_path, monkeypatch):
@@ -716,6 +720,42 @@ def test_the_tradeoff_runs_at_twelve_layers(tiny_glue_big, tmp_path, monkeypatch
     assert list(root.glob("greedy_paths_calib*.json")) and not (root / "paths_select.npz").exists()
     assert e["oracle"]["points"] == [] and "4,095" in e["oracle"]["note"]
     assert e["dpbert"]["points"] and all(p["layers_executed_mean"] <= 12 for p in e["dpbert"]["points"])
+
+
+def test_the_tradeoffs_dpbert_can_start_on_the_best_fixed_path(tiny_glue_big, tmp_path, monkeypatch):
+    """--planner-start fixed-path: per target rate, the backward elimination's path at that rate starts the sampled
+    stage 3 (its folders apart: _fixedstart), the start a step-0 candidate; refused where stage 3 is exact."""
+    ckpt = make_tiny_checkpoint(tmp_path / "t12", layers=12)
+    tb = bench("tradeoff")
+    res = _run_tiny(tb, tiny_glue_big, ckpt, tmp_path, monkeypatch,
+                    ["--methods", "dpbert", "--calibration-samples", "8", "--planner-start", "fixed-path"])
+    root = tmp_path / "runs" / "sst2"
+    record = json.loads((root / "stage2_fixed_path_r0.3" / "model" / "selection.json").read_text())
+    assert record["layers"] == 8 and record["target_rate"] == 0.3 and record["examples"] == 8
+    for sub in ("stage3_sampled_r0.3_fixedstart", "stage3_adapt_r0.3_fixedstart", "stage3_adapt_sampled_r0.3_fixedstart"):
+        assert (root / sub / "model" / "DONE").is_file(), sub
+    first = json.loads((root / "stage3_sampled_r0.3_fixedstart" / "config.json").read_text())
+    assert first["init"].endswith("stage2_fixed_path_r0.3/model") and first["eval_at_start"] is True
+    assert not (root / "stage3_sampled_r0.3").exists()  # the stage-2 start's folders are not touched
+    assert res["tasks"]["sst2"]["methods"]["dpbert"]["points"]
+    with pytest.raises(ValueError, match="planner_start: 'fixed-path' -> 'stage2'"):  # its cached points not reused
+        _run_tiny(tb, tiny_glue_big, ckpt, tmp_path, monkeypatch, ["--methods", "dpbert", "--calibration-samples", "8"])
+    six = make_tiny_checkpoint(tmp_path / "t6", layers=6)
+    args = tb.parse_args(["--data-dir", str(tiny_glue_big), "--backbone", str(six), "--planner-start", "fixed-path",
+                          "--output-dir", str(tmp_path / "runs6"), "--tasks", "sst2"])
+    methods = bench("tradeoff_methods")
+    monkeypatch.setattr(methods, "_stage2", lambda run: pytest.fail("trained before the refusal"))
+    with pytest.raises(ValueError, match="starts the sampled stage 3"):
+        methods.dpbert_models(types.SimpleNamespace(args=args, s1=six))
+
+
+def test_cached_points_of_other_settings_are_refused_not_reused():
+    tb = bench("tradeoff")
+    cached = {"settings": {"latency_samples": 100, "target_rates": [0.3], "seed": 42}}
+    same = {"settings": {"latency_samples": 100, "target_rates": [0.3], "seed": 42, "planner_start": "stage2"}}
+    assert tb.settings_changed(cached, same) == []  # a setting added since, at the value every earlier run had
+    other = {"settings": {**same["settings"], "planner_start": "fixed-path", "latency_samples": 300}}
+    assert tb.settings_changed(cached, other) == [("latency_samples", 100, 300), ("planner_start", "stage2", "fixed-path")]
 
 
 def test_a_results_file_holds_one_backbone_and_its_report_names_it(tmp_path, monkeypatch):
