@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -63,12 +62,14 @@ def split_row(task: str, split: str, data_dir, short: int) -> dict:
 def write(rows: list, args) -> Path:
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"commit": pinned_code_commit(), "command": command(), "machine": platform.platform(), "short": args.short}
+    from dpbert_rl.evaluation.latency import machine_info
+
+    meta = {"commit": pinned_code_commit(), "command": command(), "machine": machine_info(), "short": args.short}
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     cols = [("task", "task", ""), ("split", "split", ""), ("inputs", "inputs", ""), ("words, mean", "words_mean", ".1f"),
             ("words, median", "words_median", ".1f"), (f"share of <= {args.short} words", "short_share", ".1%")]
     md = (f"# Input lengths per split\n\nWritten by `benchmarks/lengths.py`; do not edit by hand. Commit "
-          f"{meta['commit']}. Command: `{meta['command']}`. Machine: {meta['machine']}.\n\n"
+          f"{meta['commit']}. Command: `{meta['command']}`. Machine: {meta['machine']['platform']}.\n\n"
           "Words are whitespace-separated, both sentences of a pair counted. `fit` and `select` are the two parts of "
           "the training file (the selection split is where rates, thresholds and checkpoints are chosen); `dev` is "
           "scored.\n\n" + markdown_table(rows, cols) + "\n")

@@ -128,8 +128,8 @@ def run_task(task: str, args, results: dict, save) -> None:
             print(f"[{task}] {name}: reused from commit {str(prior.get('commit'))[:12]} (its code hash is unchanged)")
         elif cache.is_file() and not args.recompute:
             out = json.loads(cache.read_text())
-            changed = settings_changed(out.get("context"), results["context"])
-            if changed and "context" in out:
+            changed = settings_changed(out["context"], results["context"]) if "context" in out else []
+            if changed:
                 raise ValueError(f"{cache}: these points were computed with other settings ("
                                  + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
                                  + "); pass --recompute to compute them again, or use another --output-dir")

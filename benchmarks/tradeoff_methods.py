@@ -658,12 +658,12 @@ def plan(args, sizes: dict, scale: Optional[dict] = None) -> list:
                 stage3 = len(args.target_rates) * once
             if skip_aware == "adapt":  # per r: the backbone on the planners' paths, then stage 3 again
                 stage3 += len(args.target_rates) * (adapt + once)
+            elif skip_aware == "layerdrop":  # once: random subsets before stage 2
+                stage3 += adapt
             if kind == "sampled" and getattr(args, "planner_start", "stage2") == "fixed-path":
                 # per r: the backward elimination down to r's layers on the calibration inputs
                 stage3 += sum(sum(k * (k - 1) / L for k in range(path_layers(L, r) + 1, L + 1)) * infer(cal)
                               for r in args.target_rates)
-            elif skip_aware == "layerdrop":  # once: random subsets before stage 2
-                stage3 += adapt
         else:
             stage3 = len(args.target_rates) * E * (1 - sh) * ep * r3 + evals(E * len(args.target_rates))
         if L > oracle.MAX_TREE_LAYERS:  # greedy backward elimination on the calibration subset

@@ -61,6 +61,9 @@ def test_the_knob_of_fixed_path_planners_is_solved_on_one_input_to_the_same_knob
     model.forward = lambda input_ids, *a, **k: rows.append(input_ids.shape[0]) or real(input_ids, *a, **k)
     got = budget.solve_knob(model, batches, target_layers=2.5, tol=0.0)
     assert rows and set(rows) == {1}  # one input per step
+    rows.clear()
+    curve = budget.budget_curve(model, batches, n=5)  # a budget table's curve alike
+    assert len(rows) == 5 and set(rows) == {1} and curve[2][0] == pytest.approx(3.0)
     model.forward = real
     every = budget.solve_knob(model, batches, target_layers=2.5, tol=0.0,
                               layers_at=lambda k: budget.mean_layers(model, batches, k))

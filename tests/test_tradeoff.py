@@ -701,7 +701,12 @@ def test_plan_at_twelve_layers_uses_sampled_stage3_greedy_paths_and_no_oracle(ti
     assert plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"] > 10 * row["dpbert"]
     args.dpbert_stage3, args.sampled_epochs = "auto", args.sampled_epochs / 2
     args.planner_start = "fixed-path"  # the elimination per target rate counts
-    assert plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"] > row["dpbert"]
+    fixed = plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"]
+    assert fixed > row["dpbert"]
+    args.skip_aware = "layerdrop"  # and so does layerdrop's backbone training beside it
+    with_layerdrop = plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"]
+    args.skip_aware = "none"
+    assert with_layerdrop > plan(args, {"rte": (1000, 200, 200)}, scale)[0]["dpbert"]
 
 
 def test_the_tradeoff_runs_at_twelve_layers(tiny_glue_big, tmp_path, monkeypatch):

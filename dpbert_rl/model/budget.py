@@ -83,7 +83,12 @@ def encode_inputs(model, inputs: dict, max_seq_length: int, batch_size: int = 64
 
 @torch.no_grad()
 def mean_layers(model, batches: Sequence[dict], knob: Optional[float] = None) -> float:
-    """Mean layers executed in hard mode over ``batches`` with the knob at ``knob``."""
+    """Mean layers executed in hard mode over ``batches`` with the knob at ``knob``. Planners that read no input (a
+    fixed path, :attr:`~dpbert_rl.model.planner.Planners.input_independent`) run the same path on every input, so
+    for them one input is read (a NaN in another input's features, which would skip its layers, is not seen)."""
+    if model.planners.input_independent:
+        first = next(iter(batches), None)
+        batches = [] if first is None else [{k: (v[:1] if torch.is_tensor(v) else v) for k, v in first.items()}]
     total, n = 0.0, 0
     with eval_mode(model):
         device = next(model.parameters()).device
@@ -114,19 +119,13 @@ def solve_knob(model, batches: Optional[Sequence[dict]], target_layers: float, i
     within ``tol`` layers of the target, or once its bracket is narrower than ``resolution`` of the knob's range
     (default: 1e-4 when ``tol`` > 0, at most 14 passes where the layers jump, as on nearly deterministic planners,
     and no knob reaches ``tol``; 0 when ``tol`` is 0, so that a search asked for the closest knob runs its
-    ``iterations``); each step is a pass over ``batches``, and at 12 layers they cost. Planners that read no input
-    (a fixed path, :attr:`~dpbert_rl.model.planner.Planners.input_independent`) run the same path on every input,
-    so their passes read one input (a NaN in an input's features, which would skip its layers, is not seen)."""
+    ``iterations``); each step is a pass over ``batches`` (:func:`mean_layers`: one input for planners that read
+    none), and at 12 layers they cost."""
     if resolution is None:
         resolution = 1e-4 if tol > 0 else 0.0
     if not (0.0 <= resolution < 1.0):
         raise ValueError(f"resolution is a fraction of the knob's range in [0, 1); got {resolution!r}")
-    if layers_at is None:
-        if model.planners.input_independent:
-            first = next(iter(batches), None)
-            if first is not None:
-                batches = [{k: (v[:1] if torch.is_tensor(v) else v) for k, v in first.items()}]
-        layers_at = lambda knob: mean_layers(model, batches, knob)  # noqa: E731
+    layers_at = layers_at or (lambda knob: mean_layers(model, batches, knob))
     grid = knob_grid(model, 2)
     to_u, from_u = ((lambda c: c, lambda c: c) if model.planners.conditioned else
                     (lambda t: np.log(t / (1 - t)), lambda u: 1.0 / (1.0 + np.exp(-u))))
